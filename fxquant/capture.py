@@ -1,0 +1,275 @@
+"""Capture a model into the canonical ATen FX graph that every pattern is written against.
+
+Front ends:
+
+* with example inputs: ``torch.export.export(strict=False)`` (all tensor dims ``Dim.AUTO``, so batch and
+  sequence length stay dynamic; retried with static shapes if that fails), then ``ExportedProgram.module()``.
+* without: ``torch.fx.symbolic_trace``.
+
+Canonical form (both front ends): Linear = ``aten.linear.default(x, w, b?)``, LayerNorm =
+``aten.layer_norm.default(x, shape, w?, b?, eps)``, activations ``aten.relu/gelu/silu.default``, parameters
+as ``get_attr`` nodes, inference-mode dropout removed. The GraphModule owns a fresh module tree: the user's
+modules are never reached through it by ``setattr``, so rewriting it cannot change the user's model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .errors import TraceError
+
+__all__ = ["capture", "canonicalize", "CapturedGraph"]
+
+aten = torch.ops.aten
+
+
+class CapturedGraph:
+    """The canonical GraphModule plus how to call it the way the user calls their model.
+
+    Attributes:
+        graph_module: canonical ATen-level FX graph.
+        front_end: ``"torch.export"`` or ``"torch.fx.symbolic_trace"``.
+        fixed_kwargs: keyword arguments captured as constants (``use_cache=False`` for decoders); they
+            are passed on every call.
+        dynamic: whether the export kept input dims dynamic.
+    """
+
+    def __init__(self, graph_module: fx.GraphModule, front_end: str, fixed_kwargs: dict[str, Any], dynamic: bool):
+        self.graph_module = graph_module
+        self.front_end = front_end
+        self.fixed_kwargs = fixed_kwargs
+        self.dynamic = dynamic
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Capture an inference graph: put every submodule in eval mode, restore each one's flag after."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def _accepts_kwarg(model: torch.nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _fixed_kwargs(model: torch.nn.Module, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Decoders that return a KV cache (Hugging Face ``config.use_cache``) are captured with use_cache=False."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_cache", False) and "use_cache" not in kwargs and _accepts_kwarg(model, "use_cache"):
+        return {"use_cache": False}
+    return {}
+
+
+def _auto_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]):
+    """Every tensor dim ``Dim.AUTO``, keyed by the forward's parameter names (torch.export's format)."""
+    from torch.export import Dim
+
+    def spec(v):
+        if isinstance(v, torch.Tensor):
+            return {i: Dim.AUTO for i in range(v.dim())}
+        if isinstance(v, (list, tuple)):
+            return type(v)(spec(x) for x in v)
+        if isinstance(v, Mapping):
+            return {k: spec(x) for k, x in v.items()}
+        return None
+
+    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    return {name: spec(value) for name, value in bound.arguments.items()}
+
+
+def capture(model: torch.nn.Module, example_inputs: Optional[tuple | Mapping[str, Any]]) -> CapturedGraph:
+    """Trace ``model`` into the canonical form (see the module docstring).
+
+    Args:
+        model: an ``nn.Module``; left unchanged (its training flags are restored after capture).
+        example_inputs: tuple of positional args, dict of keyword args (Hugging Face style), or None.
+
+    Raises:
+        TraceError: the front end failed; names the model class, the front end, the cause (chained).
+    """
+    args: tuple = ()
+    kwargs: dict[str, Any] = {}
+    if isinstance(example_inputs, Mapping):
+        kwargs = dict(example_inputs)
+    elif isinstance(example_inputs, tuple):
+        args = example_inputs
+    fixed = _fixed_kwargs(model, kwargs) if example_inputs is not None else {}
+
+    with _eval_mode(model):
+        if example_inputs is None:
+            front_end = "torch.fx.symbolic_trace"
+            try:
+                gm = fx.symbolic_trace(model)
+            except Exception as e:
+                raise TraceError(model, front_end, e, hint="pass example_inputs to capture with torch.export instead") from e
+            dynamic = True
+        else:
+            front_end = "torch.export"
+            all_kwargs = {**kwargs, **fixed}
+            dynamic = True
+            try:
+                try:
+                    ep = torch.export.export(model, args, kwargs=all_kwargs, strict=False,
+                                             dynamic_shapes=_auto_dynamic_shapes(model, args, all_kwargs))
+                except Exception:
+                    dynamic = False
+                    ep = torch.export.export(model, args, kwargs=all_kwargs, strict=False)
+            except Exception as e:
+                raise TraceError(model, front_end, e,
+                                 hint="check that model(*example_inputs) (or model(**example_inputs)) runs eagerly") from e
+            gm = ep.module()
+    gm = _own_module_tree(gm)
+    canonicalize(gm)
+    return CapturedGraph(gm, front_end, fixed, dynamic)
+
+
+def _own_module_tree(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule over a fresh module tree holding the same tensors and leaf modules.
+
+    Rewrites replace attributes of this tree; since none of its container modules is the user's, the
+    user's model is never modified. Tensors are shared (never written in place), not copied.
+    """
+    root = torch.nn.Module()
+
+    def parent_of(path: str) -> tuple[torch.nn.Module, str]:
+        *parents, leaf = path.split(".")
+        mod = root
+        for p in parents:
+            if not hasattr(mod, p):
+                mod.add_module(p, torch.nn.Module())
+            mod = getattr(mod, p)
+        return mod, leaf
+
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = _fetch(gm, node.target)
+            parent, leaf = parent_of(node.target)
+            if isinstance(value, torch.nn.Parameter):
+                parent.register_parameter(leaf, value)
+            elif isinstance(value, torch.Tensor):
+                parent.register_buffer(leaf, value)
+            elif isinstance(value, torch.nn.Module):
+                parent.add_module(leaf, value)
+            else:
+                setattr(parent, leaf, value)
+        elif node.op == "call_module":
+            parent, leaf = parent_of(node.target)
+            parent.add_module(leaf, gm.get_submodule(node.target))
+    new = fx.GraphModule(root, gm.graph, class_name=type(gm).__name__)
+    # torch.export's module() keeps the pytree specs that rebuild the user's input and output structure.
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(gm, attr):
+            setattr(new, attr, getattr(gm, attr))
+    new.recompile()
+    return new
+
+
+def _fetch(gm: torch.nn.Module, target: str):
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ----------------------------------------------------------------------------------- canonicalization
+_ACT_FUNCTIONS = {
+    F.relu: (aten.relu.default, {}),
+    torch.relu: (aten.relu.default, {}),
+    F.silu: (aten.silu.default, {}),
+    F.gelu: (aten.gelu.default, None),
+}
+_ACT_MODULES = {torch.nn.ReLU: aten.relu.default, torch.nn.SiLU: aten.silu.default, torch.nn.GELU: aten.gelu.default}
+_IDENTITY = (aten.dropout.default, aten.alias.default, aten.detach.default, aten.clone.default)
+
+
+def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite ``gm`` in place into the canonical ATen form (module docstring); returns ``gm``."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            _canonical_module(gm, node, mod)
+        elif node.op == "call_function":
+            _canonical_function(node)
+    for node in list(graph.nodes):
+        # Inference graphs: dropout(train=False), aliases and clones of activations are identities.
+        if node.op == "call_function" and node.target in _IDENTITY and not node.kwargs.get("memory_format"):
+            if node.target is aten.dropout.default and (len(node.args) > 2 and node.args[2]):
+                continue
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.Dropout):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _attr(gm: fx.GraphModule, node: fx.Node, path: str) -> fx.Node:
+    with gm.graph.inserting_before(node):
+        return gm.graph.get_attr(path)
+
+
+def _canonical_module(gm: fx.GraphModule, node: fx.Node, mod: torch.nn.Module) -> None:
+    graph = gm.graph
+    x = node.args[0] if node.args else None
+    if type(mod) is torch.nn.Linear:
+        w = _attr(gm, node, f"{node.target}.weight")
+        b = _attr(gm, node, f"{node.target}.bias") if mod.bias is not None else None
+        with graph.inserting_before(node):
+            new = graph.call_function(aten.linear.default, (x, w, b) if b is not None else (x, w))
+    elif type(mod) is torch.nn.LayerNorm:
+        w = _attr(gm, node, f"{node.target}.weight") if mod.weight is not None else None
+        b = _attr(gm, node, f"{node.target}.bias") if mod.bias is not None else None
+        with graph.inserting_before(node):
+            new = graph.call_function(aten.layer_norm.default, (x, list(mod.normalized_shape), w, b, mod.eps))
+    elif type(mod) in _ACT_MODULES:
+        kwargs = {"approximate": mod.approximate} if isinstance(mod, torch.nn.GELU) and mod.approximate != "none" else {}
+        with graph.inserting_before(node):
+            new = graph.call_function(_ACT_MODULES[type(mod)], (x,), kwargs)
+    else:
+        return
+    new.meta.update(node.meta)
+    new.meta.setdefault("nn_module_stack", {node.target: (node.target, type(mod))})
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+def _canonical_function(node: fx.Node) -> None:
+    if node.target in _ACT_FUNCTIONS and not node.kwargs.get("inplace", False):
+        op, _ = _ACT_FUNCTIONS[node.target]
+        kwargs = {}
+        if op is aten.gelu.default and node.kwargs.get("approximate", "none") != "none":
+            kwargs["approximate"] = node.kwargs["approximate"]
+        node.target, node.args, node.kwargs = op, node.args[:1], kwargs
+    elif node.target is F.linear:
+        node.target = aten.linear.default
+        node.args = tuple(node.args) + tuple(node.kwargs[k] for k in ("bias",) if k in node.kwargs)
+        node.kwargs = {}
+    elif node.target is F.layer_norm:
+        a = list(node.args) + [None] * (5 - len(node.args))
+        for i, k in enumerate(("input", "normalized_shape", "weight", "bias", "eps")):
+            if k in node.kwargs:
+                a[i] = node.kwargs[k]
+        if a[4] is None:
+            a[4] = 1e-5
+        node.target, node.args, node.kwargs = aten.layer_norm.default, tuple(a), {}
+

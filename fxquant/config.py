@@ -1,0 +1,117 @@
+"""``QuantConfig``: the one validated, frozen description of what ``fxquant.compile`` should do.
+
+Per-target defaults live in :data:`TARGETS`; every number there carries the measurement behind it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Optional, Sequence
+
+import torch
+
+__all__ = ["QuantConfig", "TargetSpec", "TARGETS"]
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Kernel-driven defaults of one target.
+
+    Attributes:
+        min_ratio: smallest beneficial ratio K·N/(K+N) at which int8 pays off (see ``heuristics``).
+        alignment: K and N must be multiples of this for the target's int8 kernels.
+        weight_qmax: largest |int8 weight| (127 = full narrow range; 63 = 7-bit, for x86 CPUs without VNNI
+            whose u8·s8 int16 pair sums would otherwise saturate). ``None``: decided at compile time by
+            probing the CPU backend (:func:`fxquant.backends.cpu_int8_full_range_exact`).
+    """
+
+    min_ratio: float
+    alignment: int
+    weight_qmax: Optional[int]
+
+
+TARGETS: dict[str, TargetSpec] = {
+    # x86 / generic CPU through oneDNN. Measured on a 2-core AMD EPYC (Zen 3, AVX2, no VNNI), torch 2.13,
+    # M = 4096 (bench/heuristics_cpu.py, docs/benchmarks.md): oneDNN int8 beats fp32 at every transformer
+    # shape from K = N = 384 up (ratio 192: 4.7 ms vs 10.8 ms), and ties at K = N = 64 (ratio 32).
+    "cpu": TargetSpec(min_ratio=48.0, alignment=1, weight_qmax=None),
+    # ARM SDOT / i8mm kernels consume K in groups of 4 and N in tiles of 4 (Arm ARM, SDOT/SMMLA).
+    "arm-sve2": TargetSpec(min_ratio=48.0, alignment=4, weight_qmax=127),
+    # CUDA: cuBLAS int8 (torch._int_mm) needs K, N % 8 and M > 16. Ratio 256 is the INT8-vs-FP16 rule of
+    # embedl-deploy's TensorRT backend, the starting point until the Triton kernels' own measurements.
+    "cuda": TargetSpec(min_ratio=256.0, alignment=8, weight_qmax=127),
+}
+
+_ACTIVATION_SCHEMES = ("dynamic-per-token",)
+_OUT_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how.
+
+    Attributes:
+        target: ``"cpu"``, ``"cuda"`` or ``"arm-sve2"``; picks the defaults of :data:`TARGETS`.
+        min_ratio: override of the target's beneficial-ratio threshold K·N/(K+N) (≥ 0).
+        alignment: override of the target's K/N alignment (≥ 1).
+        weight_qmax: override of the largest |int8 weight|, in [7, 127]; ``None`` = target default.
+        skip: module names to keep float: exact names (``"pooler.dense"``) or ``"re:"``-prefixed regular
+            expressions matched with ``re.fullmatch`` (``"re:.*attention\\.output.*"``), the convention of
+            compressed-tensors' ``ignore`` list.
+        filter_fn: ``filter_fn(name, module) -> bool``; False keeps that Linear float. ``module`` is the
+            original ``nn.Linear`` when it can be found in the user's model, else ``None``.
+        activation_scheme: only ``"dynamic-per-token"`` (symmetric int8, one fp32 scale per row).
+        out_dtype: dtype of the fused nodes' outputs; ``None`` = the dtype of their input (the model's).
+
+    Raises:
+        ValueError: on an unknown target, a negative ratio, an alignment < 1, a weight_qmax outside
+            [7, 127], a malformed regex in ``skip``, an unsupported activation scheme or out dtype.
+        TypeError: ``filter_fn`` not callable, ``skip`` not a sequence of strings.
+    """
+
+    target: Literal["cpu", "cuda", "arm-sve2"] = "cpu"
+    min_ratio: Optional[float] = None
+    alignment: Optional[int] = None
+    weight_qmax: Optional[int] = None
+    skip: Sequence[str] = field(default_factory=tuple)
+    filter_fn: Optional[Callable[[str, Optional[torch.nn.Module]], bool]] = None
+    activation_scheme: str = "dynamic-per-token"
+    out_dtype: Optional[torch.dtype] = None
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"QuantConfig.target={self.target!r} is unknown; choose one of {sorted(TARGETS)}")
+        if self.min_ratio is not None and not (isinstance(self.min_ratio, (int, float)) and self.min_ratio >= 0):
+            raise ValueError(f"QuantConfig.min_ratio={self.min_ratio!r} must be a number >= 0 (K*N/(K+N) threshold)")
+        if self.alignment is not None and not (isinstance(self.alignment, int) and self.alignment >= 1):
+            raise ValueError(f"QuantConfig.alignment={self.alignment!r} must be an int >= 1")
+        if self.weight_qmax is not None and not (isinstance(self.weight_qmax, int) and 7 <= self.weight_qmax <= 127):
+            raise ValueError(f"QuantConfig.weight_qmax={self.weight_qmax!r} must be an int in [7, 127]")
+        if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
+            raise TypeError(f"QuantConfig.skip must be a list of module names or 're:' patterns, got {self.skip!r}")
+        for s in self.skip:
+            if s.startswith("re:"):
+                try:
+                    re.compile(s[3:])
+                except re.error as e:
+                    raise ValueError(f"QuantConfig.skip entry {s!r} is not a valid regular expression: {e}") from e
+        object.__setattr__(self, "skip", tuple(self.skip))
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise TypeError(f"QuantConfig.filter_fn must be callable as filter_fn(name, module) -> bool, got {self.filter_fn!r}")
+        if self.activation_scheme not in _ACTIVATION_SCHEMES:
+            raise ValueError(
+                f"QuantConfig.activation_scheme={self.activation_scheme!r} is not supported; choose one of {_ACTIVATION_SCHEMES}"
+            )
+        if self.out_dtype not in _OUT_DTYPES:
+            raise ValueError(f"QuantConfig.out_dtype={self.out_dtype!r} must be one of {_OUT_DTYPES}")
+
+    @property
+    def spec(self) -> TargetSpec:
+        """The target's defaults with this config's overrides applied (``weight_qmax`` may stay None)."""
+        base = TARGETS[self.target]
+        return TargetSpec(
+            min_ratio=base.min_ratio if self.min_ratio is None else float(self.min_ratio),
+            alignment=base.alignment if self.alignment is None else self.alignment,
+            weight_qmax=base.weight_qmax if self.weight_qmax is None else self.weight_qmax,
+        )

@@ -1,0 +1,28 @@
+"""Errors a user can cause, each naming the thing at fault and what to do."""
+
+from __future__ import annotations
+
+__all__ = ["FxquantError", "TraceError"]
+
+
+class FxquantError(Exception):
+    """Base class of fxquant's own errors."""
+
+
+class TraceError(FxquantError):
+    """Capturing the model into an FX graph failed.
+
+    Attributes:
+        model_class: the class name of the model.
+        front_end: ``"torch.export"`` or ``"torch.fx.symbolic_trace"``.
+    The underlying exception is chained (``__cause__``).
+    """
+
+    def __init__(self, model: object, front_end: str, cause: BaseException, hint: str = ""):
+        self.model_class = type(model).__name__
+        self.front_end = front_end
+        first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        msg = f"could not capture {self.model_class} with {front_end}: {type(cause).__name__}: {first_line[:500]}"
+        if hint:
+            msg += f". What to do: {hint}"
+        super().__init__(msg)

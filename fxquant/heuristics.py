@@ -1,0 +1,71 @@
+"""Pure, named predicates deciding whether a Linear goes int8. Each returns a :class:`Verdict` with a reason.
+
+The reason is what lands in ``node.meta["fxquant"]`` and in the report, so that no Linear is ever kept
+float (or quantized) silently.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = ["Verdict", "beneficial_ratio", "int8_pays_off", "is_aligned", "is_skipped", "dtype_supported"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``ok`` is the decision; ``reason`` says why in words a user can act on."""
+
+    ok: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def beneficial_ratio(k: int, n: int) -> float:
+    """K·N/(K+N): GEMM work (∝ M·K·N) over quantize/dequantize traffic (∝ M·(K+N)), per token.
+
+    Source: the "beneficial ratio" rule of embedl-deploy's TensorRT backend (INT8 only where the GEMM is
+    large enough to amortize the Q/DQ around it). Returns 0.0 for K + N = 0.
+    """
+    return (k * n) / (k + n) if k + n > 0 else 0.0
+
+
+def int8_pays_off(k: int, n: int, min_ratio: float) -> Verdict:
+    """True when ``beneficial_ratio(k, n) >= min_ratio`` (the target's threshold, see ``config.TARGETS``)."""
+    r = beneficial_ratio(k, n)
+    if r >= min_ratio:
+        return Verdict(True, f"ratio {r:.1f} >= {min_ratio:g}")
+    return Verdict(False, f"ratio K*N/(K+N) = {r:.1f} < min_ratio {min_ratio:g}: quantize/dequantize would cost more than the int8 GEMM saves")
+
+
+def is_aligned(k: int, n: int, alignment: int) -> Verdict:
+    """True when K and N are multiples of ``alignment`` (the target's int8 kernels' requirement)."""
+    bad = [f"{name}={v}" for name, v in (("K", k), ("N", n)) if v % alignment]
+    if not bad:
+        return Verdict(True, f"K, N % {alignment} == 0")
+    return Verdict(False, f"{', '.join(bad)} not a multiple of {alignment} required by the target's int8 kernels")
+
+
+def is_skipped(name: str, skip: Sequence[str]) -> Verdict:
+    """True (= keep float) when ``name`` equals a ``skip`` entry or fully matches a ``re:`` entry."""
+    for s in skip:
+        if s.startswith("re:") and re.fullmatch(s[3:], name):
+            return Verdict(True, f"skipped by pattern {s!r}")
+        if s == name:
+            return Verdict(True, "skipped by name")
+    return Verdict(False, "not in skip list")
+
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def dtype_supported(dtype: Optional[torch.dtype]) -> Verdict:
+    """Only fp32 / fp16 / bf16 Linears are quantized; float64 keeps its precision, integer Linears stay."""
+    if dtype in _SUPPORTED:
+        return Verdict(True, f"dtype {dtype}")
+    return Verdict(False, f"weight dtype {dtype} is not fp32/fp16/bf16: kept as is")

@@ -1,0 +1,116 @@
+"""The fused nodes of an fxquant graph: ``torch.library`` custom ops with fake (meta) implementations.
+
+Because every op has a fake implementation, a fused GraphModule can itself be ``torch.export``-ed and
+``torch.compile``-d; Dynamo treats each op as one opaque call.
+
+==================================  ==========================================================================
+op                                  meaning (numerics: :mod:`fxquant.reference`)
+==================================  ==========================================================================
+``fxquant::quantize_per_token``     x [..., K] float → (int8 [..., K], fp32 scale [..., 1])
+``fxquant::int8_linear``            float x [..., K] → quantize per token → int8 GEMM → epilogue → [..., N]
+``fxquant::int8_linear_q``          already-quantized (x_q, x_scale) → int8 GEMM → epilogue → [..., N]
+``fxquant::layer_norm_quant``       LayerNorm + per-token quantize: (y float or empty, y_q int8, scale fp32)
+==================================  ==========================================================================
+
+Arguments shared by the Linear ops: ``w_q`` int8 [N, K], ``w_scale`` fp32 [N, 1], ``bias`` [N] or None,
+``activation`` in ``reference.ACTIVATIONS`` (the GEMM epilogue), ``backend`` (the lowering pass's choice,
+re-checked per call by :func:`fxquant.backends.pick_backend`), ``w_qmax`` (the weight's range, which
+decides whether oneDNN is exact), ``out_dtype`` (None: x's dtype).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import backends, reference
+
+__all__ = ["quantize_per_token", "int8_linear", "int8_linear_q", "layer_norm_quant"]
+
+_NS = "fxquant"
+
+
+@torch.library.custom_op(f"{_NS}::quantize_per_token", mutates_args=())
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.quantize_per_token(x)
+
+
+@quantize_per_token.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+def _linear_2d(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype):
+    lead = x_q.shape[:-1]
+    y = backends.run_linear(
+        x_q.reshape(-1, x_q.shape[-1]), x_scale.reshape(-1, 1), w_q, w_scale, bias,
+        activation, backend, out_dtype, w_qmax,
+    )
+    return y.reshape(*lead, w_q.shape[0])
+
+
+@torch.library.custom_op(f"{_NS}::int8_linear_q", mutates_args=())
+def int8_linear_q(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    activation: str,
+    backend: str,
+    w_qmax: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    return _linear_2d(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype)
+
+
+@int8_linear_q.register_fake
+def _(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype):
+    return x_q.new_empty((*x_q.shape[:-1], w_q.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op(f"{_NS}::int8_linear", mutates_args=())
+def int8_linear(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    activation: str,
+    backend: str,
+    w_qmax: int,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    x_q, x_scale = reference.quantize_per_token(x)
+    return _linear_2d(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype or x.dtype)
+
+
+@int8_linear.register_fake
+def _(x, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype=None):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=out_dtype or x.dtype)
+
+
+@torch.library.custom_op(f"{_NS}::layer_norm_quant", mutates_args=())
+def layer_norm_quant(
+    x: torch.Tensor,
+    normalized_shape: list[int],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    return_float: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, y_q, scale = reference.layer_norm_quant(x, normalized_shape, weight, bias, eps)
+    return (y if return_float else y.new_empty(0)), y_q, scale
+
+
+@layer_norm_quant.register_fake
+def _(x, normalized_shape, weight, bias, eps, return_float):
+    y = x.new_empty(x.shape) if return_float else x.new_empty(0)
+    return y, x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+# The OpOverloads that fused graph nodes call (``CustomOpDef`` objects above are the Python wrappers).
+QUANTIZE_PER_TOKEN = torch.ops.fxquant.quantize_per_token.default
+INT8_LINEAR = torch.ops.fxquant.int8_linear.default
+INT8_LINEAR_Q = torch.ops.fxquant.int8_linear_q.default
+LAYER_NORM_QUANT = torch.ops.fxquant.layer_norm_quant.default

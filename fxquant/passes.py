@@ -1,0 +1,140 @@
+"""The passes of ``fxquant.compile``: annotate → fuse → lower. GraphModule in, GraphModule out; all state
+lives in ``node.meta["fxquant"]`` (a :class:`~fxquant.rewrite.LinearDecision` per Linear)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from . import backends, heuristics, ops
+from .config import QuantConfig
+from .rewrite import META_KEY, LinearDecision, decision_of, run_patterns
+
+__all__ = ["annotate", "fuse", "lower", "resolve_weight_qmax", "linear_name"]
+
+aten = torch.ops.aten
+FUSED_LINEAR_OPS = (ops.INT8_LINEAR, ops.INT8_LINEAR_Q)
+
+
+def resolve_weight_qmax(config: QuantConfig) -> int:
+    """The int8 weight range: the config's or the target's value; for ``cpu`` with neither, 127 when the
+    CPU's oneDNN int8 GEMM is exact at full range (VNNI/AMX), else 63 (see ``fxquant.backends``)."""
+    qmax = config.spec.weight_qmax
+    if qmax is not None:
+        return qmax
+    return 127 if backends.cpu_int8_full_range_exact() else 63
+
+
+def linear_name(gm: fx.GraphModule, node: fx.Node) -> str:
+    """Module path of a Linear node: its weight's path without ``.weight``, else its module stack."""
+    w = node.args[1]
+    if isinstance(w, fx.Node) and w.op == "get_attr" and w.target.endswith(".weight"):
+        return w.target[: -len(".weight")]
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return list(stack.values())[-1][0]
+    return node.name
+
+
+def _weight_of(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.Tensor]:
+    w = node.args[1]
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        return None
+    obj = gm
+    for part in w.target.split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def _tied(gm: fx.GraphModule, node: fx.Node, name: str) -> bool:
+    """True when another node reads an attribute under the Linear's module path (e.g. tied embeddings)."""
+    own = {a for a in node.args[1:3] if isinstance(a, fx.Node)}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and (n.target == name or n.target.startswith(name + ".")):
+            if n not in own or any(u is not node for u in n.users):
+                return True
+    return False
+
+
+def annotate(gm: fx.GraphModule, config: QuantConfig, model: Optional[torch.nn.Module] = None) -> list[LinearDecision]:
+    """Decide int8 or float for every ``aten.linear`` node; store the decision in ``node.meta``.
+
+    Rules, first failing one wins: constant weight; dtype (fp32/fp16/bf16); not tied to another op;
+    skip list; ``filter_fn``; alignment; beneficial ratio. Returns the decisions in graph order.
+    """
+    spec = config.spec
+    qmax = resolve_weight_qmax(config)
+    decisions = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not aten.linear.default:
+            continue
+        name = linear_name(gm, node)
+        w = _weight_of(gm, node)
+        if w is None or w.dim() != 2:
+            d = LinearDecision(name, -1, -1, None, 0.0, False, False, "weight is not a constant 2-D parameter: kept float")
+            node.meta[META_KEY] = d
+            decisions.append(d)
+            continue
+        n, k = w.shape
+        ratio = heuristics.beneficial_ratio(k, n)
+        aligned = heuristics.is_aligned(k, n, spec.alignment)
+        verdict = _first_failure(gm, node, name, w, config, model, aligned, k, n)
+        d = LinearDecision(name, k, n, w.dtype, ratio, aligned.ok, verdict.ok, verdict.reason, weight_qmax=qmax)
+        node.meta[META_KEY] = d
+        decisions.append(d)
+    return decisions
+
+
+def _first_failure(gm, node, name, w, config, model, aligned, k, n) -> heuristics.Verdict:
+    dt = heuristics.dtype_supported(w.dtype)
+    if not dt:
+        return dt
+    if _tied(gm, node, name):
+        return heuristics.Verdict(False, "weight is shared with another op (tied): kept float")
+    skipped = heuristics.is_skipped(name, config.skip)
+    if skipped:
+        return heuristics.Verdict(False, skipped.reason)
+    if config.filter_fn is not None:
+        module = None
+        if model is not None:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                module = None
+        if not config.filter_fn(name, module):
+            return heuristics.Verdict(False, "rejected by filter_fn")
+    if not aligned:
+        return aligned
+    return heuristics.int8_pays_off(k, n, config.spec.min_ratio)
+
+
+def fuse(gm: fx.GraphModule, patterns=None) -> dict[str, dict[str, int]]:
+    """Apply the registered patterns (``fxquant.patterns.REGISTRY``); returns match/reject counts."""
+    from .patterns import REGISTRY
+
+    return run_patterns(gm, REGISTRY if patterns is None else patterns)
+
+
+def lower(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
+    """Pick each fused Linear's kernel backend for the target; writes it into the node and its decision."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in FUSED_LINEAR_OPS:
+            d = decision_of(node)
+            backend = _backend_for(config.target, d)
+            args = list(node.args)
+            args[-3] = backend  # (..., activation, backend, w_qmax, out_dtype)
+            node.args = tuple(args)
+            d.backend = backend
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _backend_for(target: str, d: LinearDecision) -> str:
+    if target == "cpu":
+        if backends.onednn_available() and (d.weight_qmax <= 63 or backends.cpu_int8_full_range_exact()):
+            return "onednn"
+        return "aten"
+    return "aten"

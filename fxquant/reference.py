@@ -1,0 +1,142 @@
+"""Pure-torch definitions of fxquant's W8A8 numerics. Every fast backend is tested against these.
+
+Scheme: compressed-tensors "int-quantized" W8A8 (``QuantizationArgs(num_bits=8, type="int",
+symmetric=True)``; weights ``strategy="channel"``, activations ``strategy="token", dynamic=True``), the
+same scheme as SmoothQuant's W8A8 baseline (Xiao et al., 2023, §2) and LLM.int8's vector-wise
+quantization (Dettmers et al., 2022, §3.2):
+
+* weight, per output channel n:   s_w[n] = max_k |W[n, k]| / qmax_w,   W_q = clamp(round(W / s_w), ±qmax_w)
+* activation, per token m:        s_x[m] = max_k |X[m, k]| / 127,      X_q = clamp(round(X / s_x), ±127)
+* GEMM:                           acc[m, n] = Σ_k X_q[m, k] · W_q[n, k]           (exact int32)
+* epilogue:                       Y = act(acc · s_w[n] · s_x[m] + b[n]) → output dtype
+
+``round`` is round-half-to-even (``torch.round``, IEEE 754 roundTiesToEven). Scales are fp32 and
+floored at ``EPS`` (fp32 machine epsilon) so all-zero rows quantize to 0 instead of dividing by 0.
+Non-finite activations propagate: a row holding NaN/Inf gets a NaN/Inf scale, hence a non-finite output
+row, as the float Linear would give.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "EPS",
+    "ACTIVATIONS",
+    "quantize_weight_per_channel",
+    "quantize_per_token",
+    "int8_gemm",
+    "apply_epilogue",
+    "int8_linear",
+    "layer_norm_quant",
+]
+
+EPS = torch.finfo(torch.float32).eps
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+
+
+def quantize_weight_per_channel(weight: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel quantization of an ``nn.Linear`` weight.
+
+    Args:
+        weight: float [N, K].
+        qmax: largest |W_q| (127: narrow int8 range [-127, 127]; 63: 7-bit, see ``config.TargetSpec``).
+
+    Returns:
+        ``(w_q, scale)``: int8 [N, K] and fp32 [N, 1] with ``weight ≈ w_q * scale``.
+    """
+    w = weight.detach().to(torch.float32)
+    scale = (w.abs().amax(dim=1, keepdim=True) / qmax).clamp_min(EPS)
+    w_q = torch.round(w / scale).clamp_(-qmax, qmax).to(torch.int8)
+    return w_q, scale
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token (per-row) int8 quantization.
+
+    Args:
+        x: fp32 / fp16 / bf16 [..., K].
+
+    Returns:
+        ``(x_q, scale)``: int8 [..., K] and fp32 [..., 1], ``x ≈ x_q * scale``.
+    """
+    xf = x.to(torch.float32)
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(EPS)
+    x_q = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)
+    return x_q, scale
+
+
+def int8_gemm(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    """acc = X_q · W_qᵀ, exact: int8 [M, K] × int8 [N, K] → int32 [M, N] (via float64, exact for K < 2^38)."""
+    return (x_q.to(torch.float64) @ w_q.to(torch.float64).T).to(torch.int32)
+
+
+def apply_epilogue(
+    y: torch.Tensor,
+    x_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    activation: str,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Finish a Linear whose fp32 ``y = acc · s_w`` is computed: ``act(y · s_x + b)`` → ``out_dtype``.
+
+    Works in place on ``y`` (fp32 [M, N]); ``x_scale`` fp32 [M, 1]; ``bias`` [N] or None.
+    """
+    if bias is not None:
+        y = torch.addcmul(bias.to(torch.float32), y, x_scale, out=y)
+    else:
+        y = y.mul_(x_scale)
+    if activation == "relu":
+        y = y.relu_()
+    elif activation == "gelu":
+        y = F.gelu(y)
+    elif activation == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    elif activation == "silu":
+        y = F.silu(y, inplace=True)
+    elif activation != "none":
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+def int8_linear(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    activation: str,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The reference W8A8 Linear on 2-D operands.
+
+    Args:
+        x_q: int8 [M, K]; x_scale: fp32 [M, 1]; w_q: int8 [N, K]; w_scale: fp32 [N, 1];
+        bias: [N] or None; activation: one of :data:`ACTIVATIONS`; out_dtype: output dtype.
+
+    Returns:
+        ``out_dtype`` [M, N] = act(acc · s_w[n] · s_x[m] + b[n]), acc the exact int32 product.
+    """
+    y = int8_gemm(x_q, w_q).to(torch.float32) * w_scale.reshape(1, -1)
+    return apply_epilogue(y, x_scale, bias, activation, out_dtype)
+
+
+def layer_norm_quant(
+    x: torch.Tensor,
+    normalized_shape: list[int],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LayerNorm (Ba et al., 2016) followed by per-token quantization of its output.
+
+    Returns:
+        ``(y, y_q, scale)``: y in x's dtype [..., K] (the float LayerNorm output, as ``F.layer_norm``),
+        y_q int8 [..., K] and scale fp32 [..., 1] from :func:`quantize_per_token` of y.
+    """
+    y = F.layer_norm(x, normalized_shape, weight, bias, eps)
+    y_q, scale = quantize_per_token(y)
+    return y, y_q, scale

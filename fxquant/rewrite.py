@@ -1,0 +1,210 @@
+"""The pattern engine: a :class:`Pattern` is float pattern functions + filters + a replacement.
+
+Matching is torch.fx's ``SubgraphMatcher`` on use-def edges of the canonical ATen graph (see
+``capture.canonicalize``); a pattern file in ``fxquant.patterns`` declares one ``Pattern`` and the registry
+lists them. Every Linear's :class:`LinearDecision` lives in ``node.meta["fxquant"]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
+
+from .heuristics import Verdict
+
+__all__ = ["LinearDecision", "Match", "Pattern", "META_KEY", "decision_of", "quantize_linear"]
+
+META_KEY = "fxquant"
+aten = torch.ops.aten
+
+
+@dataclass
+class LinearDecision:
+    """Everything fxquant decided about one Linear; shown row by row in the report.
+
+    Attributes:
+        name: module path of the Linear (``encoder.layer.0.attention.self.query``).
+        k, n: in and out features (GEMM K and N).
+        dtype: the weight's dtype.
+        ratio: K·N/(K+N).
+        aligned: K and N meet the target's alignment.
+        quantize: the heuristics' verdict (int8 when True).
+        reason: why, in words.
+        weight_qmax: int8 weight range used (127 or 63).
+        pattern: the pattern that fused it, or None.
+        activation: the epilogue activation fused with it ("none" for a plain Linear).
+        input_quant: "per-token" (quantized in the node) or "shared-layernorm" (quantized once by a
+            LayerNorm→Linear fusion, shared with its sibling Linears).
+        backend: the kernel backend chosen by the lowering pass.
+    """
+
+    name: str
+    k: int
+    n: int
+    dtype: Optional[torch.dtype]
+    ratio: float
+    aligned: bool
+    quantize: bool
+    reason: str
+    weight_qmax: int = 127
+    pattern: Optional[str] = None
+    activation: str = "none"
+    input_quant: Optional[str] = None
+    backend: Optional[str] = None
+
+
+def decision_of(node: fx.Node) -> Optional[LinearDecision]:
+    return node.meta.get(META_KEY)
+
+
+class Match:
+    """One match of a pattern: ``match["linear"]`` is the graph node matched by the pattern node of that
+    name (pattern nodes take the name of the op they call, e.g. ``linear``, ``gelu``, ``layer_norm``)."""
+
+    def __init__(self, internal: InternalMatch):
+        self.internal = internal
+        self.nodes = {k.name.removesuffix("_default"): v for k, v in internal.nodes_map.items()}
+
+    def __getitem__(self, name: str) -> fx.Node:
+        return self.nodes[name]
+
+    def get(self, name: str) -> Optional[fx.Node]:
+        return self.nodes.get(name)
+
+    @property
+    def anchor(self) -> fx.Node:
+        """The node whose value the match returns (its single output)."""
+        return self.internal.returning_nodes[0]
+
+
+Filter = Callable[[Match], Verdict]
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A rewrite: float ``patterns`` (variants of one subgraph), ``filters`` that must all accept a match,
+    and ``replace(gm, match)`` that builds the int8 subgraph and returns its output node."""
+
+    name: str
+    patterns: Sequence[Callable]
+    replace: Callable[[fx.GraphModule, Match], fx.Node]
+    filters: Sequence[Filter] = ()
+    description: str = ""
+    ignore_literals: bool = False
+    _graphs: list = field(default_factory=list, compare=False, repr=False)
+
+    def matches(self, gm: fx.GraphModule) -> list[Match]:
+        if not self._graphs:
+            self._graphs.extend(fx.symbolic_trace(p).graph for p in self.patterns)
+        found: list[Match] = []
+        seen: set[fx.Node] = set()
+        for pg in self._graphs:
+            matcher = SubgraphMatcher(
+                pg, match_output=False, match_placeholder=False, remove_overlapping_matches=True,
+                ignore_literals=self.ignore_literals,
+            )
+            for m in matcher.match(gm.graph):
+                match = Match(m)
+                if match.anchor not in seen:
+                    seen.add(match.anchor)
+                    found.append(match)
+        return found
+
+    def check(self, match: Match) -> Verdict:
+        for f in self.filters:
+            v = f(match)
+            if not v:
+                return v
+        return Verdict(True, "all filters passed")
+
+
+# ------------------------------------------------------------------ building blocks for replacements
+class QuantizedLinearParams(torch.nn.Module):
+    """The buffers of one quantized Linear, named as compressed-tensors names them.
+
+    Buffers: ``weight`` int8 [N, K], ``weight_scale`` fp32 [N, 1], ``bias`` [N] (absent without bias).
+    """
+
+    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: Optional[torch.Tensor]):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", weight_scale)
+        if bias is not None:
+            self.register_buffer("bias", bias.detach())
+
+
+def _fetch(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set_submodule(gm: fx.GraphModule, path: str, module: torch.nn.Module) -> None:
+    *parents, leaf = path.split(".")
+    parent: torch.nn.Module = gm
+    for p in parents:
+        if not hasattr(parent, p):
+            parent.add_module(p, torch.nn.Module())
+        parent = getattr(parent, p)
+    if hasattr(parent, leaf) and not isinstance(getattr(parent, leaf), torch.nn.Module):
+        delattr(parent, leaf)
+    parent.add_module(leaf, module)
+
+
+def quantize_linear(gm: fx.GraphModule, linear: fx.Node, activation: str, anchor: fx.Node, pattern: str) -> fx.Node:
+    """Replace ``anchor`` (the Linear, or the activation after it) with ``fxquant.int8_linear``.
+
+    The weight is quantized per output channel (``reference.quantize_weight_per_channel``) and stored with
+    its scale and bias in a :class:`QuantizedLinearParams` at the Linear's module path.
+    """
+    from . import ops, reference
+
+    d = decision_of(linear)
+    assert d is not None and d.quantize, "quantize_linear called on a Linear the heuristics kept float"
+    w = _fetch(gm, linear.args[1].target)
+    b_node = linear.args[2] if len(linear.args) > 2 else None
+    b = _fetch(gm, b_node.target) if b_node is not None else None
+    w_q, w_scale = reference.quantize_weight_per_channel(w, d.weight_qmax)
+    path = d.name
+    _set_submodule(gm, path, QuantizedLinearParams(w_q, w_scale, b))
+    g = gm.graph
+    with g.inserting_before(anchor):
+        wq_node = g.get_attr(f"{path}.weight")
+        ws_node = g.get_attr(f"{path}.weight_scale")
+        b_new = g.get_attr(f"{path}.bias") if b is not None else None
+        new = g.call_function(
+            ops.INT8_LINEAR,
+            (linear.args[0], wq_node, ws_node, b_new, activation, "auto", d.weight_qmax, d.dtype),
+        )
+    new.meta.update({k: v for k, v in anchor.meta.items() if k in ("val", "tensor_meta", "nn_module_stack", "stack_trace")})
+    new.meta[META_KEY] = d
+    d.activation = activation
+    d.pattern = pattern
+    d.input_quant = "per-token"
+    anchor.replace_all_uses_with(new)
+    return new
+
+
+def run_patterns(gm: fx.GraphModule, patterns: Sequence[Pattern]) -> dict[str, dict[str, int]]:
+    """Apply each pattern in order; returns ``{pattern: {"matched": n, "rejected": n, <reason>: n}}``."""
+    stats: dict[str, dict[str, int]] = {}
+    for pat in patterns:
+        s = stats.setdefault(pat.name, {"matched": 0, "rejected": 0})
+        for match in pat.matches(gm):
+            v = pat.check(match)
+            if v:
+                pat.replace(gm, match)
+                s["matched"] += 1
+            else:
+                s["rejected"] += 1
+                s[v.reason] = s.get(v.reason, 0) + 1
+        gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    return stats

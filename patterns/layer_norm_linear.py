@@ -1,0 +1,97 @@
+"""LayerNorm → Linear(s): one ``fxquant.layer_norm_quant`` quantizes the LayerNorm output once for *all*
+int8 Linears that read it (q, k, v share one int8 tensor); a float copy is produced only when another
+consumer (a residual add) needs it.
+
+Before (after the Linear patterns ran)::
+
+    %ln = aten.layer_norm(%x, [384], @ln.weight, @ln.bias, 1e-12)
+    %q = fxquant.int8_linear(%ln, @q.weight, ...)
+    %k = fxquant.int8_linear(%ln, @k.weight, ...)
+    %add = aten.add(%ln, %attn)
+
+After::
+
+    %lnq = fxquant.layer_norm_quant(%x, [384], @ln.weight, @ln.bias, 1e-12, True)
+    %y, %y_q, %y_scale = %lnq[0], %lnq[1], %lnq[2]
+    %q = fxquant.int8_linear_q(%y_q, %y_scale, @q.weight, ...)
+    %k = fxquant.int8_linear_q(%y_q, %y_scale, @k.weight, ...)
+    %add = aten.add(%y, %attn)
+
+Filters: at least one user of the LayerNorm is an int8 Linear reading it as its input.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from fxquant import ops
+from fxquant.heuristics import Verdict
+from fxquant.rewrite import Match, Pattern, decision_of
+
+aten = torch.ops.aten
+
+
+def layer_norm(x, w, b):
+    return aten.layer_norm.default(x, [1], w, b, 1e-5)
+
+
+def layer_norm_no_affine(x):
+    return aten.layer_norm.default(x, [1], None, None, 1e-5)
+
+
+def _int8_consumers(ln):
+    return [u for u in ln.users if u.target is ops.INT8_LINEAR and u.args[0] is ln]
+
+
+def feeds_int8_linear(match: Match) -> Verdict:
+    if _int8_consumers(match["layer_norm"]):
+        return Verdict(True, "feeds int8 Linear(s)")
+    return Verdict(False, "no int8 Linear reads this LayerNorm")
+
+
+def replace(gm, match: Match):
+    ln = match["layer_norm"]
+    consumers = _int8_consumers(ln)
+    needs_float = len(ln.users) > len(consumers)
+    g = gm.graph
+    x, shape, w, b, eps = (list(ln.args) + [None, None, 1e-5])[:5]
+    with g.inserting_after(ln):
+        fused = g.call_function(ops.LAYER_NORM_QUANT, (x, shape, w, b, eps, needs_float))
+    with g.inserting_after(fused):
+        y = g.call_function(operator.getitem, (fused, 0))
+    with g.inserting_after(y):
+        y_q = g.call_function(operator.getitem, (fused, 1))
+    with g.inserting_after(y_q):
+        y_scale = g.call_function(operator.getitem, (fused, 2))
+    for node in (fused, y):
+        node.meta.update({k: v for k, v in ln.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    for lin in consumers:
+        _, w_q, w_s, bias, act, backend, qmax, out_dtype = lin.args
+        with g.inserting_before(lin):
+            new = g.call_function(ops.INT8_LINEAR_Q, (y_q, y_scale, w_q, w_s, bias, act, backend, qmax, out_dtype))
+        new.meta.update(lin.meta)
+        d = decision_of(new)
+        d.input_quant = "shared-layernorm"
+        d.pattern = f"{d.pattern}+layer_norm_linear"
+        lin.replace_all_uses_with(new)
+        g.erase_node(lin)
+    ln.replace_all_uses_with(y)
+    g.erase_node(ln)
+    return fused
+
+
+LAYER_NORM_LINEAR = Pattern(
+    name="layer_norm_linear",
+    patterns=(layer_norm, layer_norm_no_affine),
+    filters=(feeds_int8_linear,),
+    replace=replace,
+    description="LayerNorm -> Linear(s): one per-token quantization shared by every int8 consumer",
+    ignore_literals=True,  # any normalized_shape and eps
+)
+
+EXAMPLE = (
+    torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.Linear(64, 64)),
+    (torch.randn(4, 64),),
+)
