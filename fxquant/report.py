@@ -138,17 +138,19 @@ def golden_text(gm: fx.GraphModule, only_fused: bool = False) -> str:
         if name in _BOOKKEEPING or name.startswith("call_module:_guards"):
             ids[node] = "%_"
             continue
+        keep = not only_fused or name.startswith("fxquant.") or name in ("aten.linear", "aten.layer_norm") or (
+            name == "getitem" and op_name(node.args[0].target).startswith("fxquant.")
+        )
+        if not keep:
+            ids[node] = "%_"  # hidden in the only_fused form; unnumbered so hidden nodes never shift ids
+            continue
         args = list(node.args)
         for i in _MACHINE_ARGS.get(name, ()):
             args[i] = "*"
         ids[node] = f"%{counter}"
         counter += 1
         kw = "".join(f", {k}={_fmt_arg(v, ids)}" for k, v in node.kwargs.items())
-        keep = not only_fused or name.startswith("fxquant.") or name in ("aten.linear", "aten.layer_norm") or (
-            name == "getitem" and op_name(node.args[0].target).startswith("fxquant.")
-        )
-        if keep:
-            lines.append(f"{ids[node]} = {name}({', '.join(_fmt_arg(a, ids) for a in args)}{kw})")
+        lines.append(f"{ids[node]} = {name}({', '.join(_fmt_arg(a, ids) for a in args)}{kw})")
     return "\n".join(lines) + "\n"
 
 

@@ -87,7 +87,8 @@ Filter = Callable[[Match], Verdict]
 @dataclass(frozen=True)
 class Pattern:
     """A rewrite: float ``patterns`` (variants of one subgraph), ``filters`` that must all accept a match,
-    and ``replace(gm, match)`` that builds the int8 subgraph and returns its output node."""
+    ``replace(gm, match)`` that builds the int8 subgraph and returns its output node, and ``example()``
+    giving a small model and inputs that the pattern fuses (used by the golden tests)."""
 
     name: str
     patterns: Sequence[Callable]
@@ -95,6 +96,7 @@ class Pattern:
     filters: Sequence[Filter] = ()
     description: str = ""
     ignore_literals: bool = False
+    example: Optional[Callable[[], tuple[torch.nn.Module, tuple]]] = None  # small model + inputs it fuses
     _graphs: list = field(default_factory=list, compare=False, repr=False)
 
     def matches(self, gm: fx.GraphModule) -> list[Match]:

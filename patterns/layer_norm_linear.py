@@ -82,6 +82,21 @@ def replace(gm, match: Match):
     return fused
 
 
+class _Example(torch.nn.Module):
+    """Pre-LN attention-style block: ln1 feeds q, k, v and a residual (float copy kept); ln2 feeds only fc."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln1, self.ln2 = torch.nn.LayerNorm(128), torch.nn.LayerNorm(128)
+        self.q, self.k, self.v = (torch.nn.Linear(128, 128) for _ in range(3))
+        self.fc = torch.nn.Linear(128, 128)
+
+    def forward(self, x):
+        h = self.ln1(x)
+        h = self.q(h) * self.k(h) + self.v(h) + h
+        return self.fc(self.ln2(h))
+
+
 LAYER_NORM_LINEAR = Pattern(
     name="layer_norm_linear",
     patterns=(layer_norm, layer_norm_no_affine),
@@ -89,9 +104,5 @@ LAYER_NORM_LINEAR = Pattern(
     replace=replace,
     description="LayerNorm -> Linear(s): one per-token quantization shared by every int8 consumer",
     ignore_literals=True,  # any normalized_shape and eps
-)
-
-EXAMPLE = (
-    torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.Linear(64, 64)),
-    (torch.randn(4, 64),),
+    example=lambda: (_Example(), (torch.randn(2, 5, 128),)),
 )

@@ -40,6 +40,5 @@ LINEAR = Pattern(
     filters=(linear_is_int8,),
     replace=replace,
     description="Linear -> int8 GEMM with per-token dynamic activation quantization",
+    example=lambda: (torch.nn.Sequential(torch.nn.Linear(128, 96), torch.nn.Linear(96, 128, bias=False)), (torch.randn(4, 128),)),
 )
-
-EXAMPLE = (torch.nn.Sequential(torch.nn.Linear(64, 32)), (torch.randn(4, 64),))

@@ -58,15 +58,27 @@ def replace(gm, match: Match):
     return quantize_linear(gm, match["linear"], _activation_of(act_node), anchor=act_node, pattern="linear_act")
 
 
+class _Example(torch.nn.Module):
+    """One Linear per epilogue activation, plus a Linear whose pre-activation output is reused (not fused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.ModuleList(torch.nn.Linear(128, 128) for _ in range(5))
+        self.acts = [torch.nn.functional.relu, torch.nn.functional.gelu,
+                     lambda y: torch.nn.functional.gelu(y, approximate="tanh"), torch.nn.functional.silu]
+
+    def forward(self, x):
+        for fc, act in zip(self.fc, self.acts):
+            x = act(fc(x))
+        pre = self.fc[4](x)
+        return torch.nn.functional.relu(pre) + pre
+
+
 LINEAR_ACT = Pattern(
     name="linear_act",
     patterns=_variants(),
     filters=(linear_is_int8,),
     replace=replace,
     description="Linear -> ReLU/GELU/GELU-tanh/SiLU fused as the int8 GEMM's epilogue",
-)
-
-EXAMPLE = (
-    torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 64)),
-    (torch.randn(4, 64),),
+    example=lambda: (_Example(), (torch.randn(2, 3, 128),)),
 )

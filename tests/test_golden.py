@@ -1,0 +1,59 @@
+"""Golden-graph snapshots of the fused graph, in the compact form of ``fxquant.report.golden_text``.
+
+One snapshot per registered pattern (its ``example()``) and front end, plus a small-config BERT.
+Update after an intended change with:
+
+    pytest tests/test_golden.py --snapshot-update
+
+and read the diff of ``tests/__snapshots__/test_golden.ambr`` in review. Counts and numerics are asserted
+next to each snapshot, so a snapshot is never the only check.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxquant
+from fxquant.patterns import REGISTRY
+
+FRONT_ENDS = {"export": lambda x: x, "symbolic_trace": lambda x: None}
+
+# pattern -> expected {pattern: matched} when compiling its own example (fxquant's default QuantConfig)
+EXPECTED_MATCHES = {
+    "linear_act": {"linear_act": 4, "linear": 1, "layer_norm_linear": 0},
+    "linear": {"linear_act": 0, "linear": 2, "layer_norm_linear": 0},
+    "layer_norm_linear": {"linear_act": 0, "linear": 4, "layer_norm_linear": 2},
+}
+
+
+@pytest.mark.parametrize("front_end", FRONT_ENDS)
+@pytest.mark.parametrize("pattern", REGISTRY, ids=lambda p: p.name)
+def test_pattern_golden(pattern, front_end, snapshot):
+    torch.manual_seed(0)
+    model, inputs = pattern.example()
+    qm = fxquant.compile(model, FRONT_ENDS[front_end](inputs))
+    assert qm.golden() == snapshot
+    stats = qm.report().pattern_stats
+    assert {name: s["matched"] for name, s in stats.items()} == EXPECTED_MATCHES[pattern.name]
+    with torch.no_grad():
+        ref, out = model(*inputs), qm(*inputs)
+    sqnr = 10 * torch.log10(ref.double().pow(2).sum() / (ref.double() - out.double()).pow(2).sum())
+    assert sqnr > 25, f"{pattern.name}/{front_end}: SQNR {sqnr:.1f} dB"
+
+
+def test_bert_golden(snapshot):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512,
+                                  vocab_size=512, max_position_embeddings=64)
+    model = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 512, (2, 16))
+    qm = fxquant.compile(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert qm.golden(only_fused=True) == snapshot
+    counts = qm.report().node_counts
+    # per layer: q, k, v share ln (3 int8_linear_q), intermediate reads ln (1), 2 plain Linears; + pooler
+    assert counts["fxquant.layer_norm_quant"] == 2 * 2
+    assert counts["fxquant.int8_linear_q"] == 2 * 4
+    assert counts["fxquant.int8_linear"] == 2 * 2 + 1
+    assert counts.get("aten.linear", 0) == 0
