@@ -30,7 +30,7 @@ import torch
 
 from . import reference
 
-__all__ = ["BACKENDS", "cpu_int8_full_range_exact", "onednn_available", "pick_backend", "run_linear"]
+__all__ = ["BACKENDS", "quantize_per_token", "cpu_int8_full_range_exact", "onednn_available", "cpu_backend", "pick_backend", "run_linear"]
 
 
 # --------------------------------------------------------------------------------------------- oneDNN
@@ -83,6 +83,28 @@ def _onednn_gemm(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) ->
     )
 
 
+# ------------------------------------------------------------------------------ per-token quantize
+_ROUND_MAGIC = 12582912.0  # 1.5 * 2**23
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token quantization, bit-identical to :func:`fxquant.reference.quantize_per_token`, in fewer
+    passes over x on the CPU (fp32 [..., K] → int8 [..., K], fp32 scale [..., 1]).
+
+    * amax = max(max x, -min x): two reductions, no |x| temporary;
+    * round-half-to-even by adding 1.5·2^23: for |v| < 2^22 the fp32 sum's rounding (IEEE 754
+      roundTiesToEven) leaves round(v) in the low mantissa bits (the classic "magic number" rounding);
+    * the int32 view's low byte is then round(v) in two's complement, so ``.to(int8)`` (which keeps the
+      low 8 bits) yields the int8 value; |v| <= 127 by construction of the scale, so no clamp is needed.
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return reference.quantize_per_token(x)
+    amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
+    scale = amax.div_(127.0).clamp_min_(reference.EPS)
+    v = torch.div(x, scale).add_(_ROUND_MAGIC)
+    return v.view(torch.int32).to(torch.int8), scale
+
+
 # --------------------------------------------------------------------------------------------- aten
 def _aten_gemm(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     # w_q.t() of the [N, K] tensor: a row-major [K, N] right operand falls onto a 6-7x slower cuBLAS kernel.
@@ -97,6 +119,13 @@ GemmFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 BACKENDS: dict[str, GemmFn] = {"onednn": _onednn_gemm, "aten": _aten_gemm, "reference": _reference_gemm}
 
 
+def cpu_backend(w_qmax: int) -> str:
+    """``onednn`` where it is exact for this weight range (|W_q| <= 63, or a VNNI/AMX CPU), else ``aten``."""
+    if onednn_available() and (w_qmax <= 63 or cpu_int8_full_range_exact()):
+        return "onednn"
+    return "aten"
+
+
 def pick_backend(requested: str, device: torch.device, m: int, k: int, n: int, w_qmax: int) -> str:
     """The backend that runs one call: ``requested`` when it can run this call, else the next best.
 
@@ -104,9 +133,7 @@ def pick_backend(requested: str, device: torch.device, m: int, k: int, n: int, w
     QuantizedModel can be moved to another device, and cuBLAS int8 rejects M <= 16.
     """
     if device.type == "cpu":
-        if requested in ("onednn", "auto") and onednn_available() and (w_qmax <= 63 or cpu_int8_full_range_exact()):
-            return "onednn"
-        return "aten" if requested != "reference" else "reference"
+        return "reference" if requested == "reference" else cpu_backend(w_qmax)
     if device.type == "cuda":
         if requested == "reference":
             return "reference"

