@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import importlib.util
 import os
 import platform
 import sys
@@ -62,26 +61,14 @@ from tqdm import tqdm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-try:
-    from fxquant.evaluation import (
-        default_model_dir,
-        embedding_agreement,
-        encode,
-        load_sentences,
-        mean_pooled_embeddings,
-        median_ms,
-    )
-except Exception:  # the fxquant package __init__ may be half-written: load evaluation.py on its own
-    _spec = importlib.util.spec_from_file_location("_fxquant_evaluation", REPO_ROOT / "fxquant" / "evaluation.py")
-    _evaluation = importlib.util.module_from_spec(_spec)
-    sys.modules[_spec.name] = _evaluation  # dataclasses look their module up in sys.modules
-    _spec.loader.exec_module(_evaluation)
-    default_model_dir = _evaluation.default_model_dir
-    embedding_agreement = _evaluation.embedding_agreement
-    encode = _evaluation.encode
-    load_sentences = _evaluation.load_sentences
-    mean_pooled_embeddings = _evaluation.mean_pooled_embeddings
-    median_ms = _evaluation.median_ms
+from fxquant.evaluation import (
+    default_model_dir,
+    embedding_agreement,
+    encode,
+    load_sentences,
+    mean_pooled_embeddings,
+    median_ms,
+)
 
 Encoding = Mapping[str, torch.Tensor]
 Runner = Callable[[Encoding], torch.Tensor]  # tokenized batch -> last_hidden_state [B, T, H]
@@ -93,52 +80,6 @@ ORT_INT8 = "ONNX Runtime int8 (quantize_dynamic)"
 FXQUANT = "fxquant W8A8"
 FXQUANT_COMPILE = "fxquant W8A8 + torch.compile"
 CONTENDERS = [FP32, TORCH_AO, ORT_FP32, ORT_INT8, FXQUANT, FXQUANT_COMPILE]
-
-# Only used when fxquant/data/sentences.txt is missing or too short (while that file is being written);
-# the header then says so, because accuracy figures on these are not comparable with real runs.
-PLACEHOLDER_SENTENCES = [
-    "The cat sat quietly on the warm windowsill.",
-    "A dog barked at the mail carrier all morning.",
-    "Stock markets fell sharply after the announcement.",
-    "Investors worried about rising interest rates.",
-    "The recipe calls for two cups of flour and an egg.",
-    "She baked a chocolate cake for her brother's birthday.",
-    "Heavy rain is expected across the region tomorrow.",
-    "The weather forecast predicts sunshine for the weekend.",
-    "He plays guitar in a small jazz band.",
-    "The orchestra performed a symphony by Beethoven.",
-    "Quantum computers may break today's encryption schemes.",
-    "The new processor has more cores and a larger cache.",
-    "Our team won the football match in extra time.",
-    "The tennis final lasted nearly five hours.",
-    "The museum opened a new exhibition of modern art.",
-    "Painters in the nineteenth century favoured landscapes.",
-    "Drink plenty of water when exercising in the heat.",
-    "Regular sleep improves memory and concentration.",
-    "The train to the airport leaves every fifteen minutes.",
-    "Traffic on the highway was backed up for miles.",
-    "The library extended its opening hours during exams.",
-    "Students are preparing for their final examinations.",
-    "The company reported record profits this quarter.",
-    "Unemployment dropped to its lowest level in a decade.",
-    "Volcanoes release gases that can affect the climate.",
-    "Glaciers are retreating faster than scientists expected.",
-    "The child built a sandcastle at the beach.",
-    "Waves crashed against the rocky shore at dawn.",
-    "The software update fixed several security bugs.",
-    "Please restart your computer to finish the installation.",
-    "The restaurant serves fresh fish caught every morning.",
-    "They ordered pizza and watched a movie together.",
-    "The senator proposed a bill to reform healthcare.",
-    "Voters will head to the polls next Tuesday.",
-    "A rare bird was spotted in the city park.",
-    "The garden is full of roses and tulips in spring.",
-    "The astronauts returned safely from the space station.",
-    "The telescope captured images of a distant galaxy.",
-    "My phone battery dies before the end of the day.",
-    "The laptop overheats when running large programs.",
-]
-
 
 @dataclass
 class Result:
@@ -439,16 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModel.from_pretrained(args.model).eval()
 
-    try:
-        sentences = load_sentences()
-        source = "fxquant/data/sentences.txt"
-    except Exception as e:  # the data file is still being written
-        sentences, source = [], f"fxquant/data/sentences.txt unavailable: {_short_error(e)}"
-    if len(sentences) < args.batch:
-        why = source if not sentences else f"{source} has only {len(sentences)} sentences (< batch {args.batch})"
-        print(f"WARNING: {why}; using placeholder sentences", file=sys.stderr)
-        sentences = PLACEHOLDER_SENTENCES
-        source = f"PLACEHOLDER sentences built into the script ({why}) -- accuracy not comparable with real runs"
+    sentences = load_sentences()
+    source = "fxquant/data/sentences.txt"
     timing_sentences = [sentences[i % len(sentences)] for i in range(args.batch)]
     timing_enc = encode(tokenizer, timing_sentences, max_length=args.seq)
     chunks = sentence_chunks(tokenizer, sentences, args.batch, args.seq)

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from . import backends, reference
+from . import backends
 
 __all__ = ["quantize_per_token", "int8_linear", "int8_linear_q", "layer_norm_quant"]
 

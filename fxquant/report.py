@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx
