@@ -69,7 +69,7 @@ def _packed_weight(w_q: torch.Tensor) -> torch.Tensor:
     hit = _PACKED.get(key)
     if hit is not None and hit[0]() is w_q:
         return hit[1]
-    packed = torch.ops.onednn.qlinear_prepack(w_q, None)
+    packed = torch.ops.onednn.qlinear_prepack(w_q.contiguous(), None)  # prepack assumes row-major
     _PACKED[key] = (weakref.ref(w_q, lambda _r, k=key: _PACKED.pop(k, None)), packed)
     return packed
 

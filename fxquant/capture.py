@@ -14,6 +14,7 @@ modules are never reached through it by ``setattr``, so rewriting it cannot chan
 
 from __future__ import annotations
 
+import copy
 import inspect
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Optional
@@ -164,18 +165,30 @@ def _own_module_tree(gm: fx.GraphModule) -> fx.GraphModule:
             elif isinstance(value, torch.Tensor):
                 parent.register_buffer(leaf, value)
             elif isinstance(value, torch.nn.Module):
-                parent.add_module(leaf, value)
+                parent.add_module(leaf, _eval_copy(value))
             else:
                 setattr(parent, leaf, value)
         elif node.op == "call_module":
             parent, leaf = parent_of(node.target)
-            parent.add_module(leaf, gm.get_submodule(node.target))
+            parent.add_module(leaf, _eval_copy(gm.get_submodule(node.target)))
     new = fx.GraphModule(root, gm.graph, class_name=type(gm).__name__)
     # torch.export's module() keeps the pytree specs that rebuild the user's input and output structure.
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(gm, attr):
             setattr(new, attr, getattr(gm, attr))
     new.recompile()
+    return new
+
+
+def _eval_copy(mod: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``mod`` (and its children) in eval mode that shares its tensors: the compiled graph then
+    never runs the user's module objects, so their training flags (BatchNorm batch statistics, dropout)
+    and running buffers stay the user's alone."""
+    new = copy.copy(mod)
+    new.__dict__["_parameters"] = dict(mod._parameters)
+    new.__dict__["_buffers"] = dict(mod._buffers)
+    new.__dict__["_modules"] = {k: (_eval_copy(c) if c is not None else None) for k, c in mod._modules.items()}
+    new.training = False
     return new
 
 
@@ -187,12 +200,7 @@ def _fetch(gm: torch.nn.Module, target: str):
 
 
 # ----------------------------------------------------------------------------------- canonicalization
-_ACT_FUNCTIONS = {
-    F.relu: (aten.relu.default, {}),
-    torch.relu: (aten.relu.default, {}),
-    F.silu: (aten.silu.default, {}),
-    F.gelu: (aten.gelu.default, None),
-}
+_ACT_FUNCTIONS = {F.relu: aten.relu.default, torch.relu: aten.relu.default, F.silu: aten.silu.default, F.gelu: aten.gelu.default}
 _ACT_MODULES = {torch.nn.ReLU: aten.relu.default, torch.nn.SiLU: aten.silu.default, torch.nn.GELU: aten.gelu.default}
 _IDENTITY = (aten.dropout.default, aten.alias.default, aten.detach.default, aten.clone.default)
 
@@ -206,6 +214,8 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
             _canonical_module(gm, node, mod)
         elif node.op == "call_function":
             _canonical_function(node)
+            if node.target in (aten.addmm.default, torch.addmm):
+                _canonical_addmm(gm, node)
     for node in list(graph.nodes):
         # Inference graphs: dropout(train=False), aliases and clones of activations are identities.
         if node.op == "call_function" and node.target in _IDENTITY and not node.kwargs.get("memory_format"):
@@ -245,6 +255,8 @@ def _canonical_module(gm: fx.GraphModule, node: fx.Node, mod: torch.nn.Module) -
         kwargs = {"approximate": mod.approximate} if isinstance(mod, torch.nn.GELU) and mod.approximate != "none" else {}
         with graph.inserting_before(node):
             new = graph.call_function(_ACT_MODULES[type(mod)], (x,), kwargs)
+        if getattr(mod, "inplace", False):
+            _functionalize_inplace(node, x, new)
     else:
         return
     new.meta.update(node.meta)
@@ -253,13 +265,48 @@ def _canonical_module(gm: fx.GraphModule, node: fx.Node, mod: torch.nn.Module) -
     graph.erase_node(node)
 
 
+def _functionalize_inplace(node: fx.Node, x: fx.Node, result: fx.Node) -> None:
+    """``act(x, inplace=True)`` overwrote x: readers of x after ``node`` must read the result instead."""
+    later, n = set(), node.next
+    while n.op != "root":
+        later.add(n)
+        n = n.next
+    for user in list(x.users):
+        if user in later:
+            user.replace_input_with(x, result)
+
+
+def _canonical_addmm(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``addmm(bias, x, W)`` with a constant [K, N] weight (Hugging Face ``Conv1D``: GPT-2's projections)
+    becomes ``aten.linear(x, Wᵀ, bias)``. Wᵀ (a view, no copy) takes W's place in the module tree, so the
+    Linear is named after its module; skipped when W is read elsewhere or alpha/beta are not 1."""
+    if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1 or len(node.args) != 3:
+        return
+    bias, x, w = node.args
+    if not (isinstance(w, fx.Node) and w.op == "get_attr" and len(w.users) == 1):
+        return
+    if any(n is not w and n.op == "get_attr" and n.target == w.target for n in gm.graph.nodes):
+        return
+    weight = _fetch(gm, w.target)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return
+    *parents, leaf = w.target.split(".")
+    owner = gm.get_submodule(".".join(parents)) if parents else gm
+    delattr(owner, leaf)
+    owner.register_buffer(leaf, weight.detach().t())
+    node.target, node.args, node.kwargs = aten.linear.default, (x, w, bias), {}
+
+
 def _canonical_function(node: fx.Node) -> None:
-    if node.target in _ACT_FUNCTIONS and not node.kwargs.get("inplace", False):
-        op, _ = _ACT_FUNCTIONS[node.target]
+    if node.target in _ACT_FUNCTIONS:
+        op = _ACT_FUNCTIONS[node.target]
         kwargs = {}
         if op is aten.gelu.default and node.kwargs.get("approximate", "none") != "none":
             kwargs["approximate"] = node.kwargs["approximate"]
+        inplace = node.kwargs.get("inplace", False) or (len(node.args) > 1 and node.args[1] is True)
         node.target, node.args, node.kwargs = op, node.args[:1], kwargs
+        if inplace:
+            _functionalize_inplace(node, node.args[0], node)
     elif node.target is F.linear:
         node.target = aten.linear.default
         node.args = tuple(node.args) + tuple(node.kwargs[k] for k in ("bias",) if k in node.kwargs)

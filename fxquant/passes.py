@@ -30,8 +30,8 @@ def resolve_weight_qmax(config: QuantConfig) -> int:
 def linear_name(gm: fx.GraphModule, node: fx.Node) -> str:
     """Module path of a Linear node: its weight's path without ``.weight``, else its module stack."""
     w = node.args[1]
-    if isinstance(w, fx.Node) and w.op == "get_attr" and w.target.endswith(".weight"):
-        return w.target[: -len(".weight")]
+    if isinstance(w, fx.Node) and w.op == "get_attr" and (w.target == "weight" or w.target.endswith(".weight")):
+        return w.target[: -len("weight")].rstrip(".")  # "" when the model itself is the Linear
     stack = node.meta.get("nn_module_stack")
     if stack:
         return list(stack.values())[-1][0]
@@ -48,14 +48,20 @@ def _weight_of(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.Tensor]:
     return obj if isinstance(obj, torch.Tensor) else None
 
 
+def _owned_by(target: str, name: str) -> bool:
+    """Is the attribute path ``target`` part of the module at ``name`` ("" = the root Linear itself)?"""
+    if not name:
+        return target in ("weight", "bias")
+    return target == name or target.startswith(name + ".")
+
+
 def _tied(gm: fx.GraphModule, node: fx.Node, name: str) -> bool:
-    """True when another node reads an attribute under the Linear's module path (e.g. tied embeddings)."""
+    """True when another node reads an attribute of the Linear's module (e.g. a tied embedding)."""
     own = {a for a in node.args[1:3] if isinstance(a, fx.Node)}
-    for n in gm.graph.nodes:
-        if n.op == "get_attr" and (n.target == name or n.target.startswith(name + ".")):
-            if n not in own or any(u is not node for u in n.users):
-                return True
-    return False
+    return any(
+        n.op == "get_attr" and _owned_by(n.target, name) and (n not in own or any(u is not node for u in n.users))
+        for n in gm.graph.nodes
+    )
 
 
 def annotate(gm: fx.GraphModule, config: QuantConfig, model: Optional[torch.nn.Module] = None) -> list[LinearDecision]:
@@ -81,7 +87,8 @@ def annotate(gm: fx.GraphModule, config: QuantConfig, model: Optional[torch.nn.M
         ratio = heuristics.beneficial_ratio(k, n)
         aligned = heuristics.is_aligned(k, n, spec.alignment)
         verdict = _first_failure(gm, node, name, w, config, model, aligned, k, n)
-        d = LinearDecision(name, k, n, w.dtype, ratio, aligned.ok, verdict.ok, verdict.reason, weight_qmax=qmax)
+        d = LinearDecision(name, k, n, w.dtype, ratio, aligned.ok, verdict.ok, verdict.reason, weight_qmax=qmax,
+                           out_dtype=config.out_dtype or w.dtype)
         node.meta[META_KEY] = d
         decisions.append(d)
     return decisions

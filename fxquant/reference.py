@@ -46,9 +46,9 @@ def quantize_weight_per_channel(weight: torch.Tensor, qmax: int = 127) -> tuple[
         qmax: largest |W_q| (127: narrow int8 range [-127, 127]; 63: 7-bit, see ``config.TargetSpec``).
 
     Returns:
-        ``(w_q, scale)``: int8 [N, K] and fp32 [N, 1] with ``weight ≈ w_q * scale``.
+        ``(w_q, scale)``: int8 [N, K] (contiguous, row-major) and fp32 [N, 1], ``weight ≈ w_q * scale``.
     """
-    w = weight.detach().to(torch.float32)
+    w = weight.detach().to(torch.float32).contiguous()  # elementwise ops keep a view's strides: pin row-major
     scale = (w.abs().amax(dim=1, keepdim=True) / qmax).clamp_min(EPS)
     w_q = torch.round(w / scale).clamp_(-qmax, qmax).to(torch.int8)
     return w_q, scale

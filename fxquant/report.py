@@ -55,7 +55,7 @@ class Report:
         """Per-Linear decision table (tabulate; ``tablefmt="github"`` for Markdown)."""
         rows = [
             [
-                d.name, d.k, d.n, f"{d.ratio:.0f}", "yes" if d.aligned else "no",
+                d.name or "(the model itself)", d.k, d.n, f"{d.ratio:.0f}", "yes" if d.aligned else "no",
                 "int8" if d.quantize else "float",
                 d.pattern or "-", d.activation if d.quantize else "-",
                 d.input_quant or "-", d.backend or "-",

@@ -40,6 +40,7 @@ class LinearDecision:
         input_quant: "per-token" (quantized in the node) or "shared-layernorm" (quantized once by a
             LayerNorm→Linear fusion, shared with its sibling Linears).
         backend: the kernel backend chosen by the lowering pass.
+        out_dtype: dtype of the fused node's output (``QuantConfig.out_dtype``, else the weight's).
     """
 
     name: str
@@ -55,6 +56,7 @@ class LinearDecision:
     activation: str = "none"
     input_quant: Optional[str] = None
     backend: Optional[str] = None
+    out_dtype: Optional[torch.dtype] = None
 
 
 def decision_of(node: fx.Node) -> Optional[LinearDecision]:
@@ -146,7 +148,15 @@ def _fetch(gm: fx.GraphModule, target: str):
     return obj
 
 
-def _set_submodule(gm: fx.GraphModule, path: str, module: torch.nn.Module) -> None:
+def _install(gm: fx.GraphModule, path: str, params: QuantizedLinearParams) -> None:
+    """Put ``params`` at module ``path`` of ``gm``'s own tree (``""``: the Linear is the model's root, so
+    its buffers go on ``gm`` itself, replacing the float ones)."""
+    if not path:
+        for name, buf in params.named_buffers():
+            if hasattr(gm, name):
+                delattr(gm, name)
+            gm.register_buffer(name, buf)
+        return
     *parents, leaf = path.split(".")
     parent: torch.nn.Module = gm
     for p in parents:
@@ -155,7 +165,7 @@ def _set_submodule(gm: fx.GraphModule, path: str, module: torch.nn.Module) -> No
         parent = getattr(parent, p)
     if hasattr(parent, leaf) and not isinstance(getattr(parent, leaf), torch.nn.Module):
         delattr(parent, leaf)
-    parent.add_module(leaf, module)
+    parent.add_module(leaf, params)
 
 
 def quantize_linear(gm: fx.GraphModule, linear: fx.Node, activation: str, anchor: fx.Node, pattern: str) -> fx.Node:
@@ -172,16 +182,16 @@ def quantize_linear(gm: fx.GraphModule, linear: fx.Node, activation: str, anchor
     b_node = linear.args[2] if len(linear.args) > 2 else None
     b = _fetch(gm, b_node.target) if b_node is not None else None
     w_q, w_scale = reference.quantize_weight_per_channel(w, d.weight_qmax)
-    path = d.name
-    _set_submodule(gm, path, QuantizedLinearParams(w_q, w_scale, b))
+    _install(gm, d.name, QuantizedLinearParams(w_q, w_scale, b))
+    prefix = f"{d.name}." if d.name else ""
     g = gm.graph
     with g.inserting_before(anchor):
-        wq_node = g.get_attr(f"{path}.weight")
-        ws_node = g.get_attr(f"{path}.weight_scale")
-        b_new = g.get_attr(f"{path}.bias") if b is not None else None
+        wq_node = g.get_attr(f"{prefix}weight")
+        ws_node = g.get_attr(f"{prefix}weight_scale")
+        b_new = g.get_attr(f"{prefix}bias") if b is not None else None
         new = g.call_function(
             ops.INT8_LINEAR,
-            (linear.args[0], wq_node, ws_node, b_new, activation, "auto", d.weight_qmax, d.dtype),
+            (linear.args[0], wq_node, ws_node, b_new, activation, "auto", d.weight_qmax, d.out_dtype),
         )
     new.meta.update({k: v for k, v in anchor.meta.items() if k in ("val", "tensor_meta", "nn_module_stack", "stack_trace")})
     new.meta[META_KEY] = d

@@ -87,9 +87,9 @@ class _Example(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.ln1, self.ln2 = torch.nn.LayerNorm(128), torch.nn.LayerNorm(128)
-        self.q, self.k, self.v = (torch.nn.Linear(128, 128) for _ in range(3))
-        self.fc = torch.nn.Linear(128, 128)
+        self.ln1, self.ln2 = torch.nn.LayerNorm(256), torch.nn.LayerNorm(256)
+        self.q, self.k, self.v = (torch.nn.Linear(256, 256) for _ in range(3))
+        self.fc = torch.nn.Linear(256, 256)
 
     def forward(self, x):
         h = self.ln1(x)
@@ -104,5 +104,5 @@ LAYER_NORM_LINEAR = Pattern(
     replace=replace,
     description="LayerNorm -> Linear(s): one per-token quantization shared by every int8 consumer",
     ignore_literals=True,  # any normalized_shape and eps
-    example=lambda: (_Example(), (torch.randn(2, 5, 128),)),
+    example=lambda: (_Example(), (torch.randn(2, 5, 256),)),
 )

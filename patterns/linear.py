@@ -40,5 +40,5 @@ LINEAR = Pattern(
     filters=(linear_is_int8,),
     replace=replace,
     description="Linear -> int8 GEMM with per-token dynamic activation quantization",
-    example=lambda: (torch.nn.Sequential(torch.nn.Linear(128, 96), torch.nn.Linear(96, 128, bias=False)), (torch.randn(4, 128),)),
+    example=lambda: (torch.nn.Sequential(torch.nn.Linear(256, 192), torch.nn.Linear(192, 256, bias=False)), (torch.randn(4, 256),)),
 )

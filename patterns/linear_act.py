@@ -63,7 +63,7 @@ class _Example(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.fc = torch.nn.ModuleList(torch.nn.Linear(128, 128) for _ in range(5))
+        self.fc = torch.nn.ModuleList(torch.nn.Linear(256, 256) for _ in range(5))
         self.acts = [torch.nn.functional.relu, torch.nn.functional.gelu,
                      lambda y: torch.nn.functional.gelu(y, approximate="tanh"), torch.nn.functional.silu]
 
@@ -80,5 +80,5 @@ LINEAR_ACT = Pattern(
     filters=(linear_is_int8,),
     replace=replace,
     description="Linear -> ReLU/GELU/GELU-tanh/SiLU fused as the int8 GEMM's epilogue",
-    example=lambda: (_Example(), (torch.randn(2, 3, 128),)),
+    example=lambda: (_Example(), (torch.randn(2, 3, 256),)),
 )
