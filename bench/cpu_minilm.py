@@ -29,6 +29,15 @@ ever sees one input shape), mean-pooled and L2-normalized (``mean_pooled_embeddi
 torch fp32 via ``embedding_agreement``: mean / min per-sentence cosine and Spearman's rho of the pairwise
 similarities.
 
+Rounds: ``--rounds`` (default 3) round-robin passes over all contenders; the table shows the median of a
+contender's per-round medians (the notes list them). This 2-core VM's speed drifts by about +-20 % over
+minutes, so one pass would credit or blame whichever contender ran during a slow spell.
+
+Isolation: each contender is built and measured in a fresh Python process (the script re-runs itself
+with ``--worker``), one after the other. Measured here: run in one process after ONNX Runtime and torch.ao,
+fxquant's median rose from 500 ms to 648 ms (runtimes leave thread pools, allocator and kernel-cache state
+behind), so a shared process would rank contenders by their position in the list.
+
 A contender that cannot be built or run (e.g. fxquant not importable yet, or torch.ao quantization
 removed) is reported as ``n/a`` with the error below the table; the other rows are still measured.
 
@@ -46,6 +55,8 @@ import copy
 import datetime
 import os
 import platform
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -93,6 +104,7 @@ class Result:
     build_s: float | None = None
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    round_ms: list[float] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,7 +149,7 @@ def environment_header(args: argparse.Namespace, n_sentences: int, sentence_sour
         ("onnxruntime", _version("onnxruntime")),
         ("onnx", _version("onnx")),
         ("model", str(args.model)),
-        ("workload", f"batch {args.batch} x {args.seq} tokens (padding=max_length), median of {args.repeat} after {args.warmup} warm-up"),
+        ("workload", f"batch {args.batch} x {args.seq} tokens (padding=max_length), median of {args.repeat} after {args.warmup} warm-up, per process; median of {args.rounds} round-robin rounds"),
         ("accuracy set", f"{n_sentences} sentences, {sentence_source}"),
     ]
 
@@ -281,14 +293,6 @@ def embeddings(run: Runner, chunks: list[tuple[Encoding, int]]) -> torch.Tensor:
     return torch.cat(out)
 
 
-def measure(result: Result, run: Runner, timing_enc: Encoding, chunks, reference: torch.Tensor | None, args) -> torch.Tensor:
-    result.ms = median_ms(lambda: run(timing_enc), warmup=args.warmup, repeat=args.repeat)
-    emb = embeddings(run, chunks)
-    agreement = embedding_agreement(reference if reference is not None else emb, emb)
-    result.mean_cosine, result.min_cosine, result.spearman = agreement.mean_cosine, agreement.min_cosine, agreement.spearman
-    return emb
-
-
 def _short_error(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     first = lines[0] if lines else ""
@@ -355,6 +359,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"torch fp32 always runs as the reference. Names: {', '.join(CONTENDERS)}",
     )
     parser.add_argument("--markdown", default=None, metavar="PATH", help="also append the header and table as a markdown section to PATH")
+    parser.add_argument("--rounds", type=int, default=3, help="round-robin passes over all contenders; the table shows the median of the rounds' medians (default 3)")
+    parser.add_argument("--no-embed", action="store_true", help=argparse.SUPPRESS)  # internal: timing-only round
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: measure one contender
+    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.model is None:
         args.model = default_model_dir()
@@ -371,78 +379,99 @@ def selected_contenders(only: str | None) -> list[str]:
     return chosen
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    names = selected_contenders(args.only)
-
+def run_contender(name: str, args: argparse.Namespace, workdir: Path) -> tuple[Result, torch.Tensor | None]:
+    """Build and measure one contender in this process: median ms on the timing batch and the embeddings
+    of every sentence (agreement with fp32 is computed by the parent)."""
     from transformers import AutoModel, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModel.from_pretrained(args.model).eval()
-
     sentences = load_sentences()
-    source = "fxquant/data/sentences.txt"
-    timing_sentences = [sentences[i % len(sentences)] for i in range(args.batch)]
-    timing_enc = encode(tokenizer, timing_sentences, max_length=args.seq)
+    timing_enc = encode(tokenizer, [sentences[i % len(sentences)] for i in range(args.batch)], max_length=args.seq)
     chunks = sentence_chunks(tokenizer, sentences, args.batch, args.seq)
+    onnx_fp32, onnx_int8 = workdir / "minilm_fp32.onnx", workdir / "minilm_int8.onnx"
 
-    header = environment_header(args, len(sentences), source)
-    results: list[Result] = []
+    result = Result(name)
+    t0 = time.perf_counter()
+    try:
+        if name == FP32:
+            run = build_torch_fp32(model)
+        elif name == TORCH_AO:
+            run = build_torch_ao(model)
+        elif name in (ORT_FP32, ORT_INT8):
+            exporter = export_onnx(model, timing_enc, onnx_fp32)
+            if name == ORT_FP32:
+                run = build_ort(onnx_fp32)
+                result.notes.append(exporter)
+            else:
+                quantize_onnx_int8(onnx_fp32, onnx_int8)
+                run = build_ort(onnx_int8)
+                result.notes.append(f"onnxruntime {_version('onnxruntime')}, weight_type=QInt8, {exporter}")
+        elif name == FXQUANT:
+            _, run = build_fxquant(model, timing_enc)
+        elif name == FXQUANT_COMPILE:
+            qm, _ = build_fxquant(model, timing_enc)
+            run = build_compiled(qm, timing_enc, calls=max(3, args.warmup))
+            result.notes.append(f"{max(3, args.warmup)} compile/warm-up calls before timing")
+        else:  # pragma: no cover
+            raise ValueError(name)
+        result.build_s = time.perf_counter() - t0
+        result.ms = median_ms(lambda: run(timing_enc), warmup=args.warmup, repeat=args.repeat)
+        return result, (embeddings(run, chunks) if not args.no_embed else None)
+    except Exception as e:
+        result.error = _short_error(e)
+        traceback.print_exc(limit=3)
+        return result, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:  # one contender in a fresh process (see the module docstring)
+        result, emb = run_contender(args.worker, args, Path(args.workdir))
+        torch.save({"result": result, "emb": emb}, Path(args.workdir) / "result.pt")
+        return 0
+
+    names = selected_contenders(args.only)
+    header = environment_header(args, len(load_sentences()), "fxquant/data/sentences.txt")
     reference: torch.Tensor | None = None
-    fxquant_module: torch.nn.Module | None = None
-    fxquant_error: str | None = None
-
+    forwarded = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
+                 "--repeat", str(args.repeat), "--warmup", str(args.warmup)]
     with tempfile.TemporaryDirectory(prefix="fxquant-bench-") as tmp:
-        onnx_fp32, onnx_int8 = Path(tmp) / "minilm_fp32.onnx", Path(tmp) / "minilm_int8.onnx"
-        exporter: str | None = None
+        out = Path(tmp) / "result.pt"
 
-        progress = tqdm(names, desc="contenders", unit="contender")
-        for name in progress:
-            progress.set_postfix_str(name)
-            result = Result(name)
-            results.append(result)
-            t0 = time.perf_counter()
-            try:
-                if name == FP32:
-                    run = build_torch_fp32(model)
-                elif name == TORCH_AO:
-                    run = build_torch_ao(model)
-                elif name in (ORT_FP32, ORT_INT8):
-                    if exporter is None:
-                        exporter = export_onnx(model, timing_enc, onnx_fp32)
-                    if name == ORT_FP32:
-                        run = build_ort(onnx_fp32)
-                        result.notes.append(exporter)
-                    else:
-                        if not onnx_int8.exists():
-                            quantize_onnx_int8(onnx_fp32, onnx_int8)
-                        run = build_ort(onnx_int8)
-                        result.notes.append(f"onnxruntime {_version('onnxruntime')}, weight_type=QInt8, {exporter}")
-                elif name == FXQUANT:
-                    fxquant_module, run = build_fxquant(model, timing_enc)
-                elif name == FXQUANT_COMPILE:
-                    if fxquant_error is not None:
-                        raise RuntimeError(f"fxquant.compile failed, see above ({fxquant_error})")
-                    if fxquant_module is None:  # --only selected this row without the eager one
-                        fxquant_module, _ = build_fxquant(model, timing_enc)
-                    run = build_compiled(fxquant_module, timing_enc, calls=max(3, args.warmup))
-                    result.notes.append(f"{max(3, args.warmup)} compile/warm-up calls before timing")
-                else:  # pragma: no cover
-                    raise ValueError(name)
-                result.build_s = time.perf_counter() - t0
-                emb = measure(result, run, timing_enc, chunks, reference, args)
-                if name == FP32:
-                    reference = emb
-            except Exception as e:
-                result.error = _short_error(e)
-                if name == FXQUANT:
-                    fxquant_error = result.error
-                if name == FP32:
-                    traceback.print_exc()
-                    raise SystemExit("torch fp32 reference failed; nothing to compare against")
-                print(f"\n[{name}] failed:", file=sys.stderr)
-                traceback.print_exc(limit=3)
+        def worker(name: str, embed: bool) -> tuple[Result, torch.Tensor | None]:
+            out.unlink(missing_ok=True)
+            cmd = [sys.executable, __file__, *forwarded, "--worker", name, "--workdir", tmp] + ([] if embed else ["--no-embed"])
+            proc = subprocess.run(cmd)
+            if proc.returncode != 0 or not out.exists():
+                return Result(name, error=f"worker exited with {proc.returncode}"), None
+            saved = torch.load(out, weights_only=False)
+            return saved["result"], saved["emb"]
+
+        by_name: dict[str, Result] = {}
+        progress = tqdm(total=len(names) * args.rounds, desc="rounds x contenders", unit="run")
+        for rnd in range(args.rounds):
+            for name in names:  # round-robin: machine drift spreads over every contender alike
+                progress.set_postfix_str(f"round {rnd + 1}: {name}")
+                result, emb = worker(name, embed=(rnd == 0))
+                progress.update()
+                if rnd == 0:
+                    by_name[name] = result
+                    if name == FP32 and emb is None:
+                        raise SystemExit(f"torch fp32 reference failed ({result.error}); nothing to compare against")
+                    if emb is not None:
+                        reference = emb if name == FP32 else reference
+                        ag = embedding_agreement(reference, emb)
+                        result.mean_cosine, result.min_cosine, result.spearman = ag.mean_cosine, ag.min_cosine, ag.spearman
+                if result.ms is not None:
+                    by_name[name].round_ms.append(result.ms)
         progress.close()
+        results = [by_name[n] for n in names]
+        for r in results:
+            if r.round_ms:
+                r.ms = statistics.median(r.round_ms)
+                if len(r.round_ms) > 1:
+                    r.notes.append("per-round medians ms: " + ", ".join(f"{m:.1f}" for m in r.round_ms))
 
     table = render_table(results)
     notes = render_notes(results)

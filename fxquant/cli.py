@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch", type=_positive, default=32, help="sentences per timed batch (default 32)")
     d.add_argument("--seq", type=_positive, default=128, help="tokens per sentence, padded (default 128)")
     d.add_argument("--repeat", type=_positive, default=7, help="timed repetitions; the median is shown (default 7)")
+    d.add_argument("--compile", action="store_true", help="also time torch.compile of the int8 model (needs a C++ compiler)")
     d.add_argument("--min-ratio", type=float, default=None, help="override the target's K*N/(K+N) threshold")
     d.add_argument("--skip", action="append", default=[], help="keep this Linear float (name or 're:' regex); repeatable")
     return p
@@ -34,7 +35,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         config = QuantConfig(min_ratio=args.min_ratio, skip=tuple(args.skip))
-        run_demo(args.model, batch=args.batch, seq=args.seq, repeat=args.repeat, config=config)
+        run_demo(args.model, batch=args.batch, seq=args.seq, repeat=args.repeat, config=config, compile_too=args.compile)
     except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as e:
         print(f"fxquant: error: {e}", file=sys.stderr)
         return 2

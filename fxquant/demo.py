@@ -26,7 +26,8 @@ class DemoResult:
 
     Attributes:
         model: the compiled model; agreement: int8 vs fp32 embeddings on every bundled sentence;
-        fp32_ms, int8_ms: median ms of one forward on a ``batch`` x ``seq`` batch; sentences: count.
+        fp32_ms, int8_ms: median ms of one forward on a ``batch`` x ``seq`` batch; sentences: count;
+        compiled_ms: the same for ``torch.compile(model)`` when asked for (``compile_too``).
     """
 
     model: QuantizedModel
@@ -36,6 +37,7 @@ class DemoResult:
     sentences: int
     batch: int
     seq: int
+    compiled_ms: Optional[float] = None
 
     @property
     def speedup(self) -> float:
@@ -68,6 +70,7 @@ def run_demo(
     seq: int = 128,
     repeat: int = 7,
     config: Optional[QuantConfig] = None,
+    compile_too: bool = False,
     print_fn: Callable[[str], None] = print,
 ) -> DemoResult:
     """Compile, compare with fp32 on the bundled sentences, time both; prints as it goes.
@@ -76,6 +79,8 @@ def run_demo(
         model_dir: Hugging Face encoder directory; None = the embedded all-MiniLM-L6-v2.
         batch, seq: timing batch (sentences x tokens, padded to ``seq``); also the accuracy chunking.
         repeat: timed repetitions (median reported).
+        compile_too: also time ``torch.compile`` of the int8 model (Inductor; needs a C++ compiler; the
+            first calls compile, 10-60 s).
     """
     model_dir = model_dir or ev.default_model_dir()
     sentences = ev.load_sentences()
@@ -92,9 +97,13 @@ def run_demo(
         steps.update()
         fp32_ms = ev.median_ms(lambda: model(**example), repeat=repeat)
         int8_ms = ev.median_ms(lambda: qmodel(**example), repeat=repeat)
+        compiled_ms = None
+        if compile_too:
+            compiled = torch.compile(qmodel)
+            compiled_ms = ev.median_ms(lambda: compiled(**example), warmup=3, repeat=repeat)
         steps.update()
     steps.close()
-    result = DemoResult(qmodel, agreement, fp32_ms, int8_ms, len(sentences), batch, seq)
+    result = DemoResult(qmodel, agreement, fp32_ms, int8_ms, len(sentences), batch, seq, compiled_ms)
     print_fn(format_result(result, model_dir))
     return result
 
@@ -106,10 +115,10 @@ def format_result(r: DemoResult, model_dir: str) -> str:
         [[r.sentences, f"{r.agreement.mean_cosine:.4f}", f"{r.agreement.min_cosine:.4f}", f"{r.agreement.spearman:.4f}"]],
         headers=["sentences", "mean cosine", "min cosine", "Spearman (pairwise sims)"],
     )
-    speed = tabulate(
-        [["torch fp32 eager", f"{r.fp32_ms:.1f}", "1.00x"], ["fxquant W8A8", f"{r.int8_ms:.1f}", f"{r.speedup:.2f}x"]],
-        headers=["", f"median ms (batch {r.batch} x {r.seq} tokens)", "speed-up"],
-    )
+    rows = [["torch fp32 eager", f"{r.fp32_ms:.1f}", "1.00x"], ["fxquant W8A8", f"{r.int8_ms:.1f}", f"{r.speedup:.2f}x"]]
+    if r.compiled_ms is not None:
+        rows.append(["fxquant W8A8 + torch.compile", f"{r.compiled_ms:.1f}", f"{r.fp32_ms / r.compiled_ms:.2f}x"])
+    speed = tabulate(rows, headers=["", f"median ms (batch {r.batch} x {r.seq} tokens)", "speed-up"])
     cpu = torch.backends.cpu.get_cpu_capability()
     return (
         f"model: {model_dir}\n\n{r.model.report()}\n\n"

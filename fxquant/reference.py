@@ -92,9 +92,9 @@ def apply_epilogue(
     if activation == "relu":
         y = y.relu_()
     elif activation == "gelu":
-        y = F.gelu(y)
+        y = torch.ops.aten.gelu_(y)
     elif activation == "gelu_tanh":
-        y = F.gelu(y, approximate="tanh")
+        y = torch.ops.aten.gelu_(y, approximate="tanh")
     elif activation == "silu":
         y = F.silu(y, inplace=True)
     elif activation != "none":
