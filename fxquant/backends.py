@@ -121,7 +121,9 @@ def _workspace(shape: torch.Size) -> torch.Tensor:
         n *= d
     buf = getattr(_LOCAL, "buf", None)
     if buf is None or buf.numel() < n:
-        buf = _LOCAL.buf = torch.empty(max(n, 1), dtype=torch.float32)
+        # a normal tensor even when first needed under inference_mode: later calls outside it write to it
+        with torch.inference_mode(False):
+            buf = _LOCAL.buf = torch.empty(max(n, 1), dtype=torch.float32)
     return buf[:n].view(shape)
 
 

@@ -351,3 +351,16 @@ def test_layer_norm_quant_op_then_linear_q_equals_int8_linear_on_layer_norm():
     fused = OPS.int8_linear_q(y_q, s, w_q, w_s, bias, "silu", "auto", 63, torch.float32)
     unfused = OPS.int8_linear(F.layer_norm(x, [64], lw, lb, 1e-5), w_q, w_s, bias, "silu", "auto", 63, None)
     assert torch.equal(fused, unfused)
+
+
+def test_quantize_workspace_across_inference_mode():
+    """The CPU quantizer's reused workspace must serve calls inside and outside inference_mode alike."""
+    from fxquant import backends, reference
+
+    x = torch.randn(33, 70, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        inside = backends.quantize_per_token(x * 2)  # first use may allocate the workspace here
+    outside = backends.quantize_per_token(x * 2)
+    want = reference.quantize_per_token(x * 2)
+    for got in (inside, outside):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
