@@ -5,10 +5,15 @@
     >>> print(qmodel.report())                               # doctest: +SKIP
 """
 
+from pathlib import Path as _Path
+
+from ._layout import map_source_checkout as _map_source_checkout
 from . import ops  # noqa: F401  (registers the fxquant:: custom ops)
 from .api import QuantizedModel, compile
 from .config import TARGETS, QuantConfig
 from .errors import FxquantError, TraceError
 
 __version__ = "0.1.0"
+
+_map_source_checkout(__name__, _Path(__file__).resolve().parent)  # no-op when installed
 __all__ = ["compile", "QuantConfig", "QuantizedModel", "TraceError", "FxquantError", "TARGETS", "__version__"]
