@@ -30,4 +30,5 @@ def map_source_checkout(package: str, package_dir: Path) -> None:
         spec = importlib.util.spec_from_file_location(full, root / name / "__init__.py", submodule_search_locations=[str(root / name)])
         module = importlib.util.module_from_spec(spec)
         sys.modules[full] = module
+        setattr(sys.modules[package], name, module)  # as the import system binds a loaded child
         spec.loader.exec_module(module)
