@@ -70,7 +70,6 @@ import torch
 from tabulate import tabulate
 from tqdm import tqdm
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 from fxquant.evaluation import (
     default_model_dir,

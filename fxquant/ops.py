@@ -111,7 +111,6 @@ def _(x, normalized_shape, weight, bias, eps, return_float):
 
 
 # The OpOverloads that fused graph nodes call (``CustomOpDef`` objects above are the Python wrappers).
-QUANTIZE_PER_TOKEN = torch.ops.fxquant.quantize_per_token.default
 INT8_LINEAR = torch.ops.fxquant.int8_linear.default
 INT8_LINEAR_Q = torch.ops.fxquant.int8_linear_q.default
 LAYER_NORM_QUANT = torch.ops.fxquant.layer_norm_quant.default

@@ -74,9 +74,6 @@ class Match:
     def __getitem__(self, name: str) -> fx.Node:
         return self.nodes[name]
 
-    def get(self, name: str) -> Optional[fx.Node]:
-        return self.nodes.get(name)
-
     @property
     def anchor(self) -> fx.Node:
         """The node whose value the match returns (its single output)."""
