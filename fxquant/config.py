@@ -85,11 +85,11 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"QuantConfig.target={self.target!r} is unknown; choose one of {sorted(TARGETS)}")
-        if self.min_ratio is not None and not (isinstance(self.min_ratio, (int, float)) and self.min_ratio >= 0):
+        if self.min_ratio is not None and (isinstance(self.min_ratio, bool) or not (isinstance(self.min_ratio, (int, float)) and self.min_ratio >= 0)):
             raise ValueError(f"QuantConfig.min_ratio={self.min_ratio!r} must be a number >= 0 (K*N/(K+N) threshold)")
-        if self.alignment is not None and not (isinstance(self.alignment, int) and self.alignment >= 1):
+        if self.alignment is not None and (isinstance(self.alignment, bool) or not (isinstance(self.alignment, int) and self.alignment >= 1)):
             raise ValueError(f"QuantConfig.alignment={self.alignment!r} must be an int >= 1")
-        if self.weight_qmax is not None and not (isinstance(self.weight_qmax, int) and 7 <= self.weight_qmax <= 127):
+        if self.weight_qmax is not None and (isinstance(self.weight_qmax, bool) or not (isinstance(self.weight_qmax, int) and 7 <= self.weight_qmax <= 127)):
             raise ValueError(f"QuantConfig.weight_qmax={self.weight_qmax!r} must be an int in [7, 127]")
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
             raise TypeError(f"QuantConfig.skip must be a list of module names or 're:' patterns, got {self.skip!r}")

@@ -56,10 +56,17 @@ def _owned_by(target: str, name: str) -> bool:
 
 
 def _tied(gm: fx.GraphModule, node: fx.Node, name: str) -> bool:
-    """True when another node reads an attribute of the Linear's module (e.g. a tied embedding)."""
-    own = {a for a in node.args[1:3] if isinstance(a, fx.Node)}
+    """True when an attribute of the Linear's module is read by anything but a Linear call of that same
+    module (a tied embedding, say). A module called several times (ALBERT's shared layers) is not tied:
+    each call is quantized against the one set of int8 weights."""
+    weight = f"{name}.weight" if name else "weight"
+
+    def same_linear(user: fx.Node, attr: fx.Node) -> bool:
+        w = user.args[1] if user.op == "call_function" and user.target is aten.linear.default else None
+        return isinstance(w, fx.Node) and w.op == "get_attr" and w.target == weight and attr in user.args[1:3] and attr is not user.args[0]
+
     return any(
-        n.op == "get_attr" and _owned_by(n.target, name) and (n not in own or any(u is not node for u in n.users))
+        n.op == "get_attr" and _owned_by(n.target, name) and not all(same_linear(u, n) for u in n.users)
         for n in gm.graph.nodes
     )
 

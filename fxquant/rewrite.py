@@ -145,6 +145,16 @@ def _fetch(gm: fx.GraphModule, target: str):
     return obj
 
 
+def _installed(gm: fx.GraphModule, path: str) -> bool:
+    """Has an earlier call of the same Linear module already put its int8 weights at ``path``?"""
+    if not path:
+        return isinstance(getattr(gm, "weight_scale", None), torch.Tensor)
+    try:
+        return isinstance(gm.get_submodule(path), QuantizedLinearParams)
+    except AttributeError:
+        return False
+
+
 def _install(gm: fx.GraphModule, path: str, params: QuantizedLinearParams) -> None:
     """Put ``params`` at module ``path`` of ``gm``'s own tree (``""``: the Linear is the model's root, so
     its buffers go on ``gm`` itself, replacing the float ones)."""
@@ -169,17 +179,18 @@ def quantize_linear(gm: fx.GraphModule, linear: fx.Node, activation: str, anchor
     """Replace ``anchor`` (the Linear, or the activation after it) with ``fxquant.int8_linear``.
 
     The weight is quantized per output channel (``reference.quantize_weight_per_channel``) and stored with
-    its scale and bias in a :class:`QuantizedLinearParams` at the Linear's module path.
+    its scale and bias in a :class:`QuantizedLinearParams` at the Linear's module path; further calls of
+    the same module reuse them.
     """
     from . import ops, reference
 
     d = decision_of(linear)
     assert d is not None and d.quantize, "quantize_linear called on a Linear the heuristics kept float"
-    w = _fetch(gm, linear.args[1].target)
     b_node = linear.args[2] if len(linear.args) > 2 else None
     b = _fetch(gm, b_node.target) if b_node is not None else None
-    w_q, w_scale = reference.quantize_weight_per_channel(w, d.weight_qmax)
-    _install(gm, d.name, QuantizedLinearParams(w_q, w_scale, b))
+    if not _installed(gm, d.name):
+        w_q, w_scale = reference.quantize_weight_per_channel(_fetch(gm, linear.args[1].target), d.weight_qmax)
+        _install(gm, d.name, QuantizedLinearParams(w_q, w_scale, b))
     prefix = f"{d.name}." if d.name else ""
     g = gm.graph
     with g.inserting_before(anchor):

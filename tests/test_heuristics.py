@@ -265,3 +265,9 @@ def test_config_spec_does_not_mutate_targets():
     QuantConfig(target="cuda", min_ratio=1, alignment=2, weight_qmax=9).spec
     assert TARGETS == before
     assert TARGETS["cuda"] == TargetSpec(256.0, 8, 127)
+
+
+@pytest.mark.parametrize("field", ["min_ratio", "alignment", "weight_qmax"])
+def test_config_rejects_bool_numbers(field):
+    with pytest.raises(ValueError, match=field):
+        QuantConfig(**{field: True})
