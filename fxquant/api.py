@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -30,9 +31,19 @@ class QuantizedModel(torch.nn.Module):
         self.config = config
         self._report = rep
         self._fixed_kwargs = dict(fixed_kwargs)
+        self._signature = inspect.signature(graph_module.forward)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.graph_module(*args, **{**kwargs, **self._fixed_kwargs})
+        kwargs.update(self._fixed_kwargs)
+        try:
+            self._signature.bind(*args, **kwargs)
+        except TypeError as e:
+            names = [p for p in self._signature.parameters if p not in self._fixed_kwargs]
+            raise TypeError(
+                f"this QuantizedModel takes the inputs it was captured with, {names} (by name or in that order): {e}. "
+                "Call it with those arguments, or compile again with example inputs that include the ones you need."
+            ) from None
+        return self.graph_module(*args, **kwargs)
 
     def report(self) -> report.Report:
         """Every Linear's decision, the pattern counts and the fused node counts (``print()`` it)."""

@@ -345,3 +345,20 @@ def test_eval_mode_model_has_no_training_note(front_end):
     qm = fxquant.compile(m, _ei(front_end, torch.randn(2, 64)))
     assert not any("training mode" in n for n in qm.report().notes)
     assert not any(mod.training for mod in m.modules())
+
+
+def test_call_with_other_arguments_than_captured_is_explained():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(hidden_size=256, num_hidden_layers=1, num_attention_heads=4, intermediate_size=1024,
+                                  vocab_size=512, max_position_embeddings=64)
+    m = transformers.BertModel(cfg).eval()
+    ids = torch.randint(0, 512, (2, 16))
+    qm = fxquant.compile(m, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    with pytest.raises(TypeError, match=r"captured with, \['input_ids', 'attention_mask'\].*missing a required argument: 'attention_mask'"):
+        qm(input_ids=ids)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'token_type_ids'.*compile again"):
+        qm(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids))
+    # the captured inputs by name or in order, other shapes: fine
+    assert qm(input_ids=ids[:1, :9], attention_mask=torch.ones_like(ids[:1, :9])).last_hidden_state.shape == (1, 9, 256)
+    assert qm(ids, torch.ones_like(ids)).last_hidden_state.shape == (2, 16, 256)
