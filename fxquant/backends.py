@@ -23,6 +23,7 @@ full-range weights give 2.6 % relative error on Gaussian data; 7-bit weights giv
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import weakref
 from typing import Callable, Optional
@@ -61,26 +62,27 @@ def cpu_int8_full_range_exact() -> bool:
     return bool(torch.equal(got.to(torch.float64), reference.int8_gemm(x_q, w_q).to(torch.float64)))
 
 
-_PACKED: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+_PACKED: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
 
 
-def _packed_weight(w_q: torch.Tensor) -> torch.Tensor:
-    """oneDNN's blocked layout of ``w_q``, packed once per weight tensor (freed with the tensor)."""
+def _packed_weight(w_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """oneDNN's blocked layout of ``w_q`` and its (all-zero, symmetric) zero points, made once per weight
+    tensor and freed with it."""
     key = id(w_q)
     hit = _PACKED.get(key)
     if hit is not None and hit[0]() is w_q:
-        return hit[1]
+        return hit[1], hit[2]
     packed = torch.ops.onednn.qlinear_prepack(w_q.contiguous(), None)  # prepack assumes row-major
-    _PACKED[key] = (weakref.ref(w_q, lambda _r, k=key: _PACKED.pop(k, None)), packed)
-    return packed
+    zero_points = torch.zeros(w_q.shape[0], dtype=torch.long)
+    _PACKED[key] = (weakref.ref(w_q, lambda _r, k=key: _PACKED.pop(k, None)), packed, zero_points)
+    return packed, zero_points
 
 
 def _onednn_gemm(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     """fp32 [M, N] = acc · s_w (oneDNN applies the per-channel weight scale in its own epilogue)."""
-    n = w_q.shape[0]
+    packed, zero_points = _packed_weight(w_q)
     return torch.ops.onednn.qlinear_pointwise(
-        x_q, 1.0, 0, _packed_weight(w_q), w_scale.reshape(n), torch.zeros(n, dtype=torch.long),
-        None, 1.0, 0, torch.float32, "none", [], "",
+        x_q, 1.0, 0, packed, w_scale.reshape(-1), zero_points, None, 1.0, 0, torch.float32, "none", [], "",
     )
 
 
@@ -116,9 +118,7 @@ def _workspace(shape: torch.Size) -> torch.Tensor:
     from new mmap pages and pays their page faults; reusing one buffer took fxquant eager from ~560 ms
     toward the ~420 ms it runs at when malloc never returns memory to the OS (docs/benchmarks.md).
     """
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     buf = getattr(_LOCAL, "buf", None)
     if buf is None or buf.numel() < n:
         # a normal tensor even when first needed under inference_mode: later calls outside it write to it

@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ._attrs import fetch_attr, parent_for
 from .errors import TraceError
 
 __all__ = ["capture", "canonicalize", "CapturedGraph"]
@@ -147,19 +148,10 @@ def _own_module_tree(gm: fx.GraphModule) -> fx.GraphModule:
     """
     root = torch.nn.Module()
 
-    def parent_of(path: str) -> tuple[torch.nn.Module, str]:
-        *parents, leaf = path.split(".")
-        mod = root
-        for p in parents:
-            if not hasattr(mod, p):
-                mod.add_module(p, torch.nn.Module())
-            mod = getattr(mod, p)
-        return mod, leaf
-
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            value = _fetch(gm, node.target)
-            parent, leaf = parent_of(node.target)
+            value = fetch_attr(gm, node.target)
+            parent, leaf = parent_for(root, node.target)
             if isinstance(value, torch.nn.Parameter):
                 parent.register_parameter(leaf, value)
             elif isinstance(value, torch.Tensor):
@@ -169,7 +161,7 @@ def _own_module_tree(gm: fx.GraphModule) -> fx.GraphModule:
             else:
                 setattr(parent, leaf, value)
         elif node.op == "call_module":
-            parent, leaf = parent_of(node.target)
+            parent, leaf = parent_for(root, node.target)
             parent.add_module(leaf, _eval_copy(gm.get_submodule(node.target)))
     new = fx.GraphModule(root, gm.graph, class_name=type(gm).__name__)
     # torch.export's module() keeps the pytree specs that rebuild the user's input and output structure.
@@ -190,13 +182,6 @@ def _eval_copy(mod: torch.nn.Module) -> torch.nn.Module:
     new.__dict__["_modules"] = {k: (_eval_copy(c) if c is not None else None) for k, c in mod._modules.items()}
     new.training = False
     return new
-
-
-def _fetch(gm: torch.nn.Module, target: str):
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 # ----------------------------------------------------------------------------------- canonicalization
@@ -287,11 +272,10 @@ def _canonical_addmm(gm: fx.GraphModule, node: fx.Node) -> None:
         return
     if any(n is not w and n.op == "get_attr" and n.target == w.target for n in gm.graph.nodes):
         return
-    weight = _fetch(gm, w.target)
+    weight = fetch_attr(gm, w.target)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return
-    *parents, leaf = w.target.split(".")
-    owner = gm.get_submodule(".".join(parents)) if parents else gm
+    owner, leaf = parent_for(gm, w.target)
     delattr(owner, leaf)
     owner.register_buffer(leaf, weight.detach().t())
     node.target, node.args, node.kwargs = aten.linear.default, (x, w, bias), {}

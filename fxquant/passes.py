@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 
 from . import backends, heuristics, ops
+from ._attrs import fetch_attr
 from .config import QuantConfig
 from .rewrite import META_KEY, LinearDecision, decision_of, run_patterns
 
@@ -42,9 +43,10 @@ def _weight_of(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.Tensor]:
     w = node.args[1]
     if not (isinstance(w, fx.Node) and w.op == "get_attr"):
         return None
-    obj = gm
-    for part in w.target.split("."):
-        obj = getattr(obj, part, None)
+    try:
+        obj = fetch_attr(gm, w.target)
+    except AttributeError:
+        return None
     return obj if isinstance(obj, torch.Tensor) else None
 
 
@@ -55,7 +57,7 @@ def _owned_by(target: str, name: str) -> bool:
     return target == name or target.startswith(name + ".")
 
 
-def _tied(gm: fx.GraphModule, node: fx.Node, name: str) -> bool:
+def _tied(attrs: list[fx.Node], node: fx.Node, name: str) -> bool:
     """True when an attribute of the Linear's module is read by anything but a Linear call of that same
     module (a tied embedding, say). A module called several times (ALBERT's shared layers) is not tied:
     each call is quantized against the one set of int8 weights."""
@@ -65,10 +67,7 @@ def _tied(gm: fx.GraphModule, node: fx.Node, name: str) -> bool:
         w = user.args[1] if user.op == "call_function" and user.target is aten.linear.default else None
         return isinstance(w, fx.Node) and w.op == "get_attr" and w.target == weight and attr in user.args[1:3] and attr is not user.args[0]
 
-    return any(
-        n.op == "get_attr" and _owned_by(n.target, name) and not all(same_linear(u, n) for u in n.users)
-        for n in gm.graph.nodes
-    )
+    return any(_owned_by(n.target, name) and not all(same_linear(u, n) for u in n.users) for n in attrs)
 
 
 def annotate(gm: fx.GraphModule, config: QuantConfig, model: Optional[torch.nn.Module] = None) -> list[LinearDecision]:
@@ -79,6 +78,7 @@ def annotate(gm: fx.GraphModule, config: QuantConfig, model: Optional[torch.nn.M
     """
     spec = config.spec
     qmax = resolve_weight_qmax(config)
+    attrs = [n for n in gm.graph.nodes if n.op == "get_attr"]
     decisions = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not aten.linear.default:
@@ -93,7 +93,7 @@ def annotate(gm: fx.GraphModule, config: QuantConfig, model: Optional[torch.nn.M
         n, k = w.shape
         ratio = heuristics.beneficial_ratio(k, n)
         aligned = heuristics.is_aligned(k, n, spec.alignment)
-        verdict = _first_failure(gm, node, name, w, config, model, aligned, k, n)
+        verdict = _first_failure(attrs, node, name, w, config, spec, model, aligned, k, n)
         d = LinearDecision(name, k, n, w.dtype, ratio, aligned.ok, verdict.ok, verdict.reason, weight_qmax=qmax,
                            out_dtype=config.out_dtype or w.dtype)
         node.meta[META_KEY] = d
@@ -101,11 +101,11 @@ def annotate(gm: fx.GraphModule, config: QuantConfig, model: Optional[torch.nn.M
     return decisions
 
 
-def _first_failure(gm, node, name, w, config, model, aligned, k, n) -> heuristics.Verdict:
+def _first_failure(attrs, node, name, w, config, spec, model, aligned, k, n) -> heuristics.Verdict:
     dt = heuristics.dtype_supported(w.dtype)
     if not dt:
         return dt
-    if _tied(gm, node, name):
+    if _tied(attrs, node, name):
         return heuristics.Verdict(False, "weight is shared with another op (tied): kept float")
     skipped = heuristics.is_skipped(name, config.skip)
     if skipped:
@@ -121,7 +121,7 @@ def _first_failure(gm, node, name, w, config, model, aligned, k, n) -> heuristic
             return heuristics.Verdict(False, "rejected by filter_fn")
     if not aligned:
         return aligned
-    return heuristics.int8_pays_off(k, n, config.spec.min_ratio)
+    return heuristics.int8_pays_off(k, n, spec.min_ratio)
 
 
 def fuse(gm: fx.GraphModule, patterns=None) -> dict[str, dict[str, int]]:

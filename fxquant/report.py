@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 from tabulate import tabulate
 
+from ._attrs import fetch_attr
 from .rewrite import META_KEY, LinearDecision
 
 __all__ = ["Report", "golden_text", "to_networkx", "op_name"]
@@ -123,10 +124,7 @@ def golden_text(gm: fx.GraphModule, only_fused: bool = False) -> str:
                 lines.append(f"input {ids[node]}")
             continue
         if node.op == "get_attr":
-            obj: Any = gm
-            for part in node.target.split("."):
-                obj = getattr(obj, part)
-            t = obj
+            t = fetch_attr(gm, node.target)
             desc = f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
             ids[node] = f"@{node.target}:{desc}"
             continue

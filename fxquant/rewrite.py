@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
+from ._attrs import fetch_attr, parent_for
 from .heuristics import Verdict
 
 __all__ = ["LinearDecision", "Match", "Pattern", "META_KEY", "decision_of", "quantize_linear"]
@@ -138,13 +139,6 @@ class QuantizedLinearParams(torch.nn.Module):
             self.register_buffer("bias", bias.detach())
 
 
-def _fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _installed(gm: fx.GraphModule, path: str) -> bool:
     """Has an earlier call of the same Linear module already put its int8 weights at ``path``?"""
     if not path:
@@ -164,12 +158,7 @@ def _install(gm: fx.GraphModule, path: str, params: QuantizedLinearParams) -> No
                 delattr(gm, name)
             gm.register_buffer(name, buf)
         return
-    *parents, leaf = path.split(".")
-    parent: torch.nn.Module = gm
-    for p in parents:
-        if not hasattr(parent, p):
-            parent.add_module(p, torch.nn.Module())
-        parent = getattr(parent, p)
+    parent, leaf = parent_for(gm, path)
     if hasattr(parent, leaf) and not isinstance(getattr(parent, leaf), torch.nn.Module):
         delattr(parent, leaf)
     parent.add_module(leaf, params)
@@ -187,9 +176,9 @@ def quantize_linear(gm: fx.GraphModule, linear: fx.Node, activation: str, anchor
     d = decision_of(linear)
     assert d is not None and d.quantize, "quantize_linear called on a Linear the heuristics kept float"
     b_node = linear.args[2] if len(linear.args) > 2 else None
-    b = _fetch(gm, b_node.target) if b_node is not None else None
+    b = fetch_attr(gm, b_node.target) if b_node is not None else None
     if not _installed(gm, d.name):
-        w_q, w_scale = reference.quantize_weight_per_channel(_fetch(gm, linear.args[1].target), d.weight_qmax)
+        w_q, w_scale = reference.quantize_weight_per_channel(fetch_attr(gm, linear.args[1].target), d.weight_qmax)
         _install(gm, d.name, QuantizedLinearParams(w_q, w_scale, b))
     prefix = f"{d.name}." if d.name else ""
     g = gm.graph

@@ -116,3 +116,16 @@ def rel_close():
 @pytest.fixture(scope="session")
 def tolerance():
     return TOLERANCE
+
+
+def build_small_bert(num_layers: int):
+    """Random-weight BertModel, hidden 256 (every Linear has K*N/(K+N) >= 128, over the cpu min_ratio 96)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(hidden_size=256, num_hidden_layers=num_layers, num_attention_heads=4,
+                                  intermediate_size=1024, vocab_size=512, max_position_embeddings=64)
+    return transformers.BertModel(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def small_bert():
+    return build_small_bert

@@ -347,12 +347,9 @@ def test_eval_mode_model_has_no_training_note(front_end):
     assert not any(mod.training for mod in m.modules())
 
 
-def test_call_with_other_arguments_than_captured_is_explained():
-    transformers = pytest.importorskip("transformers")
+def test_call_with_other_arguments_than_captured_is_explained(small_bert):
     torch.manual_seed(0)
-    cfg = transformers.BertConfig(hidden_size=256, num_hidden_layers=1, num_attention_heads=4, intermediate_size=1024,
-                                  vocab_size=512, max_position_embeddings=64)
-    m = transformers.BertModel(cfg).eval()
+    m = small_bert(num_layers=1)
     ids = torch.randint(0, 512, (2, 16))
     qm = fxquant.compile(m, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     with pytest.raises(TypeError, match=r"captured with, \['input_ids', 'attention_mask'\].*missing a required argument: 'attention_mask'"):

@@ -29,7 +29,7 @@ EXPECTED_MATCHES = {
 
 @pytest.mark.parametrize("front_end", FRONT_ENDS)
 @pytest.mark.parametrize("pattern", REGISTRY, ids=lambda p: p.name)
-def test_pattern_golden(pattern, front_end, snapshot):
+def test_pattern_golden(pattern, front_end, snapshot, sqnr):
     torch.manual_seed(0)
     model, inputs = pattern.example()
     qm = fxquant.compile(model, FRONT_ENDS[front_end](inputs))
@@ -38,17 +38,12 @@ def test_pattern_golden(pattern, front_end, snapshot):
     assert {name: s["matched"] for name, s in stats.items()} == EXPECTED_MATCHES[pattern.name]
     with torch.no_grad():
         ref, out = model(*inputs), qm(*inputs)
-    sqnr = 10 * torch.log10(ref.double().pow(2).sum() / (ref.double() - out.double()).pow(2).sum())
-    assert sqnr > 25, f"{pattern.name}/{front_end}: SQNR {sqnr:.1f} dB"
+    assert sqnr(ref, out) > 25, f"{pattern.name}/{front_end}: SQNR {sqnr(ref, out):.1f} dB"
 
 
-def test_bert_golden(snapshot):
-    transformers = pytest.importorskip("transformers")
+def test_bert_golden(snapshot, small_bert):
     torch.manual_seed(0)
-    # hidden 256: every Linear has ratio K*N/(K+N) >= 128, over the cpu target's min_ratio of 96
-    cfg = transformers.BertConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024,
-                                  vocab_size=512, max_position_embeddings=64)
-    model = transformers.BertModel(cfg).eval()
+    model = small_bert(num_layers=2)
     ids = torch.randint(0, 512, (2, 16))
     qm = fxquant.compile(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     assert qm.golden(only_fused=True) == snapshot
