@@ -75,7 +75,8 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
             fxquant builds inference graphs, and its flags are restored).
         example_inputs: a tuple of positional arguments or a dict of keyword arguments, as the model is
             called. Batch and sequence dimensions stay dynamic where torch.export allows.
-        config: a :class:`QuantConfig`; default ``QuantConfig()`` (target ``cpu``).
+        config: a :class:`QuantConfig`; default ``QuantConfig(target="cuda")`` when the model's
+            parameters are on a CUDA device, else ``QuantConfig()`` (target ``cpu``).
 
     Returns:
         A :class:`QuantizedModel`.
@@ -95,7 +96,8 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
             f"example_inputs must be a tuple of positional args or a dict of keyword args, got {type(example_inputs).__name__}{hint}"
         )
     if config is None:
-        config = QuantConfig()
+        on_cuda = any(p.device.type == "cuda" for p in model.parameters())
+        config = QuantConfig(target="cuda" if on_cuda else "cpu")
     elif not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a fxquant.QuantConfig, got {type(config).__name__}")
 

@@ -1,4 +1,4 @@
-"""Kernel backends for the int8 GEMM of a fused Linear: ``onednn`` (CPU), ``aten`` and ``reference``.
+"""Kernel backends for the fused nodes: ``triton``, ``onednn`` (CPU), ``aten`` and ``reference``.
 
 Every backend computes the same function as :func:`fxquant.reference.int8_linear`; they differ in speed
 and in what they need:
@@ -6,12 +6,16 @@ and in what they need:
 =============  ===========  ==================================================================
 backend        device       needs
 =============  ===========  ==================================================================
+``triton``     CUDA, CPU    the Triton kernels of ``fxquant.kernels`` (GEMM with the whole
+                            epilogue fused); on CPU only under a Triton CPU backend (triton-cpu)
 ``onednn``     CPU          ``torch.ops.onednn.qlinear_pointwise``; |W_q| <= 63 unless the CPU
                             has VNNI/AMX (probed: :func:`cpu_int8_full_range_exact`)
 ``aten``       CPU, CUDA    ``torch._int_mm``; on CUDA M > 16 and K, N % 8 (cuBLAS)
 ``reference``  any          nothing (float64 matmul of the integer values; slow, exact)
-``triton``     CUDA         the Triton kernels of ``fxquant.kernels`` (a later issue)
 =============  ===========  ==================================================================
+
+Per-token quantization and LayerNorm+quantize run the Triton kernels wherever Triton serves the device
+(:func:`triton_serves`), else the torch code below.
 
 Why |W_q| <= 63 on CPUs without VNNI: oneDNN's AVX2 int8 kernels multiply u8 × s8 pairs with
 ``vpmaddubsw``, whose int16 pair sums saturate (Intel SDM, PMADDUBSW; oneDNN docs, "Nuances of int8
@@ -31,8 +35,21 @@ from typing import Callable, Optional
 import torch
 
 from . import reference
+from .kernels import common as _kc
 
-__all__ = ["BACKENDS", "quantize_per_token", "cpu_int8_full_range_exact", "onednn_available", "cpu_backend", "pick_backend", "run_linear"]
+__all__ = [
+    "BACKENDS", "BACKEND_NAMES", "quantize_per_token", "layer_norm_quant", "cpu_int8_full_range_exact",
+    "onednn_available", "cpu_backend", "triton_serves", "pick_backend", "run_linear",
+]
+
+
+def triton_serves(device: torch.device) -> bool:
+    """True when fxquant's Triton kernels are the fast path for tensors on ``device``: CUDA with Triton
+    installed, or CPU with a Triton CPU backend (triton-cpu). Never under ``TRITON_INTERPRET=1``, which
+    only tests kernels (decided when an op first runs on the device, cached by Triton's driver lookup)."""
+    if not _kc.HAS_TRITON or _kc.interpreting():
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and _kc.cpu_backend_available())
 
 
 # --------------------------------------------------------------------------------------------- oneDNN
@@ -100,6 +117,10 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     * the int32 view's low byte is then round(v) in two's complement, so ``.to(int8)`` (which keeps the
       low 8 bits) yields the int8 value; |v| <= 127 by construction of the scale, so no clamp is needed.
     """
+    if triton_serves(x.device):
+        from .kernels.quantize import quantize_per_token as triton_quantize
+
+        return triton_quantize(x)
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return reference.quantize_per_token(x)
     amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
@@ -127,6 +148,19 @@ def _workspace(shape: torch.Size) -> torch.Tensor:
     return buf[:n].view(shape)
 
 
+def layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float):
+    """LayerNorm + per-token quantization: one Triton kernel where Triton serves the device and the row
+    fits (K <= ``kernels.layer_norm_quant.MAX_K``), else ``F.layer_norm`` then :func:`quantize_per_token`.
+    Returns ``(y or empty, y_q, scale)`` as ``fxquant::layer_norm_quant``."""
+    if triton_serves(x.device) and len(normalized_shape) == 1 and x.shape[-1] <= 32768:
+        from .kernels.layer_norm_quant import layer_norm_quant as triton_layer_norm_quant
+
+        return triton_layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float)
+    y = torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
+    y_q, scale = quantize_per_token(y)
+    return (y if return_float else y.new_empty(0)), y_q, scale
+
+
 # --------------------------------------------------------------------------------------------- aten
 def _aten_gemm(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     # w_q.t() of the [N, K] tensor: a row-major [K, N] right operand falls onto a 6-7x slower cuBLAS kernel.
@@ -138,7 +172,9 @@ def _reference_gemm(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor)
 
 
 GemmFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# GEMM-only backends (fp32 acc·s_w out; the epilogue runs in torch). ``triton`` fuses the epilogue itself.
 BACKENDS: dict[str, GemmFn] = {"onednn": _onednn_gemm, "aten": _aten_gemm, "reference": _reference_gemm}
+BACKEND_NAMES = ("triton", *BACKENDS)
 
 
 def cpu_backend(w_qmax: int) -> str:
@@ -152,14 +188,23 @@ def pick_backend(requested: str, device: torch.device, m: int, k: int, n: int, w
     """The backend that runs one call: ``requested`` when it can run this call, else the next best.
 
     ``requested`` is what the lowering pass chose for the target; it is re-checked here because a
-    QuantizedModel can be moved to another device, and cuBLAS int8 rejects M <= 16.
+    QuantizedModel can be moved to another device, and cuBLAS int8 rejects M <= 16. Order of preference:
+    CUDA ``triton`` > ``aten`` (M > 16, K, N % 8) > ``reference``; CPU ``triton`` (triton-cpu, or the
+    interpreter when asked for explicitly) > ``onednn`` / ``aten`` (:func:`cpu_backend`).
     """
+    if requested == "reference":
+        return "reference"
     if device.type == "cpu":
-        return "reference" if requested == "reference" else cpu_backend(w_qmax)
+        if requested in ("onednn", "aten"):
+            return cpu_backend(w_qmax)
+        if triton_serves(device) or (requested == "triton" and _kc.triton_device_ok(device)):
+            return "triton"
+        return cpu_backend(w_qmax)
     if device.type == "cuda":
-        if requested == "reference":
-            return "reference"
-        return "aten" if (m > 16 and k % 8 == 0 and n % 8 == 0) else "reference"
+        cublas_ok = m > 16 and k % 8 == 0 and n % 8 == 0
+        if triton_serves(device) and (requested != "aten" or not cublas_ok):
+            return "triton"
+        return "aten" if cublas_ok else "reference"
     return "reference"
 
 
@@ -180,5 +225,9 @@ def run_linear(
     if m == 0:
         return torch.empty(0, n, dtype=out_dtype, device=x_q.device)
     name = pick_backend(backend, x_q.device, m, k, n, w_qmax)
+    if name == "triton":
+        from .kernels.w8a8_gemm import w8a8_linear
+
+        return w8a8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
     y = BACKENDS[name](x_q, w_q, w_scale)
     return reference.apply_epilogue(y, x_scale, bias, activation, out_dtype)

@@ -48,6 +48,7 @@ TARGETS: dict[str, TargetSpec] = {
 
 _ACTIVATION_SCHEMES = ("dynamic-per-token",)
 _OUT_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
+_BACKENDS = (None, "triton", "onednn", "aten", "reference")  # fxquant.backends.BACKEND_NAMES
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,13 @@ class QuantConfig:
             original ``nn.Linear`` when it can be found in the user's model, else ``None``.
         activation_scheme: only ``"dynamic-per-token"`` (symmetric int8, one fp32 scale per row).
         out_dtype: dtype of the fused nodes' outputs; ``None`` = the dtype of their input (the model's).
+        backend: int8 GEMM backend for every fused Linear: ``"triton"``, ``"onednn"``, ``"aten"`` or
+            ``"reference"`` (see ``fxquant.backends``); ``None`` = the target's best available. Re-checked
+            per call: a backend that cannot run a call (cuBLAS with M <= 16, say) yields to the next best.
 
     Raises:
         ValueError: on an unknown target, a negative ratio, an alignment < 1, a weight_qmax outside
-            [7, 127], a malformed regex in ``skip``, an unsupported activation scheme or out dtype.
+            [7, 127], a malformed regex in ``skip``, an unsupported activation scheme, out dtype or backend.
         TypeError: ``filter_fn`` not callable, ``skip`` not a sequence of strings.
     """
 
@@ -81,6 +85,7 @@ class QuantConfig:
     filter_fn: Optional[Callable[[str, Optional[torch.nn.Module]], bool]] = None
     activation_scheme: str = "dynamic-per-token"
     out_dtype: Optional[torch.dtype] = None
+    backend: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -108,6 +113,8 @@ class QuantConfig:
             )
         if self.out_dtype not in _OUT_DTYPES:
             raise ValueError(f"QuantConfig.out_dtype={self.out_dtype!r} must be one of {_OUT_DTYPES}")
+        if self.backend not in _BACKENDS:
+            raise ValueError(f"QuantConfig.backend={self.backend!r} is unknown; choose one of {_BACKENDS}")
 
     @property
     def spec(self) -> TargetSpec:

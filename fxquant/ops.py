@@ -99,9 +99,7 @@ def layer_norm_quant(
     eps: float,
     return_float: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    y = torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
-    y_q, scale = backends.quantize_per_token(y)
-    return (y if return_float else y.new_empty(0)), y_q, scale
+    return backends.layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float)
 
 
 @layer_norm_quant.register_fake
@@ -111,6 +109,61 @@ def _(x, normalized_shape, weight, bias, eps, return_float):
 
 
 # The OpOverloads that fused graph nodes call (``CustomOpDef`` objects above are the Python wrappers).
+QUANTIZE_PER_TOKEN = torch.ops.fxquant.quantize_per_token.default
 INT8_LINEAR = torch.ops.fxquant.int8_linear.default
 INT8_LINEAR_Q = torch.ops.fxquant.int8_linear_q.default
 LAYER_NORM_QUANT = torch.ops.fxquant.layer_norm_quant.default
+
+
+# ------------------------------------------------------------------------- torch.compile (Inductor) fusion
+def _register_inductor_decompositions() -> bool:
+    """Let Inductor fuse the per-token quantization into the ops around it, on CUDA.
+
+    Under ``torch.compile`` the custom ops are opaque, so a quantization would stay one kernel of its own
+    after, say, a residual add, an RMSNorm or SiLU·mul that Inductor already fused. These decompositions
+    (applied by Inductor only, never in eager mode or ``torch.export``) rewrite ``quantize_per_token`` into
+    its pure-torch definition (:func:`fxquant.reference.quantize_per_token`), ``int8_linear`` into that
+    plus ``int8_linear_q``, and ``layer_norm_quant`` into ``layer_norm`` plus that, so Inductor emits one
+    fused kernel for "whatever precedes → LayerNorm → quantize". The GEMM stays fxquant's Triton kernel.
+
+    Numerics: Inductor divides with the GPU's fast fp32 division (≤ 2 ulp), so a value at an exact
+    rounding tie can land one int8 step away from the reference; every other value is identical.
+    Opt out with ``FXQUANT_INDUCTOR_FUSION=0``. CPU graphs keep the opaque ops (the decompositions decline).
+    Uses ``torch._inductor.decomposition.register_decomposition``, a private API present since torch 2.0;
+    where it is missing, nothing is registered and the ops stay opaque.
+    """
+    import os
+
+    if os.environ.get("FXQUANT_INDUCTOR_FUSION", "1") == "0":
+        return False
+    try:
+        from torch._inductor.decomposition import register_decomposition
+    except ImportError:  # pragma: no cover - torch without Inductor
+        return False
+    from . import reference
+
+    @register_decomposition([QUANTIZE_PER_TOKEN])
+    def _quantize(x):
+        if x.device.type != "cuda":
+            return NotImplemented
+        return reference.quantize_per_token(x)
+
+    @register_decomposition([INT8_LINEAR])
+    def _int8_linear(x, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype=None):
+        if x.device.type != "cuda":
+            return NotImplemented
+        x_q, x_scale = reference.quantize_per_token(x)
+        return INT8_LINEAR_Q(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype or x.dtype)
+
+    @register_decomposition([LAYER_NORM_QUANT])
+    def _layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float):
+        if x.device.type != "cuda":
+            return NotImplemented
+        y = torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
+        y_q, scale = reference.quantize_per_token(y)
+        return (y if return_float else y.new_empty(0)), y_q, scale
+
+    return True
+
+
+INDUCTOR_FUSION = torch.cuda.is_available() and _register_inductor_decompositions()

@@ -3,6 +3,7 @@ lives in ``node.meta["fxquant"]`` (a :class:`~fxquant.rewrite.LinearDecision` pe
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -11,9 +12,9 @@ import torch.fx as fx
 from . import backends, heuristics, ops
 from ._attrs import fetch_attr
 from .config import QuantConfig
-from .rewrite import META_KEY, LinearDecision, decision_of, run_patterns
+from .rewrite import META_KEY, LinearDecision, decision_of, read_quantized_input, run_patterns
 
-__all__ = ["annotate", "fuse", "lower", "resolve_weight_qmax", "backend_for", "linear_name"]
+__all__ = ["annotate", "fuse", "share_input_quantization", "lower", "resolve_weight_qmax", "backend_for", "linear_name"]
 
 aten = torch.ops.aten
 FUSED_LINEAR_OPS = (ops.INT8_LINEAR, ops.INT8_LINEAR_Q)
@@ -125,10 +126,52 @@ def _first_failure(attrs, node, name, w, config, spec, model, aligned, k, n) -> 
 
 
 def fuse(gm: fx.GraphModule, patterns=None) -> dict[str, dict[str, int]]:
-    """Apply the registered patterns (``fxquant.patterns.REGISTRY``); returns match/reject counts."""
+    """Apply the registered patterns (``fxquant.patterns.REGISTRY``), then :func:`share_input_quantization`;
+    returns match/reject counts per pattern (the sharing pass under ``"shared_input_quant"``)."""
     from .patterns import REGISTRY
 
-    return run_patterns(gm, REGISTRY if patterns is None else patterns)
+    stats = run_patterns(gm, REGISTRY if patterns is None else patterns)
+    stats["shared_input_quant"] = {"matched": share_input_quantization(gm), "rejected": 0}
+    return stats
+
+
+def share_input_quantization(gm: fx.GraphModule) -> int:
+    """Quantize once what several int8 Linears read: Llama's q/k/v after RMSNorm, gate/up of a SwiGLU MLP.
+
+    Before::
+
+        %q = fxquant.int8_linear(%h, @q.weight, ...)
+        %k = fxquant.int8_linear(%h, @k.weight, ...)
+
+    After::
+
+        %hq = fxquant.quantize_per_token(%h)
+        %q = fxquant.int8_linear_q(%hq[0], %hq[1], @q.weight, ...)
+        %k = fxquant.int8_linear_q(%hq[0], %hq[1], @k.weight, ...)
+
+    Same numerics (per-token quantization depends on the input alone), one quantization kernel instead of
+    one per consumer. Returns the number of shared quantizations inserted.
+    """
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is ops.INT8_LINEAR:
+            groups.setdefault(node.args[0], []).append(node)
+    g = gm.graph
+    shared = 0
+    for x, lins in groups.items():
+        if len(lins) < 2:
+            continue
+        with g.inserting_before(lins[0]):
+            quant = g.call_function(ops.QUANTIZE_PER_TOKEN, (x,))
+            x_q = g.call_function(operator.getitem, (quant, 0))
+            x_scale = g.call_function(operator.getitem, (quant, 1))
+        for lin in lins:
+            read_quantized_input(g, lin, x_q, x_scale, "shared-per-token", "shared_input_quant")
+        shared += 1
+    if shared:
+        g.lint()
+        gm.recompile()
+    return shared
 
 
 def lower(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
@@ -136,7 +179,7 @@ def lower(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in FUSED_LINEAR_OPS:
             d = decision_of(node)
-            backend = backend_for(config.target, d.weight_qmax)
+            backend = config.backend or backend_for(config.target, d.weight_qmax)
             args = list(node.args)
             args[-3] = backend  # (..., activation, backend, w_qmax, out_dtype)
             node.args = tuple(args)
@@ -147,5 +190,11 @@ def lower(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
 
 
 def backend_for(target: str, weight_qmax: int) -> str:
-    """The int8 GEMM backend a target's nodes are lowered to (see ``fxquant.backends``)."""
+    """The int8 GEMM backend a target's nodes are lowered to (see ``fxquant.backends``): ``triton`` on
+    CUDA when Triton is installed (else cuBLAS through ``aten``); on CPU targets ``triton`` only under a
+    Triton CPU backend, else oneDNN / ``aten`` (:func:`fxquant.backends.cpu_backend`)."""
+    if target == "cuda":
+        return "triton" if backends.triton_serves(torch.device("cuda")) else "aten"
+    if backends.triton_serves(torch.device("cpu")):
+        return "triton"
     return backends.cpu_backend(weight_qmax) if target == "cpu" else "aten"

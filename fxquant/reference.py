@@ -23,6 +23,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .kernels import layer_norm_quant as _kln
+from .kernels import quantize as _kq
+from .kernels import w8a8_gemm as _kg
+
 __all__ = [
     "EPS",
     "ACTIVATIONS",
@@ -63,10 +67,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         ``(x_q, scale)``: int8 [..., K] and fp32 [..., 1], ``x ≈ x_q * scale``.
     """
-    xf = x.to(torch.float32)
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(EPS)
-    x_q = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)
-    return x_q, scale
+    return _kq.quantize_per_token_reference(x)
 
 
 def int8_gemm(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
@@ -120,8 +121,7 @@ def int8_linear(
     Returns:
         ``out_dtype`` [M, N] = act(acc · s_w[n] · s_x[m] + b[n]), acc the exact int32 product.
     """
-    y = int8_gemm(x_q, w_q).to(torch.float32) * w_scale.reshape(1, -1)
-    return apply_epilogue(y, x_scale, bias, activation, out_dtype)
+    return _kg.w8a8_linear_reference(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
 
 
 def layer_norm_quant(
@@ -137,6 +137,4 @@ def layer_norm_quant(
         ``(y, y_q, scale)``: y in x's dtype [..., K] (the float LayerNorm output, as ``F.layer_norm``),
         y_q int8 [..., K] and scale fp32 [..., 1] from :func:`quantize_per_token` of y.
     """
-    y = F.layer_norm(x, normalized_shape, weight, bias, eps)
-    y_q, scale = quantize_per_token(y)
-    return y, y_q, scale
+    return _kln.layer_norm_quant_reference(x, normalized_shape, weight, bias, eps, return_float=True)

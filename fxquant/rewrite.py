@@ -38,8 +38,9 @@ class LinearDecision:
         weight_qmax: int8 weight range used (127 or 63).
         pattern: the pattern that fused it, or None.
         activation: the epilogue activation fused with it ("none" for a plain Linear).
-        input_quant: "per-token" (quantized in the node) or "shared-layernorm" (quantized once by a
-            LayerNorm→Linear fusion, shared with its sibling Linears).
+        input_quant: "per-token" (quantized in the node), "shared-layernorm" (quantized once by a
+            LayerNorm→Linear fusion, shared with its sibling Linears) or "shared-per-token" (one
+            quantization shared by sibling Linears reading the same tensor).
         backend: the kernel backend chosen by the lowering pass.
         out_dtype: dtype of the fused node's output (``QuantConfig.out_dtype``, else the weight's).
     """
@@ -196,6 +197,25 @@ def quantize_linear(gm: fx.GraphModule, linear: fx.Node, activation: str, anchor
     d.pattern = pattern
     d.input_quant = "per-token"
     anchor.replace_all_uses_with(new)
+    return new
+
+
+def read_quantized_input(g: fx.Graph, lin: fx.Node, x_q: fx.Node, x_scale: fx.Node, input_quant: str, pattern: str) -> fx.Node:
+    """Turn ``fxquant.int8_linear(x, ...)`` into ``fxquant.int8_linear_q(x_q, x_scale, ...)`` reading an
+    input quantized once elsewhere (by a LayerNorm fusion, or shared by sibling Linears); returns the new
+    node, which carries the old one's meta and decision (``input_quant`` and ``pattern`` updated)."""
+    from . import ops
+
+    _, w_q, w_s, bias, act, backend, qmax, out_dtype = lin.args
+    with g.inserting_before(lin):
+        new = g.call_function(ops.INT8_LINEAR_Q, (x_q, x_scale, w_q, w_s, bias, act, backend, qmax, out_dtype))
+    new.meta.update(lin.meta)
+    d = decision_of(new)
+    d.input_quant = input_quant
+    if not d.pattern.endswith(f"+{pattern}"):  # a module called several times shares one decision
+        d.pattern = f"{d.pattern}+{pattern}"
+    lin.replace_all_uses_with(new)
+    g.erase_node(lin)
     return new
 
 

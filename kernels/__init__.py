@@ -1,6 +1,15 @@
 """Triton kernels for fxquant's fused int8 nodes (installed as ``fxquant.kernels``).
 
-Empty for now: the CPU path runs through ``fxquant.backends`` (oneDNN / torch._int_mm). The Triton W8A8
-GEMM, per-token quantize and LayerNorm+quantize kernels land here, each beside its pure-torch reference,
-and plug in as the ``triton`` backend of ``fxquant.backends.BACKENDS``.
+=========================  ===========================================================================
+module                     kernel (each file: math + source, configs, ``@triton.jit``, launcher, reference)
+=========================  ===========================================================================
+``w8a8_gemm``              int8 [M, K] × int8 [N, K] → int32 acc → (·s_w·s_x + b, activation) → bf16/fp16/fp32
+``quantize``               one-pass dynamic per-token quantization: float [M, K] → int8 [M, K] + fp32 [M, 1]
+``layer_norm_quant``       LayerNorm + per-token quantization in one read of x (float output optional)
+``common``                 activation epilogue, exact rounding, device/backend detection
+=========================  ===========================================================================
+
+The kernels know nothing of graphs; ``fxquant.backends`` runs them as the ``triton`` backend on CUDA (and on
+CPU where a Triton CPU backend is installed). Without Triton the modules import and their pure-torch
+references work; the launchers raise ``RuntimeError``.
 """

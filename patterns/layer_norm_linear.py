@@ -28,7 +28,7 @@ import torch
 
 from fxquant import ops
 from fxquant.heuristics import Verdict
-from fxquant.rewrite import Match, Pattern, decision_of
+from fxquant.rewrite import Match, Pattern, read_quantized_input
 
 aten = torch.ops.aten
 
@@ -68,15 +68,7 @@ def replace(gm, match: Match):
     for node in (fused, y):
         node.meta.update({k: v for k, v in ln.meta.items() if k in ("nn_module_stack", "stack_trace")})
     for lin in consumers:
-        _, w_q, w_s, bias, act, backend, qmax, out_dtype = lin.args
-        with g.inserting_before(lin):
-            new = g.call_function(ops.INT8_LINEAR_Q, (y_q, y_scale, w_q, w_s, bias, act, backend, qmax, out_dtype))
-        new.meta.update(lin.meta)
-        d = decision_of(new)
-        d.input_quant = "shared-layernorm"
-        d.pattern = f"{d.pattern}+layer_norm_linear"
-        lin.replace_all_uses_with(new)
-        g.erase_node(lin)
+        read_quantized_input(g, lin, y_q, y_scale, "shared-layernorm", "layer_norm_linear")
     ln.replace_all_uses_with(y)
     g.erase_node(ln)
     return fused

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable
 
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter (tests/test_kernels.py). Triton decides this
+# when a kernel is decorated, so it must be set before fxquant.kernels is first imported. On a GPU machine
+# the kernels compile for real (bench/check_kernels_gpu.py runs the same tests there).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # ------------------------------------------------------------------------------------------ tolerances
 # Relative tolerance of a fused op's output against fxquant.reference, keyed by the *output* dtype.

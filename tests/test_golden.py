@@ -21,9 +21,9 @@ FRONT_ENDS = {"export": lambda x: x, "symbolic_trace": lambda x: None}
 
 # pattern -> expected {pattern: matched} when compiling its own example (fxquant's default QuantConfig)
 EXPECTED_MATCHES = {
-    "linear_act": {"linear_act": 4, "linear": 1, "layer_norm_linear": 0},
-    "linear": {"linear_act": 0, "linear": 2, "layer_norm_linear": 0},
-    "layer_norm_linear": {"linear_act": 0, "linear": 4, "layer_norm_linear": 2},
+    "linear_act": {"linear_act": 4, "linear": 1, "layer_norm_linear": 0, "shared_input_quant": 0},
+    "linear": {"linear_act": 0, "linear": 2, "layer_norm_linear": 0, "shared_input_quant": 0},
+    "layer_norm_linear": {"linear_act": 0, "linear": 4, "layer_norm_linear": 2, "shared_input_quant": 0},
 }
 
 

@@ -1,0 +1,120 @@
+"""Compile and check every Triton kernel of fxquant on a real GPU (the interpreter accepts code that the
+compiler rejects, so CI's interpreter runs are not enough).
+
+1. Runs ``tests/test_kernels.py`` and ``tests/test_lowering.py`` with the kernels compiled (no interpreter).
+2. Checks the kernels at the benchmark shapes (decode to prefill, odd M and K) against float64 / pure-torch
+   references: exact int32 accumulation, epilogue within the dtype tolerance, quantization bit-exact,
+   every output element written (outputs are poisoned with NaN before each launch).
+3. Reads the compiled code: the GEMMs' PTX must hold ``wgmma`` on sm_90 for the large-M configs
+   (``mma`` for small M), and register spills are reported.
+
+    python bench/check_kernels_gpu.py            # exit code 0 only when every check passed
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fxquant  # noqa: E402,F401
+from fxquant.kernels import layer_norm_quant as kln  # noqa: E402
+from fxquant.kernels import quantize as kq  # noqa: E402
+from fxquant.kernels import w8a8_gemm as kg  # noqa: E402
+
+FAILS: list[str] = []
+
+
+def check(ok: bool, what: str) -> None:
+    print(("ok   " if ok else "FAIL ") + what, flush=True)
+    if not ok:
+        FAILS.append(what)
+
+
+def gemm_checks() -> None:
+    shapes = [(1, 4096, 4096), (7, 4096, 4096), (16, 4096, 4096), (33, 768, 3072), (128, 4096, 4096),
+              (2048, 4096, 4096), (4096, 384, 1536), (12608, 3072, 768), (1000, 4100, 1000), (300, 2048, 6144)]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for m, k, n in shapes:
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda", generator=g)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda", generator=g)
+        sa = torch.rand(m, device="cuda", generator=g) * 1e-3 + 1e-5
+        sw = torch.rand(n, device="cuda", generator=g) * 1e-3 + 1e-5
+        bias = torch.randn(n, device="cuda", generator=g).bfloat16()
+        for tma in ([False, True] if kg.tma_ok(a, w) else [False]):
+            # int32 exactness through an fp32 output with unit scales: exact while |acc| < 2^24
+            small = a.clamp(-3, 3), w.clamp(-3, 3)
+            got = kg.w8a8_linear(small[0], torch.ones(m, device="cuda"), small[1], torch.ones(n, device="cuda"),
+                                 None, "none", torch.float32, use_tma=tma)
+            check(torch.equal(got.double(), small[0].double() @ small[1].double().T), f"gemm exact acc {m}x{k}x{n} tma={tma}")
+            for act, dt in (("none", torch.bfloat16), ("gelu", torch.bfloat16), ("silu", torch.float16), ("gelu_tanh", torch.float32), ("relu", torch.bfloat16)):
+                out = kg.w8a8_linear(a, sa, w, sw, bias, act, dt, use_tma=tma)
+                ref = kg.w8a8_linear_reference(a, sa, w, sw, bias, act, torch.float64)
+                refd = ref.double()
+                err = ((out.double() - refd).norm() / refd.norm().clamp_min(1e-30)).item()
+                tol = {torch.bfloat16: 4e-3, torch.float16: 6e-4, torch.float32: 1e-6}[dt]
+                check(bool(torch.isfinite(out).all()) and err < tol, f"gemm {m}x{k}x{n} {act} {dt} tma={tma}: rel err {err:.2e} < {tol}")
+
+
+def quant_checks() -> None:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for m, k in ((1, 4096), (7, 768), (12608, 3072), (2048, 14336), (33, 20000), (8192, 2048), (5, 1)):
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            x = (torch.randn(m, k, device="cuda", generator=g) * 3).to(dt)
+            q, s = kq.quantize_per_token(x)
+            rq, rs = kq.quantize_per_token_reference(x)
+            check(torch.equal(q, rq) and torch.equal(s, rs), f"quantize {m}x{k} {dt} bit-exact")
+    for m, k in ((1, 768), (12608, 768), (8192, 2048), (33, 4100)):
+        for dt in (torch.bfloat16, torch.float32):
+            x = (torch.randn(m, k, device="cuda", generator=g) * 2 + 1).to(dt)
+            w = torch.randn(k, device="cuda", generator=g).to(dt)
+            b = torch.randn(k, device="cuda", generator=g).to(dt)
+            y, q, s = kln.layer_norm_quant(x, [k], w, b, 1e-6, True)
+            ry = torch.nn.functional.layer_norm(x.float(), [k], w.float(), b.float(), 1e-6)
+            err = ((y.float() - ry).norm() / ry.norm()).item()
+            sq, ss = kq.quantize_per_token_reference(y)
+            tol = 4e-3 if dt == torch.bfloat16 else 1e-5
+            check(err < tol and torch.equal(q, sq) and torch.equal(s, ss),
+                  f"layer_norm_quant {m}x{k} {dt}: y rel err {err:.1e}, y_q/scale = quantize(y) exactly")
+
+
+def compiled_code_checks() -> None:
+    """Inspect the binaries Triton cached for the GEMM kernels."""
+    for name, kernel in (("pointer", kg._w8a8_gemm_kernel), ("tma", kg._w8a8_gemm_tma_kernel)):
+        jit = kernel
+        while not hasattr(jit, "device_caches"):
+            jit = jit.fn
+        n_wgmma = n_total = 0
+        for cache in jit.device_caches.values():
+            for compiled in cache[0].values():
+                ptx = compiled.asm.get("ptx", "")
+                n_total += 1
+                n_wgmma += "wgmma.mma_async" in ptx and ".s8" in ptx
+                spills = getattr(compiled, "n_spills", 0)
+                md = compiled.metadata
+                print(f"     {name}: warps={md.num_warps} stages={md.num_stages} shared={md.shared} B "
+                      f"regs={getattr(compiled, 'n_regs', '?')} spills={spills} wgmma={'wgmma.mma_async' in ptx}")
+        check(n_total > 0 and n_wgmma > 0, f"{name} GEMM: {n_wgmma}/{n_total} compiled variants use int8 wgmma")
+
+
+def main() -> int:
+    assert torch.cuda.is_available(), "this script needs a CUDA GPU"
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    env.pop("TRITON_INTERPRET", None)
+    t = time.time()
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
+                        "tests/test_lowering.py"], env=env)
+    check(r.returncode == 0, f"pytest tests/test_kernels.py tests/test_lowering.py on the GPU ({time.time() - t:.0f} s)")
+    gemm_checks()
+    quant_checks()
+    compiled_code_checks()
+    print(f"{len(FAILS)} failed checks" if FAILS else "all kernel checks passed")
+    return 1 if FAILS else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

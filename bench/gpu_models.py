@@ -1,0 +1,140 @@
+"""Model-level GPU benchmark, bf16, random weights, all columns in one run (``triton.testing.do_bench``
+medians of whole forward passes):
+
+* ``eager``: the bf16 model; ``compile``: ``torch.compile(model)``;
+* ``torchao``: torchao ``Int8DynamicActivationInt8WeightConfig`` (W8A8 dynamic) + ``torch.compile``;
+* ``fxquant``: ``fxquant.compile(model, inputs)`` (target ``cuda``: Triton kernels), eager;
+* ``fxquant+compile``: ``torch.compile`` of the fxquant model.
+
+Models:
+* ``vit``: HF ``ViTModel(ViTConfig())`` = ViT-B/16 at 224² (12 layers, hidden 768, MLP 3072), batch 64,
+  compared on the encoder's features (``last_hidden_state``, cosine per image);
+* ``llama``: HF ``LlamaForCausalLM(LlamaConfig(hidden_size=2048, intermediate_size=8192,
+  num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8))``, prefill 4×2048 tokens,
+  compared on the logits (cosine per token).
+
+    python bench/gpu_models.py --model vit llama [--json out.json] [--skip torchao]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tabulate import tabulate  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
+
+import fxquant  # noqa: E402
+from bench.gpu_ops import device_line  # noqa: E402
+
+COLUMNS = ("eager", "compile", "torchao", "fxquant", "fxquant+compile")
+
+
+def build(name: str):
+    """(model, kwargs, output getter, per-sample reshape) for a model name."""
+    if name == "vit":
+        from transformers import ViTConfig, ViTModel
+
+        model = ViTModel(ViTConfig(attn_implementation="sdpa"), add_pooling_layer=False)
+        inputs = {"pixel_values": torch.randn(64, 3, 224, 224, device="cuda", dtype=torch.bfloat16)}
+        return model, inputs, lambda out: out.last_hidden_state, lambda t: t.reshape(t.shape[0], -1)
+    if name == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
+                          num_key_value_heads=8, attn_implementation="sdpa")
+        model = LlamaForCausalLM(cfg)
+        ids = torch.randint(0, cfg.vocab_size, (4, 2048), device="cuda")
+        return model, {"input_ids": ids, "use_cache": False}, lambda out: out.logits, lambda t: t.reshape(-1, t.shape[-1])
+    raise ValueError(f"unknown model {name!r}: choose vit or llama")
+
+
+def cosines(ref: torch.Tensor, out: torch.Tensor, rows) -> tuple[float, float]:
+    r, o = rows(ref.float()), rows(out.float())
+    c = torch.nn.functional.cosine_similarity(r, o, dim=-1)
+    return c.mean().item(), c.min().item()
+
+
+def bench_model(name: str, skip: set[str]) -> dict:
+    torch.manual_seed(0)
+    model, inputs, output, rows = build(name)
+    model = model.to("cuda", torch.bfloat16).eval()
+    kw = {k: v for k, v in inputs.items() if k != "use_cache"}
+    res: dict = {"model": name, "ms": {}, "cos_mean": {}, "cos_min": {}, "setup_s": {}}
+    with torch.no_grad():
+        ref = output(model(**inputs)).clone()
+        runners = {}
+        t = time.time()
+        runners["eager"] = lambda: model(**inputs)
+        res["setup_s"]["eager"] = 0.0
+        if "compile" not in skip:
+            compiled = torch.compile(model)
+            runners["compile"] = lambda: compiled(**inputs)
+        if "torchao" not in skip:
+            try:
+                from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+                ao = copy.deepcopy(model)
+                quantize_(ao, Int8DynamicActivationInt8WeightConfig())
+                ao_c = torch.compile(ao)
+                runners["torchao"] = lambda: ao_c(**inputs)
+            except Exception as e:  # noqa: BLE001 - report and carry on with the other columns
+                print(f"torchao unavailable: {type(e).__name__}: {e}")
+        t = time.time()
+        qm = fxquant.compile(model, kw)
+        res["setup_s"]["fxquant.compile"] = time.time() - t
+        rep = qm.report()
+        res["fxquant_summary"] = {"int8": sum(d.quantize for d in rep.decisions), "linears": len(rep.decisions),
+                                  "node_counts": rep.node_counts, "backends": sorted({d.backend or "-" for d in rep.decisions})}
+        runners["fxquant"] = lambda: qm(**kw)
+        if "fxquant+compile" not in skip:
+            qm_c = torch.compile(qm)
+            runners["fxquant+compile"] = lambda: qm_c(**kw)
+        for col in COLUMNS:
+            if col not in runners:
+                continue
+            t = time.time()
+            out = output(runners[col]())  # first call compiles / autotunes
+            res["setup_s"][col] = time.time() - t
+            res["cos_mean"][col], res["cos_min"][col] = cosines(ref, out, rows)
+            res["ms"][col] = do_bench(runners[col], warmup=100, rep=500, return_mode="median")
+            print(f"{name} {col}: {res['ms'][col]:.3f} ms, cos {res['cos_mean'][col]:.5f} (min {res['cos_min'][col]:.5f}), "
+                  f"first call {res['setup_s'][col]:.1f} s", flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", nargs="+", default=["vit", "llama"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=COLUMNS)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    head = f"# {device_line()}, {datetime.date.today()}"
+    print(head, flush=True)
+    results = [bench_model(m, set(args.skip)) for m in args.model]
+    table = []
+    for r in results:
+        base = r["ms"].get("compile")
+        for col in COLUMNS:
+            if col in r["ms"]:
+                table.append([r["model"], col, f"{r['ms'][col]:.2f}", f"{base / r['ms'][col]:.2f}x" if base else "-",
+                              f"{r['cos_mean'][col]:.5f}", f"{r['cos_min'][col]:.5f}"])
+    print(head)
+    print(tabulate(table, headers=["model", "column", "ms", "vs bf16 compile", "cos mean", "cos min"], tablefmt="github"))
+    for r in results:
+        print(r["model"], "fxquant:", r["fxquant_summary"])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": head, "results": results}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

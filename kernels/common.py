@@ -1,0 +1,102 @@
+"""Pieces shared by fxquant's Triton kernels: the activation epilogue, exact round-half-to-even, and the
+question of where the kernels can run.
+
+Every ``@triton.jit`` helper here is target-agnostic: it uses only ``triton.language`` core ops (no
+``libdevice``), so the same code compiles for CUDA, for a Triton CPU backend (triton-cpu: x86, ARM
+SVE2/i8mm) and runs under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # Triton is optional: without it fxquant keeps its torch backends.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without Triton
+    triton = None
+    tl = None
+
+__all__ = ["HAS_TRITON", "interpreting", "triton_device_ok", "cpu_backend_available", "ACTIVATIONS"]
+
+HAS_TRITON = triton is not None
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its NumPy interpreter (``TRITON_INTERPRET=1``): tests only."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_backend_available() -> bool:
+    """True when the active Triton driver is a CPU backend (the triton-cpu fork), so the kernels can serve
+    CPU tensors natively. Stock Triton has only GPU drivers and answers False (its ``driver.active`` raises
+    on a machine without a GPU)."""
+    if not HAS_TRITON or interpreting():
+        return False
+    try:
+        return triton.runtime.driver.active.get_current_target().backend == "cpu"
+    except Exception:  # noqa: BLE001 - no driver at all: no CPU backend either
+        return False
+
+
+def triton_device_ok(device: torch.device) -> bool:
+    """Can the Triton kernels run on tensors of ``device``? CUDA with Triton installed; CPU under a Triton
+    CPU backend; any CPU tensor under the interpreter (how CI runs them)."""
+    if not HAS_TRITON:
+        return False
+    if interpreting():
+        return device.type == "cpu"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and cpu_backend_available()
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def apply_activation(y, ACTIVATION: tl.constexpr):
+        """The epilogue activation on an fp32 tile (formulas as in ``torch.nn.functional``):
+
+        * ``relu``: max(y, 0)
+        * ``gelu``: y · Φ(y) = ½ y (1 + erf(y / √2))       (Hendrycks & Gimpel, 2016, eq. 1)
+        * ``gelu_tanh``: ½ y (1 + tanh(√(2/π) (y + 0.044715 y³))) written as y · σ(2u), since
+          ½ (1 + tanh u) = σ(2u); σ(t) = 1 / (1 + e^(−t))   (same paper, §2 approximation)
+        * ``silu``: y · σ(y)                                 (Elfwing et al., 2018; Ramachandran et al., 2017)
+        """
+        if ACTIVATION == "relu":
+            y = tl.maximum(y, 0.0)
+        elif ACTIVATION == "gelu":
+            y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        elif ACTIVATION == "gelu_tanh":
+            u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
+            y = y / (1.0 + tl.exp(-2.0 * u))
+        elif ACTIVATION == "silu":
+            y = y / (1.0 + tl.exp(-y))
+        return y
+
+    @triton.jit
+    def quantize_rows(x, amax, OUT_TY: tl.constexpr):
+        """Per-token int8 of an fp32 tile ``x`` [R, C] given each row's amax [R]; returns (q, scale).
+
+        scale = max(amax / 127, eps) (a NaN amax stays NaN), q = clamp(round_half_even(x / scale), ±127).
+        Division is IEEE round-to-nearest (``div_rn``), as in the pure-torch reference; rounding adds
+        1.5·2^23 so the fp32 sum's own round-half-to-even leaves round(v) in the low mantissa bits (exact
+        for |v| < 2^22, and |v| ≤ 127 here), read back through the int32 bit pattern.
+        """
+        scale = tl.math.div_rn(amax, 127.0)
+        scale = tl.where(scale < 1.1920928955078125e-07, 1.1920928955078125e-07, scale)
+        v = tl.math.div_rn(x, scale[:, None])
+        r = (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+        r = tl.minimum(tl.maximum(r, -127), 127)
+        return r.to(OUT_TY), scale
+
+    @triton.jit
+    def row_amax(x):
+        """max |x| of each row of an fp32 tile [R, C]; a row holding NaN or ±Inf gets NaN (``x·0`` is NaN
+        exactly there), so non-finite input propagates to the scale as in the reference."""
+        return tl.max(tl.abs(x), axis=1) + tl.sum(x * 0.0, axis=1)

@@ -1,0 +1,138 @@
+r"""LayerNorm fused with per-token int8 quantization of its output: one read of x.
+
+Math (LayerNorm: Ba et al. 2016, eq. 4, with PyTorch's biased variance; quantization as in
+``kernels/quantize.py``)::
+
+    μ[m]    = (1/K) Σ_k x[m, k]
+    σ²[m]   = (1/K) Σ_k (x[m, k] − μ[m])²
+    y[m, k] = (x[m, k] − μ[m]) / sqrt(σ²[m] + eps) · γ[k] + β[k]        (fp32, then rounded to x's dtype)
+    s[m]    = max(max_k |y[m, k]| / 127, 2^-23),  y_q[m, k] = clamp(round_half_even(y[m, k] / s[m]), ±127)
+
+The quantization reads y *after* rounding to x's dtype, as ``F.layer_norm`` followed by a quantizer would,
+so y_q is what the unfused graph computes up to the 1-ulp differences between two LayerNorm kernels.
+
+Operands: ``x`` bf16 / fp16 / fp32 [..., K], last dim contiguous, K ≤ 32768 (one row in registers);
+``weight`` γ and ``bias`` β [K] or None. Outputs: ``y`` in x's dtype [..., K] only when ``return_float``
+(a non-Linear consumer such as a residual add needs it; else an empty tensor and no write), ``y_q`` int8
+[..., K], ``scale`` fp32 [..., 1].
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .common import HAS_TRITON, interpreting
+from .quantize import _as_rows, quantize_per_token_reference
+
+__all__ = ["layer_norm_quant", "layer_norm_quant_reference", "get_autotune_configs", "MAX_K"]
+
+MAX_K = 32768
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .common import quantize_rows, row_amax
+
+
+def get_autotune_configs(block_k: int) -> dict:
+    """Launch parameters for rows of ``block_k`` elements (memory-bound: no search, sized so each thread
+    holds ≤ 16 elements of the row and each program has ≥ 4 KB of loads in flight)."""
+    if interpreting():
+        return {"ROWS": 1, "num_warps": 1}
+    rows = max(1, min(8, 2048 // block_k))
+    warps = max(1, min(16, (rows * block_k) // 512))
+    return {"ROWS": rows, "num_warps": warps}
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _layer_norm_quant_kernel(
+        x_ptr, w_ptr, b_ptr, y_ptr, q_ptr, s_ptr, M, K, eps, stride_xm, stride_ym, stride_qm,
+        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_FLOAT: tl.constexpr,
+        ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_K)
+        row_ok = rows < M
+        col_ok = cols < K
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / K
+        d = tl.where(col_ok[None, :], x - mean[:, None], 0.0)
+        var = tl.sum(d * d, axis=1) / K
+        rstd = 1.0 / tl.sqrt(var + eps)
+        y = d * rstd[:, None]
+        if HAS_WEIGHT:
+            y = y * tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        y = y.to(y_ptr.dtype.element_ty)  # the model-dtype output the unfused graph would quantize
+        if STORE_FLOAT:
+            tl.store(y_ptr + rows[:, None].to(tl.int64) * stride_ym + cols[None, :], y, mask=mask)
+        yf = tl.where(mask, y.to(tl.float32), 0.0)
+        q, scale = quantize_rows(yf, row_amax(yf), tl.int8)
+        tl.store(q_ptr + rows[:, None].to(tl.int64) * stride_qm + cols[None, :], q, mask=mask)
+        tl.store(s_ptr + rows, scale, mask=row_ok)
+
+
+def layer_norm_quant(
+    x: torch.Tensor,
+    normalized_shape: list[int],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    return_float: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused LayerNorm + per-token int8 quantization (math in the module docstring).
+
+    Args:
+        x: bf16 / fp16 / fp32 [..., K]. normalized_shape: ``[K]`` (the last dimension only).
+        weight, bias: [K] or None. eps: added to the variance. return_float: also write y.
+
+    Returns:
+        ``(y, y_q, scale)``: y in x's dtype [..., K] (empty when not ``return_float``), int8 [..., K],
+        fp32 [..., 1].
+
+    Raises:
+        ValueError: normalized_shape is not ``[x.shape[-1]]``, or K > 32768 (use LayerNorm then
+        ``quantize_per_token``). TypeError: unsupported dtype. RuntimeError: Triton is not installed.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("layer_norm_quant needs Triton: pip install triton")
+    if list(normalized_shape) != [x.shape[-1]]:
+        raise ValueError(f"layer_norm_quant normalizes the last dimension only: normalized_shape={list(normalized_shape)}, "
+                         f"x.shape={tuple(x.shape)}")
+    x2 = _as_rows(x, "layer_norm_quant")
+    m, k = x2.shape
+    if k > MAX_K:
+        raise ValueError(f"layer_norm_quant holds a row in registers: K={k} > {MAX_K}; run F.layer_norm and quantize_per_token")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != k:
+            raise ValueError(f"layer_norm_quant: {name} has {t.numel()} values, expected K={k}")
+    y = torch.empty((m, k) if return_float else (0,), dtype=x.dtype, device=x.device)
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m and k:
+        block_k = triton.next_power_of_2(k)
+        p = get_autotune_configs(block_k)
+        y_arg = y if return_float else torch.empty((1, 1), dtype=x.dtype, device=x.device)  # typed, never written
+        _layer_norm_quant_kernel[(triton.cdiv(m, p["ROWS"]),)](
+            x2, weight if weight is not None else s, bias if bias is not None else s, y_arg, q, s,
+            m, k, float(eps), x2.stride(0), y_arg.stride(0), q.stride(0),
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, STORE_FLOAT=return_float,
+            ROWS=p["ROWS"], BLOCK_K=block_k, num_warps=p["num_warps"],
+        )
+    lead = x.shape[:-1]
+    return (y.reshape(x.shape) if return_float else y), q.reshape(x.shape), s.reshape(*lead, 1)
+
+
+def layer_norm_quant_reference(x, normalized_shape, weight, bias, eps, return_float=True):
+    """Plain torch: ``F.layer_norm`` in x's dtype, then the per-token quantizer of ``kernels/quantize.py``."""
+    y = F.layer_norm(x, normalized_shape, weight, bias, eps)
+    y_q, scale = quantize_per_token_reference(y)
+    return (y if return_float else y.new_empty(0)), y_q, scale

@@ -1,0 +1,121 @@
+r"""Dynamic per-token int8 quantization in one pass over the activation.
+
+Math (symmetric per-token; compressed-tensors ``QuantizationArgs(strategy="token", dynamic=True,
+symmetric=True)``; LLM.int8, Dettmers et al. 2022, §3.2 "vector-wise quantization")::
+
+    s[m]     = max(max_k |X[m, k]| / 127, eps)          fp32, eps = 2^-23 (fp32 machine epsilon)
+    X_q[m,k] = clamp(round_half_even(X[m, k] / s[m]), -127, 127)
+
+Operands: ``x`` bf16 / fp16 / fp32 [M, K] (last dim contiguous) → ``x_q`` int8 [M, K] and ``scale`` fp32
+[M, 1]. Any M ≥ 1, any K ≥ 1. When a row fits in one block (K ≤ 16384) each element is read once and
+kept in registers between the amax and the quantization; longer rows take a second, L2-resident pass.
+Bit-identical to :func:`quantize_per_token_reference` (IEEE division and rounding, see
+``common.quantize_rows``); a row with NaN or ±Inf gets a NaN scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import HAS_TRITON, interpreting
+
+__all__ = ["quantize_per_token", "quantize_per_token_reference", "get_autotune_configs", "MAX_SINGLE_PASS"]
+
+MAX_SINGLE_PASS = 16384  # elements of one row held in registers at once
+_IN_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .common import quantize_rows, row_amax
+
+
+def get_autotune_configs(block_k: int) -> dict:
+    """Launch parameters for a row block of ``block_k`` elements (memory-bound, so no search: rows per
+    program fill ~8-16 KB of loads in flight; warps grow with the row so each thread holds ≤ 16 values)."""
+    if interpreting():
+        return {"ROWS": 1, "num_warps": 1}
+    rows = max(1, min(16, 4096 // block_k))
+    warps = max(1, min(16, (rows * block_k) // 512))
+    return {"ROWS": rows, "num_warps": warps}
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _quantize_per_token_kernel(
+        x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm,
+        ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_PASS: tl.constexpr,
+    ):
+        """ROWS rows per program; the whole row in registers when SINGLE_PASS, else two passes of BLOCK_K."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        row_ok = rows < M
+        x_row = x_ptr + rows[:, None].to(tl.int64) * stride_xm
+        q_row = q_ptr + rows[:, None].to(tl.int64) * stride_qm
+        cols = tl.arange(0, BLOCK_K)
+        if SINGLE_PASS:
+            mask = row_ok[:, None] & (cols[None, :] < K)
+            x = tl.load(x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            q, scale = quantize_rows(x, row_amax(x), tl.int8)
+            tl.store(q_row + cols[None, :], q, mask=mask)
+        else:
+            amax = tl.zeros((ROWS,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                mask = row_ok[:, None] & (cols[None, :] + k0 < K)
+                x = tl.load(x_row + k0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                r = row_amax(x)
+                amax = tl.maximum(amax, r) + (amax + r) * 0.0  # "+ (..)·0" keeps a NaN once seen (max drops it)
+            for k0 in range(0, K, BLOCK_K):
+                mask = row_ok[:, None] & (cols[None, :] + k0 < K)
+                x = tl.load(x_row + k0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                q, scale = quantize_rows(x, amax, tl.int8)
+                tl.store(q_row + k0 + cols[None, :], q, mask=mask)
+        tl.store(s_ptr + rows, scale, mask=row_ok)
+
+
+def _as_rows(x: torch.Tensor, what: str) -> torch.Tensor:
+    if x.dtype not in _IN_DTYPES:
+        raise TypeError(f"{what} needs a bf16 / fp16 / fp32 tensor, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{what} needs at least one dimension (the K axis), got a 0-d tensor")
+    x2 = x.reshape(-1, x.shape[-1]) if x.numel() else x.reshape(0, max(x.shape[-1], 1))
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-pass dynamic per-token int8 quantization (math in the module docstring).
+
+    Args:
+        x: bf16 / fp16 / fp32 [..., K].
+
+    Returns:
+        ``(x_q, scale)``: int8 [..., K] and fp32 [..., 1] on x's device.
+
+    Raises:
+        TypeError: x is not a floating tensor of a supported dtype. RuntimeError: Triton is not installed.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("quantize_per_token needs Triton: pip install triton")
+    x2 = _as_rows(x, "quantize_per_token")
+    m, k = x2.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m and k:
+        single = k <= MAX_SINGLE_PASS
+        block_k = triton.next_power_of_2(k) if single else 4096
+        p = get_autotune_configs(block_k)
+        grid = (triton.cdiv(m, p["ROWS"]),)
+        _quantize_per_token_kernel[grid](
+            x2, q, s, m, k, x2.stride(0), q.stride(0),
+            ROWS=p["ROWS"], BLOCK_K=block_k, SINGLE_PASS=single, num_warps=p["num_warps"],
+        )
+    return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
+
+
+def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain torch: the definition the kernel is checked against (fp32 math, round-half-to-even)."""
+    xf = x.to(torch.float32)
+    scale = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(torch.finfo(torch.float32).eps)
+    x_q = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)
+    return x_q, scale

@@ -1,0 +1,326 @@
+r"""W8A8 GEMM with a fused dequantize / bias / activation epilogue.
+
+Math (the compressed-tensors "int-quantized" W8A8 scheme; SmoothQuant, Xiao et al. 2023, §2; LLM.int8,
+Dettmers et al. 2022, §3.2)::
+
+    acc[m, n] = Σ_k A_q[m, k] · W_q[n, k]                  exact int32 (tl.dot(..., out_dtype=tl.int32))
+    Y[m, n]   = act((acc[m, n] · s_w[n]) · s_x[m] + b[n])  fp32, then cast to the output dtype
+
+Operands:
+
+* ``a_q``  int8 [M, K], K-contiguous (row-major activations, quantized per token);
+* ``w_q``  int8 [N, K], K-contiguous (the ``nn.Linear`` weight layout, quantized per output channel);
+* ``a_scale`` fp32 [M] (or [M, 1]); ``w_scale`` fp32 [N] (or [N, 1]); ``bias`` [N] any float dtype or None;
+* output bf16 / fp16 / fp32 [M, N].
+
+Shapes: any M ≥ 1 (decode to prefill), any N ≥ 1, any K ≥ 1 (tails are masked). The fastest path (TMA
+descriptors, CUDA sm_90+) needs K % 16 == 0 (16-byte row strides of the int8 operands, a TMA rule: CUDA
+driver API, ``cuTensorMapEncodeTiled``); other K run the pointer kernel. |acc| ≤ K·127² stays inside int32
+for K < 133 143.
+
+Two kernels share one epilogue: ``_w8a8_gemm_kernel`` (pointer loads; any strides, any target, the
+interpreter) and ``_w8a8_gemm_tma_kernel`` (Hopper's bulk tensor copy engine through host-side
+``TensorDescriptor``). Configs: wgmma wants BLOCK_M % 64 == 0, num_warps % 4 == 0 and K tiles ≥ 32 for
+8-bit operands (PTX ISA, "Asynchronous Warpgroup Level Matrix Multiply-Accumulate", wgmma.mma_async
+shapes m64nNk32 for .s8); decode-sized M gets small BLOCK_M configs (mma.sync, m16n8k32).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .common import ACTIVATIONS, HAS_TRITON, interpreting
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .common import apply_activation
+
+__all__ = ["w8a8_linear", "w8a8_linear_reference", "get_autotune_configs", "tma_ok"]
+
+_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_SMALL_M = 64  # M at or below this takes the small-M configs
+
+
+def _m_bucket(m: int) -> int:
+    """Autotune key for M: tuning is per bucket, not per sequence length (next power of two, capped)."""
+    return min(1 << max(m - 1, 0).bit_length(), 8192)
+
+
+# ------------------------------------------------------------------------------------ autotune configs
+def get_autotune_configs() -> list:
+    """Configs for the W8A8 GEMM: Hopper wgmma tiles for large M and mma.sync tiles for small M.
+
+    Under ``TRITON_INTERPRET=1`` one small config (the interpreter times nothing and runs every config).
+    """
+    if not HAS_TRITON:
+        return []
+    cfg = triton.Config
+    if interpreting():
+        return [cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    large = [
+        # BLOCK_M, BLOCK_N, BLOCK_K, stages, warps
+        (128, 256, 128, 3, 8),
+        (128, 256, 64, 4, 8),
+        (256, 128, 128, 3, 8),
+        (128, 128, 128, 4, 8),
+        (128, 128, 128, 4, 4),
+        (128, 128, 64, 5, 4),
+        (64, 256, 128, 4, 4),
+        (64, 128, 128, 5, 4),
+    ]
+    small = [
+        (16, 64, 256, 4, 4),
+        (16, 128, 128, 5, 4),
+        (32, 64, 256, 4, 4),
+        (32, 128, 128, 4, 4),
+        (64, 64, 256, 4, 4),
+        (64, 128, 128, 4, 4),
+    ]
+    out = []
+    for group, table in (("large", large), ("small", small)):
+        for bm, bn, bk, stages, warps in table:
+            c = cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
+            c.fxquant_group = group
+            out.append(c)
+    return out
+
+
+def _prune(configs, named_args, **kwargs):
+    """Keep the small-M configs for M ≤ 64 and the wgmma ones above; drop tiles far larger than the problem."""
+    m_bucket = named_args["M_BUCKET"] if "M_BUCKET" in named_args else kwargs["M_BUCKET"]
+    want = "small" if m_bucket <= _SMALL_M else "large"
+    kept = [c for c in configs if getattr(c, "fxquant_group", want) == want]
+    return kept or configs
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """Grouped ("super-grouping") tile order for L2 reuse (Triton matmul tutorial, §L2 cache)."""
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(N, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+        return pid_m, pid_n
+
+    @triton.jit
+    def _epilogue(acc, pid_m, pid_n, M, N, c_ptr, stride_cm, stride_cn, a_scale_ptr, w_scale_ptr, bias_ptr,
+                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Y = act((acc · s_w) · s_x + b) → c's dtype, masked to [M, N]."""
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        s_x = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
+        s_w = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
+        y = acc.to(tl.float32) * s_w[None, :]
+        y = y * s_x[:, None]
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            y = y + b[None, :]
+        y = apply_activation(y, ACTIVATION)
+        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
+        tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.autotune(configs=get_autotune_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune})
+    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+    @triton.jit
+    def _w8a8_gemm_kernel(
+        a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+        M, N, K, M_BUCKET,
+        stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn,
+        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, EVEN_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        """One [BLOCK_M, BLOCK_N] output tile per program; pointer loads (any strides, any target)."""
+        pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        # rows/cols past the edge wrap (% M, % N) so the main loop needs no M/N masks; the store masks them
+        offs_am = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+        offs_wn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + offs_am[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+        w_ptrs = w_ptr + offs_wn[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk  # [BK, BN] = Wᵀ tile
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                k_left = K - k * BLOCK_K
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
+                w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
+            acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += BLOCK_K * stride_wk
+        _epilogue(acc, pid_m, pid_n, M, N, c_ptr, stride_cm, stride_cn, a_scale_ptr, w_scale_ptr, bias_ptr,
+                  HAS_BIAS, ACTIVATION, BLOCK_M, BLOCK_N)
+
+    def _set_tma_blocks(nargs):
+        """Autotune pre-hook: the TMA descriptors' block shapes follow the config being tried."""
+        bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+        nargs["a_desc"].block_shape = [bm, bk]
+        nargs["w_desc"].block_shape = [bn, bk]
+
+    def _tma_configs() -> list:
+        out = []
+        for c in get_autotune_configs():
+            c.pre_hook = _set_tma_blocks
+            out.append(c)
+        return out
+
+    @triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune})
+    @triton.jit
+    def _w8a8_gemm_tma_kernel(
+        a_desc, w_desc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
+        M, N, K, M_BUCKET,
+        stride_cm, stride_cn,
+        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):
+        """As ``_w8a8_gemm_kernel`` with A and W tiles fetched by the TMA engine (out-of-bounds reads are
+        zero-filled by the descriptor, so K tails need no mask)."""
+        pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            a = a_desc.load([off_m, k * BLOCK_K])
+            w = w_desc.load([off_n, k * BLOCK_K])
+            acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+        _epilogue(acc, pid_m, pid_n, M, N, c_ptr, stride_cm, stride_cn, a_scale_ptr, w_scale_ptr, bias_ptr,
+                  HAS_BIAS, ACTIVATION, BLOCK_M, BLOCK_N)
+
+
+# --------------------------------------------------------------------------------------------- launcher
+def tma_ok(a_q: torch.Tensor, w_q: torch.Tensor) -> bool:
+    """Can the TMA kernel take these operands? CUDA sm_90+, Triton with ``TensorDescriptor``, both
+    operands K-contiguous with 16-byte-aligned base and row stride (K % 16 == 0)."""
+    if not HAS_TRITON or interpreting() or a_q.device.type != "cuda":
+        return False
+    if torch.cuda.get_device_capability(a_q.device)[0] < 9:
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (Triton >= 3.4)
+    except ImportError:
+        return False
+    return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a_q, w_q))
+
+
+def _check(a_q, a_scale, w_q, w_scale, bias, activation, out_dtype) -> tuple[int, int, int]:
+    if a_q.dtype != torch.int8 or w_q.dtype != torch.int8:
+        raise TypeError(f"w8a8_linear needs int8 a_q and w_q, got {a_q.dtype} and {w_q.dtype}")
+    if a_q.dim() != 2 or w_q.dim() != 2:
+        raise ValueError(f"w8a8_linear needs 2-D a_q [M, K] and w_q [N, K], got {tuple(a_q.shape)} and {tuple(w_q.shape)}")
+    m, k = a_q.shape
+    n, k2 = w_q.shape
+    if k != k2:
+        raise ValueError(f"w8a8_linear: a_q has K={k} but w_q has K={k2} (w_q is [N, K], the nn.Linear layout)")
+    if a_scale.numel() != m or w_scale.numel() != n:
+        raise ValueError(f"w8a8_linear: a_scale needs {m} values (one per token) and w_scale {n} (one per channel), "
+                         f"got {a_scale.numel()} and {w_scale.numel()}")
+    if a_scale.dtype != torch.float32 or w_scale.dtype != torch.float32:
+        raise TypeError(f"w8a8_linear: scales must be fp32, got {a_scale.dtype} and {w_scale.dtype}")
+    if bias is not None and bias.numel() != n:
+        raise ValueError(f"w8a8_linear: bias has {bias.numel()} values, expected N={n}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"w8a8_linear: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"w8a8_linear: out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    if k >= 133_143:
+        raise ValueError(f"w8a8_linear: K={k} could overflow the int32 accumulator (K·127² ≥ 2³¹)")
+    return m, k, n
+
+
+def w8a8_linear(
+    a_q: torch.Tensor,
+    a_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: str = "none",
+    out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    use_tma: Optional[bool] = None,
+) -> torch.Tensor:
+    """Y = act((A_q·W_qᵀ) · s_w · s_x + b), one kernel (see the module docstring for the math).
+
+    Args:
+        a_q: int8 [M, K], last dim contiguous. a_scale: fp32, M values. w_q: int8 [N, K]. w_scale: fp32,
+            N values. bias: N values or None. activation: one of ``none relu gelu gelu_tanh silu``.
+        out_dtype: bf16, fp16 or fp32. use_tma: force the TMA kernel on/off (None: when :func:`tma_ok`).
+
+    Returns:
+        ``out_dtype`` [M, N] on a_q's device.
+
+    Raises:
+        TypeError / ValueError: naming the operand whose dtype or shape is wrong.
+        RuntimeError: Triton is not installed.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("w8a8_linear needs Triton: pip install triton (or use fxquant's 'aten' backend)")
+    m, k, n = _check(a_q, a_scale, w_q, w_scale, bias, activation, out_dtype)
+    c = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
+    if m == 0 or n == 0:
+        return c
+    if k == 0:
+        return w8a8_linear_reference(a_q, a_scale, w_q, w_scale, bias, activation, out_dtype)
+    a_scale = a_scale.reshape(-1).contiguous()
+    w_scale = w_scale.reshape(-1).contiguous()
+    bias_arg = bias.contiguous() if bias is not None else w_scale  # any valid pointer; unread when HAS_BIAS=False
+    if a_q.stride(1) != 1:
+        a_q = a_q.contiguous()
+    if w_q.stride(1) != 1:
+        w_q = w_q.contiguous()
+    mb = _m_bucket(m)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    if use_tma is None:
+        use_tma = tma_ok(a_q, w_q)
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        # block shapes are placeholders: the autotune pre-hook sets them per config
+        a_desc = TensorDescriptor.from_tensor(a_q, [64, 64])
+        w_desc = TensorDescriptor.from_tensor(w_q, [64, 64])
+        _w8a8_gemm_tma_kernel[grid](
+            a_desc, w_desc, c, a_scale, w_scale, bias_arg, m, n, k, mb, c.stride(0), c.stride(1),
+            HAS_BIAS=bias is not None, ACTIVATION=activation,
+        )
+    else:
+        _w8a8_gemm_kernel[grid](
+            a_q, w_q, c, a_scale, w_scale, bias_arg, m, n, k, mb,
+            a_q.stride(0), a_q.stride(1), w_q.stride(0), w_q.stride(1), c.stride(0), c.stride(1),
+            HAS_BIAS=bias is not None, ACTIVATION=activation,
+        )
+    return c
+
+
+# ------------------------------------------------------------------------------------ pure-torch reference
+def w8a8_linear_reference(a_q, a_scale, w_q, w_scale, bias=None, activation="none", out_dtype=torch.bfloat16) -> torch.Tensor:
+    """The same function in plain torch: exact int32 accumulation through float64, then the fp32 epilogue
+    in the kernel's order, ((acc · s_w) · s_x + b), then the activation and the cast."""
+    acc = (a_q.to(torch.float64) @ w_q.to(torch.float64).T).to(torch.int32)
+    y = acc.to(torch.float32) * w_scale.reshape(1, -1).to(torch.float32)
+    y = y * a_scale.reshape(-1, 1).to(torch.float32)
+    if bias is not None:
+        y = y + bias.reshape(1, -1).to(torch.float32)
+    if activation == "relu":
+        y = F.relu(y)
+    elif activation == "gelu":
+        y = F.gelu(y)
+    elif activation == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    elif activation == "silu":
+        y = F.silu(y)
+    elif activation != "none":
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    return y.to(out_dtype)

@@ -1,0 +1,120 @@
+"""Lowering: which backend each fused node runs, the ``triton`` backend end to end (under the interpreter
+without a GPU), and the sharing of one input quantization between sibling Linears."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxquant
+from fxquant import backends, passes
+from fxquant.kernels import common
+
+needs_triton = pytest.mark.skipif(
+    not common.HAS_TRITON or not (common.interpreting() or torch.cuda.is_available()),
+    reason="needs Triton (interpreter or GPU)",
+)
+
+
+class SwiGLUBlock(torch.nn.Module):
+    """A Llama-style block without LayerNorm: q/k/v read one tensor, gate/up read another."""
+
+    def __init__(self, d=256, f=512):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d, bias=False) for _ in range(4))
+        self.gate, self.up = torch.nn.Linear(d, f, bias=False), torch.nn.Linear(d, f, bias=False)
+        self.down = torch.nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)  # RMSNorm without weight
+        a = torch.softmax(self.q(h) @ self.k(h).transpose(-1, -2) / 16.0, dim=-1) @ self.v(h)
+        x = x + self.o(a)
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
+
+
+def test_sibling_linears_share_one_quantization(sqnr):
+    torch.manual_seed(0)
+    model, x = SwiGLUBlock().eval(), torch.randn(2, 8, 256)
+    qm = fxquant.compile(model, (x,))
+    rep = qm.report()
+    assert rep.pattern_stats["shared_input_quant"]["matched"] == 2  # {q, k, v} and {gate, up}
+    counts = rep.node_counts
+    assert counts["fxquant.quantize_per_token"] == 2
+    assert counts["fxquant.int8_linear_q"] == 5 and counts["fxquant.int8_linear"] == 2  # o, down
+    shared = sorted(d.name for d in rep.decisions if d.input_quant == "shared-per-token")
+    assert shared == ["gate", "k", "q", "up", "v"]
+    with torch.no_grad():
+        assert sqnr(model(x), qm(x)) > 25
+
+
+def test_sharing_changes_no_number():
+    """Per-token quantization depends on its input alone: shared or not, the outputs are identical."""
+    torch.manual_seed(1)
+    model, x = SwiGLUBlock().eval(), torch.randn(2, 8, 256)
+    shared = fxquant.compile(model, (x,))
+    unshared = fxquant.compile(model, (x,))
+    # undo the sharing in the second copy: every Linear quantizes the float input again, in its own node
+    from fxquant import ops
+
+    g = unshared.graph_module.graph
+    for node in list(g.nodes):
+        if node.target is ops.INT8_LINEAR_Q and node.args[0].args[0].target is ops.QUANTIZE_PER_TOKEN:
+            x_float = node.args[0].args[0].args[0]
+            with g.inserting_before(node):
+                new = g.call_function(ops.INT8_LINEAR, (x_float, *node.args[2:]))
+            node.replace_all_uses_with(new)
+            g.erase_node(node)
+    g.eliminate_dead_code()
+    unshared.graph_module.recompile()
+    assert sum(n.target is ops.QUANTIZE_PER_TOKEN for n in g.nodes) == 0
+    with torch.no_grad():
+        assert torch.equal(shared(x), unshared(x))
+
+
+@needs_triton
+def test_triton_backend_end_to_end(rel_close):
+    """QuantConfig(backend="triton") lowers every fused Linear to the Triton GEMM; same numbers as the
+    reference backend (exact int32 accumulation, one fp32 epilogue)."""
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 320), torch.nn.GELU(), torch.nn.Linear(320, 256)).eval()
+    x = torch.randn(7, 256)
+    qt = fxquant.compile(model, (x,), config=fxquant.QuantConfig(backend="triton"))
+    qr = fxquant.compile(model, (x,), config=fxquant.QuantConfig(backend="reference"))
+    assert [d.backend for d in qt.report().decisions] == ["triton", "triton"]
+    with torch.no_grad():
+        rel_close(qt(x), qr(x))
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="QuantConfig.backend='cutlass' is unknown"):
+        fxquant.QuantConfig(backend="cutlass")
+
+
+@pytest.mark.parametrize(
+    "requested, m, k, n, expected",
+    [
+        ("triton", 2048, 4096, 4096, "triton"),
+        ("triton", 1, 4096, 4096, "triton"),  # decode: Triton's small-M configs
+        ("triton", 64, 4100, 4096, "triton"),  # K % 8 != 0: Triton masks, cuBLAS would refuse
+        ("aten", 2048, 4096, 4096, "aten"),
+        ("aten", 16, 4096, 4096, "triton"),  # cuBLAS int8 rejects M <= 16
+        ("reference", 2048, 4096, 4096, "reference"),
+    ],
+)
+def test_cuda_backend_policy(monkeypatch, requested, m, k, n, expected):
+    monkeypatch.setattr(backends, "triton_serves", lambda device: device.type == "cuda")
+    assert backends.pick_backend(requested, torch.device("cuda"), m, k, n, 127) == expected
+
+
+def test_cuda_without_triton_falls_back_to_cublas_then_reference(monkeypatch):
+    monkeypatch.setattr(backends, "triton_serves", lambda device: False)
+    assert backends.pick_backend("triton", torch.device("cuda"), 2048, 4096, 4096, 127) == "aten"
+    assert backends.pick_backend("triton", torch.device("cuda"), 8, 4096, 4096, 127) == "reference"
+
+
+def test_cuda_target_lowers_to_triton_when_installed(monkeypatch):
+    monkeypatch.setattr(backends, "triton_serves", lambda device: device.type == "cuda")
+    assert passes.backend_for("cuda", 127) == "triton"
+    monkeypatch.setattr(backends, "triton_serves", lambda device: False)
+    assert passes.backend_for("cuda", 127) == "aten"
