@@ -102,6 +102,36 @@ def row(m, k, n, gen, with_parts=True) -> dict:
     return r
 
 
+def host_overhead_us() -> dict:
+    """Host (CPU) time per call of each piece, on a tiny problem so the GPU never holds the CPU back:
+    what a call costs before the GPU does anything (dispatch, checks, autotune lookup, launch)."""
+    import time
+
+    x = torch.randn(16, 256, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
+    w_q, w_s = reference.quantize_weight_per_channel(w, 127)
+    x_q, x_s = kq.quantize_per_token(x)
+    fns = {
+        "F.linear (bf16)": lambda: F.linear(x, w),
+        "quantize kernel": lambda: kq.quantize_per_token(x),
+        "gemm kernel (tma)": lambda: kg.w8a8_linear(x_q, x_s, w_q, w_s, None, "none", torch.bfloat16, use_tma=True),
+        "gemm kernel (ptr)": lambda: kg.w8a8_linear(x_q, x_s, w_q, w_s, None, "none", torch.bfloat16, use_tma=False),
+        "fxquant::int8_linear_q op": lambda: torch.ops.fxquant.int8_linear_q(x_q, x_s, w_q, w_s, None, "none", "triton", 127, torch.bfloat16),
+        "fxquant::int8_linear op": lambda: torch.ops.fxquant.int8_linear(x, w_q, w_s, None, "none", "triton", 127, torch.bfloat16),
+    }
+    out = {}
+    for name, fn in fns.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(500):
+            fn()
+        out[name] = (time.perf_counter() - t) / 500 * 1e6
+        torch.cuda.synchronize()
+    return out
+
+
 def fmt(v, p=3):
     return "fails" if v is None else f"{v:.{p}f}"
 
@@ -127,6 +157,11 @@ def main() -> None:
     print(tabulate(table, headers=["M×K×N", "ratio", "heuristics", "bf16 ms", "_int_mm+eager ms", "fxquant ms",
                                    "fxquant graph ms", "vs bf16", "graph vs bf16", "quant ms", "gemm tma ms",
                                    "gemm ptr ms", "bf16 TFLOP/s", "int8 TOPS", "rel err vs fp32"], tablefmt="github"))
+    over = host_overhead_us()
+    print(tabulate([[k, f"{v:.1f}"] for k, v in over.items()], headers=["call", "host µs / call"], tablefmt="github"))
+    best = {f"{k}": str(v) for k, v in kg._w8a8_gemm_tma_kernel.cache.items()}
+    for k, v in best.items():
+        print("tma best config", k, v)
     sweep = []
     if not args.no_sweep:
         for m in SWEEP_M:
@@ -138,7 +173,7 @@ def main() -> None:
                        tablefmt="github"))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": head, "shapes": rows, "sweep": sweep}, f, indent=1)
+            json.dump({"header": head, "shapes": rows, "sweep": sweep, "host_us": over, "tma_best": best}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@
 from pathlib import Path as _Path
 
 from ._layout import map_source_checkout as _map_source_checkout
+
+# No-ops when installed. kernels/ first: fxquant's own modules import it (and it imports nothing of
+# fxquant); patterns/ last, since its modules import fxquant.ops.
+_map_source_checkout(__name__, _Path(__file__).resolve().parent, ("kernels",))
+
 from . import ops  # noqa: F401  (registers the fxquant:: custom ops)
 from .api import QuantizedModel, compile
 from .config import TARGETS, QuantConfig
@@ -15,5 +20,6 @@ from .errors import FxquantError, TraceError
 
 __version__ = "0.1.0"
 
-_map_source_checkout(__name__, _Path(__file__).resolve().parent)  # no-op when installed
+_map_source_checkout(__name__, _Path(__file__).resolve().parent, ("patterns",))
+
 __all__ = ["compile", "QuantConfig", "QuantizedModel", "TraceError", "FxquantError", "TARGETS", "__version__"]

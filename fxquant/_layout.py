@@ -16,9 +16,9 @@ from pathlib import Path
 SUBPACKAGES = ("patterns", "kernels")
 
 
-def map_source_checkout(package: str, package_dir: Path) -> None:
+def map_source_checkout(package: str, package_dir: Path, names: tuple[str, ...] = SUBPACKAGES) -> None:
     root = package_dir.parent
-    for name in SUBPACKAGES:
+    for name in names:
         full = f"{package}.{name}"
         if full in sys.modules or (package_dir / name).is_dir() or not (root / name / "__init__.py").is_file():
             continue

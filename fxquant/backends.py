@@ -124,8 +124,8 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return reference.quantize_per_token(x)
     amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
-    scale = amax.div_(127.0).clamp_min_(reference.EPS)
-    v = torch.div(x, scale, out=_workspace(x.shape)).add_(_ROUND_MAGIC)
+    scale = amax.div_(127.0).clamp_min_(reference.EPS)  # CPU fp32 division by a scalar: IEEE, as the reference
+    v = torch.mul(x, scale.reciprocal(), out=_workspace(x.shape)).add_(_ROUND_MAGIC)
     return v.view(torch.int32).to(torch.int8), scale
 
 

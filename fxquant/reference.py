@@ -6,7 +6,7 @@ same scheme as SmoothQuant's W8A8 baseline (Xiao et al., 2023, §2) and LLM.int8
 quantization (Dettmers et al., 2022, §3.2):
 
 * weight, per output channel n:   s_w[n] = max_k |W[n, k]| / qmax_w,   W_q = clamp(round(W / s_w), ±qmax_w)
-* activation, per token m:        s_x[m] = max_k |X[m, k]| / 127,      X_q = clamp(round(X / s_x), ±127)
+* activation, per token m:        s_x[m] = max_k |X[m, k]| / 127,      X_q = clamp(round(X · (1/s_x)), ±127)
 * GEMM:                           acc[m, n] = Σ_k X_q[m, k] · W_q[n, k]           (exact int32)
 * epilogue:                       Y = act(acc · s_w[n] · s_x[m] + b[n]) → output dtype
 

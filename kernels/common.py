@@ -20,7 +20,7 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
     triton = None
     tl = None
 
-__all__ = ["HAS_TRITON", "interpreting", "triton_device_ok", "cpu_backend_available", "ACTIVATIONS"]
+__all__ = ["HAS_TRITON", "interpreting", "triton_device_ok", "cpu_backend_available", "launch_options", "ACTIVATIONS"]
 
 HAS_TRITON = triton is not None
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
@@ -42,6 +42,12 @@ def cpu_backend_available() -> bool:
         return triton.runtime.driver.active.get_current_target().backend == "cpu"
     except Exception:  # noqa: BLE001 - no driver at all: no CPU backend either
         return False
+
+
+def launch_options(device: torch.device) -> dict:
+    """Compile options for the quantization kernels: no FMA contraction (see ``quantize_with``). The
+    interpreter has no compiler options, and never contracts."""
+    return {} if interpreting() else {"enable_fp_fusion": False}
 
 
 def triton_device_ok(device: torch.device) -> bool:
@@ -80,20 +86,32 @@ if HAS_TRITON:
         return y
 
     @triton.jit
-    def quantize_rows(x, amax, OUT_TY: tl.constexpr):
-        """Per-token int8 of an fp32 tile ``x`` [R, C] given each row's amax [R]; returns (q, scale).
-
-        scale = max(amax / 127, eps) (a NaN amax stays NaN), q = clamp(round_half_even(x / scale), ±127).
-        Division is IEEE round-to-nearest (``div_rn``), as in the pure-torch reference; rounding adds
-        1.5·2^23 so the fp32 sum's own round-half-to-even leaves round(v) in the low mantissa bits (exact
-        for |v| < 2^22, and |v| ≤ 127 here), read back through the int32 bit pattern.
-        """
+    def row_scales(amax):
+        """Per-token scale and its reciprocal from each row's amax [R]: s = max(amax / 127, eps) and
+        inv = 1 / s, both IEEE round-to-nearest divisions (``div_rn``); a NaN amax stays NaN."""
         scale = tl.math.div_rn(amax, 127.0)
         scale = tl.where(scale < 1.1920928955078125e-07, 1.1920928955078125e-07, scale)
-        v = tl.math.div_rn(x, scale[:, None])
+        return scale, tl.math.div_rn(1.0, scale)
+
+    @triton.jit
+    def quantize_with(x, inv, OUT_TY: tl.constexpr):
+        """q = clamp(round_half_even(x · inv), ±127) of an fp32 tile [R, C] with inv [R].
+
+        Rounding adds 1.5·2^23: the fp32 sum's own round-half-to-even leaves round(v) in the low mantissa
+        bits (exact for |v| < 2^22; |v| ≤ 127 here), read back through the int32 bit pattern. The launch
+        must disable FMA contraction (``enable_fp_fusion=False``), or ``x·inv + 1.5·2^23`` would round once
+        instead of twice and differ from the reference at exact ties.
+        """
+        v = x * inv[:, None]
         r = (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
         r = tl.minimum(tl.maximum(r, -127), 127)
-        return r.to(OUT_TY), scale
+        return r.to(OUT_TY)
+
+    @triton.jit
+    def quantize_rows(x, amax, OUT_TY: tl.constexpr):
+        """Per-token int8 of an fp32 tile ``x`` [R, C] given each row's amax [R]: returns (q, scale)."""
+        scale, inv = row_scales(amax)
+        return quantize_with(x, inv, OUT_TY), scale
 
     @triton.jit
     def row_amax(x):

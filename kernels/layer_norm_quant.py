@@ -6,7 +6,7 @@ Math (LayerNorm: Ba et al. 2016, eq. 4, with PyTorch's biased variance; quantiza
     μ[m]    = (1/K) Σ_k x[m, k]
     σ²[m]   = (1/K) Σ_k (x[m, k] − μ[m])²
     y[m, k] = (x[m, k] − μ[m]) / sqrt(σ²[m] + eps) · γ[k] + β[k]        (fp32, then rounded to x's dtype)
-    s[m]    = max(max_k |y[m, k]| / 127, 2^-23),  y_q[m, k] = clamp(round_half_even(y[m, k] / s[m]), ±127)
+    s[m]    = max(max_k |y[m, k]| / 127, 2^-23),  y_q[m, k] = clamp(round_half_even(y[m, k] · (1 / s[m])), ±127)
 
 The quantization reads y *after* rounding to x's dtype, as ``F.layer_norm`` followed by a quantizer would,
 so y_q is what the unfused graph computes up to the 1-ulp differences between two LayerNorm kernels.
@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .common import HAS_TRITON, interpreting
+from .common import HAS_TRITON, interpreting, launch_options
 from .quantize import _as_rows, quantize_per_token_reference
 
 __all__ = ["layer_norm_quant", "layer_norm_quant_reference", "get_autotune_configs", "MAX_K"]
@@ -125,7 +125,7 @@ def layer_norm_quant(
             x2, weight if weight is not None else s, bias if bias is not None else s, y_arg, q, s,
             m, k, float(eps), x2.stride(0), y_arg.stride(0), q.stride(0),
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, STORE_FLOAT=return_float,
-            ROWS=p["ROWS"], BLOCK_K=block_k, num_warps=p["num_warps"],
+            ROWS=p["ROWS"], BLOCK_K=block_k, num_warps=p["num_warps"], **launch_options(x.device),
         )
     lead = x.shape[:-1]
     return (y.reshape(x.shape) if return_float else y), q.reshape(x.shape), s.reshape(*lead, 1)

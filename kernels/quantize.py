@@ -4,7 +4,11 @@ Math (symmetric per-token; compressed-tensors ``QuantizationArgs(strategy="token
 symmetric=True)``; LLM.int8, Dettmers et al. 2022, §3.2 "vector-wise quantization")::
 
     s[m]     = max(max_k |X[m, k]| / 127, eps)          fp32, eps = 2^-23 (fp32 machine epsilon)
-    X_q[m,k] = clamp(round_half_even(X[m, k] / s[m]), -127, 127)
+    X_q[m,k] = clamp(round_half_even(X[m, k] · (1 / s[m])), -127, 127)
+
+Each division is IEEE fp32 round-to-nearest; multiplying by the reciprocal (one division per row, not
+per element) is what keeps the kernel at memory speed: an IEEE division per element cost as much as
+the whole read and write (NVIDIA H200, 12608×3072 bf16: 71 µs with it).
 
 Operands: ``x`` bf16 / fp16 / fp32 [M, K] (last dim contiguous) → ``x_q`` int8 [M, K] and ``scale`` fp32
 [M, 1]. Any M ≥ 1, any K ≥ 1. When a row fits in one block (K ≤ 16384) each element is read once and
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import HAS_TRITON, interpreting
+from .common import HAS_TRITON, interpreting, launch_options
 
 __all__ = ["quantize_per_token", "quantize_per_token_reference", "get_autotune_configs", "MAX_SINGLE_PASS"]
 
@@ -28,7 +32,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .common import quantize_rows, row_amax
+    from .common import quantize_rows, quantize_with, row_amax, row_scales
 
 
 def get_autotune_configs(block_k: int) -> dict:
@@ -66,11 +70,11 @@ if HAS_TRITON:
                 x = tl.load(x_row + k0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 r = row_amax(x)
                 amax = tl.maximum(amax, r) + (amax + r) * 0.0  # "+ (..)·0" keeps a NaN once seen (max drops it)
+            scale, inv = row_scales(amax)
             for k0 in range(0, K, BLOCK_K):
                 mask = row_ok[:, None] & (cols[None, :] + k0 < K)
                 x = tl.load(x_row + k0 + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-                q, scale = quantize_rows(x, amax, tl.int8)
-                tl.store(q_row + k0 + cols[None, :], q, mask=mask)
+                tl.store(q_row + k0 + cols[None, :], quantize_with(x, inv, tl.int8), mask=mask)
         tl.store(s_ptr + rows, scale, mask=row_ok)
 
 
@@ -108,14 +112,19 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grid = (triton.cdiv(m, p["ROWS"]),)
         _quantize_per_token_kernel[grid](
             x2, q, s, m, k, x2.stride(0), q.stride(0),
-            ROWS=p["ROWS"], BLOCK_K=block_k, SINGLE_PASS=single, num_warps=p["num_warps"],
+            ROWS=p["ROWS"], BLOCK_K=block_k, SINGLE_PASS=single, num_warps=p["num_warps"], **launch_options(x.device),
         )
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 
 
 def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain torch: the definition the kernel is checked against (fp32 math, round-half-to-even)."""
+    """Plain torch: the definition the kernel is checked against (fp32 math, round-half-to-even).
+
+    The divisor 127 is a tensor on x's device: CUDA divides by a Python (CPU) scalar as a multiplication
+    by its reciprocal, one more rounding than the definition has. ``reciprocal`` is an IEEE division.
+    """
     xf = x.to(torch.float32)
-    scale = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(torch.finfo(torch.float32).eps)
-    x_q = torch.round(xf / scale).clamp_(-127, 127).to(torch.int8)
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = (amax / amax.new_full((), 127.0)).clamp_min(torch.finfo(torch.float32).eps)
+    x_q = torch.round(xf * scale.reciprocal()).clamp_(-127, 127).to(torch.int8)
     return x_q, scale

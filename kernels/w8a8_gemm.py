@@ -27,6 +27,7 @@ shapes m64nNk32 for .s8); decode-sized M gets small BLOCK_M configs (mma.sync, m
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -34,11 +35,17 @@ import torch.nn.functional as F
 
 from .common import ACTIVATIONS, HAS_TRITON, interpreting
 
+_TensorDescriptor = None
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     from .common import apply_activation
+
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor  # Triton >= 3.4
+    except ImportError:  # pragma: no cover - older Triton: pointer kernel only
+        pass
 
 __all__ = ["w8a8_linear", "w8a8_linear_reference", "get_autotune_configs", "tma_ok"]
 
@@ -205,15 +212,16 @@ if HAS_TRITON:
 def tma_ok(a_q: torch.Tensor, w_q: torch.Tensor) -> bool:
     """Can the TMA kernel take these operands? CUDA sm_90+, Triton with ``TensorDescriptor``, both
     operands K-contiguous with 16-byte-aligned base and row stride (K % 16 == 0)."""
-    if not HAS_TRITON or interpreting() or a_q.device.type != "cuda":
-        return False
-    if torch.cuda.get_device_capability(a_q.device)[0] < 9:
-        return False
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (Triton >= 3.4)
-    except ImportError:
+    if a_q.device.type != "cuda" or not _tma_device(a_q.device.index or 0):
         return False
     return all(t.stride(1) == 1 and t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (a_q, w_q))
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_device(index: int) -> bool:
+    if not HAS_TRITON or interpreting() or _TensorDescriptor is None:
+        return False
+    return torch.cuda.get_device_capability(index)[0] >= 9
 
 
 def _check(a_q, a_scale, w_q, w_scale, bias, activation, out_dtype) -> tuple[int, int, int]:
@@ -286,11 +294,9 @@ def w8a8_linear(
     if use_tma is None:
         use_tma = tma_ok(a_q, w_q)
     if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
         # block shapes are placeholders: the autotune pre-hook sets them per config
-        a_desc = TensorDescriptor.from_tensor(a_q, [64, 64])
-        w_desc = TensorDescriptor.from_tensor(w_q, [64, 64])
+        a_desc = _TensorDescriptor(a_q, list(a_q.shape), list(a_q.stride()), [64, 64])
+        w_desc = _TensorDescriptor(w_q, list(w_q.shape), list(w_q.stride()), [64, 64])
         _w8a8_gemm_tma_kernel[grid](
             a_desc, w_desc, c, a_scale, w_scale, bias_arg, m, n, k, mb, c.stride(0), c.stride(1),
             HAS_BIAS=bias is not None, ACTIVATION=activation,
