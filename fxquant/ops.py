@@ -20,6 +20,7 @@ decides whether oneDNN is exact), ``out_dtype`` (None: x's dtype).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -30,13 +31,47 @@ __all__ = ["quantize_per_token", "int8_linear", "int8_linear_q", "layer_norm_qua
 
 _NS = "fxquant"
 
+# Registered through ``torch.library.Library`` rather than ``@torch.library.custom_op``: the latter wraps
+# every call in Python that checks outputs for aliasing, 40-80 µs per call on an H200 host (cProfile of
+# bench/profile_gpu.py), more than the GPU time of a mid-sized int8 GEMM. The schemas are the same.
+_LIB = torch.library.Library(_NS, "DEF")
+_LIB.define("quantize_per_token(Tensor x) -> (Tensor, Tensor)")
+_LIB.define(
+    "int8_linear_q(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias, str activation, "
+    "str backend, int w_qmax, ScalarType out_dtype) -> Tensor"
+)
+_LIB.define(
+    "int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, str activation, str backend, int w_qmax, "
+    "ScalarType? out_dtype=None) -> Tensor"
+)
+_LIB.define(
+    "layer_norm_quant(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps, bool return_float) "
+    "-> (Tensor, Tensor, Tensor)"
+)
 
-@torch.library.custom_op(f"{_NS}::quantize_per_token", mutates_args=())
+
+def _impl(name):
+    """Register ``fn`` as the op's kernel for every backend. Inference ops: run without autograd recording
+    (a caller's tensors may require grad; the fused ops have no backward)."""
+
+    def register(fn):
+        @functools.wraps(fn)
+        def no_grad_fn(*args, **kwargs):
+            with torch.no_grad():
+                return fn(*args, **kwargs)
+
+        _LIB.impl(name, no_grad_fn, "CompositeExplicitAutograd")
+        return fn
+
+    return register
+
+
+@_impl("quantize_per_token")
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return backends.quantize_per_token(x)
 
 
-@quantize_per_token.register_fake
+@torch.library.register_fake(f"{_NS}::quantize_per_token")
 def _(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
@@ -50,7 +85,7 @@ def _linear_2d(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, ou
     return y.reshape(*lead, w_q.shape[0])
 
 
-@torch.library.custom_op(f"{_NS}::int8_linear_q", mutates_args=())
+@_impl("int8_linear_q")
 def int8_linear_q(
     x_q: torch.Tensor,
     x_scale: torch.Tensor,
@@ -65,12 +100,12 @@ def int8_linear_q(
     return _linear_2d(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype)
 
 
-@int8_linear_q.register_fake
+@torch.library.register_fake(f"{_NS}::int8_linear_q")
 def _(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype):
     return x_q.new_empty((*x_q.shape[:-1], w_q.shape[0]), dtype=out_dtype)
 
 
-@torch.library.custom_op(f"{_NS}::int8_linear", mutates_args=())
+@_impl("int8_linear")
 def int8_linear(
     x: torch.Tensor,
     w_q: torch.Tensor,
@@ -85,12 +120,12 @@ def int8_linear(
     return _linear_2d(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype or x.dtype)
 
 
-@int8_linear.register_fake
+@torch.library.register_fake(f"{_NS}::int8_linear")
 def _(x, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype=None):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=out_dtype or x.dtype)
 
 
-@torch.library.custom_op(f"{_NS}::layer_norm_quant", mutates_args=())
+@_impl("layer_norm_quant")
 def layer_norm_quant(
     x: torch.Tensor,
     normalized_shape: list[int],
@@ -102,13 +137,13 @@ def layer_norm_quant(
     return backends.layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float)
 
 
-@layer_norm_quant.register_fake
+@torch.library.register_fake(f"{_NS}::layer_norm_quant")
 def _(x, normalized_shape, weight, bias, eps, return_float):
     y = x.new_empty(x.shape) if return_float else x.new_empty(0)
     return y, x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
-# The OpOverloads that fused graph nodes call (``CustomOpDef`` objects above are the Python wrappers).
+# The OpOverloads that fused graph nodes call (the functions above are their implementations).
 QUANTIZE_PER_TOKEN = torch.ops.fxquant.quantize_per_token.default
 INT8_LINEAR = torch.ops.fxquant.int8_linear.default
 INT8_LINEAR_Q = torch.ops.fxquant.int8_linear_q.default
