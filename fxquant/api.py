@@ -116,6 +116,10 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
         )
     if captured.fixed_kwargs:
         notes.append(f"captured with {captured.fixed_kwargs} (no KV cache in the graph)")
+    masks = captured.attention_masks
+    if any(masks.values()):
+        notes.append(f"attention: {masks['all-true']} all-true mask(s) removed and {masks['causal']} causal mask(s) "
+                     "replaced by is_causal=True, so SDPA keeps its FlashAttention kernels (fxquant.attention)")
     if not captured.dynamic:
         notes.append("torch.export could not keep input dims dynamic: call with the example inputs' shapes")
     rep = report.Report(decisions, stats, report.node_counts(gm), config.target, captured.front_end, qmax, notes)

@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .attention import simplify_attention_masks
 from ._attrs import fetch_attr, parent_for
 from .errors import TraceError
 
@@ -40,10 +41,13 @@ class CapturedGraph:
         fixed_kwargs: keyword arguments captured as constants (``use_cache=False`` for decoders); they
             are passed on every call.
         dynamic: whether the export kept input dims dynamic.
+        attention_masks: shape-only SDPA masks removed (``fxquant.attention``): ``{"all-true": n, "causal": n}``.
     """
 
-    def __init__(self, graph_module: fx.GraphModule, front_end: str, fixed_kwargs: dict[str, Any], dynamic: bool):
+    def __init__(self, graph_module: fx.GraphModule, front_end: str, fixed_kwargs: dict[str, Any], dynamic: bool,
+                 attention_masks: Optional[dict[str, int]] = None):
         self.graph_module = graph_module
+        self.attention_masks = attention_masks or {}
         self.front_end = front_end
         self.fixed_kwargs = fixed_kwargs
         self.dynamic = dynamic
@@ -137,7 +141,8 @@ def capture(model: torch.nn.Module, example_inputs: Optional[tuple | Mapping[str
             gm = ep.module()
     gm = _own_module_tree(gm)
     canonicalize(gm)
-    return CapturedGraph(gm, front_end, fixed, dynamic)
+    masks = simplify_attention_masks(gm) if front_end == "torch.export" else {}
+    return CapturedGraph(gm, front_end, fixed, dynamic, masks)
 
 
 def _own_module_tree(gm: fx.GraphModule) -> fx.GraphModule:

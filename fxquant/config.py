@@ -24,11 +24,15 @@ class TargetSpec:
         weight_qmax: largest |int8 weight| (127 = full narrow range; 63 = 7-bit, for x86 CPUs without VNNI
             whose u8·s8 int16 pair sums would otherwise saturate). ``None``: decided at compile time by
             probing the CPU backend (:func:`fxquant.backends.cpu_int8_full_range_exact`).
+        min_n_unfused: a Linear whose input is not a LayerNorm output (so it needs a quantization pass of
+            its own) goes int8 only when the int8 Linears reading that input have N >= this in total
+            (``heuristics.quantize_pass_pays_off``); 0 disables the rule.
     """
 
     min_ratio: float
     alignment: int
     weight_qmax: Optional[int]
+    min_n_unfused: int = 0
 
 
 TARGETS: dict[str, TargetSpec] = {
@@ -41,9 +45,14 @@ TARGETS: dict[str, TargetSpec] = {
     # ARM SDOT / i8mm kernels consume K in groups of 4 and N in tiles of 4 (Arm ARM, SDOT/SMMLA). Ratio:
     # the x86 CPU figure, not yet measured on ARM.
     "arm-sve2": TargetSpec(min_ratio=96.0, alignment=4, weight_qmax=127),
-    # CUDA: cuBLAS int8 (torch._int_mm) needs K, N % 8 and M > 16. Ratio 256 is the INT8-vs-FP16 rule of
-    # embedl-deploy's TensorRT backend, the starting point until the Triton kernels' own measurements.
-    "cuda": TargetSpec(min_ratio=256.0, alignment=8, weight_qmax=127),
+    # CUDA through fxquant's Triton kernels (bench/gpu_ops.py, NVIDIA H200, torch 2.11, Triton 3.6; tables in
+    # docs/benchmarks.md). min_ratio: the int8 GEMM alone loses to cuBLAS bf16 at ratio 307 (4096x384x1536:
+    # 16 vs 15 us) and wins from 614 (12608x768x3072: 81 vs 93 us; 2048x2048x6144 1.40x). min_n_unfused: a
+    # separate per-token quantization pass costs ~3 bytes per input element; at N = 768 it eats the gain
+    # (12608x3072x768: 0.82x of bf16), square sweeps win from N = 2048 (1.15-1.30x) and lose at N <= 1536.
+    # Alignment 8: 16-byte rows for the TMA kernel need K % 16, and the pointer kernel takes any K, so 8
+    # only keeps fp16/bf16 outputs 16-byte aligned.
+    "cuda": TargetSpec(min_ratio=512.0, alignment=8, weight_qmax=127, min_n_unfused=2048),
 }
 
 _ACTIVATION_SCHEMES = ("dynamic-per-token",)
@@ -67,6 +76,8 @@ class QuantConfig:
             original ``nn.Linear`` when it can be found in the user's model, else ``None``.
         activation_scheme: only ``"dynamic-per-token"`` (symmetric int8, one fp32 scale per row).
         out_dtype: dtype of the fused nodes' outputs; ``None`` = the dtype of their input (the model's).
+        min_n_unfused: override of the target's threshold on the output columns that must share a separate
+            quantization pass (see ``TargetSpec``); 0 turns the rule off.
         backend: int8 GEMM backend for every fused Linear: ``"triton"``, ``"onednn"``, ``"aten"`` or
             ``"reference"`` (see ``fxquant.backends``); ``None`` = the target's best available. Re-checked
             per call: a backend that cannot run a call (cuBLAS with M <= 16, say) yields to the next best.
@@ -86,6 +97,7 @@ class QuantConfig:
     activation_scheme: str = "dynamic-per-token"
     out_dtype: Optional[torch.dtype] = None
     backend: Optional[str] = None
+    min_n_unfused: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -94,6 +106,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.min_ratio={self.min_ratio!r} must be a number >= 0 (K*N/(K+N) threshold)")
         if self.alignment is not None and (isinstance(self.alignment, bool) or not (isinstance(self.alignment, int) and self.alignment >= 1)):
             raise ValueError(f"QuantConfig.alignment={self.alignment!r} must be an int >= 1")
+        if self.min_n_unfused is not None and (isinstance(self.min_n_unfused, bool) or not (isinstance(self.min_n_unfused, int) and self.min_n_unfused >= 0)):
+            raise ValueError(f"QuantConfig.min_n_unfused={self.min_n_unfused!r} must be an int >= 0")
         if self.weight_qmax is not None and (isinstance(self.weight_qmax, bool) or not (isinstance(self.weight_qmax, int) and 7 <= self.weight_qmax <= 127)):
             raise ValueError(f"QuantConfig.weight_qmax={self.weight_qmax!r} must be an int in [7, 127]")
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
@@ -124,4 +138,5 @@ class QuantConfig:
             min_ratio=base.min_ratio if self.min_ratio is None else float(self.min_ratio),
             alignment=base.alignment if self.alignment is None else self.alignment,
             weight_qmax=base.weight_qmax if self.weight_qmax is None else self.weight_qmax,
+            min_n_unfused=base.min_n_unfused if self.min_n_unfused is None else self.min_n_unfused,
         )

@@ -12,7 +12,10 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["Verdict", "beneficial_ratio", "int8_pays_off", "is_aligned", "is_skipped", "dtype_supported"]
+__all__ = [
+    "Verdict", "beneficial_ratio", "int8_pays_off", "quantize_pass_pays_off", "is_aligned", "is_skipped",
+    "dtype_supported",
+]
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,20 @@ def int8_pays_off(k: int, n: int, min_ratio: float) -> Verdict:
     if r >= min_ratio:
         return Verdict(True, f"ratio {r:.1f} >= {min_ratio:g}")
     return Verdict(False, f"ratio K*N/(K+N) = {r:.1f} < min_ratio {min_ratio:g}: quantize/dequantize would cost more than the int8 GEMM saves")
+
+
+def quantize_pass_pays_off(n_total: int, min_n: int) -> Verdict:
+    """A Linear whose input needs a quantization pass of its own (not fused into a LayerNorm) pays only
+    when the int8 GEMMs reading that pass produce enough columns: True when ``n_total >= min_n``.
+
+    Why N: the pass moves ~3·M·K bytes (read bf16, write int8), the int8 GEMM saves time ∝ M·N·K, so the
+    break-even is a number of output columns, independent of M and K to first order. ``n_total`` sums N
+    over the sibling Linears that share the pass (q, k, v after an RMSNorm). ``min_n = 0`` disables the rule.
+    """
+    if n_total >= min_n:
+        return Verdict(True, f"N {n_total} >= {min_n} for its own quantization pass")
+    return Verdict(False, f"input needs its own quantization pass and the int8 GEMMs reading it have N = {n_total} "
+                          f"< min_n_unfused {min_n}: the pass would cost more than int8 saves (kept float)")
 
 
 def is_aligned(k: int, n: int, alignment: int) -> Verdict:

@@ -99,7 +99,26 @@ def annotate(gm: fx.GraphModule, config: QuantConfig, model: Optional[torch.nn.M
                            out_dtype=config.out_dtype or w.dtype)
         node.meta[META_KEY] = d
         decisions.append(d)
+    if spec.min_n_unfused:
+        _apply_quantize_pass_rule(gm, spec.min_n_unfused)
     return decisions
+
+
+def _apply_quantize_pass_rule(gm: fx.GraphModule, min_n: int) -> None:
+    """Keep float the int8 candidates whose input needs its own quantization pass (not a LayerNorm output)
+    when the candidates sharing that input have too few output columns in total
+    (:func:`fxquant.heuristics.quantize_pass_pays_off`)."""
+    groups: dict[fx.Node, list[LinearDecision]] = {}
+    for node in gm.graph.nodes:
+        d = node.meta.get(META_KEY) if node.op == "call_function" and node.target is aten.linear.default else None
+        x = node.args[0] if d is not None and d.quantize else None
+        if isinstance(x, fx.Node) and not (x.op == "call_function" and x.target is aten.layer_norm.default):
+            groups.setdefault(x, []).append(d)
+    for ds in groups.values():
+        verdict = heuristics.quantize_pass_pays_off(sum(d.n for d in ds), min_n)
+        if not verdict:
+            for d in ds:
+                d.quantize, d.reason = False, verdict.reason
 
 
 def _first_failure(attrs, node, name, w, config, spec, model, aligned, k, n) -> heuristics.Verdict:

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from fxquant import TARGETS, QuantConfig
+import fxquant
+from fxquant import TARGETS, QuantConfig, heuristics
 from fxquant.config import TargetSpec
 from fxquant.heuristics import (
     Verdict,
@@ -244,14 +245,15 @@ def test_quant_config_skip_list_is_copied():
     "kwargs, expected",
     [
         (dict(), TargetSpec(96.0, 1, None)),
-        (dict(target="cuda"), TargetSpec(256.0, 8, 127)),
+        (dict(target="cuda"), TargetSpec(512.0, 8, 127, 2048)),
         (dict(target="arm-sve2"), TargetSpec(96.0, 4, 127)),
         (dict(min_ratio=0), TargetSpec(0.0, 1, None)),
         (dict(min_ratio=12), TargetSpec(12.0, 1, None)),
-        (dict(target="cuda", alignment=16), TargetSpec(256.0, 16, 127)),
-        (dict(target="cuda", weight_qmax=63), TargetSpec(256.0, 8, 63)),
+        (dict(target="cuda", alignment=16), TargetSpec(512.0, 16, 127, 2048)),
+        (dict(target="cuda", weight_qmax=63), TargetSpec(512.0, 8, 63, 2048)),
         (dict(weight_qmax=127), TargetSpec(96.0, 1, 127)),
         (dict(target="arm-sve2", min_ratio=1.5, alignment=2, weight_qmax=100), TargetSpec(1.5, 2, 100)),
+        (dict(target="cuda", min_n_unfused=0), TargetSpec(512.0, 8, 127, 0)),
     ],
 )
 def test_config_spec_overrides(kwargs, expected):
@@ -264,10 +266,46 @@ def test_config_spec_does_not_mutate_targets():
     before = dict(TARGETS)
     QuantConfig(target="cuda", min_ratio=1, alignment=2, weight_qmax=9).spec
     assert TARGETS == before
-    assert TARGETS["cuda"] == TargetSpec(256.0, 8, 127)
+    assert TARGETS["cuda"] == TargetSpec(512.0, 8, 127, 2048)
 
 
-@pytest.mark.parametrize("field", ["min_ratio", "alignment", "weight_qmax"])
+@pytest.mark.parametrize("field", ["min_ratio", "alignment", "weight_qmax", "min_n_unfused"])
 def test_config_rejects_bool_numbers(field):
     with pytest.raises(ValueError, match=field):
         QuantConfig(**{field: True})
+
+
+# ------------------------------------------------------------------- the separate-quantization-pass rule
+def test_quantize_pass_rule_verdicts():
+    assert heuristics.quantize_pass_pays_off(2048, 2048)
+    v = heuristics.quantize_pass_pays_off(768, 2048)
+    assert not v and "N = 768 < min_n_unfused 2048" in v.reason
+    assert heuristics.quantize_pass_pays_off(0, 0)
+
+
+class _Block(torch.nn.Module):
+    """fc after GELU (own quantization pass, N=1024), q/k sharing one input (N=2048 together), and
+    fc2 after a LayerNorm (quantization fused into it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(1024, 1024)
+        self.q, self.k = torch.nn.Linear(1024, 1024), torch.nn.Linear(1024, 1024)
+        self.ln = torch.nn.LayerNorm(1024)
+        self.fc2 = torch.nn.Linear(1024, 1024)
+
+    def forward(self, x):
+        h = self.fc(torch.nn.functional.gelu(x))
+        h = self.q(h) + self.k(h)
+        return self.fc2(self.ln(h))
+
+
+def test_cuda_keeps_float_a_linear_whose_own_quantization_pass_does_not_pay():
+    model = _Block().eval()
+    qm = fxquant.compile(model, (torch.randn(2, 1024),), config=QuantConfig(target="cuda"))
+    by_name = {d.name: d for d in qm.report().decisions}
+    assert not by_name["fc"].quantize and "min_n_unfused 2048" in by_name["fc"].reason
+    assert by_name["q"].quantize and by_name["k"].quantize  # 1024 + 1024 columns share one pass
+    assert by_name["fc2"].quantize  # LayerNorm input: quantized inside the LayerNorm kernel
+    off = fxquant.compile(model, (torch.randn(2, 1024),), config=QuantConfig(target="cuda", min_n_unfused=0))
+    assert all(d.quantize for d in off.report().decisions)
