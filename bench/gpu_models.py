@@ -4,7 +4,10 @@ medians of whole forward passes):
 * ``eager``: the bf16 model; ``compile``: ``torch.compile(model)``;
 * ``torchao``: torchao ``Int8DynamicActivationInt8WeightConfig`` (W8A8 dynamic) + ``torch.compile``;
 * ``fxquant``: ``fxquant.compile(model, inputs)`` (target ``cuda``: Triton kernels), eager;
-* ``fxquant+compile``: ``torch.compile`` of the fxquant model.
+* ``fxquant+compile``: ``torch.compile`` of the fxquant model;
+* ``bf16 capture+compile`` (a control, not a contender): fxquant's capture with nothing quantized
+  (``min_ratio=inf``) + ``torch.compile``: the bf16 model with fxquant's graph cleanups (shape-only attention
+  masks removed, ``fxquant.attention``), to separate their gain from int8's.
 
 Models:
 * ``vit``: HF ``ViTModel(ViTConfig())`` = ViT-B/16 at 224² (12 layers, hidden 768, MLP 3072), batch 64,
@@ -35,7 +38,7 @@ from triton.testing import do_bench  # noqa: E402
 import fxquant  # noqa: E402
 from bench.gpu_ops import device_line  # noqa: E402
 
-COLUMNS = ("eager", "compile", "torchao", "fxquant", "fxquant+compile")
+COLUMNS = ("eager", "compile", "torchao", "fxquant", "fxquant+compile", "bf16 capture+compile")
 
 
 def build(name: str):
@@ -93,13 +96,19 @@ def bench_model(name: str, skip: set[str]) -> dict:
         res["setup_s"]["fxquant.compile"] = time.time() - t
         rep = qm.report()
         res["fxquant_summary"] = {"int8": sum(d.quantize for d in rep.decisions), "linears": len(rep.decisions),
-                                  "node_counts": rep.node_counts, "backends": sorted({d.backend or "-" for d in rep.decisions})}
+                                  "node_counts": rep.node_counts, "backends": sorted({d.backend or "-" for d in rep.decisions}),
+                                  "notes": rep.notes}
         runners["fxquant"] = lambda: qm(**kw)
         if "fxquant+compile" not in skip:
             qm_c = torch.compile(qm)
             runners["fxquant+compile"] = lambda: qm_c(**kw)
+        if "bf16 capture+compile" not in skip:
+            fl = fxquant.compile(model, kw, config=fxquant.QuantConfig(target="cuda", min_ratio=float("inf")))
+            assert not any(d.quantize for d in fl.report().decisions)
+            fl_c = torch.compile(fl)
+            runners["bf16 capture+compile"] = lambda: fl_c(**kw)
         for col in COLUMNS:
-            if col not in runners:
+            if col not in runners or col in skip:
                 continue
             t = time.time()
             out = output(runners[col]())  # first call compiles / autotunes
