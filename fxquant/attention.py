@@ -11,7 +11,8 @@ The pass rewrites an ``aten.scaled_dot_product_attention`` whose boolean mask is
 alone (its subgraph reads no tensor data of the inputs: only sizes, ``arange`` and comparisons) and
 whose comparisons use no constant beyond ±1 (a sliding window needs one, so it is left alone):
 
-* the mask subgraph is evaluated at the captured sizes and at two more sizes per dynamic dimension;
+* the mask subgraph is evaluated at the captured sizes and at two other sizes of every dynamic dimension
+  (one more, and about a third: no larger than the captured mask, so memory stays bounded);
 * all true at every size → ``attn_mask=None``; exactly causal (``k ≤ q``, square) at every size →
   ``attn_mask=None, is_causal=True``; anything else stays as it is.
 
@@ -37,7 +38,7 @@ _ARITH = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.ge.Scalar, ate
           aten.lt.Scalar, aten.eq.Scalar, aten.ne.Scalar, aten.ge.Tensor, aten.gt.Tensor, aten.le.Tensor,
           aten.lt.Tensor, aten.eq.Tensor, aten.ne.Tensor, aten.remainder.Scalar, aten.floor_divide.default,
           aten.rsub.Scalar, aten.add.Scalar, aten.sub.Scalar, operator.add, operator.sub, operator.mul}
-_MAX_ELEMENTS = 1 << 26  # largest mask evaluated (batch dims shrink to 1 above this)
+_MAX_ELEMENTS = 1 << 28  # largest mask evaluated (a bool each); larger masks are left alone
 
 
 def _mask_arg(node: fx.Node) -> Optional[fx.Node]:
@@ -142,7 +143,7 @@ def simplify_attention_masks(gm: fx.GraphModule) -> dict[str, int]:
             continue
         symbols = {str(v.node.expr): _hint(v) for leaf in leaves.values()
                    for v in ([leaf] if not isinstance(leaf, torch.Tensor) else leaf.shape) if isinstance(v, torch.SymInt)}
-        trials = [{}] + [{s: h + 1 for s, h in symbols.items()}, {s: 2 * h + 3 for s, h in symbols.items()}]
+        trials = [{}, {s: h + 1 for s, h in symbols.items()}, {s: h // 3 + 2 for s, h in symbols.items()}]
         kinds = set()
         try:
             with torch.no_grad():
