@@ -132,6 +132,35 @@ def host_overhead_us() -> dict:
     return out
 
 
+def heuristics_decision(k: int, n: int) -> str:
+    """What the ``cuda`` target's heuristics decide for this Linear standing alone (its input quantized by
+    a pass of its own, as in this benchmark): ratio, alignment and the separate-pass rule."""
+    spec = TARGETS["cuda"]
+    ok = (heuristics.int8_pays_off(k, n, spec.min_ratio) and heuristics.is_aligned(k, n, spec.alignment)
+          and heuristics.quantize_pass_pays_off(n, spec.min_n_unfused))
+    return "int8" if ok else "float"
+
+
+def render(rows: list[dict], head: str) -> str:
+    table = []
+    for r in rows:
+        table.append([f"{r['M']}x{r['K']}x{r['N']}", f"{r['ratio']:.0f}", heuristics_decision(r["K"], r["N"]),
+                      fmt(r["bf16"]), fmt(r["intmm_eager"]), fmt(r["fxquant"]), fmt(r["fxquant_graph"]),
+                      f"{r['bf16'] / r['fxquant']:.2f}x", f"{r['bf16'] / r['fxquant_graph']:.2f}x",
+                      fmt(r["quant"]), fmt(r["gemm_tma"]), fmt(r["gemm_ptr"]), f"{r['bf16_tflops']:.0f}", f"{r['gemm_tops']:.0f}",
+                      f"{r['rel_err_vs_fp32']:.1e}"])
+    return head + "\n" + tabulate(table, headers=["M×K×N", "K·N/(K+N)", "heuristics", "bf16 ms", "_int_mm+eager ms", "fxquant ms",
+                                                  "fxquant graph ms", "vs bf16", "graph vs bf16", "quant ms", "gemm tma ms",
+                                                  "gemm ptr ms", "bf16 TFLOP/s", "int8 TOPS", "rel err vs fp32"], tablefmt="github")
+
+
+def render_sweep(sweep: list[dict]) -> str:
+    return tabulate([[r["M"], r["K"], r["N"], f"{r['ratio']:.0f}", fmt(r["bf16"]), fmt(r["fxquant"]), fmt(r["fxquant_graph"]),
+                      f"{r['bf16'] / r['fxquant']:.2f}x", f"{r['bf16'] / r['fxquant_graph']:.2f}x"] for r in sweep],
+                    headers=["M", "K", "N", "K·N/(K+N)", "bf16 ms", "fxquant ms", "fxquant graph ms", "vs bf16", "graph vs bf16"],
+                    tablefmt="github")
+
+
 def fmt(v, p=3):
     return "fails" if v is None else f"{v:.{p}f}"
 
@@ -140,23 +169,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None, help="write all numbers here")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--render", default=None, help="print the tables of an earlier --json file and exit")
     args = ap.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        print(render(saved["shapes"], saved["header"]))
+        print(tabulate([[k, f"{v:.1f}"] for k, v in saved["host_us"].items()], headers=["call", "host µs / call"], tablefmt="github"))
+        if saved["sweep"]:
+            print(render_sweep(saved["sweep"]))
+        return
     gen = torch.Generator(device="cuda").manual_seed(0)
     spec = TARGETS["cuda"]
     rows = [row(m, k, n, gen) for m, k, n in SHAPES]
     head = f"# {device_line()}, {datetime.date.today()}"
     print(head)
-    table = []
-    for r in rows:
-        to_int8 = heuristics.beneficial_ratio(r["K"], r["N"]) >= spec.min_ratio and r["K"] % spec.alignment == 0 and r["N"] % spec.alignment == 0
-        table.append([f"{r['M']}x{r['K']}x{r['N']}", f"{r['ratio']:.0f}", "int8" if to_int8 else "float",
-                      fmt(r["bf16"]), fmt(r["intmm_eager"]), fmt(r["fxquant"]), fmt(r["fxquant_graph"]),
-                      f"{r['bf16'] / r['fxquant']:.2f}x", f"{r['bf16'] / r['fxquant_graph']:.2f}x",
-                      fmt(r["quant"]), fmt(r["gemm_tma"]), fmt(r["gemm_ptr"]), f"{r['bf16_tflops']:.0f}", f"{r['gemm_tops']:.0f}",
-                      f"{r['rel_err_vs_fp32']:.1e}"])
-    print(tabulate(table, headers=["M×K×N", "ratio", "heuristics", "bf16 ms", "_int_mm+eager ms", "fxquant ms",
-                                   "fxquant graph ms", "vs bf16", "graph vs bf16", "quant ms", "gemm tma ms",
-                                   "gemm ptr ms", "bf16 TFLOP/s", "int8 TOPS", "rel err vs fp32"], tablefmt="github"))
+    print(render(rows, head))
     over = host_overhead_us()
     print(tabulate([[k, f"{v:.1f}"] for k, v in over.items()], headers=["call", "host µs / call"], tablefmt="github"))
     best = {f"{k}": str(v) for k, v in kg._w8a8_gemm_tma_kernel.cache.items()}
@@ -167,10 +195,7 @@ def main() -> None:
         for m in SWEEP_M:
             for kn in SWEEP_KN:
                 sweep.append(row(m, kn, kn, gen, with_parts=False))
-        print(tabulate([[r["M"], r["K"], r["N"], f"{r['ratio']:.0f}", fmt(r["bf16"]), fmt(r["fxquant"]), fmt(r["fxquant_graph"]),
-                         f"{r['bf16'] / r['fxquant']:.2f}x", f"{r['bf16'] / r['fxquant_graph']:.2f}x"] for r in sweep],
-                       headers=["M", "K", "N", "K·N/(K+N)", "bf16 ms", "fxquant ms", "fxquant graph ms", "vs bf16", "graph vs bf16"],
-                       tablefmt="github"))
+        print(render_sweep(sweep))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": head, "shapes": rows, "sweep": sweep, "host_us": over, "tma_best": best}, f, indent=1)
