@@ -180,7 +180,6 @@ def main() -> None:
             print(render_sweep(saved["sweep"]))
         return
     gen = torch.Generator(device="cuda").manual_seed(0)
-    spec = TARGETS["cuda"]
     rows = [row(m, k, n, gen) for m, k, n in SHAPES]
     head = f"# {device_line()}, {datetime.date.today()}"
     print(head)

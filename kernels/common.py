@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 
 __all__ = [
     "HAS_TRITON", "interpreting", "triton_device_ok", "cpu_backend_available", "launch_options", "ACTIVATIONS",
-    "LaunchCache",
+    "LaunchCache", "row_block_params",
 ]
 
 HAS_TRITON = triton is not None
@@ -47,6 +47,16 @@ def cpu_backend_available() -> bool:
         return triton.runtime.driver.active.get_current_target().backend == "cpu"
     except Exception:  # noqa: BLE001 - no driver at all: no CPU backend either
         return False
+
+
+def row_block_params(block_k: int, elems_per_program: int, max_rows: int, elems_per_thread: int) -> dict:
+    """Launch shape of a memory-bound row kernel (quantize, LayerNorm+quantize) whose program holds ROWS
+    rows of ``block_k`` elements: enough rows for ``elems_per_program`` elements in flight, warps so that
+    each thread holds ``elems_per_thread`` of them (one program, one warp under the interpreter)."""
+    if interpreting():
+        return {"ROWS": 1, "num_warps": 1}
+    rows = max(1, min(max_rows, elems_per_program // block_k))
+    return {"ROWS": rows, "num_warps": max(1, min(16, rows * block_k // (32 * elems_per_thread)))}
 
 
 def launch_options(device: torch.device) -> dict:

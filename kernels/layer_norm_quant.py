@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .common import HAS_TRITON, LaunchCache, interpreting, launch_options
+from .common import HAS_TRITON, LaunchCache, launch_options, row_block_params
 from .quantize import _as_rows, quantize_per_token_reference
 
 __all__ = ["layer_norm_quant", "layer_norm_quant_reference", "get_autotune_configs", "MAX_K"]
@@ -42,11 +42,7 @@ if HAS_TRITON:
 def get_autotune_configs(block_k: int) -> dict:
     """Launch parameters for rows of ``block_k`` elements (memory-bound: no search, sized so each thread
     holds ≤ 16 elements of the row and each program has ≥ 4 KB of loads in flight)."""
-    if interpreting():
-        return {"ROWS": 1, "num_warps": 1}
-    rows = max(1, min(8, 2048 // block_k))
-    warps = max(1, min(16, (rows * block_k) // 512))
-    return {"ROWS": rows, "num_warps": warps}
+    return row_block_params(block_k, elems_per_program=2048, max_rows=8, elems_per_thread=16)
 
 
 if HAS_TRITON:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import HAS_TRITON, LaunchCache, interpreting, launch_options
+from .common import HAS_TRITON, LaunchCache, launch_options, row_block_params
 
 __all__ = ["quantize_per_token", "quantize_per_token_reference", "get_autotune_configs", "MAX_SINGLE_PASS"]
 
@@ -40,11 +40,7 @@ def get_autotune_configs(block_k: int) -> dict:
     """Launch parameters for a row block of ``block_k`` elements (memory-bound, so no search: a program
     holds ≥ 4096 elements; each thread 32, i.e. four 16-byte loads of bf16 in flight, so that more programs
     fit on an SM than with 16 per thread, which ran at 1.9 TB/s on 2048x4096 on an H200)."""
-    if interpreting():
-        return {"ROWS": 1, "num_warps": 1}
-    rows = max(1, min(16, 4096 // block_k))
-    warps = max(1, min(16, (rows * block_k) // 1024))
-    return {"ROWS": rows, "num_warps": warps}
+    return row_block_params(block_k, elems_per_program=4096, max_rows=16, elems_per_thread=32)
 
 
 if HAS_TRITON:
