@@ -60,15 +60,16 @@ def _m_bucket(m: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ autotune configs
-def get_autotune_configs() -> list:
+def get_autotune_configs(interpret: Optional[bool] = None) -> list:
     """Configs for the W8A8 GEMM: Hopper wgmma tiles for large M and mma.sync tiles for small M.
 
-    Under ``TRITON_INTERPRET=1`` one small config (the interpreter times nothing and runs every config).
+    Under ``TRITON_INTERPRET=1`` (or ``interpret=True``) one small config: the interpreter times nothing
+    and would run every config.
     """
     if not HAS_TRITON:
         return []
     cfg = triton.Config
-    if interpreting():
+    if interpreting() if interpret is None else interpret:
         return [cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
     large = [
         # BLOCK_M, BLOCK_N, BLOCK_K, stages, warps

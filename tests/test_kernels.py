@@ -109,13 +109,19 @@ def test_gemm_rejects_bad_operands(bad, match):
 
 
 def test_gemm_configs_respect_wgmma_rules():
-    """Large-M configs are wgmma-shaped (BLOCK_M % 64, num_warps % 4, BLOCK_K >= 32 for int8)."""
-    if common.interpreting():
-        pytest.skip("the interpreter gets one small config")
-    for c in kg.get_autotune_configs():
+    """Large-M configs are wgmma-shaped (BLOCK_M % 64, num_warps % 4, BLOCK_K >= 32 for int8); small-M
+    configs exist for decode; the pruner hands each M bucket its group."""
+    configs = kg.get_autotune_configs(interpret=False)
+    groups = {c.fxquant_group for c in configs}
+    assert groups == {"large", "small"}
+    for c in configs:
         assert c.kwargs["BLOCK_K"] >= 32 and c.num_warps % 4 == 0
         if c.fxquant_group == "large":
             assert c.kwargs["BLOCK_M"] % 64 == 0
+        else:
+            assert c.kwargs["BLOCK_M"] <= 64
+    assert {c.fxquant_group for c in kg._prune(configs, {"M_BUCKET": 16})} == {"small"}
+    assert {c.fxquant_group for c in kg._prune(configs, {"M_BUCKET": 4096})} == {"large"}
 
 
 # --------------------------------------------------------------------------------------------- quantize
