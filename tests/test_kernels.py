@@ -204,3 +204,24 @@ def test_layer_norm_quant_rejects_bad_operands():
         kln.layer_norm_quant(x, [32], torch.ones(31).to(DEVICE), None, 1e-5)
     with pytest.raises(TypeError, match="bf16 / fp16 / fp32"):
         kq.quantize_per_token(torch.ones(3, 4, dtype=torch.int32).to(DEVICE))
+
+
+# ------------------------------------------------------------------------------------------ LaunchCache
+def test_launch_cache_key_separates_every_triton_specialization():
+    """A cached compiled kernel may only be reused where Triton would pick the same binary: the key must
+    change with dtypes, 16-byte alignment of pointers, and "== 1" / "% 16 == 0" of integer arguments."""
+    key = common.LaunchCache.key
+    a = torch.zeros(64, dtype=torch.int8)
+    base = key(("cfg",), (a,), (32, 48))
+    assert base == key(("cfg",), (torch.zeros(64, dtype=torch.int8),), (64, 80))  # same specialization
+    assert base != key(("cfg",), (a.float(),), (32, 48))  # dtype
+    assert base != key(("cfg",), (a[1:],), (32, 48))  # misaligned pointer
+    assert base != key(("cfg",), (a,), (33, 48))  # % 16
+    assert base != key(("cfg",), (a,), (1, 48)) and key(("cfg",), (a,), (1, 48)) != key(("cfg",), (a,), (3, 48))  # == 1
+    assert base != key(("other",), (a,), (32, 48))  # the caller's constexprs and autotune key
+
+
+def test_launch_cache_is_off_under_the_interpreter_and_on_cpu():
+    assert not common.LaunchCache.enabled(torch.device("cpu"))
+    if common.interpreting():
+        assert not common.LaunchCache.enabled(torch.device("cuda"))
