@@ -107,7 +107,7 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     captured = capture(model, example_inputs)
     gm = captured.graph_module
     decisions = passes.annotate(gm, config, model)
-    stats = passes.fuse(gm)
+    stats = passes.fuse(gm, fuse_siblings=config.spec.fuse_siblings)
     passes.lower(gm, config)
     qmax = passes.resolve_weight_qmax(config)
     if config.target == "cpu" and qmax < 127 and config.weight_qmax is None:

@@ -27,12 +27,15 @@ class TargetSpec:
         min_n_unfused: a Linear whose input is not a LayerNorm output (so it needs a quantization pass of
             its own) goes int8 only when the int8 Linears reading that input have N >= this in total
             (``heuristics.quantize_pass_pays_off``); 0 disables the rule.
+        fuse_siblings: int8 Linears reading one quantized input run as one GEMM over their concatenated
+            weights (``rewrite.fuse_sibling_linears``), and the ratio rule is judged on that GEMM.
     """
 
     min_ratio: float
     alignment: int
     weight_qmax: Optional[int]
     min_n_unfused: int = 0
+    fuse_siblings: bool = False
 
 
 TARGETS: dict[str, TargetSpec] = {
@@ -52,7 +55,7 @@ TARGETS: dict[str, TargetSpec] = {
     # (12608x3072x768: 0.82x of bf16), square sweeps win from N = 2048 (1.15-1.30x) and lose at N <= 1536.
     # Alignment 8: 16-byte rows for the TMA kernel need K % 16, and the pointer kernel takes any K, so 8
     # only keeps fp16/bf16 outputs 16-byte aligned.
-    "cuda": TargetSpec(min_ratio=512.0, alignment=8, weight_qmax=127, min_n_unfused=2048),
+    "cuda": TargetSpec(min_ratio=512.0, alignment=8, weight_qmax=127, min_n_unfused=2048, fuse_siblings=True),
 }
 
 _ACTIVATION_SCHEMES = ("dynamic-per-token",)
@@ -78,6 +81,7 @@ class QuantConfig:
         out_dtype: dtype of the fused nodes' outputs; ``None`` = the dtype of their input (the model's).
         min_n_unfused: override of the target's threshold on the output columns that must share a separate
             quantization pass (see ``TargetSpec``); 0 turns the rule off.
+        fuse_siblings: override of the target's horizontal fusion of sibling int8 Linears (``TargetSpec``).
         backend: int8 GEMM backend for every fused Linear: ``"triton"``, ``"onednn"``, ``"aten"`` or
             ``"reference"`` (see ``fxquant.backends``); ``None`` = the target's best available. Re-checked
             per call: a backend that cannot run a call (cuBLAS with M <= 16, say) yields to the next best.
@@ -98,6 +102,7 @@ class QuantConfig:
     out_dtype: Optional[torch.dtype] = None
     backend: Optional[str] = None
     min_n_unfused: Optional[int] = None
+    fuse_siblings: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -108,6 +113,8 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.alignment={self.alignment!r} must be an int >= 1")
         if self.min_n_unfused is not None and (isinstance(self.min_n_unfused, bool) or not (isinstance(self.min_n_unfused, int) and self.min_n_unfused >= 0)):
             raise ValueError(f"QuantConfig.min_n_unfused={self.min_n_unfused!r} must be an int >= 0")
+        if self.fuse_siblings is not None and not isinstance(self.fuse_siblings, bool):
+            raise ValueError(f"QuantConfig.fuse_siblings={self.fuse_siblings!r} must be True, False or None")
         if self.weight_qmax is not None and (isinstance(self.weight_qmax, bool) or not (isinstance(self.weight_qmax, int) and 7 <= self.weight_qmax <= 127)):
             raise ValueError(f"QuantConfig.weight_qmax={self.weight_qmax!r} must be an int in [7, 127]")
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
@@ -139,4 +146,5 @@ class QuantConfig:
             alignment=base.alignment if self.alignment is None else self.alignment,
             weight_qmax=base.weight_qmax if self.weight_qmax is None else self.weight_qmax,
             min_n_unfused=base.min_n_unfused if self.min_n_unfused is None else self.min_n_unfused,
+            fuse_siblings=base.fuse_siblings if self.fuse_siblings is None else self.fuse_siblings,
         )

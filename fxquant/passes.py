@@ -12,7 +12,7 @@ import torch.fx as fx
 from . import backends, heuristics, ops
 from ._attrs import fetch_attr
 from .config import QuantConfig
-from .rewrite import META_KEY, LinearDecision, decision_of, read_quantized_input, run_patterns
+from .rewrite import MEMBERS_KEY, META_KEY, LinearDecision, decision_of, fuse_sibling_linears, read_quantized_input, run_patterns
 
 __all__ = ["annotate", "fuse", "share_input_quantization", "lower", "resolve_weight_qmax", "backend_for", "linear_name"]
 
@@ -99,9 +99,36 @@ def annotate(gm: fx.GraphModule, config: QuantConfig, model: Optional[torch.nn.M
                            out_dtype=config.out_dtype or w.dtype)
         node.meta[META_KEY] = d
         decisions.append(d)
+    if spec.fuse_siblings:
+        _apply_sibling_ratio(gm, spec.min_ratio)
     if spec.min_n_unfused:
         _apply_quantize_pass_rule(gm, spec.min_n_unfused)
     return decisions
+
+
+_ACTIVATION_OPS = (aten.relu.default, aten.gelu.default, aten.silu.default)
+
+
+def _apply_sibling_ratio(gm: fx.GraphModule, min_ratio: float) -> None:
+    """Where sibling Linears (same input, no activation after them) will run as one fused GEMM
+    (``rewrite.fuse_sibling_linears``), judge the beneficial ratio on that GEMM: K and the sum of their N.
+    Flips only Linears that failed on the ratio alone."""
+    groups: dict[fx.Node, list[LinearDecision]] = {}
+    for node in gm.graph.nodes:
+        d = node.meta.get(META_KEY) if node.op == "call_function" and node.target is aten.linear.default else None
+        if d is None or d.k < 0 or any(u.op == "call_function" and u.target in _ACTIVATION_OPS for u in node.users):
+            continue
+        if d.quantize or d.reason.startswith("ratio K*N/(K+N)"):
+            groups.setdefault(node.args[0], []).append(d)
+    for ds in groups.values():
+        if len(ds) < 2 or all(d.quantize for d in ds):
+            continue
+        k, n = ds[0].k, sum(d.n for d in ds)
+        verdict = heuristics.int8_pays_off(k, n, min_ratio)
+        if verdict:
+            for d in ds:
+                if not d.quantize:
+                    d.quantize, d.reason = True, f"{verdict.reason} as one GEMM with its siblings (K={k}, N={n})"
 
 
 def _apply_quantize_pass_rule(gm: fx.GraphModule, min_n: int) -> None:
@@ -144,13 +171,16 @@ def _first_failure(attrs, node, name, w, config, spec, model, aligned, k, n) -> 
     return heuristics.int8_pays_off(k, n, spec.min_ratio)
 
 
-def fuse(gm: fx.GraphModule, patterns=None) -> dict[str, dict[str, int]]:
-    """Apply the registered patterns (``fxquant.patterns.REGISTRY``), then :func:`share_input_quantization`;
-    returns match/reject counts per pattern (the sharing pass under ``"shared_input_quant"``)."""
+def fuse(gm: fx.GraphModule, patterns=None, fuse_siblings: bool = False) -> dict[str, dict[str, int]]:
+    """Apply the registered patterns (``fxquant.patterns.REGISTRY``), then :func:`share_input_quantization`
+    and, where the target asks for it, :func:`fxquant.rewrite.fuse_sibling_linears`; returns match/reject
+    counts per pattern (the passes under ``"shared_input_quant"`` and ``"sibling_fusion"``)."""
     from .patterns import REGISTRY
 
     stats = run_patterns(gm, REGISTRY if patterns is None else patterns)
     stats["shared_input_quant"] = {"matched": share_input_quantization(gm), "rejected": 0}
+    if fuse_siblings:
+        stats["sibling_fusion"] = {"matched": fuse_sibling_linears(gm), "rejected": 0}
     return stats
 
 
@@ -203,6 +233,8 @@ def lower(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
             args[-3] = backend  # (..., activation, backend, w_qmax, out_dtype)
             node.args = tuple(args)
             d.backend = backend
+            for member in node.meta.get(MEMBERS_KEY, ()):
+                member.backend = backend
     gm.graph.lint()
     gm.recompile()
     return gm

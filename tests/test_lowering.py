@@ -118,3 +118,39 @@ def test_cuda_target_lowers_to_triton_when_installed(monkeypatch):
     assert passes.backend_for("cuda", 127) == "triton"
     monkeypatch.setattr(backends, "triton_serves", lambda device: False)
     assert passes.backend_for("cuda", 127) == "aten"
+
+
+class LNAttentionInput(torch.nn.Module):
+    """LayerNorm → q, k, v (768 → 768 each; v without bias) and an fc after GELU, ViT-style."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln = torch.nn.LayerNorm(768)
+        self.q, self.k = torch.nn.Linear(768, 768), torch.nn.Linear(768, 768)
+        self.v = torch.nn.Linear(768, 768, bias=False)
+
+    def forward(self, x):
+        h = self.ln(x)
+        q, k, v = (lin(h).view(*h.shape[:-1], 12, 64).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(h.shape)
+
+
+def test_sibling_linears_run_as_one_gemm_on_cuda_target():
+    """q/k/v: ratio 384 each (< 512) but 576 as one K=768, N=2304 GEMM, so int8 and horizontally fused;
+    the fused graph computes exactly what three separate int8 GEMMs compute."""
+    torch.manual_seed(3)
+    model, x = LNAttentionInput().eval(), torch.randn(2, 5, 768)
+    qm = fxquant.compile(model, (x,), config=fxquant.QuantConfig(target="cuda"))
+    rep = qm.report()
+    assert rep.pattern_stats["sibling_fusion"]["matched"] == 1
+    assert rep.node_counts["fxquant.int8_linear_q"] == 1 and rep.node_counts["fxquant.layer_norm_quant"] == 1
+    for d in rep.decisions:
+        assert d.quantize and "as one GEMM with its siblings (K=768, N=2304)" in d.reason, d
+        assert d.pattern.endswith("+sibling_fusion") and d.backend is not None
+    separate = fxquant.compile(model, (x,), config=fxquant.QuantConfig(target="cuda", min_ratio=0, fuse_siblings=False))
+    assert separate.report().node_counts["fxquant.int8_linear_q"] == 3
+    with torch.no_grad():
+        assert torch.equal(qm(x), separate(x))
+        for shape in ((1, 3, 768), (4, 9, 768)):  # other batch and sequence sizes
+            xs = torch.randn(shape)
+            assert torch.equal(qm(xs), separate(xs))
