@@ -62,10 +62,10 @@ def _subgraph(mask: fx.Node) -> Optional[list[fx.Node]]:
         seen.add(n)
         if n.op == "placeholder":
             continue
-        if n.op != "call_function" or n.target is aten.sym_size.int:
-            if n.op == "call_function":  # sym_size: a leaf (its value is substituted)
-                continue
+        if n.op != "call_function":
             return None  # call_module / get_attr / output: not a pure shape computation
+        if n.target is aten.sym_size.int:
+            continue  # a leaf: its value is substituted
         if n.target in _ARITH and any(isinstance(a, (int, float)) and not isinstance(a, bool) and abs(a) > 1 for a in n.args):
             return None
         stack.extend(a for a in n.all_input_nodes)

@@ -36,6 +36,10 @@ import torch
 
 from . import reference
 from .kernels import common as _kc
+from .kernels.layer_norm_quant import MAX_K as _LN_MAX_K
+from .kernels.layer_norm_quant import layer_norm_quant as _triton_layer_norm_quant
+from .kernels.quantize import quantize_per_token as _triton_quantize
+from .kernels.w8a8_gemm import w8a8_linear as _triton_w8a8_linear
 
 __all__ = [
     "BACKENDS", "BACKEND_NAMES", "quantize_per_token", "layer_norm_quant", "cpu_int8_full_range_exact",
@@ -47,9 +51,7 @@ def triton_serves(device: torch.device) -> bool:
     """True when fxquant's Triton kernels are the fast path for tensors on ``device``: CUDA with Triton
     installed, or CPU with a Triton CPU backend (triton-cpu). Never under ``TRITON_INTERPRET=1``, which
     only tests kernels (decided when an op first runs on the device, cached by Triton's driver lookup)."""
-    if not _kc.HAS_TRITON or _kc.interpreting():
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and _kc.cpu_backend_available())
+    return not _kc.interpreting() and _kc.triton_device_ok(device)
 
 
 # --------------------------------------------------------------------------------------------- oneDNN
@@ -118,9 +120,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
       low 8 bits) yields the int8 value; |v| <= 127 by construction of the scale, so no clamp is needed.
     """
     if triton_serves(x.device):
-        from .kernels.quantize import quantize_per_token as triton_quantize
-
-        return triton_quantize(x)
+        return _triton_quantize(x)
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return reference.quantize_per_token(x)
     amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
@@ -152,10 +152,8 @@ def layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float):
     """LayerNorm + per-token quantization: one Triton kernel where Triton serves the device and the row
     fits (K <= ``kernels.layer_norm_quant.MAX_K``), else ``F.layer_norm`` then :func:`quantize_per_token`.
     Returns ``(y or empty, y_q, scale)`` as ``fxquant::layer_norm_quant``."""
-    if triton_serves(x.device) and len(normalized_shape) == 1 and x.shape[-1] <= 32768:
-        from .kernels.layer_norm_quant import layer_norm_quant as triton_layer_norm_quant
-
-        return triton_layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float)
+    if triton_serves(x.device) and len(normalized_shape) == 1 and x.shape[-1] <= _LN_MAX_K:
+        return _triton_layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float)
     y = torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
     y_q, scale = quantize_per_token(y)
     return (y if return_float else y.new_empty(0)), y_q, scale
@@ -226,8 +224,6 @@ def run_linear(
         return torch.empty(0, n, dtype=out_dtype, device=x_q.device)
     name = pick_backend(backend, x_q.device, m, k, n, w_qmax)
     if name == "triton":
-        from .kernels.w8a8_gemm import w8a8_linear
-
-        return w8a8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
+        return _triton_w8a8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
     y = BACKENDS[name](x_q, w_q, w_scale)
     return reference.apply_epilogue(y, x_scale, bias, activation, out_dtype)

@@ -118,7 +118,7 @@ def _apply_sibling_ratio(gm: fx.GraphModule, min_ratio: float) -> None:
         d = node.meta.get(META_KEY) if node.op == "call_function" and node.target is aten.linear.default else None
         if d is None or d.k < 0 or any(u.op == "call_function" and u.target in _ACTIVATION_OPS for u in node.users):
             continue
-        if d.quantize or d.reason.startswith("ratio K*N/(K+N)"):
+        if d.quantize or d.reason == heuristics.int8_pays_off(d.k, d.n, min_ratio).reason:  # failed on the ratio alone
             groups.setdefault(node.args[0], []).append(d)
     for ds in groups.values():
         if len(ds) < 2 or all(d.quantize for d in ds):

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .kernels import common as _kc
 from .kernels import layer_norm_quant as _kln
 from .kernels import quantize as _kq
 from .kernels import w8a8_gemm as _kg
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 EPS = torch.finfo(torch.float32).eps
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+ACTIVATIONS = _kc.ACTIVATIONS  # the epilogue activations, defined once beside the kernels
 
 
 def quantize_weight_per_channel(weight: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:

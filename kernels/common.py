@@ -59,7 +59,7 @@ def row_block_params(block_k: int, elems_per_program: int, max_rows: int, elems_
     return {"ROWS": rows, "num_warps": max(1, min(16, rows * block_k // (32 * elems_per_thread)))}
 
 
-def launch_options(device: torch.device) -> dict:
+def launch_options() -> dict:
     """Compile options for the quantization kernels: no FMA contraction (see ``quantize_with``). The
     interpreter has no compiler options, and never contracts."""
     return {} if interpreting() else {"enable_fp_fusion": False}

@@ -134,7 +134,7 @@ def layer_norm_quant(
             compiled = _layer_norm_quant_kernel[grid](
                 x2, w_arg, b_arg, y_arg, q, s, m, k, float(eps), *ints[2:],
                 HAS_WEIGHT=consts[0], HAS_BIAS=consts[1], STORE_FLOAT=return_float,
-                ROWS=p["ROWS"], BLOCK_K=block_k, num_warps=p["num_warps"], **launch_options(x.device),
+                ROWS=p["ROWS"], BLOCK_K=block_k, num_warps=p["num_warps"], **launch_options(),
             )
             if fast:
                 _LAUNCHES.put(key, compiled, None)

@@ -118,7 +118,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
         compiled = _quantize_per_token_kernel[grid](
             x2, q, s, *ints,
-            ROWS=p["ROWS"], BLOCK_K=block_k, SINGLE_PASS=single, num_warps=p["num_warps"], **launch_options(x.device),
+            ROWS=p["ROWS"], BLOCK_K=block_k, SINGLE_PASS=single, num_warps=p["num_warps"], **launch_options(),
         )
         if fast:
             _LAUNCHES.put(key, compiled, None)
