@@ -111,6 +111,7 @@ def host_overhead_us() -> dict:
     w = torch.randn(256, 256, device="cuda", dtype=torch.bfloat16)
     w_q, w_s = reference.quantize_weight_per_channel(w, 127)
     x_q, x_s = kq.quantize_per_token(x)
+    x3 = x.reshape(2, 8, 256)
     fns = {
         "F.linear (bf16)": lambda: F.linear(x, w),
         "quantize kernel": lambda: kq.quantize_per_token(x),
@@ -118,6 +119,7 @@ def host_overhead_us() -> dict:
         "gemm kernel (ptr)": lambda: kg.w8a8_linear(x_q, x_s, w_q, w_s, None, "none", torch.bfloat16, use_tma=False),
         "fxquant::int8_linear_q op": lambda: torch.ops.fxquant.int8_linear_q(x_q, x_s, w_q, w_s, None, "none", "triton", 127, torch.bfloat16),
         "fxquant::int8_linear op": lambda: torch.ops.fxquant.int8_linear(x, w_q, w_s, None, "none", "triton", 127, torch.bfloat16),
+        "fxquant::int8_linear op, 3-D x": lambda: torch.ops.fxquant.int8_linear(x3, w_q, w_s, None, "none", "triton", 127, torch.bfloat16),
     }
     out = {}
     for name, fn in fns.items():
@@ -179,6 +181,7 @@ def main() -> None:
         if saved["sweep"]:
             print(render_sweep(saved["sweep"]))
         return
+    torch.set_grad_enabled(False)  # inference, as a deployed model runs
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = [row(m, k, n, gen) for m, k, n in SHAPES]
     head = f"# {device_line()}, {datetime.date.today()}"

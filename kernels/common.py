@@ -71,8 +71,11 @@ class LaunchCache:
     Triton's ``kernel[grid](...)`` goes through the autotuner, the heuristics and the JIT binder on every
     call: 28-49 µs of host time per launch measured on an H200 host (Triton 3.6; ``F.linear`` costs 9 µs),
     which makes small and medium GEMMs host-bound. After the first launch of a specialization, this keeps
-    the ``CompiledKernel`` Triton returned with the config the autotuner chose, and later calls run it
-    directly (``CompiledKernel[grid](*args)``, the launcher Triton itself calls last).
+    the ``CompiledKernel`` Triton returned with the config the autotuner chose, and later calls go straight
+    to the C launcher Triton built for it (``CompiledKernel.run.launch``), with pointer arguments passed as
+    integers (a tensor argument costs the launcher a Python method call and a ``cuPointerGetAttribute``).
+    Where Triton's internals differ from what this expects (a kernel that needs scratch memory, a launch
+    hook such as a profiler's, another Triton version), it falls back to ``CompiledKernel[grid](...)``.
 
     The key must hold everything Triton specializes a compiled kernel on, or a wrong binary would run:
     the caller's constexprs and autotune key, each tensor's dtype and 16-byte alignment, and each integer
@@ -95,17 +98,61 @@ class LaunchCache:
             tuple((i == 1, i % 16 == 0) for i in ints),
         )
 
-    def get(self, key):
-        return self._entries.get(key)
+    def lookup(self, device: torch.device, parts: tuple, tensors: tuple, ints: tuple):
+        """``(key, entry)``: key None when the cache does not serve ``device``; entry None on a miss."""
+        if not self.enabled(device):
+            return None, None
+        key = self.key((parts, device.index), tensors, ints)
+        return key, self._entries.get(key)
 
-    def put(self, key, compiled, config) -> None:
-        if compiled is not None and hasattr(compiled, "run"):
-            self._entries[key] = (compiled, config)
+    def put(self, key, compiled, config=None) -> None:
+        """Remember what the first launch compiled (``config``: the autotuner's choice, if any)."""
+        if key is None or compiled is None or not hasattr(compiled, "run"):
+            return
+        self._entries[key] = _Launch(compiled, config)
 
-    @staticmethod
-    def launch(compiled, grid: tuple, device: torch.device, args: tuple) -> None:
-        stream = torch.cuda.current_stream(device).cuda_stream
-        compiled[(grid[0], 1, 1)](*args, stream=stream)
+
+def _current_stream(device: torch.device) -> int:
+    """The raw handle of ``device``'s current CUDA stream (what Triton's own launch path asks torch for)."""
+    return torch._C._cuda_getCurrentRawStream(device.index)
+
+
+def _no_launch_hooks() -> bool:
+    """True when no launch hook (a profiler's, say) is installed: Triton >= 3.5 keeps them in a
+    ``HookChain`` (empty ``calls`` when none), older versions in a plain attribute (None when none)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:
+        return False
+    hook = knobs.runtime.launch_enter_hook
+    return hook is None or not getattr(hook, "calls", True)
+
+
+class _Launch:
+    """One compiled specialization and how to relaunch it (see :class:`LaunchCache`)."""
+
+    __slots__ = ("compiled", "config", "_direct")
+
+    def __init__(self, compiled, config) -> None:
+        self.compiled = compiled
+        self.config = config
+        run = getattr(compiled, "run", None)
+        self._direct = None
+        if (getattr(run, "launch", None) is not None and getattr(run, "global_scratch_size", 1) == 0
+                and getattr(run, "profile_scratch_size", 1) == 0 and hasattr(compiled, "packed_metadata")):
+            self._direct = (run.launch, compiled.function, run.launch_cooperative_grid, run.launch_pdl,
+                            compiled.packed_metadata)
+
+    def __call__(self, grid: tuple, device: torch.device, args: tuple) -> None:
+        """Launch a ``grid`` = (x, y) of programs on the current stream of ``device`` with the kernel's
+        full argument list (constexprs included, in signature order)."""
+        stream = _current_stream(device)
+        direct = self._direct
+        if direct is None or not _no_launch_hooks():
+            self.compiled[(grid[0], grid[1], 1)](*args, stream=stream)
+            return
+        launch, function, coop, pdl, packed = direct
+        launch(grid[0], grid[1], 1, stream, function, coop, pdl, None, None, packed, None, None, None,
+               *[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
 
 
 def triton_device_ok(device: torch.device) -> bool:

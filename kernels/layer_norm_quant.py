@@ -123,21 +123,16 @@ def layer_norm_quant(
         grid = (triton.cdiv(m, p["ROWS"]),)
         ints = (m, k, x2.stride(0), y_arg.stride(0), q.stride(0))
         consts = (weight is not None, bias is not None, return_float, p["ROWS"], block_k)
-        fast = _LAUNCHES.enabled(x.device)
-        hit = None
-        if fast:
-            key = _LAUNCHES.key((consts, x.device.index), (x2, w_arg, b_arg, y_arg, q, s), ints)
-            hit = _LAUNCHES.get(key)
+        key, hit = _LAUNCHES.lookup(x.device, consts, (x2, w_arg, b_arg, y_arg, q, s), ints)
         if hit is not None:
-            _LAUNCHES.launch(hit[0], grid, x.device, (x2, w_arg, b_arg, y_arg, q, s, m, k, float(eps), *ints[2:], *consts))
+            hit((grid[0], 1), x.device, (x2, w_arg, b_arg, y_arg, q, s, m, k, float(eps), *ints[2:], *consts))
         else:
             compiled = _layer_norm_quant_kernel[grid](
                 x2, w_arg, b_arg, y_arg, q, s, m, k, float(eps), *ints[2:],
                 HAS_WEIGHT=consts[0], HAS_BIAS=consts[1], STORE_FLOAT=return_float,
                 ROWS=p["ROWS"], BLOCK_K=block_k, num_warps=p["num_warps"], **launch_options(),
             )
-            if fast:
-                _LAUNCHES.put(key, compiled, None)
+            _LAUNCHES.put(key, compiled)
     lead = x.shape[:-1]
     return (y.reshape(x.shape) if return_float else y), q.reshape(x.shape), s.reshape(*lead, 1)
 

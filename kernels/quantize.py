@@ -19,6 +19,8 @@ Bit-identical to :func:`quantize_per_token_reference` (IEEE division and roundin
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .common import HAS_TRITON, LaunchCache, launch_options, row_block_params
@@ -36,6 +38,7 @@ if HAS_TRITON:
     from .common import quantize_rows, quantize_with, row_amax, row_scales
 
 
+@functools.lru_cache(maxsize=None)
 def get_autotune_configs(block_k: int) -> dict:
     """Launch parameters for a row block of ``block_k`` elements (memory-bound, so no search: a program
     holds ≥ 4096 elements; each thread 32, i.e. four 16-byte loads of bf16 in flight, so that more programs
@@ -81,6 +84,8 @@ def _as_rows(x: torch.Tensor, what: str) -> torch.Tensor:
         raise TypeError(f"{what} needs a bf16 / fp16 / fp32 tensor, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError(f"{what} needs at least one dimension (the K axis), got a 0-d tensor")
+    if x.dim() == 2 and x.stride(1) == 1:
+        return x
     x2 = x.reshape(-1, x.shape[-1]) if x.numel() else x.reshape(0, max(x.shape[-1], 1))
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
@@ -105,23 +110,21 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m and k:
         single = k <= MAX_SINGLE_PASS
-        block_k = triton.next_power_of_2(k) if single else 4096
+        block_k = 1 << (k - 1).bit_length() if single else 4096  # next power of two (plain ints: host cost)
         p = get_autotune_configs(block_k)
-        grid = (triton.cdiv(m, p["ROWS"]),)
+        grid = ((m + p["ROWS"] - 1) // p["ROWS"], 1)
         ints = (m, k, x2.stride(0), q.stride(0))
-        fast = _LAUNCHES.enabled(x.device)
-        if fast:
-            key = _LAUNCHES.key((block_k, single, x.device.index), (x2, q, s), ints)
-            hit = _LAUNCHES.get(key)
-            if hit is not None:
-                _LAUNCHES.launch(hit[0], grid, x.device, (x2, q, s, *ints, p["ROWS"], block_k, single))
-                return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
-        compiled = _quantize_per_token_kernel[grid](
-            x2, q, s, *ints,
-            ROWS=p["ROWS"], BLOCK_K=block_k, SINGLE_PASS=single, num_warps=p["num_warps"], **launch_options(),
-        )
-        if fast:
-            _LAUNCHES.put(key, compiled, None)
+        key, hit = _LAUNCHES.lookup(x.device, (block_k, single), (x2, q, s), ints)
+        if hit is not None:
+            hit(grid, x.device, (x2, q, s, *ints, p["ROWS"], block_k, single))
+        else:
+            compiled = _quantize_per_token_kernel[grid](
+                x2, q, s, *ints,
+                ROWS=p["ROWS"], BLOCK_K=block_k, SINGLE_PASS=single, num_warps=p["num_warps"], **launch_options(),
+            )
+            _LAUNCHES.put(key, compiled)
+    if x.dim() == 2:
+        return q, s
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], 1)
 
 

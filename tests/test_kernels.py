@@ -87,6 +87,26 @@ def test_gemm_strided_activation_and_no_bias(rel_close):
     rel_close(got.cpu(), kg.w8a8_linear_reference(a.cpu(), sa.cpu(), w.cpu(), sw.cpu(), None, "silu", torch.float32))
 
 
+def test_persistent_tma_gemm_loops_over_every_tile(rel_close):
+    """The persistent configs (one program per SM striding over tiles) compete in the autotuner only on a
+    GPU; here 3 programs cover 9 tiles of a 33x64x48 problem, edges included, against the reference."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    g = torch.Generator().manual_seed(5)
+    m, k, n, bm, bn, bk = 33, 64, 48, 16, 16, 32
+    a, w = _int8(m, k, gen=g), _int8(n, k, gen=g)
+    sa = (torch.rand(m, generator=g) * 0.02 + 1e-3).to(DEVICE)
+    sw = (torch.rand(n, generator=g) * 0.01 + 1e-4).to(DEVICE)
+    bias = torch.randn(n, generator=g).to(DEVICE)
+    c = torch.full((m, n), float("nan"), device=DEVICE)
+    kg._w8a8_gemm_tma_kernel.fn[(3,)](
+        TensorDescriptor(a, [m, k], [k, 1], [bm, bk]), TensorDescriptor(w, [n, k], [k, 1], [bn, bk]), c, sa, sw, bias,
+        m, n, k, 64, c.stride(0), c.stride(1), 3,
+        HAS_BIAS=True, ACTIVATION="silu", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2, PERSISTENT=True,
+    )
+    rel_close(c.cpu(), kg.w8a8_linear_reference(a.cpu(), sa.cpu(), w.cpu(), sw.cpu(), bias.cpu(), "silu", torch.float32))
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [
