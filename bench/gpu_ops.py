@@ -171,6 +171,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", default=None, help="write all numbers here")
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--shapes", nargs="*", default=None, metavar="MxKxN", help="only these rows of the first table")
     ap.add_argument("--render", default=None, help="print the tables of an earlier --json file and exit")
     args = ap.parse_args()
     if args.render:
@@ -183,7 +184,8 @@ def main() -> None:
         return
     torch.set_grad_enabled(False)  # inference, as a deployed model runs
     gen = torch.Generator(device="cuda").manual_seed(0)
-    rows = [row(m, k, n, gen) for m, k, n in SHAPES]
+    shapes = SHAPES if args.shapes is None else [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+    rows = [row(m, k, n, gen) for m, k, n in shapes]
     head = f"# {device_line()}, {datetime.date.today()}"
     print(head)
     print(render(rows, head))

@@ -141,6 +141,7 @@ def test_gemm_configs_respect_wgmma_rules():
         else:
             assert c.kwargs["BLOCK_M"] <= 64
     assert {c.fxquant_group for c in kg._prune(configs, {"M_BUCKET": 16})} == {"small"}
+    assert {c.fxquant_group for c in kg._prune(configs, {"M_BUCKET": 128})} == {"small", "large"}
     assert {c.fxquant_group for c in kg._prune(configs, {"M_BUCKET": 4096})} == {"large"}
 
 
