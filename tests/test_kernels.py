@@ -242,6 +242,82 @@ def test_launch_cache_key_separates_every_triton_specialization():
     assert base != key(("other",), (a,), (32, 48))  # the caller's constexprs and autotune key
 
 
+class _FakeLauncher:
+    """Stands in for Triton's ``CudaLauncher`` (``CompiledKernel.run``): records what the C launcher gets."""
+
+    def __init__(self, scratch=0):
+        self.global_scratch_size = scratch
+        self.profile_scratch_size = 0
+        self.launch_cooperative_grid = False
+        self.launch_pdl = False
+        self.calls = []
+
+    def launch(self, *args):
+        self.calls.append(args)
+
+
+class _FakeCompiled:
+    def __init__(self, scratch=0):
+        self.run = _FakeLauncher(scratch)
+        self.function = 1234
+        self.packed_metadata = (4, 1, 0)
+        self.runner_calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, stream: self.runner_calls.append((grid, args, stream))
+
+
+def test_cached_launch_calls_the_c_launcher_with_integer_pointers(monkeypatch):
+    """The relaunch hands Triton's C launcher its 13 leading arguments (grid, stream, function, launch
+    flags, no scratch, metadata, no hooks) and then the kernel's arguments with tensors as device pointers."""
+    monkeypatch.setattr(common, "_current_stream", lambda device: 77)
+    t = torch.zeros(8)
+    compiled = _FakeCompiled()
+    cache = common.LaunchCache()
+    cache.put(("k",), compiled, config=(16, 32))
+    entry = cache._entries[("k",)]
+    assert entry.config == (16, 32)
+    entry((3, 2), torch.device("cpu"), (t, 5, "silu", True))
+    assert compiled.run.calls == [(3, 2, 1, 77, 1234, False, False, None, None, (4, 1, 0), None, None, None,
+                                   t.data_ptr(), 5, "silu", True)]
+    assert compiled.runner_calls == []
+
+
+def test_cached_launch_falls_back_to_triton_when_the_kernel_needs_scratch(monkeypatch):
+    monkeypatch.setattr(common, "_current_stream", lambda device: 77)
+    t = torch.zeros(8)
+    compiled = _FakeCompiled(scratch=256)
+    cache = common.LaunchCache()
+    cache.put(("k",), compiled)
+    cache._entries[("k",)]((3, 1), torch.device("cpu"), (t, 5))
+    assert compiled.run.calls == [] and compiled.runner_calls == [((3, 1, 1), (t, 5), 77)]
+
+
+def test_cached_launch_sees_a_profilers_launch_hook():
+    """With a launch hook installed (a profiler's), relaunches go through Triton's runner, which calls it."""
+    import triton
+
+    hooks = triton.knobs.runtime.launch_enter_hook
+    if not hasattr(hooks, "add"):
+        pytest.skip("this Triton keeps launch hooks in a plain attribute")
+    assert common._no_launch_hooks()
+
+    def hook(metadata):
+        return None
+
+    hooks.add(hook)
+    try:
+        assert not common._no_launch_hooks()
+    finally:
+        hooks.remove(hook)
+    assert common._no_launch_hooks()
+
+
+def test_launch_cache_lookup_serves_only_cuda():
+    key, hit = common.LaunchCache().lookup(torch.device("cpu"), ("k",), (torch.zeros(2),), (4,))
+    assert key is None and hit is None
+
+
 def test_launch_cache_is_off_under_the_interpreter_and_on_cpu():
     assert not common.LaunchCache.enabled(torch.device("cpu"))
     if common.interpreting():
