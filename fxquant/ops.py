@@ -121,9 +121,8 @@ def int8_linear(
     out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     # flatten once: quantization and GEMM both work on [M, K] (every reshape is host time on a host-bound call)
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    x_q, x_scale = backends.quantize_per_token(x2)
-    y = backends.run_linear(x_q, x_scale, w_q, w_scale, bias, activation, backend, out_dtype or x.dtype, w_qmax)
+    x_q, x_scale = backends.quantize_per_token(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]))
+    y = _linear_2d(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype or x.dtype)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], w_q.shape[0])
 
 

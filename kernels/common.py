@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 
 __all__ = [
     "HAS_TRITON", "interpreting", "triton_device_ok", "cpu_backend_available", "launch_options", "ACTIVATIONS",
-    "LaunchCache", "row_block_params",
+    "LaunchCache", "row_block_params", "cdiv", "next_pow2",
 ]
 
 HAS_TRITON = triton is not None
@@ -49,10 +49,23 @@ def cpu_backend_available() -> bool:
         return False
 
 
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ in plain integers. Launchers use this and :func:`next_pow2` instead of ``triton.cdiv`` /
+    ``triton.next_power_of_2``, which are ``constexpr_function`` wrappers costing ~1 µs of host time each."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two ≥ n (n ≥ 1)."""
+    return 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
 def row_block_params(block_k: int, elems_per_program: int, max_rows: int, elems_per_thread: int) -> dict:
     """Launch shape of a memory-bound row kernel (quantize, LayerNorm+quantize) whose program holds ROWS
     rows of ``block_k`` elements: enough rows for ``elems_per_program`` elements in flight, warps so that
-    each thread holds ``elems_per_thread`` of them (one program, one warp under the interpreter)."""
+    each thread holds ``elems_per_thread`` of them (one program, one warp under the interpreter). Cached:
+    launchers ask on every call; callers must not modify the returned dict."""
     if interpreting():
         return {"ROWS": 1, "num_warps": 1}
     rows = max(1, min(max_rows, elems_per_program // block_k))

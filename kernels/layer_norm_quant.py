@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .common import HAS_TRITON, LaunchCache, launch_options, row_block_params
+from .common import HAS_TRITON, LaunchCache, cdiv, launch_options, next_pow2, row_block_params
 from .quantize import _as_rows, quantize_per_token_reference
 
 __all__ = ["layer_norm_quant", "layer_norm_quant_reference", "get_autotune_configs", "MAX_K"]
@@ -115,17 +115,17 @@ def layer_norm_quant(
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m and k:
-        block_k = triton.next_power_of_2(k)
+        block_k = next_pow2(k)
         p = get_autotune_configs(block_k)
         y_arg = y if return_float else torch.empty((1, 1), dtype=x.dtype, device=x.device)  # typed, never written
         w_arg = weight if weight is not None else s
         b_arg = bias if bias is not None else s
-        grid = (triton.cdiv(m, p["ROWS"]),)
+        grid = (cdiv(m, p["ROWS"]), 1)
         ints = (m, k, x2.stride(0), y_arg.stride(0), q.stride(0))
         consts = (weight is not None, bias is not None, return_float, p["ROWS"], block_k)
         key, hit = _LAUNCHES.lookup(x.device, consts, (x2, w_arg, b_arg, y_arg, q, s), ints)
         if hit is not None:
-            hit((grid[0], 1), x.device, (x2, w_arg, b_arg, y_arg, q, s, m, k, float(eps), *ints[2:], *consts))
+            hit(grid, x.device, (x2, w_arg, b_arg, y_arg, q, s, m, k, float(eps), *ints[2:], *consts))
         else:
             compiled = _layer_norm_quant_kernel[grid](
                 x2, w_arg, b_arg, y_arg, q, s, m, k, float(eps), *ints[2:],

@@ -19,11 +19,9 @@ Bit-identical to :func:`quantize_per_token_reference` (IEEE division and roundin
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .common import HAS_TRITON, LaunchCache, launch_options, row_block_params
+from .common import HAS_TRITON, LaunchCache, cdiv, launch_options, next_pow2, row_block_params
 
 __all__ = ["quantize_per_token", "quantize_per_token_reference", "get_autotune_configs", "MAX_SINGLE_PASS"]
 
@@ -38,7 +36,6 @@ if HAS_TRITON:
     from .common import quantize_rows, quantize_with, row_amax, row_scales
 
 
-@functools.lru_cache(maxsize=None)
 def get_autotune_configs(block_k: int) -> dict:
     """Launch parameters for a row block of ``block_k`` elements (memory-bound, so no search: a program
     holds ≥ 4096 elements; each thread 32, i.e. four 16-byte loads of bf16 in flight, so that more programs
@@ -110,9 +107,9 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m and k:
         single = k <= MAX_SINGLE_PASS
-        block_k = 1 << (k - 1).bit_length() if single else 4096  # next power of two (plain ints: host cost)
+        block_k = next_pow2(k) if single else 4096
         p = get_autotune_configs(block_k)
-        grid = ((m + p["ROWS"] - 1) // p["ROWS"], 1)
+        grid = (cdiv(m, p["ROWS"]), 1)
         ints = (m, k, x2.stride(0), q.stride(0))
         key, hit = _LAUNCHES.lookup(x.device, (block_k, single), (x2, q, s), ints)
         if hit is not None:

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .common import ACTIVATIONS, HAS_TRITON, LaunchCache, interpreting
+from .common import ACTIVATIONS, HAS_TRITON, LaunchCache, cdiv, interpreting
 
 _TensorDescriptor = None
 if HAS_TRITON:
@@ -331,14 +331,14 @@ def w8a8_linear(
     if use_tma is None:
         use_tma = m > _TMA_MIN_M and tma_ok(a_q, w_q)
     has_bias = bias is not None
-    num_sms = _num_sms(a_q.device)
+    num_sms = _num_sms(a_q.device) if use_tma else 0  # only the TMA kernel has persistent configs
     ints = (m, n, k, mb, c.stride(0), c.stride(1), num_sms) if use_tma else (
         m, n, k, mb, a_q.stride(0), a_q.stride(1), w_q.stride(0), w_q.stride(1), c.stride(0), c.stride(1))
     key, hit = _LAUNCHES.lookup(a_q.device, (use_tma, mb, n, k, activation, has_bias),
                                 (a_q, w_q, c, a_scale, w_scale, bias_arg), ints)
     if hit is not None:
         bm, bn, bk, gm, persistent = hit.config
-        tiles = (m + bm - 1) // bm * ((n + bn - 1) // bn)
+        tiles = cdiv(m, bm) * cdiv(n, bn)
         if use_tma:
             a_desc = _TensorDescriptor(a_q, [m, k], [a_q.stride(0), 1], [bm, bk])
             w_desc = _TensorDescriptor(w_q, [n, k], [w_q.stride(0), 1], [bn, bk])
@@ -350,7 +350,7 @@ def w8a8_linear(
         return c
 
     def grid(meta):
-        tiles = triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"])
         return (min(tiles, num_sms) if meta.get("PERSISTENT") else tiles,)
 
     if use_tma:

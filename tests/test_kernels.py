@@ -313,6 +313,11 @@ def test_cached_launch_sees_a_profilers_launch_hook():
     assert common._no_launch_hooks()
 
 
+def test_plain_integer_launch_arithmetic():
+    assert [common.cdiv(a, 4) for a in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
+    assert [common.next_pow2(n) for n in (1, 2, 3, 768, 4096, 4097)] == [1, 2, 4, 1024, 4096, 8192]
+
+
 def test_launch_cache_lookup_serves_only_cuda():
     key, hit = common.LaunchCache().lookup(torch.device("cpu"), ("k",), (torch.zeros(2),), (4,))
     assert key is None and hit is None
