@@ -87,9 +87,10 @@ def test_gemm_strided_activation_and_no_bias(rel_close):
     rel_close(got.cpu(), kg.w8a8_linear_reference(a.cpu(), sa.cpu(), w.cpu(), sw.cpu(), None, "silu", torch.float32))
 
 
-def test_persistent_tma_gemm_loops_over_every_tile(rel_close):
-    """The persistent configs (one program per SM striding over tiles) compete in the autotuner only on a
-    GPU; here 3 programs cover 9 tiles of a 33x64x48 problem, edges included, against the reference."""
+@pytest.mark.parametrize("per_sm", [1, 2])
+def test_persistent_tma_gemm_loops_over_every_tile(rel_close, per_sm):
+    """The persistent configs (``per_sm`` programs per SM striding over tiles) compete in the autotuner only
+    on a GPU; here 3 "SMs" cover the 9 tiles of a 33x64x48 problem, edges included, against the reference."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     g = torch.Generator().manual_seed(5)
@@ -99,10 +100,12 @@ def test_persistent_tma_gemm_loops_over_every_tile(rel_close):
     sw = (torch.rand(n, generator=g) * 0.01 + 1e-4).to(DEVICE)
     bias = torch.randn(n, generator=g).to(DEVICE)
     c = torch.full((m, n), float("nan"), device=DEVICE)
-    kg._w8a8_gemm_tma_kernel.fn[(3,)](
+    programs = kg._programs(common.cdiv(m, bm) * common.cdiv(n, bn), 3, per_sm)
+    assert programs == 3 * per_sm
+    kg._w8a8_gemm_tma_kernel.fn[(programs,)](
         TensorDescriptor(a, [m, k], [k, 1], [bm, bk]), TensorDescriptor(w, [n, k], [k, 1], [bn, bk]), c, sa, sw, bias,
         m, n, k, 64, c.stride(0), c.stride(1), 3,
-        HAS_BIAS=True, ACTIVATION="silu", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2, PERSISTENT=True,
+        HAS_BIAS=True, ACTIVATION="silu", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2, PERSISTENT=per_sm,
     )
     rel_close(c.cpu(), kg.w8a8_linear_reference(a.cpu(), sa.cpu(), w.cpu(), sw.cpu(), bias.cpu(), "silu", torch.float32))
 
@@ -143,6 +146,14 @@ def test_gemm_configs_respect_wgmma_rules():
     assert {c.fxquant_group for c in kg._prune(configs, {"M_BUCKET": 16})} == {"small"}
     assert {c.fxquant_group for c in kg._prune(configs, {"M_BUCKET": 128})} == {"small", "large"}
     assert {c.fxquant_group for c in kg._prune(configs, {"M_BUCKET": 4096})} == {"large"}
+
+
+def test_persistent_grid_size():
+    """One program per tile (0), else per_sm programs per SM but never more programs than tiles."""
+    assert kg._programs(512, 132, 0) == 512
+    assert kg._programs(512, 132, 1) == 132
+    assert kg._programs(512, 132, 2) == 264
+    assert kg._programs(200, 132, 2) == 200
 
 
 # --------------------------------------------------------------------------------------------- quantize
