@@ -49,10 +49,12 @@ TARGETS: dict[str, TargetSpec] = {
     # the x86 CPU figure, not yet measured on ARM.
     "arm-sve2": TargetSpec(min_ratio=96.0, alignment=4, weight_qmax=127),
     # CUDA through fxquant's Triton kernels (bench/gpu_ops.py, NVIDIA H200, torch 2.11, Triton 3.6; tables in
-    # docs/benchmarks.md). min_ratio: the int8 GEMM alone loses to cuBLAS bf16 at ratio 307 (4096x384x1536:
-    # 16 vs 15 us) and wins from 614 (12608x768x3072: 81 vs 93 us; 2048x2048x6144 1.40x). min_n_unfused: a
-    # separate per-token quantization pass costs ~3 bytes per input element; at N = 768 it eats the gain
-    # (12608x3072x768: 0.82x of bf16), square sweeps win from N = 2048 (1.15-1.30x) and lose at N <= 1536.
+    # docs/benchmarks.md). min_ratio: the int8 GEMM alone only ties cuBLAS bf16 at ratio 307 (4096x384x1536:
+    # 15 vs 15 us), the whole Linear loses at ratio 384 (8192x768x768: 0.73x) and wins from 614
+    # (12608x768x3072: 1.22x; 2048x2048x6144 1.38x). min_n_unfused: a separate per-token quantization pass
+    # costs ~3 bytes per input element; at N = 768 it eats the gain (12608x3072x768: 0.91-0.94x of bf16),
+    # square sweeps win from N = 2048 (>= 1.03x eager, >= 1.27x in a CUDA graph) and are mixed at N = 1024-1536
+    # (0.77-1.08x eager).
     # Alignment 8: 16-byte rows for the TMA kernel need K % 16, and the pointer kernel takes any K, so 8
     # only keeps fp16/bf16 outputs 16-byte aligned.
     "cuda": TargetSpec(min_ratio=512.0, alignment=8, weight_qmax=127, min_n_unfused=2048, fuse_siblings=True),
