@@ -19,6 +19,7 @@ Operands: ``x`` bf16 / fp16 / fp32 [..., K], last dim contiguous, K ≤ 32768 (o
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -117,7 +118,7 @@ def layer_norm_quant(
     if m and k:
         block_k = next_pow2(k)
         p = get_autotune_configs(block_k)
-        y_arg = y if return_float else torch.empty((1, 1), dtype=x.dtype, device=x.device)  # typed, never written
+        y_arg = y if return_float else _unwritten(x.device, x.dtype)
         w_arg = weight if weight is not None else s
         b_arg = bias if bias is not None else s
         grid = (cdiv(m, p["ROWS"]), 1)
@@ -135,6 +136,13 @@ def layer_norm_quant(
             _LAUNCHES.put(key, compiled)
     lead = x.shape[:-1]
     return (y.reshape(x.shape) if return_float else y), q.reshape(x.shape), s.reshape(*lead, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _unwritten(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A [1, 1] tensor of ``dtype`` standing in for y when the float output is not stored (STORE_FLOAT=False
+    gives the kernel y's element type, never writes it). One per device and dtype, not an allocation per call."""
+    return torch.empty((1, 1), dtype=dtype, device=device)
 
 
 def layer_norm_quant_reference(x, normalized_shape, weight, bias, eps, return_float=True):
