@@ -3,10 +3,11 @@ compiler rejects, so CI's interpreter runs are not enough).
 
 1. Runs ``tests/test_kernels.py`` and ``tests/test_lowering.py`` with the kernels compiled (no interpreter).
 2. Checks the kernels at the benchmark shapes (decode to prefill, odd M and K) against float64 / pure-torch
-   references: exact int32 accumulation, epilogue within the dtype tolerance, quantization bit-exact,
-   every output element written (outputs are poisoned with NaN before each launch).
+   references: exact int32 accumulation, epilogue within the dtype tolerance, quantization bit-exact;
+   the swiglu dual GEMM at LLM MLP shapes (M x K x 2I); LayerNorm / RMSNorm + quantize (y close to the
+   fp32 norm, y_q and scale bit-exact against quantizing y).
 3. Reads the compiled code: the GEMMs' PTX must hold ``wgmma`` on sm_90 for the large-M configs
-   (``mma`` for small M), and register spills are reported.
+   (``mma`` for small M), plain and gated (swiglu) variants each, and register spills are reported.
 
     python bench/check_kernels_gpu.py            # exit code 0 only when every check passed
 """
@@ -60,6 +61,26 @@ def gemm_checks() -> None:
                 check(bool(torch.isfinite(out).all()) and err < tol, f"gemm {m}x{k}x{n} {act} {dt} tma={tma}: rel err {err:.2e} < {tol}")
 
 
+def swiglu_checks() -> None:
+    """The dual GEMM at LLM MLP shapes M x K x 2I (Qwen2-1.5B: 1536 -> 2·8960; Llama-3.2-1B: 2048 -> 2·8192)."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    for m, k, n2 in ((8192, 1536, 2 * 8960), (8192, 2048, 2 * 8192), (16, 2048, 2 * 8192), (300, 1536, 2 * 8960)):
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda", generator=g)
+        w = torch.randint(-127, 128, (n2, k), dtype=torch.int8, device="cuda", generator=g)
+        sa = torch.rand(m, device="cuda", generator=g) * 1e-3 + 1e-5
+        sw = torch.rand(n2, device="cuda", generator=g) * 1e-3 + 1e-5
+        for bias in (None, torch.randn(n2, device="cuda", generator=g).bfloat16()):
+            ref = kg.w8a8_linear_reference(a, sa, w, sw, bias, "swiglu", torch.float64).double()
+            for tma in ([False, True] if kg.tma_ok(a, w) else [False]):
+                for dt in (torch.bfloat16, torch.float32):
+                    out = kg.w8a8_linear(a, sa, w, sw, bias, "swiglu", dt, use_tma=tma)
+                    err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+                    tol = {torch.bfloat16: 4e-3, torch.float32: 1e-6}[dt]
+                    check(out.shape == (m, n2 // 2) and bool(torch.isfinite(out).all()) and err < tol,
+                          f"swiglu gemm {m}x{k}x{n2} bias={bias is not None} {dt} tma={tma}: rel err {err:.2e} < {tol}")
+            del ref
+
+
 def quant_checks() -> None:
     g = torch.Generator(device="cuda").manual_seed(1)
     for m, k in ((1, 4096), (7, 768), (12608, 3072), (2048, 14336), (33, 20000), (8192, 2048), (5, 1)):
@@ -80,25 +101,62 @@ def quant_checks() -> None:
             tol = 4e-3 if dt == torch.bfloat16 else 1e-5
             check(err < tol and torch.equal(q, sq) and torch.equal(s, ss),
                   f"layer_norm_quant {m}x{k} {dt}: y rel err {err:.1e}, y_q/scale = quantize(y) exactly")
+    for m, k in ((1, 1536), (8192, 1536), (8192, 2048), (33, 4100)):
+        for dt in (torch.bfloat16, torch.float32):
+            x = (torch.randn(m, k, device="cuda", generator=g) * 2 + 0.3).to(dt)
+            wf = torch.randn(k, device="cuda", generator=g) * 0.5 + 1
+            for cast in (True, False):
+                w = wf.to(dt) if cast else wf  # F.rms_norm / Gemma style: an fp32 weight
+                y, q, s = kln.rms_norm_quant(x, w, 1e-6, cast, True)
+                ry = kln.rms_norm_quant_reference(x, w, 1e-6, cast)[0]
+                ulps = ((y.double() - ry.double()).abs() / (ry.double().abs() * torch.finfo(dt).eps).clamp_min(1e-300)).max().item()
+                sq, ss = kq.quantize_per_token_reference(y)
+                y2, q2, s2 = kln.rms_norm_quant(x, w, 1e-6, cast, False)
+                ok = ulps <= (1 if dt != torch.float32 else 32) and torch.equal(q, sq) and torch.equal(s, ss)
+                check(ok and y2.numel() == 0 and torch.equal(q2, q) and torch.equal(s2, s),
+                      f"rms_norm_quant {m}x{k} {dt} cast_before_weight={cast}: y within {ulps:.1f} ulp of the reference, "
+                      f"y_q/scale = quantize(y) exactly, return_float=False the same")
+                if not cast:
+                    ty = torch.nn.functional.rms_norm(x, [k], w, 1e-6)
+                    tu = ((ty.double() - ry.double()).abs() / (ry.double().abs() * torch.finfo(dt).eps).clamp_min(1e-300)).max().item()
+                    print(f"     F.rms_norm (CUDA) vs reference {m}x{k} {dt}: {tu:.1f} ulp", flush=True)
 
 
 def compiled_code_checks() -> None:
-    """Inspect the binaries Triton cached for the GEMM kernels."""
+    """Inspect the binaries Triton cached for the GEMM kernels, plain and gated (swiglu) apart."""
     for name, kernel in (("pointer", kg._w8a8_gemm_kernel), ("tma", kg._w8a8_gemm_tma_kernel)):
         jit = kernel
         while not hasattr(jit, "device_caches"):
             jit = jit.fn
-        n_wgmma = n_total = 0
+        counts = {}  # gated -> [variants, with int8 wgmma]
         for cache in jit.device_caches.values():
             for compiled in cache[0].values():
                 ptx = compiled.asm.get("ptx", "")
-                n_total += 1
-                n_wgmma += "wgmma.mma_async" in ptx and ".s8" in ptx
+                gated = _gated(jit, compiled)
+                c = counts.setdefault(gated, [0, 0])
+                c[0] += 1
+                c[1] += "wgmma.mma_async" in ptx and ".s8" in ptx
                 spills = getattr(compiled, "n_spills", 0)
                 md = compiled.metadata
-                print(f"     {name}: warps={md.num_warps} stages={md.num_stages} shared={md.shared} B "
+                print(f"     {name}: gated={gated} warps={md.num_warps} stages={md.num_stages} shared={md.shared} B "
                       f"regs={getattr(compiled, 'n_regs', '?')} spills={spills} wgmma={'wgmma.mma_async' in ptx}")
-        check(n_total > 0 and n_wgmma > 0, f"{name} GEMM: {n_wgmma}/{n_total} compiled variants use int8 wgmma")
+        for gated, (total, wgmma) in sorted(counts.items(), key=str):
+            check(total > 0 and wgmma > 0, f"{name} GEMM gated={gated}: {wgmma}/{total} compiled variants use int8 wgmma")
+        if None not in counts:
+            check(True in counts and False in counts, f"{name} GEMM: plain and gated variants were compiled")
+
+
+def _gated(jit, compiled):
+    """The GATED constexpr a compiled GEMM variant was built with (None when this Triton hides it)."""
+    try:
+        index = jit.arg_names.index("GATED")
+        constants = compiled.src.constants
+        for k, v in constants.items():
+            if k == index or k == (index,) or k == "GATED":
+                return bool(v)
+    except Exception:  # noqa: BLE001 - a Triton whose CompiledKernel keeps no ASTSource
+        pass
+    return None
 
 
 def main() -> int:
@@ -110,6 +168,7 @@ def main() -> int:
                         "tests/test_lowering.py"], env=env)
     check(r.returncode == 0, f"pytest tests/test_kernels.py tests/test_lowering.py on the GPU ({time.time() - t:.0f} s)")
     gemm_checks()
+    swiglu_checks()
     quant_checks()
     compiled_code_checks()
     print(f"{len(FAILS)} failed checks" if FAILS else "all kernel checks passed")

@@ -106,14 +106,19 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
         notes.append("the model was in training mode: captured in eval semantics (dropout off); its flags are unchanged")
     captured = capture(model, example_inputs)
     gm = captured.graph_module
-    decisions = passes.annotate(gm, config, model)
-    stats = passes.fuse(gm, fuse_siblings=config.spec.fuse_siblings)
-    passes.lower(gm, config)
     qmax = passes.resolve_weight_qmax(config)
+    passes.annotate(gm, config, qmax, model)
+    stats = passes.fuse(gm, fuse_siblings=config.spec.fuse_siblings)
+    passes.lower(gm, config, qmax)
+    decisions = passes.collect_decisions(gm)
     if config.target == "cpu" and qmax < 127 and config.weight_qmax is None:
         notes.append(
             f"this CPU has no VNNI: int8 weights use [-{qmax}, {qmax}] so oneDNN's u8*s8 int16 pair sums cannot saturate"
         )
+    tied = [d for d in decisions if d.quantize and d.extra_bytes]
+    if tied:
+        notes.append(f"{len(tied)} Linear(s) tied to an embedding run int8 from their own int8 copy "
+                     f"(+{sum(d.extra_bytes for d in tied) / 2**20:.1f} MiB); the embeddings stay float")
     if captured.fixed_kwargs:
         notes.append(f"captured with {captured.fixed_kwargs} (no KV cache in the graph)")
     masks = captured.attention_masks

@@ -38,13 +38,17 @@ from . import reference
 from .kernels import common as _kc
 from .kernels.layer_norm_quant import MAX_K as _LN_MAX_K
 from .kernels.layer_norm_quant import layer_norm_quant as _triton_layer_norm_quant
+from .kernels.layer_norm_quant import rms_norm_quant as _triton_rms_norm_quant
 from .kernels.quantize import quantize_per_token as _triton_quantize
 from .kernels.w8a8_gemm import w8a8_linear as _triton_w8a8_linear
 
 __all__ = [
-    "BACKENDS", "BACKEND_NAMES", "quantize_per_token", "layer_norm_quant", "cpu_int8_full_range_exact",
-    "onednn_available", "cpu_backend", "triton_serves", "pick_backend", "run_linear",
+    "BACKENDS", "BACKEND_NAMES", "GATED", "quantize_per_token", "layer_norm_quant", "rms_norm_quant",
+    "cpu_int8_full_range_exact", "onednn_available", "cpu_backend", "triton_serves", "backend_for_target",
+    "pick_backend", "run_linear",
 ]
+
+GATED = _kc.GATED_ACTIVATIONS  # epilogues whose weight stacks two projections ([2I, K] -> output [..., I])
 
 
 def triton_serves(device: torch.device) -> bool:
@@ -106,7 +110,7 @@ def _onednn_gemm(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) ->
 
 
 # ------------------------------------------------------------------------------ per-token quantize
-_ROUND_MAGIC = 12582912.0  # 1.5 * 2**23
+_ROUND_MAGIC = _kc.ROUND_MAGIC  # 1.5 * 2**23
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +128,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return reference.quantize_per_token(x)
     amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
-    scale = amax.div_(127.0).clamp_min_(reference.EPS)  # CPU fp32 division by a scalar: IEEE, as the reference
+    scale = amax.div_(127.0).clamp_min_(_kc.SCALE_EPS)  # CPU fp32 division by a scalar: IEEE, as the reference
     v = torch.mul(x, scale.reciprocal(), out=_workspace(x.shape)).add_(_ROUND_MAGIC)
     return v.view(torch.int32).to(torch.int8), scale
 
@@ -159,6 +163,17 @@ def layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float):
     return (y if return_float else y.new_empty(0)), y_q, scale
 
 
+def rms_norm_quant(x, weight, eps, cast_before_weight, return_float):
+    """RMSNorm + per-token quantization: one Triton kernel where Triton serves the device and the row fits,
+    else the float RMSNorm of :func:`fxquant.reference.rms_norm` then :func:`quantize_per_token`. Returns
+    ``(y or empty, y_q, scale)`` as ``fxquant::rms_norm_quant``."""
+    if triton_serves(x.device) and x.shape[-1] <= _LN_MAX_K:
+        return _triton_rms_norm_quant(x, weight, eps, cast_before_weight, return_float)
+    y = reference.rms_norm(x, weight, eps, cast_before_weight)
+    y_q, scale = quantize_per_token(y)
+    return (y if return_float else y.new_empty(0)), y_q, scale
+
+
 # --------------------------------------------------------------------------------------------- aten
 def _aten_gemm(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     # w_q.t() of the [N, K] tensor: a row-major [K, N] right operand falls onto a 6-7x slower cuBLAS kernel.
@@ -180,6 +195,20 @@ def cpu_backend(w_qmax: int) -> str:
     if onednn_available() and (w_qmax <= 63 or cpu_int8_full_range_exact()):
         return "onednn"
     return "aten"
+
+
+def backend_for_target(target: str, weight_qmax: int, requested: Optional[str] = None) -> str:
+    """The one choice of the int8 GEMM backend a target's fused Linears are lowered to: ``requested``
+    (``QuantConfig.backend``) when given, else ``triton`` on CUDA when Triton is installed (else cuBLAS
+    through ``aten``); on CPU targets ``triton`` only under a Triton CPU backend, else oneDNN / ``aten``
+    (:func:`cpu_backend`). :func:`pick_backend` re-checks it per call (device moves, cuBLAS's M > 16)."""
+    if requested is not None:
+        return requested
+    if target == "cuda":
+        return "triton" if triton_serves(torch.device("cuda")) else "aten"
+    if triton_serves(torch.device("cpu")):
+        return "triton"
+    return cpu_backend(weight_qmax) if target == "cpu" else "aten"
 
 
 def pick_backend(requested: str, device: torch.device, m: int, k: int, n: int, w_qmax: int) -> str:
@@ -221,7 +250,7 @@ def run_linear(
     m, k = x_q.shape
     n = w_q.shape[0]
     if m == 0:
-        return torch.empty(0, n, dtype=out_dtype, device=x_q.device)
+        return torch.empty(0, n // 2 if activation in GATED else n, dtype=out_dtype, device=x_q.device)
     name = pick_backend(backend, x_q.device, m, k, n, w_qmax)
     if name == "triton":
         return _triton_w8a8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)

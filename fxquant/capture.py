@@ -192,6 +192,7 @@ def _eval_copy(mod: torch.nn.Module) -> torch.nn.Module:
 # ----------------------------------------------------------------------------------- canonicalization
 _ACT_FUNCTIONS = {F.relu: aten.relu.default, torch.relu: aten.relu.default, F.silu: aten.silu.default, F.gelu: aten.gelu.default}
 _ACT_MODULES = {torch.nn.ReLU: aten.relu.default, torch.nn.SiLU: aten.silu.default, torch.nn.GELU: aten.gelu.default}
+_ASSERT_METADATA = getattr(aten, "_assert_tensor_metadata", None) and aten._assert_tensor_metadata.default
 _IDENTITY = (aten.dropout.default, aten.alias.default, aten.detach.default, aten.clone.default)
 
 
@@ -207,6 +208,11 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
             if node.target in (aten.addmm.default, torch.addmm):
                 _canonical_addmm(gm, node)
     for node in list(graph.nodes):
+        # torch.export's dtype/device asserts on intermediate tensors check nothing a pattern needs, and as
+        # extra users they would stop the matcher from seeing through a cast (RMSNorm's .to(float32)).
+        if node.op == "call_function" and node.target is _ASSERT_METADATA:
+            graph.erase_node(node)
+            continue
         # Inference graphs: dropout(train=False), aliases and clones of activations are identities.
         if node.op == "call_function" and node.target in _IDENTITY and not node.kwargs.get("memory_format"):
             if node.target is aten.dropout.default and (len(node.args) > 2 and node.args[2]):

@@ -6,6 +6,7 @@ float (or quantized) silently.
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -13,17 +14,32 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = [
-    "Verdict", "beneficial_ratio", "int8_pays_off", "quantize_pass_pays_off", "is_aligned", "is_skipped",
+    "Rule", "Verdict", "beneficial_ratio", "int8_pays_off", "quantize_pass_pays_off", "is_aligned", "is_skipped",
     "dtype_supported",
 ]
 
 
+class Rule(str, enum.Enum):
+    """The rule behind a verdict: what code branches on (never the reason's words)."""
+
+    CONSTANT_WEIGHT = "constant_weight"  # the weight is not a constant 2-D parameter
+    DTYPE = "dtype"
+    TIED = "tied"                        # the weight is read by another op
+    SKIP = "skip"                        # QuantConfig.skip
+    FILTER_FN = "filter_fn"              # QuantConfig.filter_fn
+    ALIGNMENT = "alignment"
+    RATIO = "ratio"                      # beneficial ratio K*N/(K+N)
+    QUANTIZE_PASS = "quantize_pass"      # a separate per-token quantization pass would not pay
+    PATTERN = "pattern"                  # a pattern's own filter
+
+
 @dataclass(frozen=True)
 class Verdict:
-    """``ok`` is the decision; ``reason`` says why in words a user can act on."""
+    """``ok`` is the decision; ``reason`` says why in words a user can act on; ``rule`` names the rule."""
 
     ok: bool
     reason: str
+    rule: Optional[Rule] = None
 
     def __bool__(self) -> bool:
         return self.ok
@@ -42,8 +58,9 @@ def int8_pays_off(k: int, n: int, min_ratio: float) -> Verdict:
     """True when ``beneficial_ratio(k, n) >= min_ratio`` (the target's threshold, see ``config.TARGETS``)."""
     r = beneficial_ratio(k, n)
     if r >= min_ratio:
-        return Verdict(True, f"ratio {r:.1f} >= {min_ratio:g}")
-    return Verdict(False, f"ratio K*N/(K+N) = {r:.1f} < min_ratio {min_ratio:g}: quantize/dequantize would cost more than the int8 GEMM saves")
+        return Verdict(True, f"ratio {r:.1f} >= {min_ratio:g}", Rule.RATIO)
+    return Verdict(False, f"ratio K*N/(K+N) = {r:.1f} < min_ratio {min_ratio:g}: quantize/dequantize would cost more "
+                          "than the int8 GEMM saves", Rule.RATIO)
 
 
 def quantize_pass_pays_off(n_total: int, min_n: int) -> Verdict:
@@ -55,27 +72,29 @@ def quantize_pass_pays_off(n_total: int, min_n: int) -> Verdict:
     over the sibling Linears that share the pass (q, k, v after an RMSNorm). ``min_n = 0`` disables the rule.
     """
     if n_total >= min_n:
-        return Verdict(True, f"N {n_total} >= {min_n} for its own quantization pass")
+        return Verdict(True, f"N {n_total} >= {min_n} for its own quantization pass", Rule.QUANTIZE_PASS)
     return Verdict(False, f"input needs its own quantization pass and the int8 GEMMs reading it have N = {n_total} "
-                          f"< min_n_unfused {min_n}: the pass would cost more than int8 saves (kept float)")
+                          f"< min_n_unfused {min_n}: the pass would cost more than int8 saves (kept float)",
+                   Rule.QUANTIZE_PASS)
 
 
 def is_aligned(k: int, n: int, alignment: int) -> Verdict:
     """True when K and N are multiples of ``alignment`` (the target's int8 kernels' requirement)."""
     bad = [f"{name}={v}" for name, v in (("K", k), ("N", n)) if v % alignment]
     if not bad:
-        return Verdict(True, f"K, N % {alignment} == 0")
-    return Verdict(False, f"{', '.join(bad)} not a multiple of {alignment} required by the target's int8 kernels")
+        return Verdict(True, f"K, N % {alignment} == 0", Rule.ALIGNMENT)
+    return Verdict(False, f"{', '.join(bad)} not a multiple of {alignment} required by the target's int8 kernels",
+                   Rule.ALIGNMENT)
 
 
 def is_skipped(name: str, skip: Sequence[str]) -> Verdict:
     """True (= keep float) when ``name`` equals a ``skip`` entry or fully matches a ``re:`` entry."""
     for s in skip:
         if s.startswith("re:") and re.fullmatch(s[3:], name):
-            return Verdict(True, f"skipped by pattern {s!r}")
+            return Verdict(True, f"skipped by pattern {s!r}", Rule.SKIP)
         if s == name:
-            return Verdict(True, "skipped by name")
-    return Verdict(False, "not in skip list")
+            return Verdict(True, "skipped by name", Rule.SKIP)
+    return Verdict(False, "not in skip list", Rule.SKIP)
 
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
@@ -84,5 +103,5 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 def dtype_supported(dtype: Optional[torch.dtype]) -> Verdict:
     """Only fp32 / fp16 / bf16 Linears are quantized; float64 keeps its precision, integer Linears stay."""
     if dtype in _SUPPORTED:
-        return Verdict(True, f"dtype {dtype}")
-    return Verdict(False, f"weight dtype {dtype} is not fp32/fp16/bf16: kept as is")
+        return Verdict(True, f"dtype {dtype}", Rule.DTYPE)
+    return Verdict(False, f"weight dtype {dtype} is not fp32/fp16/bf16: kept as is", Rule.DTYPE)

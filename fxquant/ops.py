@@ -10,44 +10,112 @@ op                                  meaning (numerics: :mod:`fxquant.reference`)
 ``fxquant::int8_linear``            float x [..., K] → quantize per token → int8 GEMM → epilogue → [..., N]
 ``fxquant::int8_linear_q``          already-quantized (x_q, x_scale) → int8 GEMM → epilogue → [..., N]
 ``fxquant::layer_norm_quant``       LayerNorm + per-token quantize: (y float or empty, y_q int8, scale fp32)
+``fxquant::rms_norm_quant``         RMSNorm + per-token quantize: the same three outputs
 ==================================  ==========================================================================
 
 Arguments shared by the Linear ops: ``w_q`` int8 [N, K], ``w_scale`` fp32 [N, 1], ``bias`` [N] or None,
-``activation`` in ``reference.ACTIVATIONS`` (the GEMM epilogue), ``backend`` (the lowering pass's choice,
-re-checked per call by :func:`fxquant.backends.pick_backend`), ``w_qmax`` (the weight's range, which
-decides whether oneDNN is exact), ``out_dtype`` (None: x's dtype).
+``activation`` in ``reference.ACTIVATIONS`` (the GEMM epilogue; the gated ``swiglu`` takes gate and up
+stacked as [2I, K] and returns [..., I]), ``backend`` (the lowering pass's choice, re-checked per call by
+:func:`fxquant.backends.pick_backend`), ``w_qmax`` (the weight's range, which decides whether oneDNN is
+exact), ``out_dtype`` (None: x's dtype).
+
+The contract: each op's schema below is the one place its signature is written; :class:`_Contract` derives
+the typed argument record from it, and :class:`FusedLinear` is the one view of both Linear ops. Graph
+passes, the report, golden text and exporters build and read nodes through these, never by position.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
-from typing import Optional
+import re
+from typing import Any, NamedTuple, Optional
 
 import torch
+import torch.fx as fx
 
 from . import backends
 
-__all__ = ["quantize_per_token", "int8_linear", "int8_linear_q", "layer_norm_quant"]
+__all__ = ["quantize_per_token", "int8_linear", "int8_linear_q", "layer_norm_quant", "rms_norm_quant", "FusedLinear",
+           "contract_of", "CONTRACTS", "NORM_QUANT_OPS", "out_features"]
 
 _NS = "fxquant"
 
 # Registered through ``torch.library.Library`` rather than ``@torch.library.custom_op``: the latter wraps
 # every call in Python that checks outputs for aliasing, 40-80 µs per call on an H200 host (cProfile of
-# bench/profile_gpu.py), more than the GPU time of a mid-sized int8 GEMM. The schemas are the same.
+# bench/profile_gpu.py), more than the GPU time of a mid-sized int8 GEMM.
 _LIB = torch.library.Library(_NS, "DEF")
-_LIB.define("quantize_per_token(Tensor x) -> (Tensor, Tensor)")
-_LIB.define(
-    "int8_linear_q(Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias, str activation, "
-    "str backend, int w_qmax, ScalarType out_dtype) -> Tensor"
+
+_SCHEMA_ARG = re.compile(r"^\s*(?P<type>[\w\[\]?]+)\s+(?P<name>\w+)(?:\s*=\s*(?P<default>\w+))?\s*$")
+
+
+class _Contract:
+    """One fused op: its ``torch.library`` schema — the only place its signature is spelled — and the typed
+    record of its arguments (a NamedTuple built from the schema) that every graph writer and reader uses.
+
+    ``record_of(node)`` reads a node's arguments as the record, ``call(graph, record)`` inserts a node at the
+    graph's current insertion point, ``set(node, record)`` rewrites a node's arguments. Nothing outside this
+    module indexes a fused node's ``args`` by position.
+    """
+
+    def __init__(self, name: str, params: str, returns: str):
+        _LIB.define(f"{name}({params}) -> {returns}")
+        fields, defaults = [], {}
+        for p in params.split(","):
+            m = _SCHEMA_ARG.match(p)
+            assert m, f"cannot read schema argument {p!r} of fxquant::{name}"
+            fields.append(m["name"])
+            if m["default"] is not None:
+                defaults[m["name"]] = None if m["default"] == "None" else m["default"]
+        self.name = name
+        self.record = collections.namedtuple(_camel(name), fields, defaults=[defaults[f] for f in fields if f in defaults])
+        self.fields = tuple(fields)
+
+    @property
+    def op(self) -> torch._ops.OpOverload:
+        return getattr(getattr(torch.ops.fxquant, self.name), "default")
+
+    def record_of(self, node: fx.Node):
+        assert node.target is self.op, f"{node.format_node()} is not a fxquant::{self.name} node"
+        return self.record(*node.args, **node.kwargs)
+
+    def call(self, graph: fx.Graph, record) -> fx.Node:
+        return graph.call_function(self.op, tuple(record))
+
+    def set(self, node: fx.Node, record) -> None:
+        node.args, node.kwargs = tuple(record), {}
+
+
+def _camel(name: str) -> str:
+    return "".join(p.capitalize() for p in name.split("_"))
+
+
+QUANTIZE_PER_TOKEN_C = _Contract("quantize_per_token", "Tensor x", "(Tensor, Tensor)")
+INT8_LINEAR_C = _Contract(
+    "int8_linear",
+    "Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, str activation, str backend, int w_qmax, "
+    "ScalarType? out_dtype=None",
+    "Tensor",
 )
-_LIB.define(
-    "int8_linear(Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, str activation, str backend, int w_qmax, "
-    "ScalarType? out_dtype=None) -> Tensor"
+INT8_LINEAR_Q_C = _Contract(
+    "int8_linear_q",
+    "Tensor x_q, Tensor x_scale, Tensor w_q, Tensor w_scale, Tensor? bias, str activation, str backend, "
+    "int w_qmax, ScalarType out_dtype",
+    "Tensor",
 )
-_LIB.define(
-    "layer_norm_quant(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps, bool return_float) "
-    "-> (Tensor, Tensor, Tensor)"
+LAYER_NORM_QUANT_C = _Contract(
+    "layer_norm_quant",
+    "Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps, bool return_float",
+    "(Tensor, Tensor, Tensor)",
 )
+RMS_NORM_QUANT_C = _Contract(
+    "rms_norm_quant",
+    "Tensor x, Tensor? weight, float eps, bool cast_before_weight, bool return_float",
+    "(Tensor, Tensor, Tensor)",
+)
+# Ops whose outputs are (y float or empty, y_q int8, scale fp32): a norm that quantizes its own output.
+NORM_QUANT_CONTRACTS = (LAYER_NORM_QUANT_C, RMS_NORM_QUANT_C)
+NORM_QUANT_FLOAT, NORM_QUANT_Q, NORM_QUANT_SCALE = 0, 1, 2  # output indices of the norm-quant ops
 
 
 def _impl(name):
@@ -78,6 +146,12 @@ def _(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
+def out_features(w_q: torch.Tensor, activation: str) -> int:
+    """N of a fused Linear's output: the weight's rows, or half of them for a gated epilogue (SwiGLU:
+    gate and up projections stacked as one [2I, K] weight, output [..., I])."""
+    return w_q.shape[0] // 2 if activation in backends.GATED else w_q.shape[0]
+
+
 def _linear_2d(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype):
     if x_q.dim() == 2 and x_scale.dim() == 2:  # decode and flattened inputs: no reshapes (each is host time on a host-bound call)
         return backends.run_linear(x_q, x_scale, w_q, w_scale, bias, activation, backend, out_dtype, w_qmax)
@@ -86,7 +160,7 @@ def _linear_2d(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, ou
         x_q.reshape(-1, x_q.shape[-1]), x_scale.reshape(-1, 1), w_q, w_scale, bias,
         activation, backend, out_dtype, w_qmax,
     )
-    return y.reshape(*lead, w_q.shape[0])
+    return y.reshape(*lead, y.shape[-1])
 
 
 @_impl("int8_linear_q")
@@ -106,7 +180,7 @@ def int8_linear_q(
 
 @torch.library.register_fake(f"{_NS}::int8_linear_q")
 def _(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype):
-    return x_q.new_empty((*x_q.shape[:-1], w_q.shape[0]), dtype=out_dtype)
+    return x_q.new_empty((*x_q.shape[:-1], out_features(w_q, activation)), dtype=out_dtype)
 
 
 @_impl("int8_linear")
@@ -123,12 +197,12 @@ def int8_linear(
     # flatten once: quantization and GEMM both work on [M, K] (every reshape is host time on a host-bound call)
     x_q, x_scale = backends.quantize_per_token(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]))
     y = _linear_2d(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype or x.dtype)
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], w_q.shape[0])
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 @torch.library.register_fake(f"{_NS}::int8_linear")
 def _(x, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype=None):
-    return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=out_dtype or x.dtype)
+    return x.new_empty((*x.shape[:-1], out_features(w_q, activation)), dtype=out_dtype or x.dtype)
 
 
 @_impl("layer_norm_quant")
@@ -143,17 +217,84 @@ def layer_norm_quant(
     return backends.layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float)
 
 
-@torch.library.register_fake(f"{_NS}::layer_norm_quant")
-def _(x, normalized_shape, weight, bias, eps, return_float):
+@_impl("rms_norm_quant")
+def rms_norm_quant(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    cast_before_weight: bool,
+    return_float: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backends.rms_norm_quant(x, weight, eps, cast_before_weight, return_float)
+
+
+def _norm_quant_fake(x, *args):
+    return_float = args[-1]
     y = x.new_empty(x.shape) if return_float else x.new_empty(0)
     return y, x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
+for _c in NORM_QUANT_CONTRACTS:
+    torch.library.register_fake(f"{_NS}::{_c.name}", _norm_quant_fake)
+
+
 # The OpOverloads that fused graph nodes call (the functions above are their implementations).
-QUANTIZE_PER_TOKEN = torch.ops.fxquant.quantize_per_token.default
-INT8_LINEAR = torch.ops.fxquant.int8_linear.default
-INT8_LINEAR_Q = torch.ops.fxquant.int8_linear_q.default
-LAYER_NORM_QUANT = torch.ops.fxquant.layer_norm_quant.default
+QUANTIZE_PER_TOKEN = QUANTIZE_PER_TOKEN_C.op
+INT8_LINEAR = INT8_LINEAR_C.op
+INT8_LINEAR_Q = INT8_LINEAR_Q_C.op
+LAYER_NORM_QUANT = LAYER_NORM_QUANT_C.op
+RMS_NORM_QUANT = RMS_NORM_QUANT_C.op
+NORM_QUANT_OPS = tuple(c.op for c in NORM_QUANT_CONTRACTS)
+CONTRACTS = {c.op: c for c in (QUANTIZE_PER_TOKEN_C, INT8_LINEAR_C, INT8_LINEAR_Q_C, *NORM_QUANT_CONTRACTS)}
+
+
+def contract_of(node: fx.Node) -> Optional[_Contract]:
+    """The contract of a fused node, or None for any other node."""
+    return CONTRACTS.get(node.target) if node.op == "call_function" else None
+
+
+class FusedLinear(NamedTuple):
+    """The one view of a fused Linear node (``int8_linear`` or ``int8_linear_q``) that passes, the report and
+    exporters read and write. ``x`` is the float input of ``int8_linear``; ``x_q``/``x_scale`` the already
+    quantized input of ``int8_linear_q`` (the other is None)."""
+
+    x: Any
+    x_q: Any
+    x_scale: Any
+    w_q: Any
+    w_scale: Any
+    bias: Any
+    activation: str
+    backend: str
+    w_qmax: int
+    out_dtype: Optional[torch.dtype]
+
+    @staticmethod
+    def is_fused_linear(node: fx.Node) -> bool:
+        return node.op == "call_function" and node.target in (INT8_LINEAR, INT8_LINEAR_Q)
+
+    @classmethod
+    def of(cls, node: fx.Node) -> "FusedLinear":
+        c = CONTRACTS[node.target]
+        r = c.record_of(node)._asdict()
+        return cls(x=r.pop("x", None), x_q=r.pop("x_q", None), x_scale=r.pop("x_scale", None), **r)
+
+    def _contract(self) -> _Contract:
+        return INT8_LINEAR_C if self.x_q is None else INT8_LINEAR_Q_C
+
+    def call(self, graph: fx.Graph) -> fx.Node:
+        """Insert the node (``int8_linear_q`` when the input is already quantized)."""
+        return self._contract().call(graph, self._record())
+
+    def set(self, node: fx.Node) -> None:
+        """Rewrite ``node`` to this op and these arguments."""
+        c = self._contract()
+        node.target = c.op
+        c.set(node, self._record())
+
+    def _record(self):
+        c = self._contract()
+        return c.record(**{f: getattr(self, f) for f in c.fields})
 
 
 # ------------------------------------------------------------------------- torch.compile (Inductor) fusion
@@ -190,11 +331,12 @@ def _register_inductor_decompositions() -> bool:
         return reference.quantize_per_token(x)
 
     @register_decomposition([INT8_LINEAR])
-    def _int8_linear(x, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype=None):
-        if x.device.type != "cuda":
+    def _int8_linear(*args, **kwargs):
+        r = INT8_LINEAR_C.record(*args, **kwargs)
+        if r.x.device.type != "cuda":
             return NotImplemented
-        x_q, x_scale = reference.quantize_per_token(x)
-        return INT8_LINEAR_Q(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype or x.dtype)
+        x_q, x_scale = reference.quantize_per_token(r.x)
+        return INT8_LINEAR_Q(x_q, x_scale, r.w_q, r.w_scale, r.bias, r.activation, r.backend, r.w_qmax, r.out_dtype or r.x.dtype)
 
     @register_decomposition([LAYER_NORM_QUANT])
     def _layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float):
@@ -203,6 +345,12 @@ def _register_inductor_decompositions() -> bool:
         y = torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
         y_q, scale = reference.quantize_per_token(y)
         return (y if return_float else y.new_empty(0)), y_q, scale
+
+    @register_decomposition([RMS_NORM_QUANT])
+    def _rms_norm_quant(x, weight, eps, cast_before_weight, return_float):
+        if x.device.type != "cuda":
+            return NotImplemented
+        return reference.rms_norm_quant(x, weight, eps, cast_before_weight, return_float)
 
     return True
 

@@ -1,5 +1,7 @@
-"""The passes of ``fxquant.compile``: annotate → fuse → lower. GraphModule in, GraphModule out; all state
-lives in ``node.meta["fxquant"]`` (a :class:`~fxquant.rewrite.LinearDecision` per Linear)."""
+"""The passes of ``fxquant.compile``: annotate (with the planning analysis) → fuse → lower. GraphModule in,
+GraphModule out; all state lives in ``node.meta["fxquant"]`` (an immutable
+:class:`~fxquant.rewrite.LinearDecision` per Linear call) and, on fused Linear nodes, in
+``node.meta["fxquant_members"]``."""
 
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ import torch.fx as fx
 from . import backends, heuristics, ops
 from ._attrs import fetch_attr
 from .config import QuantConfig
-from .rewrite import MEMBERS_KEY, META_KEY, LinearDecision, decision_of, fuse_sibling_linears, read_quantized_input, run_patterns
+from .heuristics import Rule, Verdict
+from .rewrite import (META_KEY, InputQuant, LinearDecision, decision_of, fuse_sibling_linears, members_of,
+                      read_quantized_input, run_patterns, _set_members)
 
-__all__ = ["annotate", "fuse", "share_input_quantization", "lower", "resolve_weight_qmax", "backend_for", "linear_name"]
+__all__ = ["annotate", "plan_input_groups", "fuse", "share_input_quantization", "lower", "resolve_weight_qmax",
+           "linear_name", "collect_decisions"]
 
 aten = torch.ops.aten
-FUSED_LINEAR_OPS = (ops.INT8_LINEAR, ops.INT8_LINEAR_Q)
 
 
 def resolve_weight_qmax(config: QuantConfig) -> int:
@@ -58,105 +62,183 @@ def _owned_by(target: str, name: str) -> bool:
     return target == name or target.startswith(name + ".")
 
 
-def _tied(attrs: list[fx.Node], node: fx.Node, name: str) -> bool:
-    """True when an attribute of the Linear's module is read by anything but a Linear call of that same
-    module (a tied embedding, say). A module called several times (ALBERT's shared layers) is not tied:
-    each call is quantized against the one set of int8 weights."""
+def _tied(attrs: list[fx.Node], node: fx.Node, name: str) -> Optional[str]:
+    """How the Linear's module attributes are shared: None when only Linear calls of that same module read
+    them (a module called several times, as ALBERT's shared layers, is not tied: each call is quantized
+    against the one set of int8 weights); ``"embedding"`` when the only other readers are embedding lookups
+    of the weight (a tied LM head); ``"other"`` when any other op reads them."""
     weight = f"{name}.weight" if name else "weight"
 
     def same_linear(user: fx.Node, attr: fx.Node) -> bool:
         w = user.args[1] if user.op == "call_function" and user.target is aten.linear.default else None
         return isinstance(w, fx.Node) and w.op == "get_attr" and w.target == weight and attr in user.args[1:3] and attr is not user.args[0]
 
-    return any(_owned_by(n.target, name) and not all(same_linear(u, n) for u in n.users) for n in attrs)
+    def embedding_lookup(user: fx.Node, attr: fx.Node) -> bool:
+        return (user.op == "call_function" and user.target is aten.embedding.default and user.args[0] is attr
+                and attr.target == weight)
 
-
-def annotate(gm: fx.GraphModule, config: QuantConfig, model: Optional[torch.nn.Module] = None) -> list[LinearDecision]:
-    """Decide int8 or float for every ``aten.linear`` node; store the decision in ``node.meta``.
-
-    Rules, first failing one wins: constant weight; dtype (fp32/fp16/bf16); not tied to another op;
-    skip list; ``filter_fn``; alignment; beneficial ratio. Returns the decisions in graph order.
-    """
-    spec = config.spec
-    qmax = resolve_weight_qmax(config)
-    attrs = [n for n in gm.graph.nodes if n.op == "get_attr"]
-    decisions = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not aten.linear.default:
+    kind = None
+    for n in attrs:
+        if not _owned_by(n.target, name):
             continue
+        for u in n.users:
+            if same_linear(u, n):
+                continue
+            if not embedding_lookup(u, n):
+                return "other"
+            kind = "embedding"
+    return kind
+
+
+def annotate(gm: fx.GraphModule, config: QuantConfig, weight_qmax: int, model: Optional[torch.nn.Module] = None,
+             patterns=None) -> list[LinearDecision]:
+    """Decide int8 or float for every ``aten.linear`` node and plan its input; store the decision in
+    ``node.meta``.
+
+    Per Linear, first failing rule wins: constant weight; dtype (fp32/fp16/bf16); not tied to another op
+    (a weight tied only to an embedding gets its own int8 copy); skip list; ``filter_fn``; alignment;
+    beneficial ratio. Then :func:`plan_input_groups` judges each group of Linears reading one tensor.
+    ``weight_qmax`` is :func:`resolve_weight_qmax` of the config (resolved once by the caller). Returns the
+    decisions in graph order.
+    """
+    from .patterns import REGISTRY
+
+    spec = config.spec
+    attrs = [n for n in gm.graph.nodes if n.op == "get_attr"]
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default]
+    for index, node in enumerate(linears):
         name = linear_name(gm, node)
         w = _weight_of(gm, node)
         if w is None or w.dim() != 2:
-            d = LinearDecision(name, -1, -1, None, 0.0, False, False, "weight is not a constant 2-D parameter: kept float")
-            node.meta[META_KEY] = d
-            decisions.append(d)
+            node.meta[META_KEY] = LinearDecision(name, -1, -1, None, 0.0, False, False,
+                                                 "weight is not a constant 2-D parameter: kept float",
+                                                 rule=Rule.CONSTANT_WEIGHT, index=index)
             continue
         n, k = w.shape
-        ratio = heuristics.beneficial_ratio(k, n)
         aligned = heuristics.is_aligned(k, n, spec.alignment)
-        verdict = _first_failure(attrs, node, name, w, config, spec, model, aligned, k, n)
-        d = LinearDecision(name, k, n, w.dtype, ratio, aligned.ok, verdict.ok, verdict.reason, weight_qmax=qmax,
-                           out_dtype=config.out_dtype or w.dtype)
-        node.meta[META_KEY] = d
-        decisions.append(d)
-    if spec.fuse_siblings:
-        _apply_sibling_ratio(gm, spec.min_ratio)
-    if spec.min_n_unfused:
-        _apply_quantize_pass_rule(gm, spec.min_n_unfused)
-    return decisions
+        tied = _tied(attrs, node, name)
+        verdict = _first_failure(tied, name, w, config, spec, model, aligned, k, n)
+        extra = n * k + 4 * n if tied == "embedding" and verdict.ok else 0  # int8 copy + fp32 scales
+        reason = verdict.reason
+        if extra:
+            reason += f"; weight tied to an embedding: int8 copy adds {extra / 2**20:.1f} MiB, the embedding stays float"
+        node.meta[META_KEY] = LinearDecision(
+            name, k, n, w.dtype, heuristics.beneficial_ratio(k, n), aligned.ok, verdict.ok, reason,
+            rule=None if verdict.ok else verdict.rule, weight_qmax=weight_qmax, out_dtype=config.out_dtype or w.dtype,
+            index=index, extra_bytes=extra,
+        )
+    plan_input_groups(gm, spec, REGISTRY if patterns is None else patterns)
+    return [decision_of(n) for n in linears]
 
 
-_ACTIVATION_OPS = (aten.relu.default, aten.gelu.default, aten.silu.default)
+def plan_input_groups(gm: fx.GraphModule, spec, patterns) -> None:
+    """The one analysis of how int8 Linears get their input; rewrites execute what it writes.
 
+    1. **GEMM units**: each Linear-consuming pattern (``Pattern.linears``) claims the Linears a match turns
+       into one GEMM and its epilogue (Linear→GELU: one Linear; SwiGLU: gate and up as one GEMM). A unit
+       with several Linears is claimed only when none of them fails a rule other than the ratio.
+    2. **Input groups**: units reading the same tensor. Their source is a norm whose pattern
+       (``Pattern.quantized_output``) matches the producer, else one shared per-token pass (two or more
+       int8 units), else the Linear's own pass.
+    3. **Judging groups, not Linears**: where the target fuses siblings, the units with a plain epilogue run
+       as one GEMM and the ratio rule is judged on it (K, ΣN), as on a multi-Linear unit (K, N of the
+       stacked weight); only Linears that failed on the ratio alone flip. A group without a norm source pays
+       a separate quantization pass, so its int8 GEMMs need ``min_n_unfused`` output columns in total.
 
-def _apply_sibling_ratio(gm: fx.GraphModule, min_ratio: float) -> None:
-    """Where sibling Linears (same input, no activation after them) will run as one fused GEMM
-    (``rewrite.fuse_sibling_linears``), judge the beneficial ratio on that GEMM: K and the sum of their N.
-    Flips only Linears that failed on the ratio alone."""
-    groups: dict[fx.Node, list[LinearDecision]] = {}
-    for node in gm.graph.nodes:
-        d = node.meta.get(META_KEY) if node.op == "call_function" and node.target is aten.linear.default else None
-        if d is None or d.k < 0 or any(u.op == "call_function" and u.target in _ACTIVATION_OPS for u in node.users):
+    Writes each decision's ``group``, ``gemm`` and ``input_quant`` (and, where a rule flipped it,
+    ``quantize``/``reason``/``rule``) back to ``node.meta``.
+    """
+    claims: dict[fx.Node, tuple[tuple[fx.Node, ...], str]] = {}
+    norm_source: dict[fx.Node, InputQuant] = {}
+    for pat in patterns:
+        if pat.quantized_output is not None:
+            for m in pat.matches(gm):
+                if pat.check_structure(m):
+                    norm_source[m.anchor] = pat.quantized_output
+        if pat.linears is None:
             continue
-        if d.quantize or d.reason == heuristics.int8_pays_off(d.k, d.n, min_ratio).reason:  # failed on the ratio alone
-            groups.setdefault(node.args[0], []).append(d)
-    for ds in groups.values():
-        if len(ds) < 2 or all(d.quantize for d in ds):
-            continue
-        k, n = ds[0].k, sum(d.n for d in ds)
-        verdict = heuristics.int8_pays_off(k, n, min_ratio)
-        if verdict:
-            for d in ds:
-                if not d.quantize:
-                    d.quantize, d.reason = True, f"{verdict.reason} as one GEMM with its siblings (K={k}, N={n})"
+        for m in pat.matches(gm):
+            lins, epilogue = pat.linears(m)
+            lins = tuple(lins)
+            if any(lin in claims for lin in lins):
+                continue
+            ds = [decision_of(lin) for lin in lins]
+            if len(lins) > 1 and not all(d.quantize or d.rule is Rule.RATIO for d in ds):
+                continue  # the multi-Linear pattern rejects it; its Linears fall to later patterns
+            for lin in lins:
+                claims[lin] = (lins, epilogue)
+    units: dict[fx.Node, dict[tuple[fx.Node, ...], str]] = {}  # input -> {unit: epilogue}, graph order
+    for lin, (unit, epilogue) in claims.items():
+        if decision_of(lin).k >= 0:
+            units.setdefault(unit[0].args[0], {})[unit] = epilogue
+    gemm_ids = iter(range(1 << 30))
+    for group_id, (x, group) in enumerate(units.items()):
+        gemms = _plan_gemms(group, spec)
+        for unit, gemm in gemms.items():
+            _judge_ratio(unit, gemm, spec.min_ratio)
+        int8_units = [u for u in group if decision_of(u[0]).quantize]
+        source = norm_source.get(x) if int8_units else None
+        if source is None and int8_units and spec.min_n_unfused:
+            verdict = heuristics.quantize_pass_pays_off(sum(_stacked_n(u) for u in int8_units), spec.min_n_unfused)
+            if not verdict:
+                for u in int8_units:
+                    _update(u, quantize=False, reason=verdict.reason, rule=verdict.rule)
+                int8_units = []
+        if source is None:
+            source = InputQuant.SHARED_PER_TOKEN if len(int8_units) > 1 else InputQuant.PER_TOKEN
+        ids = {}
+        for unit in group:
+            gemm_key = gemms[unit]
+            ids.setdefault(gemm_key, next(gemm_ids))
+            q = decision_of(unit[0]).quantize
+            _update(unit, group=group_id, gemm=ids[gemm_key], input_quant=source if q else None)
 
 
-def _apply_quantize_pass_rule(gm: fx.GraphModule, min_n: int) -> None:
-    """Keep float the int8 candidates whose input needs its own quantization pass (not a LayerNorm output)
-    when the candidates sharing that input have too few output columns in total
-    (:func:`fxquant.heuristics.quantize_pass_pays_off`)."""
-    groups: dict[fx.Node, list[LinearDecision]] = {}
-    for node in gm.graph.nodes:
-        d = node.meta.get(META_KEY) if node.op == "call_function" and node.target is aten.linear.default else None
-        x = node.args[0] if d is not None and d.quantize else None
-        if isinstance(x, fx.Node) and not (x.op == "call_function" and x.target is aten.layer_norm.default):
-            groups.setdefault(x, []).append(d)
-    for ds in groups.values():
-        verdict = heuristics.quantize_pass_pays_off(sum(d.n for d in ds), min_n)
-        if not verdict:
-            for d in ds:
-                d.quantize, d.reason = False, verdict.reason
+def _stacked_n(unit: tuple[fx.Node, ...]) -> int:
+    return sum(decision_of(lin).n for lin in unit)
 
 
-def _first_failure(attrs, node, name, w, config, spec, model, aligned, k, n) -> heuristics.Verdict:
+def _plan_gemms(group: dict[tuple[fx.Node, ...], str], spec) -> dict[tuple[fx.Node, ...], tuple]:
+    """Which units of one input group run as one GEMM: with sibling fusion, every single-Linear unit with a
+    plain epilogue that is (or may become) int8 joins one GEMM; any other unit is its own GEMM."""
+    siblings = [u for u, epi in group.items() if spec.fuse_siblings and len(u) == 1 and epi == "none"
+                and (decision_of(u[0]).quantize or decision_of(u[0]).rule is Rule.RATIO)]
+    key = tuple(siblings) if len(siblings) > 1 else None
+    return {u: (key if key is not None and u in siblings else u) for u in group}
+
+
+def _judge_ratio(unit: tuple[fx.Node, ...], gemm: tuple, min_ratio: float) -> None:
+    """Judge the ratio rule on the GEMM a unit runs in (K, ΣN of its stacked weights); flip the Linears that
+    failed on the ratio alone."""
+    members = list(unit) if gemm == unit else [lin for u in gemm for lin in u]
+    if len(members) < 2:
+        return
+    k = decision_of(members[0]).k
+    n = sum(decision_of(lin).n for lin in members)
+    verdict = heuristics.int8_pays_off(k, n, min_ratio)
+    if not verdict:
+        return
+    what = "with gate and up" if gemm == unit else "with its siblings"
+    for lin in unit:
+        d = decision_of(lin)
+        if not d.quantize and d.rule is Rule.RATIO:
+            _update((lin,), quantize=True, rule=None, reason=f"{verdict.reason} as one GEMM {what} (K={k}, N={n})")
+
+
+def _update(unit, **changes) -> None:
+    for lin in unit:
+        lin.meta[META_KEY] = decision_of(lin).replace(**changes)
+
+
+def _first_failure(tied, name, w, config, spec, model, aligned, k, n) -> Verdict:
     dt = heuristics.dtype_supported(w.dtype)
     if not dt:
         return dt
-    if _tied(attrs, node, name):
-        return heuristics.Verdict(False, "weight is shared with another op (tied): kept float")
+    if tied == "other":
+        return Verdict(False, "weight is shared with another op (tied): kept float", Rule.TIED)
     skipped = heuristics.is_skipped(name, config.skip)
     if skipped:
-        return heuristics.Verdict(False, skipped.reason)
+        return Verdict(False, skipped.reason, Rule.SKIP)
     if config.filter_fn is not None:
         module = None
         if model is not None:
@@ -165,7 +247,7 @@ def _first_failure(attrs, node, name, w, config, spec, model, aligned, k, n) -> 
             except AttributeError:
                 module = None
         if not config.filter_fn(name, module):
-            return heuristics.Verdict(False, "rejected by filter_fn")
+            return Verdict(False, "rejected by filter_fn", Rule.FILTER_FN)
     if not aligned:
         return aligned
     return heuristics.int8_pays_off(k, n, spec.min_ratio)
@@ -185,7 +267,8 @@ def fuse(gm: fx.GraphModule, patterns=None, fuse_siblings: bool = False) -> dict
 
 
 def share_input_quantization(gm: fx.GraphModule) -> int:
-    """Quantize once what several int8 Linears read: Llama's q/k/v after RMSNorm, gate/up of a SwiGLU MLP.
+    """Execute the planned shared quantizations (``InputQuant.SHARED_PER_TOKEN`` groups): quantize once what
+    several int8 Linears read (q/k/v of a block without a fused norm, say).
 
     Before::
 
@@ -201,51 +284,48 @@ def share_input_quantization(gm: fx.GraphModule) -> int:
     Same numerics (per-token quantization depends on the input alone), one quantization kernel instead of
     one per consumer. Returns the number of shared quantizations inserted.
     """
-    groups: dict[fx.Node, list[fx.Node]] = {}
+    groups: dict[int, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is ops.INT8_LINEAR:
-            groups.setdefault(node.args[0], []).append(node)
+            d = members_of(node)[0]
+            if d.input_quant is InputQuant.SHARED_PER_TOKEN:
+                groups.setdefault(d.group, []).append(node)
     g = gm.graph
-    shared = 0
-    for x, lins in groups.items():
-        if len(lins) < 2:
-            continue
+    for lins in groups.values():
+        x = ops.FusedLinear.of(lins[0]).x
+        assert len(lins) > 1 and all(ops.FusedLinear.of(n).x is x for n in lins), "planned group must share one input"
         with g.inserting_before(lins[0]):
-            quant = g.call_function(ops.QUANTIZE_PER_TOKEN, (x,))
+            quant = ops.QUANTIZE_PER_TOKEN_C.call(g, ops.QUANTIZE_PER_TOKEN_C.record(x))
             x_q = g.call_function(operator.getitem, (quant, 0))
             x_scale = g.call_function(operator.getitem, (quant, 1))
         for lin in lins:
-            read_quantized_input(g, lin, x_q, x_scale, "shared-per-token", "shared_input_quant")
-        shared += 1
-    if shared:
+            read_quantized_input(g, lin, x_q, x_scale, InputQuant.SHARED_PER_TOKEN, "shared_input_quant")
+    if groups:
         g.lint()
         gm.recompile()
-    return shared
+    return len(groups)
 
 
-def lower(gm: fx.GraphModule, config: QuantConfig) -> fx.GraphModule:
-    """Pick each fused Linear's kernel backend for the target; writes it into the node and its decision."""
+def lower(gm: fx.GraphModule, config: QuantConfig, weight_qmax: int) -> fx.GraphModule:
+    """Write the kernel backend of the target (:func:`fxquant.backends.backend_for_target`, the one place it
+    is chosen) into every fused Linear and its decisions."""
+    backend = backends.backend_for_target(config.target, weight_qmax, config.backend)
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in FUSED_LINEAR_OPS:
-            d = decision_of(node)
-            backend = config.backend or backend_for(config.target, d.weight_qmax)
-            args = list(node.args)
-            args[-3] = backend  # (..., activation, backend, w_qmax, out_dtype)
-            node.args = tuple(args)
-            d.backend = backend
-            for member in node.meta.get(MEMBERS_KEY, ()):
-                member.backend = backend
+        if ops.FusedLinear.is_fused_linear(node):
+            ops.FusedLinear.of(node)._replace(backend=backend).set(node)
+            _set_members(node, [d.replace(backend=backend) for d in members_of(node)])
     gm.graph.lint()
     gm.recompile()
     return gm
 
 
-def backend_for(target: str, weight_qmax: int) -> str:
-    """The int8 GEMM backend a target's nodes are lowered to (see ``fxquant.backends``): ``triton`` on
-    CUDA when Triton is installed (else cuBLAS through ``aten``); on CPU targets ``triton`` only under a
-    Triton CPU backend, else oneDNN / ``aten`` (:func:`fxquant.backends.cpu_backend`)."""
-    if target == "cuda":
-        return "triton" if backends.triton_serves(torch.device("cuda")) else "aten"
-    if backends.triton_serves(torch.device("cpu")):
-        return "triton"
-    return backends.cpu_backend(weight_qmax) if target == "cpu" else "aten"
+def collect_decisions(gm: fx.GraphModule) -> list[LinearDecision]:
+    """Every Linear call's final decision, in the order of the captured graph: from the fused Linears'
+    members and the Linears left float."""
+    found = []
+    for node in gm.graph.nodes:
+        if ops.FusedLinear.is_fused_linear(node):
+            found.extend(members_of(node))
+        elif node.op == "call_function" and node.target is aten.linear.default and decision_of(node) is not None:
+            found.append(decision_of(node))
+    return sorted(found, key=lambda d: d.index)

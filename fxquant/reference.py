@@ -37,9 +37,11 @@ __all__ = [
     "apply_epilogue",
     "int8_linear",
     "layer_norm_quant",
+    "rms_norm",
+    "rms_norm_quant",
 ]
 
-EPS = torch.finfo(torch.float32).eps
+EPS = _kc.SCALE_EPS
 ACTIVATIONS = _kc.ACTIVATIONS  # the epilogue activations, defined once beside the kernels
 
 
@@ -85,22 +87,15 @@ def apply_epilogue(
 ) -> torch.Tensor:
     """Finish a Linear whose fp32 ``y = acc · s_w`` is computed: ``act(y · s_x + b)`` → ``out_dtype``.
 
-    Works in place on ``y`` (fp32 [M, N]); ``x_scale`` fp32 [M, 1]; ``bias`` [N] or None.
+    Works in place on ``y`` (fp32 [M, N]); ``x_scale`` fp32 [M, 1]; ``bias`` [N] or None. The activation
+    is ``kernels.common.activation_torch``, the one torch definition of the epilogue beside the kernels'
+    (a gated ``swiglu`` returns [M, N/2]).
     """
     if bias is not None:
         y = torch.addcmul(bias.to(torch.float32), y, x_scale, out=y)
     else:
         y = y.mul_(x_scale)
-    if activation == "relu":
-        y = y.relu_()
-    elif activation == "gelu":
-        y = torch.ops.aten.gelu_(y)
-    elif activation == "gelu_tanh":
-        y = torch.ops.aten.gelu_(y, approximate="tanh")
-    elif activation == "silu":
-        y = F.silu(y, inplace=True)
-    elif activation != "none":
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    y = _kc.activation_torch(y, activation)
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
@@ -123,6 +118,21 @@ def int8_linear(
         ``out_dtype`` [M, N] = act(acc · s_w[n] · s_x[m] + b[n]), acc the exact int32 product.
     """
     return _kg.w8a8_linear_reference(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, cast_before_weight: bool) -> torch.Tensor:
+    """RMSNorm (Zhang & Sennrich, 2019, eq. 4) in x's dtype, computed in fp32: n = x · rsqrt(mean(x²) + eps).
+
+    ``cast_before_weight`` (Hugging Face ``LlamaRMSNorm``: ``weight * n.to(dtype)``): n is rounded to x's
+    dtype, then multiplied by the weight in that dtype; else (``torch.nn.RMSNorm``, Gemma with the fp32
+    weight ``1 + w``) y = (n · weight) in fp32, rounded once. Returns y [..., K] in x's dtype.
+    """
+    return _kln.rms_norm_quant_reference(x, weight, eps, cast_before_weight, return_float=True)[0]
+
+
+def rms_norm_quant(x, weight, eps, cast_before_weight, return_float=True):
+    """RMSNorm then per-token quantization of its output: ``(y or empty, y_q int8, scale fp32)``."""
+    return _kln.rms_norm_quant_reference(x, weight, eps, cast_before_weight, return_float)
 
 
 def layer_norm_quant(

@@ -11,8 +11,9 @@ import torch
 import torch.fx as fx
 from tabulate import tabulate
 
+from . import ops
 from ._attrs import fetch_attr
-from .rewrite import META_KEY, LinearDecision
+from .rewrite import META_KEY, LinearDecision, members_of
 
 __all__ = ["Report", "golden_text", "to_networkx", "op_name"]
 
@@ -100,8 +101,8 @@ def _fmt_arg(a: Any, ids: dict[fx.Node, str]) -> str:
     return repr(a) if isinstance(a, str) else str(a)
 
 
-# Arguments that depend on the machine (kernel backend, CPU-dependent weight range), not on the graph.
-_MACHINE_ARGS = {"fxquant.int8_linear": (5, 6), "fxquant.int8_linear_q": (6, 7)}
+# Fused-op arguments that depend on the machine (kernel backend, CPU-dependent weight range), not on the graph.
+_MACHINE_FIELDS = ("backend", "w_qmax")
 # Bookkeeping nodes whose presence varies across torch versions.
 _BOOKKEEPING = {"aten.sym_size", "aten._assert_tensor_metadata", "aten._assert_scalar", "_assert_scalar", "sym_constrain_range_for_size"}
 
@@ -143,8 +144,9 @@ def golden_text(gm: fx.GraphModule, only_fused: bool = False) -> str:
             ids[node] = "%_"  # hidden in the only_fused form; unnumbered so hidden nodes never shift ids
             continue
         args = list(node.args)
-        for i in _MACHINE_ARGS.get(name, ()):
-            args[i] = "*"
+        contract = ops.contract_of(node)
+        if contract is not None:
+            args = ["*" if f in _MACHINE_FIELDS else a for f, a in zip(contract.fields, args)]
         ids[node] = f"%{counter}"
         counter += 1
         kw = "".join(f", {k}={_fmt_arg(v, ids)}" for k, v in node.kwargs.items())
@@ -158,13 +160,16 @@ def node_counts(gm: fx.GraphModule) -> dict[str, int]:
 
 def to_networkx(gm: fx.GraphModule):
     """The graph as a ``networkx.DiGraph``: one node per FX node (keyed by node name) with attributes
-    ``op``, ``target`` (``op_name``) and, for Linears, ``decision`` (the :class:`LinearDecision`);
+    ``op``, ``target`` (``op_name``) and, for Linears, ``decision`` (the :class:`LinearDecision`; for a
+    fused GEMM computing several Linears, the first) and ``members`` (every Linear's decision);
     an edge for every use-def edge."""
     import networkx as nx
 
     g = nx.DiGraph()
     for node in gm.graph.nodes:
-        g.add_node(node.name, op=node.op, target=op_name(node.target), decision=node.meta.get(META_KEY))
+        members = members_of(node)
+        g.add_node(node.name, op=node.op, target=op_name(node.target),
+                   decision=node.meta.get(META_KEY) or (members[0] if members else None), members=members)
         for inp in node.all_input_nodes:
             g.add_edge(inp.name, node.name)
     return g

@@ -2,11 +2,14 @@
 
 Matching is torch.fx's ``SubgraphMatcher`` on use-def edges of the canonical ATen graph (see
 ``capture.canonicalize``); a pattern file in ``fxquant.patterns`` declares one ``Pattern`` and the registry
-lists them. Every Linear's :class:`LinearDecision` lives in ``node.meta["fxquant"]``.
+lists them. Every Linear's :class:`LinearDecision` (an immutable value) lives in ``node.meta["fxquant"]``;
+a fused Linear node lists the decisions of the Linears it computes in ``node.meta["fxquant_members"]``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -15,18 +18,32 @@ import torch.fx as fx
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
 from ._attrs import fetch_attr, parent_for
-from .heuristics import Verdict
+from .heuristics import Rule, Verdict
 
-__all__ = ["LinearDecision", "Match", "Pattern", "META_KEY", "MEMBERS_KEY", "decision_of", "quantize_linear",
-           "fuse_sibling_linears"]
+__all__ = ["LinearDecision", "InputQuant", "Match", "Pattern", "META_KEY", "MEMBERS_KEY", "decision_of", "members_of",
+           "quantize_linears", "read_quantized_input", "fuse_sibling_linears", "run_patterns"]
 
 META_KEY = "fxquant"
+MEMBERS_KEY = "fxquant_members"  # node.meta of a fused Linear: the decisions of the Linears it computes
 aten = torch.ops.aten
 
 
-@dataclass
+class InputQuant(str, enum.Enum):
+    """Where a fused Linear's per-token int8 input comes from (decided once by ``passes.plan_input_groups``)."""
+
+    PER_TOKEN = "per-token"                # quantized inside the fused node (its own pass)
+    SHARED_PER_TOKEN = "shared-per-token"  # one quantize_per_token shared by the Linears reading the tensor
+    LAYER_NORM = "shared-layernorm"        # the LayerNorm that produces the tensor quantizes it (layer_norm_quant)
+    RMS_NORM = "shared-rmsnorm"            # the RMSNorm that produces the tensor quantizes it (rms_norm_quant)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
 class LinearDecision:
-    """Everything fxquant decided about one Linear; shown row by row in the report.
+    """Everything fxquant decided about one Linear call; shown row by row in the report. Immutable: a pass
+    that learns more stores ``dataclasses.replace(d, ...)`` on the node.
 
     Attributes:
         name: module path of the Linear (``encoder.layer.0.attention.self.query``).
@@ -36,14 +53,17 @@ class LinearDecision:
         aligned: K and N meet the target's alignment.
         quantize: the heuristics' verdict (int8 when True).
         reason: why, in words.
+        rule: the rule that decided (:class:`fxquant.heuristics.Rule`), None when every rule passed.
         weight_qmax: int8 weight range used (127 or 63).
-        pattern: the pattern that fused it, or None.
-        activation: the epilogue activation fused with it ("none" for a plain Linear).
-        input_quant: "per-token" (quantized in the node), "shared-layernorm" (quantized once by a
-            LayerNorm→Linear fusion, shared with its sibling Linears) or "shared-per-token" (one
-            quantization shared by sibling Linears reading the same tensor).
+        patterns: the patterns that rewrote it, in order (``pattern`` joins them with ``+``).
+        activation: the epilogue fused with it ("none" for a plain Linear; "swiglu" for gate/up of SwiGLU).
+        input_quant: where its int8 input comes from (:class:`InputQuant`).
         backend: the kernel backend chosen by the lowering pass.
         out_dtype: dtype of the fused node's output (``QuantConfig.out_dtype``, else the weight's).
+        group: id of the input group (the Linears reading the same tensor), from the planning pass.
+        gemm: id of the GEMM it runs in; Linears with the same id run as one GEMM (siblings, SwiGLU).
+        index: position of the Linear call in the captured graph (report order).
+        extra_bytes: memory its int8 weights add on top of the model (a tied weight keeps its float copy).
     """
 
     name: str
@@ -54,16 +74,42 @@ class LinearDecision:
     aligned: bool
     quantize: bool
     reason: str
+    rule: Optional[Rule] = None
     weight_qmax: int = 127
-    pattern: Optional[str] = None
+    patterns: tuple[str, ...] = ()
     activation: str = "none"
-    input_quant: Optional[str] = None
+    input_quant: Optional[InputQuant] = None
     backend: Optional[str] = None
     out_dtype: Optional[torch.dtype] = None
+    group: Optional[int] = None
+    gemm: Optional[int] = None
+    index: int = 0
+    extra_bytes: int = 0
+
+    @property
+    def pattern(self) -> Optional[str]:
+        return "+".join(self.patterns) if self.patterns else None
+
+    def replace(self, **changes) -> "LinearDecision":
+        return dataclasses.replace(self, **changes)
+
+    def with_pattern(self, pattern: str) -> "LinearDecision":
+        return self if self.patterns[-1:] == (pattern,) else self.replace(patterns=(*self.patterns, pattern))
 
 
 def decision_of(node: fx.Node) -> Optional[LinearDecision]:
     return node.meta.get(META_KEY)
+
+
+def members_of(node: fx.Node) -> tuple[LinearDecision, ...]:
+    """The decisions of the Linears a fused Linear node computes (one, or several after fusion)."""
+    return node.meta.get(MEMBERS_KEY, ())
+
+
+def _set_members(node: fx.Node, members: Sequence[LinearDecision]) -> None:
+    node.meta[MEMBERS_KEY] = tuple(members)
+    if len(members) == 1:
+        node.meta[META_KEY] = members[0]
 
 
 class Match:
@@ -86,11 +132,34 @@ class Match:
 Filter = Callable[[Match], Verdict]
 
 
+class _Matcher(SubgraphMatcher):
+    """torch.fx's matcher, with ``ignore_literals`` meaning what it says: a literal in the pattern matches any
+    literal in the graph. (torch's own flag also lets a pattern *subgraph* match a graph literal, which
+    leaves that subgraph's placeholders unbound and fails with a KeyError: the rotary ``mul(cos, 1.0)`` of
+    Hugging Face Llama against RMSNorm's ``mul(weight, cast)``.)"""
+
+    wildcard_literals = False
+
+    def _match_literals(self, pn, gn, match) -> bool:
+        if self.wildcard_literals and not isinstance(pn, fx.Node) and not isinstance(gn, fx.Node):
+            return True
+        return super()._match_literals(pn, gn, match)
+
+
 @dataclass(frozen=True)
 class Pattern:
     """A rewrite: float ``patterns`` (variants of one subgraph), ``filters`` that must all accept a match,
     ``replace(gm, match)`` that builds the int8 subgraph and returns its output node, and ``example()``
-    giving a small model and inputs that the pattern fuses (used by the golden tests)."""
+    giving a small model and inputs that the pattern fuses (used by the golden tests).
+
+    What a pattern declares for the planning pass (``passes.plan_input_groups``), which decides once
+    which Linears go int8, which share a quantized input and which run as one GEMM:
+
+    * ``linears(match)``: the Linear nodes a match turns into one fused GEMM, and its epilogue
+      (``({linear}, "gelu")``; SwiGLU: ``((gate, up), "swiglu")``). Patterns earlier in the registry claim first.
+    * ``quantized_output``: the pattern's anchor (a norm) emits the per-token int8 copy of its output for the
+      int8 Linears that read it; the value is how the report names that input.
+    """
 
     name: str
     patterns: Sequence[Callable]
@@ -99,6 +168,9 @@ class Pattern:
     description: str = ""
     ignore_literals: bool = False
     example: Optional[Callable[[], tuple[torch.nn.Module, tuple]]] = None  # small model + inputs it fuses
+    linears: Optional[Callable[[Match], tuple[Sequence[fx.Node], str]]] = None
+    quantized_output: Optional[InputQuant] = None
+    structure: Sequence[Filter] = ()  # filters on the float graph alone (dtypes, shapes), checked when planning too
     _graphs: list = field(default_factory=list, compare=False, repr=False)
 
     def matches(self, gm: fx.GraphModule) -> list[Match]:
@@ -107,10 +179,8 @@ class Pattern:
         found: list[Match] = []
         seen: set[fx.Node] = set()
         for pg in self._graphs:
-            matcher = SubgraphMatcher(
-                pg, match_output=False, match_placeholder=False, remove_overlapping_matches=True,
-                ignore_literals=self.ignore_literals,
-            )
+            matcher = _Matcher(pg, match_output=False, match_placeholder=False, remove_overlapping_matches=True)
+            matcher.wildcard_literals = self.ignore_literals
             for m in matcher.match(gm.graph):
                 match = Match(m)
                 if match.anchor not in seen:
@@ -118,8 +188,15 @@ class Pattern:
                     found.append(match)
         return found
 
+    def check_structure(self, match: Match) -> Verdict:
+        for f in self.structure:
+            v = f(match)
+            if not v:
+                return v
+        return Verdict(True, "structure accepted")
+
     def check(self, match: Match) -> Verdict:
-        for f in self.filters:
+        for f in (*self.structure, *self.filters):
             v = f(match)
             if not v:
                 return v
@@ -166,66 +243,85 @@ def _install(gm: fx.GraphModule, path: str, params: QuantizedLinearParams) -> No
     parent.add_module(leaf, params)
 
 
-def quantize_linear(gm: fx.GraphModule, linear: fx.Node, activation: str, anchor: fx.Node, pattern: str) -> fx.Node:
-    """Replace ``anchor`` (the Linear, or the activation after it) with ``fxquant.int8_linear``.
+TIED_SUFFIX = "int8"  # a tied Linear's int8 copy lives at <name>.int8, beside the float weight it shares
 
-    The weight is quantized per output channel (``reference.quantize_weight_per_channel``) and stored with
-    its scale and bias in a :class:`QuantizedLinearParams` at the Linear's module path; further calls of
-    the same module reuse them.
+
+def params_path(d: LinearDecision) -> str:
+    """Module path of a Linear's int8 buffers: its own path, or ``<name>.int8`` when its float weight is
+    tied to an embedding that keeps reading it."""
+    if d.extra_bytes:
+        return f"{d.name}.{TIED_SUFFIX}" if d.name else TIED_SUFFIX
+    return d.name
+
+
+def _get_params(gm: fx.GraphModule, graph: fx.Graph, path: str, has_bias: bool) -> tuple[fx.Node, fx.Node, Optional[fx.Node]]:
+    prefix = f"{path}." if path else ""
+    return (graph.get_attr(f"{prefix}weight"), graph.get_attr(f"{prefix}weight_scale"),
+            graph.get_attr(f"{prefix}bias") if has_bias else None)
+
+
+def _keep_meta(new: fx.Node, old: fx.Node) -> None:
+    new.meta.update({k: v for k, v in old.meta.items() if k in ("val", "tensor_meta", "nn_module_stack", "stack_trace")})
+
+
+def quantize_linears(gm: fx.GraphModule, linears: Sequence[fx.Node], activation: str, anchor: fx.Node, pattern: str,
+                     path: Optional[str] = None) -> fx.Node:
+    """Replace ``anchor`` (the Linear, the activation after it, or SwiGLU's product) with one
+    ``fxquant.int8_linear`` computing ``linears`` (all reading the same input) as one GEMM.
+
+    Each weight is quantized per output channel (``reference.quantize_weight_per_channel``); several Linears'
+    int8 weights are stacked in order (SwiGLU: gate then up), which is exact since every row keeps its own
+    scale. The buffers go in a :class:`QuantizedLinearParams` at ``path`` (default: the Linear's
+    :func:`params_path`); further calls of the same module reuse them.
     """
     from . import ops, reference
 
-    d = decision_of(linear)
-    assert d is not None and d.quantize, "quantize_linear called on a Linear the heuristics kept float"
-    b_node = linear.args[2] if len(linear.args) > 2 else None
-    b = fetch_attr(gm, b_node.target) if b_node is not None else None
-    if not _installed(gm, d.name):
-        w_q, w_scale = reference.quantize_weight_per_channel(fetch_attr(gm, linear.args[1].target), d.weight_qmax)
-        _install(gm, d.name, QuantizedLinearParams(w_q, w_scale, b))
-    prefix = f"{d.name}." if d.name else ""
+    decisions = [decision_of(lin) for lin in linears]
+    assert all(d is not None and d.quantize for d in decisions), "quantize_linears called on a Linear kept float"
+    d0 = decisions[0]
+    path = params_path(d0) if path is None else path
+    biases = [lin.args[2] if len(lin.args) > 2 else None for lin in linears]
+    has_bias = any(b is not None for b in biases)
+    if not _installed(gm, path):
+        qs = [reference.quantize_weight_per_channel(fetch_attr(gm, lin.args[1].target), d0.weight_qmax) for lin in linears]
+        bias = None
+        if has_bias:
+            tensors = [fetch_attr(gm, b.target) if b is not None else None for b in biases]
+            dt = next(t.dtype for t in tensors if t is not None)
+            bias = torch.cat([t.detach() if t is not None else torch.zeros(q.shape[0], dtype=dt, device=q.device)
+                              for t, (q, _) in zip(tensors, qs)])
+        _install(gm, path, QuantizedLinearParams(torch.cat([q for q, _ in qs]), torch.cat([s for _, s in qs]), bias))
     g = gm.graph
     with g.inserting_before(anchor):
-        wq_node = g.get_attr(f"{prefix}weight")
-        ws_node = g.get_attr(f"{prefix}weight_scale")
-        b_new = g.get_attr(f"{prefix}bias") if b is not None else None
-        new = g.call_function(
-            ops.INT8_LINEAR,
-            (linear.args[0], wq_node, ws_node, b_new, activation, "auto", d.weight_qmax, d.out_dtype),
-        )
-    new.meta.update({k: v for k, v in anchor.meta.items() if k in ("val", "tensor_meta", "nn_module_stack", "stack_trace")})
-    new.meta[META_KEY] = d
-    d.activation = activation
-    d.pattern = pattern
-    d.input_quant = "per-token"
+        w_q, w_scale, b = _get_params(gm, g, path, has_bias)
+        new = ops.FusedLinear(linears[0].args[0], None, None, w_q, w_scale, b, activation, "auto", d0.weight_qmax,
+                              d0.out_dtype).call(g)
+    _keep_meta(new, anchor)
+    _set_members(new, [d.replace(activation=activation).with_pattern(pattern) for d in decisions])
     anchor.replace_all_uses_with(new)
     return new
 
 
-def read_quantized_input(g: fx.Graph, lin: fx.Node, x_q: fx.Node, x_scale: fx.Node, input_quant: str, pattern: str) -> fx.Node:
+def read_quantized_input(g: fx.Graph, lin: fx.Node, x_q: fx.Node, x_scale: fx.Node, input_quant: InputQuant,
+                         pattern: str) -> fx.Node:
     """Turn ``fxquant.int8_linear(x, ...)`` into ``fxquant.int8_linear_q(x_q, x_scale, ...)`` reading an
-    input quantized once elsewhere (by a LayerNorm fusion, or shared by sibling Linears); returns the new
-    node, which carries the old one's meta and decision (``input_quant`` and ``pattern`` updated)."""
+    input quantized once elsewhere (by a norm fusion, or shared by sibling Linears); returns the new node,
+    which carries the old one's meta with its decisions updated."""
     from . import ops
 
-    _, w_q, w_s, bias, act, backend, qmax, out_dtype = lin.args
     with g.inserting_before(lin):
-        new = g.call_function(ops.INT8_LINEAR_Q, (x_q, x_scale, w_q, w_s, bias, act, backend, qmax, out_dtype))
+        new = ops.FusedLinear.of(lin)._replace(x=None, x_q=x_q, x_scale=x_scale).call(g)
     new.meta.update(lin.meta)
-    d = decision_of(new)
-    d.input_quant = input_quant
-    if not d.pattern.endswith(f"+{pattern}"):  # a module called several times shares one decision
-        d.pattern = f"{d.pattern}+{pattern}"
+    _set_members(new, [d.replace(input_quant=input_quant).with_pattern(pattern) for d in members_of(lin)])
     lin.replace_all_uses_with(new)
     g.erase_node(lin)
     return new
 
 
-MEMBERS_KEY = "fxquant_members"  # node.meta of a horizontally fused GEMM: the member Linears' decisions
-
-
 def fuse_sibling_linears(gm: fx.GraphModule) -> int:
-    """Horizontal fusion: int8 Linears that read the same quantized input with the same epilogue become one
-    GEMM over their concatenated weights, each member a slice of its output.
+    """Horizontal fusion, as planned: the int8 Linears whose decisions share a ``gemm`` id (siblings reading
+    one quantized input with the same epilogue, ``passes.plan_input_groups``) become one GEMM over their
+    concatenated weights, each member a slice of its output.
 
     Before::
 
@@ -245,35 +341,36 @@ def fuse_sibling_linears(gm: fx.GraphModule) -> int:
     """
     from . import ops
 
-    groups: dict[tuple, list[fx.Node]] = {}
+    groups: dict[int, list[fx.Node]] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is ops.INT8_LINEAR_Q and isinstance(node.args[2], fx.Node):
-            x_q, x_s, _, _, _, act, backend, qmax, out_dtype = node.args
-            groups.setdefault((x_q, x_s, act, backend, qmax, out_dtype), []).append(node)
+        members = members_of(node) if ops.FusedLinear.is_fused_linear(node) else ()
+        if len(members) == 1 and members[0].gemm is not None:
+            groups.setdefault(members[0].gemm, []).append(node)
     g = gm.graph
     fused = 0
-    for (x_q, x_s, act, backend, qmax, out_dtype), nodes in groups.items():
-        weights = [fetch_attr(gm, n.args[2].target) for n in nodes]
-        if len(nodes) < 2 or len({w.shape[1] for w in weights}) != 1:
+    for nodes in groups.values():
+        if len(nodes) < 2:
             continue
-        members = [decision_of(n) for n in nodes]
+        args = [ops.FusedLinear.of(n) for n in nodes]
+        a0 = args[0]
+        assert all((a.x_q, a.x_scale, a.activation, a.w_qmax, a.out_dtype) == (a0.x_q, a0.x_scale, a0.activation, a0.w_qmax, a0.out_dtype)
+                   for a in args), "planned siblings must read one quantized input with one epilogue"
+        members = [members_of(n)[0] for n in nodes]
         parent = members[0].name.rpartition(".")[0]
         path = (f"{parent}." if parent else "") + "fused_" + "_".join(d.name.rpartition(".")[2] or "root" for d in members)
+        weights = [fetch_attr(gm, a.w_q.target) for a in args]
         if not _installed(gm, path):
-            scales = [fetch_attr(gm, n.args[3].target) for n in nodes]
-            biases = [fetch_attr(gm, n.args[4].target) if n.args[4] is not None else None for n in nodes]
+            scales = [fetch_attr(gm, a.w_scale.target) for a in args]
+            biases = [fetch_attr(gm, a.bias.target) if a.bias is not None else None for a in args]
             bias = None
             if any(b is not None for b in biases):
                 dt = next(b.dtype for b in biases if b is not None)
                 bias = torch.cat([b if b is not None else torch.zeros(w.shape[0], dtype=dt, device=w.device)
                                   for b, w in zip(biases, weights)])
             _install(gm, path, QuantizedLinearParams(torch.cat(weights), torch.cat(scales), bias))
-        n_total = sum(w.shape[0] for w in weights)
-        k = weights[0].shape[1]
         with g.inserting_before(nodes[0]):
-            w_node, s_node = g.get_attr(f"{path}.weight"), g.get_attr(f"{path}.weight_scale")
-            b_node = g.get_attr(f"{path}.bias") if hasattr(gm.get_submodule(path), "bias") else None
-            new = g.call_function(ops.INT8_LINEAR_Q, (x_q, x_s, w_node, s_node, b_node, act, backend, qmax, out_dtype))
+            w_node, s_node, b_node = _get_params(gm, g, path, hasattr(gm.get_submodule(path), "bias"))
+            new = a0._replace(w_q=w_node, w_scale=s_node, bias=b_node).call(g)
             start = 0
             for node, w in zip(nodes, weights):
                 piece = g.call_function(aten.slice.Tensor, (new, -1, start, start + w.shape[0]))
@@ -282,16 +379,9 @@ def fuse_sibling_linears(gm: fx.GraphModule) -> int:
                     if user.op == "call_function" and user.target is aten.view.default:
                         user.target = aten.reshape.default
                 node.replace_all_uses_with(piece)
-        lead = members[0]
         new.meta.update({kk: v for kk, v in nodes[0].meta.items() if kk in ("nn_module_stack", "stack_trace")})
-        new.meta[META_KEY] = LinearDecision(path, k, n_total, lead.dtype, (k * n_total) / (k + n_total), True, True,
-                                            "horizontal fusion of sibling Linears", weight_qmax=lead.weight_qmax,
-                                            pattern="sibling_fusion", activation=act, input_quant=lead.input_quant,
-                                            out_dtype=lead.out_dtype)
-        new.meta[MEMBERS_KEY] = members
-        for node, d in zip(nodes, members):
-            if not d.pattern.endswith("+sibling_fusion"):
-                d.pattern = f"{d.pattern}+sibling_fusion"
+        _set_members(new, [d.with_pattern("sibling_fusion") for d in members])
+        for node in nodes:
             g.erase_node(node)
         fused += 1
     if fused:
@@ -319,3 +409,67 @@ def run_patterns(gm: fx.GraphModule, patterns: Sequence[Pattern]) -> dict[str, d
     gm.graph.lint()
     gm.recompile()
     return stats
+
+
+# ------------------------------------------------------------------ norm → quantized input of int8 Linears
+def int8_consumers(node: fx.Node, source: InputQuant) -> list[fx.Node]:
+    """The int8 Linears that read ``node`` as their input and were planned to take it quantized by
+    ``source`` (the norm producing it)."""
+    from . import ops
+
+    return [u for u in node.users if u.op == "call_function" and u.target is ops.INT8_LINEAR
+            and ops.FusedLinear.of(u).x is node and members_of(u)[0].input_quant is source]
+
+
+def fuses_int8_linear(source: InputQuant, what: str) -> Filter:
+    """Filter of a norm pattern: accept when an int8 Linear planned to read its quantized output reads it."""
+
+    def feeds_int8_linear(match: Match) -> Verdict:
+        if int8_consumers(match.anchor, source):
+            return Verdict(True, "feeds int8 Linear(s)")
+        return Verdict(False, f"no int8 Linear reads this {what}", Rule.PATTERN)
+
+    return feeds_int8_linear
+
+
+def fuse_norm_quant(gm: fx.GraphModule, anchor: fx.Node, contract, build: Callable[[bool], tuple], source: InputQuant,
+                    pattern: str) -> fx.Node:
+    """Replace the norm whose output is ``anchor`` by a norm-quant op (``contract``: ``layer_norm_quant`` or
+    ``rms_norm_quant``, arguments ``build(return_float)``) that also emits the per-token int8 copy of its
+    output; its int8 consumers read that copy (``int8_linear_q``), and a float copy is written only when
+    another consumer (a residual add) needs it.
+
+    Before::
+
+        %n = <norm>(%x, ...)
+        %q = fxquant.int8_linear(%n, @q.weight, ...)
+        %add = aten.add(%n, %attn)
+
+    After::
+
+        %nq = fxquant.<norm>_quant(%x, ..., return_float=True)
+        %q = fxquant.int8_linear_q(%nq[1], %nq[2], @q.weight, ...)
+        %add = aten.add(%nq[0], %attn)
+    """
+    import operator
+
+    from . import ops
+
+    consumers = int8_consumers(anchor, source)
+    needs_float = len(anchor.users) > len(consumers)
+    g = gm.graph
+    with g.inserting_after(anchor):
+        fused = contract.call(g, contract.record(*build(needs_float)))
+    outs = []
+    prev = fused
+    for i in (ops.NORM_QUANT_FLOAT, ops.NORM_QUANT_Q, ops.NORM_QUANT_SCALE):
+        with g.inserting_after(prev):
+            prev = g.call_function(operator.getitem, (fused, i))
+        outs.append(prev)
+    y, y_q, y_scale = outs
+    for node in (fused, y):
+        node.meta.update({k: v for k, v in anchor.meta.items() if k in ("nn_module_stack", "stack_trace")})
+    for lin in consumers:
+        read_quantized_input(g, lin, y_q, y_scale, source, pattern)
+    anchor.replace_all_uses_with(y)
+    return fused

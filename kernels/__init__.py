@@ -3,10 +3,14 @@
 =========================  ===========================================================================
 module                     kernel (each file: math + source, configs, ``@triton.jit``, launcher, reference)
 =========================  ===========================================================================
-``w8a8_gemm``              int8 [M, K] × int8 [N, K] → int32 acc → (·s_w·s_x + b, activation) → bf16/fp16/fp32
+``w8a8_gemm``              int8 [M, K] × int8 [N, K] → int32 acc → (·s_w·s_x + b, activation) → bf16/fp16/fp32;
+                           ``swiglu``: a dual GEMM over W = [gate; up] [2I, K] → silu(g)·u [M, I]
 ``quantize``               one-pass dynamic per-token quantization: float [M, K] → int8 [M, K] + fp32 [M, 1]
-``layer_norm_quant``       LayerNorm + per-token quantization in one read of x (float output optional)
-``common``                 activation epilogue, exact rounding, device/backend detection
+``layer_norm_quant``       LayerNorm or RMSNorm (``rms_norm_quant``; HF Llama or torch/Gemma weight order) +
+                           per-token quantization in one read of x (float output optional)
+``common``                 activation epilogue (Triton, and ``activation_torch``), exact rounding, device detection
+``launch``                 ``LaunchCache``: relaunch through Triton's private C launcher, only on checked Triton
+                           versions (``CHECKED_TRITON``); else Triton's ``kernel[grid](...)``
 =========================  ===========================================================================
 
 The kernels know nothing of graphs; ``fxquant.backends`` runs them as the ``triton`` backend on CUDA (and on

@@ -1,5 +1,6 @@
-"""Pieces shared by fxquant's Triton kernels: the activation epilogue, exact round-half-to-even, and the
-question of where the kernels can run.
+"""Pieces shared by fxquant's Triton kernels: the activation epilogue (in Triton and, once, in torch),
+exact round-half-to-even, and the question of where the kernels can run. The fast relaunch path lives in
+``launch.py``.
 
 Every ``@triton.jit`` helper here is target-agnostic: it uses only ``triton.language`` core ops (no
 ``libdevice``), so the same code compiles for CUDA, for a Triton CPU backend (triton-cpu: x86, ARM
@@ -12,6 +13,7 @@ import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 try:  # Triton is optional: without it fxquant keeps its torch backends.
     import triton
@@ -22,11 +24,46 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 
 __all__ = [
     "HAS_TRITON", "interpreting", "triton_device_ok", "cpu_backend_available", "launch_options", "ACTIVATIONS",
-    "LaunchCache", "row_block_params", "cdiv", "next_pow2",
+    "GATED_ACTIVATIONS", "SCALE_EPS", "ROUND_MAGIC",
+    "activation_torch", "row_block_params", "cdiv", "next_pow2",
 ]
 
 HAS_TRITON = triton is not None
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu")
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "swiglu")
+SCALE_EPS = 1.1920928955078125e-07  # 2^-23 (fp32 machine epsilon): the smallest per-token scale
+ROUND_MAGIC = 12582912.0  # 1.5·2^23: x + ROUND_MAGIC leaves round_half_even(x) in the low mantissa bits (|x| < 2^22)
+GATED_ACTIVATIONS = ("swiglu",)  # act(y[:, :N/2], y[:, N/2:]): the GEMM's N rows hold two projections
+
+
+def activation_torch(y: torch.Tensor, activation: str) -> torch.Tensor:
+    """The epilogue activation in torch, on the fp32 pre-activation ``y`` [..., N]: the one definition the
+    Triton epilogue (:func:`apply_activation`, ``w8a8_gemm._epilogue``) is checked against. May work in
+    place on ``y``. Formulas as in ``torch.nn.functional``:
+
+    * ``relu``, ``gelu`` (erf), ``gelu_tanh``, ``silu``: elementwise, [..., N] → [..., N];
+    * ``swiglu``: Y = silu(g) · u with g = y[..., :N/2] (gate_proj) and u = y[..., N/2:] (up_proj),
+      [..., N] → [..., N/2] (Shazeer 2020, "GLU Variants Improve Transformer", §2, FFN_SwiGLU; silu as
+      Elfwing et al. 2018).
+
+    Raises:
+        ValueError: ``activation`` is not one of :data:`ACTIVATIONS` (or N is odd for ``swiglu``).
+    """
+    if activation == "none":
+        return y
+    if activation == "relu":
+        return y.relu_()
+    if activation == "gelu":
+        return torch.ops.aten.gelu_(y)
+    if activation == "gelu_tanh":
+        return torch.ops.aten.gelu_(y, approximate="tanh")
+    if activation == "silu":
+        return F.silu(y, inplace=True)
+    if activation == "swiglu":
+        n = y.shape[-1]
+        if n % 2:
+            raise ValueError(f"activation 'swiglu' needs an even last dimension (gate and up halves), got {n}")
+        return F.silu(y[..., : n // 2], inplace=True) * y[..., n // 2:]  # a new dense [..., N/2] tensor
+    raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,96 +115,6 @@ def launch_options() -> dict:
     return {} if interpreting() else {"enable_fp_fusion": False}
 
 
-class LaunchCache:
-    """Relaunch an already compiled kernel without Triton's Python launch path.
-
-    Triton's ``kernel[grid](...)`` goes through the autotuner, the heuristics and the JIT binder on every
-    call: 28-49 µs of host time per launch measured on an H200 host (Triton 3.6; ``F.linear`` costs 9 µs),
-    which makes small and medium GEMMs host-bound. After the first launch of a specialization, this keeps
-    the ``CompiledKernel`` Triton returned with the config the autotuner chose, and later calls go straight
-    to the C launcher Triton built for it (``CompiledKernel.run.launch``), with pointer arguments passed as
-    integers (a tensor argument costs the launcher a Python method call and a ``cuPointerGetAttribute``).
-    Where Triton's internals differ from what this expects (a kernel that needs scratch memory, a launch
-    hook such as a profiler's, another Triton version), it falls back to ``CompiledKernel[grid](...)``.
-
-    The key must hold everything Triton specializes a compiled kernel on, or a wrong binary would run:
-    the caller's constexprs and autotune key, each tensor's dtype and 16-byte alignment, and each integer
-    argument's "== 1" and "% 16 == 0" (Triton's integer specialization). CUDA only; never under the
-    interpreter.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict = {}
-
-    @staticmethod
-    def enabled(device: torch.device) -> bool:
-        return HAS_TRITON and device.type == "cuda" and not interpreting()
-
-    @staticmethod
-    def key(parts: tuple, tensors: tuple, ints: tuple) -> tuple:
-        return (
-            parts,
-            tuple((t.dtype, t.data_ptr() % 16 == 0) for t in tensors),
-            tuple((i == 1, i % 16 == 0) for i in ints),
-        )
-
-    def lookup(self, device: torch.device, parts: tuple, tensors: tuple, ints: tuple):
-        """``(key, entry)``: key None when the cache does not serve ``device``; entry None on a miss."""
-        if not self.enabled(device):
-            return None, None
-        key = self.key((parts, device.index), tensors, ints)
-        return key, self._entries.get(key)
-
-    def put(self, key, compiled, config=None) -> None:
-        """Remember what the first launch compiled (``config``: the autotuner's choice, if any)."""
-        if key is None or compiled is None or not hasattr(compiled, "run"):
-            return
-        self._entries[key] = _Launch(compiled, config)
-
-
-def _current_stream(device: torch.device) -> int:
-    """The raw handle of ``device``'s current CUDA stream (what Triton's own launch path asks torch for)."""
-    return torch._C._cuda_getCurrentRawStream(device.index)
-
-
-def _no_launch_hooks() -> bool:
-    """True when no launch hook (a profiler's, say) is installed: Triton >= 3.5 keeps them in a
-    ``HookChain`` (empty ``calls`` when none), older versions in a plain attribute (None when none)."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is None:
-        return False
-    hook = knobs.runtime.launch_enter_hook
-    return hook is None or not getattr(hook, "calls", True)
-
-
-class _Launch:
-    """One compiled specialization and how to relaunch it (see :class:`LaunchCache`)."""
-
-    __slots__ = ("compiled", "config", "_direct")
-
-    def __init__(self, compiled, config) -> None:
-        self.compiled = compiled
-        self.config = config
-        run = getattr(compiled, "run", None)
-        self._direct = None
-        if (getattr(run, "launch", None) is not None and getattr(run, "global_scratch_size", 1) == 0
-                and getattr(run, "profile_scratch_size", 1) == 0 and hasattr(compiled, "packed_metadata")):
-            self._direct = (run.launch, compiled.function, run.launch_cooperative_grid, run.launch_pdl,
-                            compiled.packed_metadata)
-
-    def __call__(self, grid: tuple, device: torch.device, args: tuple) -> None:
-        """Launch a ``grid`` = (x, y) of programs on the current stream of ``device`` with the kernel's
-        full argument list (constexprs included, in signature order)."""
-        stream = _current_stream(device)
-        direct = self._direct
-        if direct is None or not _no_launch_hooks():
-            self.compiled[(grid[0], grid[1], 1)](*args, stream=stream)
-            return
-        launch, function, coop, pdl, packed = direct
-        launch(grid[0], grid[1], 1, stream, function, coop, pdl, None, None, packed, None, None, None,
-               *[a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args])
-
-
 def triton_device_ok(device: torch.device) -> bool:
     """Can the Triton kernels run on tensors of ``device``? CUDA with Triton installed; CPU under a Triton
     CPU backend; any CPU tensor under the interpreter (how CI runs them)."""
@@ -184,7 +131,8 @@ if HAS_TRITON:
 
     @triton.jit
     def apply_activation(y, ACTIVATION: tl.constexpr):
-        """The epilogue activation on an fp32 tile (formulas as in ``torch.nn.functional``):
+        """The elementwise epilogue activation on an fp32 tile (formulas as in ``torch.nn.functional``;
+        ``swiglu`` is gated, ``w8a8_gemm._epilogue`` applies it as silu(g) · u with :func:`silu`):
 
         * ``relu``: max(y, 0)
         * ``gelu``: y · Φ(y) = ½ y (1 + erf(y / √2))       (Hendrycks & Gimpel, 2016, eq. 1)
@@ -200,8 +148,29 @@ if HAS_TRITON:
             u = 0.7978845608028654 * (y + 0.044715 * y * y * y)
             y = y / (1.0 + tl.exp(-2.0 * u))
         elif ACTIVATION == "silu":
-            y = y / (1.0 + tl.exp(-y))
+            y = silu(y)
         return y
+
+    @triton.jit
+    def silu(y):
+        """silu(y) = y · σ(y) = y / (1 + e^(−y)) on an fp32 tile (Elfwing et al., 2018)."""
+        return y / (1.0 + tl.exp(-y))
+
+    @triton.jit
+    def round_to(y, DTYPE: tl.constexpr):
+        """An fp32 tile rounded to DTYPE (round-half-to-even, as torch's ``.to(dtype)``), as DTYPE.
+
+        bf16 is rounded in integers: adding 0x7FFF plus the lowest kept bit to the fp32 bit pattern and
+        clearing the low 16 bits is round-half-to-even (±Inf stays; a NaN from arithmetic stays NaN), and
+        the final cast then drops only zero bits. Compiled Triton rounds fp32 → bf16 to nearest even too,
+        but Triton's interpreter truncates (3.9: ``_convert_float`` without a rounding mode), so this keeps
+        every target on the same numbers. fp16 and fp32 casts round to nearest even everywhere."""
+        if DTYPE == tl.bfloat16:
+            b = y.to(tl.uint32, bitcast=True)
+            b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+            return b.to(tl.float32, bitcast=True).to(tl.bfloat16)
+        else:
+            return y.to(DTYPE)
 
     @triton.jit
     def row_scales(amax):

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import HAS_TRITON, LaunchCache, cdiv, launch_options, next_pow2, row_block_params
+from .common import HAS_TRITON, cdiv, launch_options, next_pow2, row_block_params
+from .launch import LaunchCache
 
 __all__ = ["quantize_per_token", "quantize_per_token_reference", "get_autotune_configs", "MAX_SINGLE_PASS"]
 

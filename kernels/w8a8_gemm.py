@@ -6,6 +6,19 @@ Dettmers et al. 2022, §3.2)::
     acc[m, n] = Σ_k A_q[m, k] · W_q[n, k]                  exact int32 (tl.dot(..., out_dtype=tl.int32))
     Y[m, n]   = act((acc[m, n] · s_w[n]) · s_x[m] + b[n])  fp32, then cast to the output dtype
 
+SwiGLU (``activation="swiglu"``; Shazeer 2020, "GLU Variants Improve Transformer", §2, FFN_SwiGLU without
+its down projection; silu as Elfwing et al. 2018): W_q [2I, K] stacks gate_proj (rows [0, I)) over up_proj
+(rows [I, 2I)), s_w and b have 2I values, and the output is [M, I]::
+
+    g[m, n] = (acc[m, n] · s_w[n]) · s_x[m] + b[n]                 n < I
+    u[m, n] = (acc[m, I + n] · s_w[I + n]) · s_x[m] + b[I + n]
+    Y[m, n] = silu(g[m, n]) · u[m, n]                              fp32, then cast
+
+a dual GEMM: each program accumulates the gate tile and the matching up tile (two int32 accumulators, two
+W loads per K step), then one epilogue; the [M, 2I] pre-activation never reaches memory. Its configs
+(``GATED``, part of the autotune key) are the plain ones with BLOCK_N halved: two BLOCK_N/2 accumulators
+hold as many registers as one BLOCK_N accumulator.
+
 Operands:
 
 * ``a_q``  int8 [M, K], K-contiguous (row-major activations, quantized per token);
@@ -13,7 +26,7 @@ Operands:
 * ``a_scale`` fp32 [M] (or [M, 1]); ``w_scale`` fp32 [N] (or [N, 1]); ``bias`` [N] any float dtype or None;
 * output bf16 / fp16 / fp32 [M, N].
 
-Shapes: any M ≥ 1 (decode to prefill), any N ≥ 1, any K ≥ 1 (tails are masked). The fastest path (TMA
+Shapes: any M ≥ 1 (decode to prefill), any N ≥ 1 (even for swiglu), any K ≥ 1 (tails are masked). The fastest path (TMA
 descriptors, CUDA sm_90+) needs K % 16 == 0 (16-byte row strides of the int8 operands, a TMA rule: CUDA
 driver API, ``cuTensorMapEncodeTiled``); other K run the pointer kernel. |acc| ≤ K·127² stays inside int32
 for K < 133 143.
@@ -31,16 +44,16 @@ import functools
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from .common import ACTIVATIONS, HAS_TRITON, LaunchCache, cdiv, interpreting
+from .common import ACTIVATIONS, HAS_TRITON, activation_torch, cdiv, interpreting
+from .launch import LaunchCache
 
 _TensorDescriptor = None
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .common import apply_activation
+    from .common import apply_activation, silu
 
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor  # Triton >= 3.4
@@ -67,14 +80,16 @@ def _m_bucket(m: int) -> int:
 def get_autotune_configs(interpret: Optional[bool] = None) -> list:
     """Configs for the W8A8 GEMM: Hopper wgmma tiles for large M and mma.sync tiles for small M.
 
-    Under ``TRITON_INTERPRET=1`` (or ``interpret=True``) one small config: the interpreter times nothing
-    and would run every config.
+    Each config comes twice: plain (``fxquant_gated=False``) and for the swiglu dual GEMM
+    (``fxquant_gated=True``) with BLOCK_N halved, so that its two accumulators take the registers of one.
+    Under ``TRITON_INTERPRET=1`` (or ``interpret=True``) one small config of each: the interpreter times
+    nothing and would run every config.
     """
     if not HAS_TRITON:
         return []
     cfg = triton.Config
     if interpreting() if interpret is None else interpret:
-        return [cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+        return _with_gated([cfg({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)])
     large = [
         # BLOCK_M, BLOCK_N, BLOCK_K, stages, warps
         (128, 256, 128, 3, 8),
@@ -101,14 +116,34 @@ def get_autotune_configs(interpret: Optional[bool] = None) -> list:
             c = cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
             c.fxquant_group = group
             out.append(c)
+    return _with_gated(out)
+
+
+def _with_gated(configs: list) -> list:
+    """``configs`` (tagged ``fxquant_gated=False``) followed by their swiglu twins with BLOCK_N halved."""
+    out = []
+    for gated in (False, True):
+        for c in configs:
+            kw = dict(c.kwargs, BLOCK_N=c.kwargs["BLOCK_N"] // 2) if gated else dict(c.kwargs)
+            twin = triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=c.pre_hook)
+            twin.fxquant_group = getattr(c, "fxquant_group", "large")
+            twin.fxquant_gated = gated
+            out.append(twin)
     return out
 
 
+def _arg(named_args, kwargs, name, default=None):
+    return named_args[name] if name in named_args else kwargs.get(name, default)
+
+
 def _prune(configs, named_args, **kwargs):
-    """Small-M configs for M ≤ 64, the wgmma ones above 128, and both at M ≤ 128: there the weight read
-    bounds the time, and the small tiles' extra programs can stream it faster (H200, 128x4096x4096: the
-    wgmma tiles left the GEMM at 17 µs, 64 programs for 132 SMs)."""
-    m_bucket = named_args["M_BUCKET"] if "M_BUCKET" in named_args else kwargs["M_BUCKET"]
+    """The configs of the launch's kind (plain or ``GATED``); of those, small-M configs for M ≤ 64, the
+    wgmma ones above 128, and both at M ≤ 128: there the weight read bounds the time, and the small tiles'
+    extra programs can stream it faster (H200, 128x4096x4096: the wgmma tiles left the GEMM at 17 µs, 64
+    programs for 132 SMs)."""
+    m_bucket = _arg(named_args, kwargs, "M_BUCKET")
+    gated = bool(_arg(named_args, kwargs, "GATED", False))
+    configs = [c for c in configs if getattr(c, "fxquant_gated", False) == gated] or configs
     want = {"small"} if m_bucket <= _SMALL_M else {"small", "large"} if m_bucket <= 2 * _SMALL_M else {"large"}
     kept = [c for c in configs if getattr(c, "fxquant_group", "large") in want]
     return kept or configs
@@ -130,35 +165,46 @@ if HAS_TRITON:
         return pid_m, pid_n
 
     @triton.jit
-    def _epilogue(acc, pid_m, pid_n, M, N, c_ptr, stride_cm, stride_cn, a_scale_ptr, w_scale_ptr, bias_ptr,
-                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Y = act((acc · s_w) · s_x + b) → c's dtype, masked to [M, N]."""
+    def _dequant(acc, s_x, cols, mask_n, w_scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+        """(acc · s_w[cols]) · s_x + b[cols] in fp32."""
+        s_w = tl.load(w_scale_ptr + cols, mask=mask_n, other=0.0)
+        y = acc.to(tl.float32) * s_w[None, :]
+        y = y * s_x[:, None]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        return y
+
+    @triton.jit
+    def _epilogue(acc, acc_up, pid_m, pid_n, M, N, c_ptr, stride_cm, stride_cn, a_scale_ptr, w_scale_ptr, bias_ptr,
+                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Y = act((acc · s_w) · s_x + b) → c's dtype, masked to [M, N]; GATED: Y = silu(g) · u with g from
+        ``acc`` (columns n) and u from ``acc_up`` (columns N + n of s_w and b)."""
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = offs_m < M
         mask_n = offs_n < N
         s_x = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
-        s_w = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
-        y = acc.to(tl.float32) * s_w[None, :]
-        y = y * s_x[:, None]
-        if HAS_BIAS:
-            b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            y = y + b[None, :]
-        y = apply_activation(y, ACTIVATION)
+        y = _dequant(acc, s_x, offs_n, mask_n, w_scale_ptr, bias_ptr, HAS_BIAS)
+        if GATED:
+            y = silu(y) * _dequant(acc_up, s_x, N + offs_n, mask_n, w_scale_ptr, bias_ptr, HAS_BIAS)
+        else:
+            y = apply_activation(y, ACTIVATION)
         c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
         tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
-    @triton.autotune(configs=get_autotune_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune})
+    @triton.autotune(configs=get_autotune_configs(), key=["M_BUCKET", "N", "K", "GATED"], prune_configs_by={"early_config_prune": _prune})
     @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
     def _w8a8_gemm_kernel(
         a_ptr, w_ptr, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
         M, N, K, M_BUCKET,
         stride_am, stride_ak, stride_wn, stride_wk, stride_cm, stride_cn,
-        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, EVEN_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        """One [BLOCK_M, BLOCK_N] output tile per program; pointer loads (any strides, any target)."""
+        """One [BLOCK_M, BLOCK_N] output tile per program; pointer loads (any strides, any target). GATED:
+        N is the output width I, and W rows N + n (up_proj) accumulate beside rows n (gate_proj)."""
         pid_m, pid_n = _tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         # rows/cols past the edge wrap (% M, % N) so the main loop needs no M/N masks; the store masks them
         offs_am = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
@@ -166,20 +212,28 @@ if HAS_TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + offs_am[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
         w_ptrs = w_ptr + offs_wn[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk  # [BK, BN] = Wᵀ tile
+        u_ptrs = w_ptr + (offs_wn + N)[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk  # GATED only
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # GATED only
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             if EVEN_K:
                 a = tl.load(a_ptrs)
                 w = tl.load(w_ptrs)
+                if GATED:
+                    acc_up = tl.dot(a, tl.load(u_ptrs), acc_up, out_dtype=tl.int32)
             else:
                 k_left = K - k * BLOCK_K
                 a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0)
                 w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0)
+                if GATED:
+                    acc_up = tl.dot(a, tl.load(u_ptrs, mask=offs_k[:, None] < k_left, other=0), acc_up, out_dtype=tl.int32)
             acc = tl.dot(a, w, acc, out_dtype=tl.int32)
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += BLOCK_K * stride_wk
-        _epilogue(acc, pid_m, pid_n, M, N, c_ptr, stride_cm, stride_cn, a_scale_ptr, w_scale_ptr, bias_ptr,
-                  HAS_BIAS, ACTIVATION, BLOCK_M, BLOCK_N)
+            if GATED:
+                u_ptrs += BLOCK_K * stride_wk
+        _epilogue(acc, acc_up, pid_m, pid_n, M, N, c_ptr, stride_cm, stride_cn, a_scale_ptr, w_scale_ptr, bias_ptr,
+                  HAS_BIAS, ACTIVATION, GATED, BLOCK_M, BLOCK_N)
 
     def _set_tma_blocks(nargs):
         """Autotune pre-hook: the TMA descriptors' block shapes follow the config being tried."""
@@ -200,38 +254,45 @@ if HAS_TRITON:
             c.pre_hook = _set_tma_blocks
             out.append(c)
         if not interpreting():
+            persistent = []
             for bm, bn, bk, stages, warps, per_sm in ((128, 256, 128, 3, 8, 1), (128, 256, 64, 4, 8, 1),
                                                       (128, 128, 128, 3, 4, 2)):
                 c = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PERSISTENT": per_sm},
                                   num_stages=stages, num_warps=warps, pre_hook=_set_tma_blocks)
                 c.fxquant_group = "large"
-                out.append(c)
+                persistent.append(c)
+            out += _with_gated(persistent)
         return out
 
     @triton.jit
     def _tma_tile(tile_id, a_desc, w_desc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K, stride_cm, stride_cn,
-                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         """One output tile: A and W tiles fetched by the TMA engine (out-of-bounds reads are zero-filled by
-        the descriptor, so K tails need no mask), then the epilogue."""
+        the descriptor, so K tails need no mask), then the epilogue. GATED: the up_proj tile comes from the
+        same descriptor at row N + off_n (a gate tile running past N reads up rows, whose columns the
+        epilogue's store masks)."""
         pid_m, pid_n = _tile_ids(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # GATED only
         for k in range(0, tl.cdiv(K, BLOCK_K)):
             a = a_desc.load([off_m, k * BLOCK_K])
             w = w_desc.load([off_n, k * BLOCK_K])
             acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
-        _epilogue(acc, pid_m, pid_n, M, N, c_ptr, stride_cm, stride_cn, a_scale_ptr, w_scale_ptr, bias_ptr,
-                  HAS_BIAS, ACTIVATION, BLOCK_M, BLOCK_N)
+            if GATED:
+                acc_up = tl.dot(a, w_desc.load([N + off_n, k * BLOCK_K]).T, acc_up, out_dtype=tl.int32)
+        _epilogue(acc, acc_up, pid_m, pid_n, M, N, c_ptr, stride_cm, stride_cn, a_scale_ptr, w_scale_ptr, bias_ptr,
+                  HAS_BIAS, ACTIVATION, GATED, BLOCK_M, BLOCK_N)
 
-    @triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune})
+    @triton.autotune(configs=_tma_configs(), key=["M_BUCKET", "N", "K", "GATED"], prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _w8a8_gemm_tma_kernel(
         a_desc, w_desc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr,
         M, N, K, M_BUCKET,
         stride_cm, stride_cn, NUM_SMS,
-        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         PERSISTENT: tl.constexpr,
     ):
@@ -242,10 +303,10 @@ if HAS_TRITON:
             num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
             for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_SMS * PERSISTENT, flatten=True):
                 _tma_tile(tile_id, a_desc, w_desc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K, stride_cm, stride_cn,
-                          HAS_BIAS, ACTIVATION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                          HAS_BIAS, ACTIVATION, GATED, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
         else:
             _tma_tile(tl.program_id(0), a_desc, w_desc, c_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, M, N, K,
-                      stride_cm, stride_cn, HAS_BIAS, ACTIVATION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                      stride_cm, stride_cn, HAS_BIAS, ACTIVATION, GATED, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 # --------------------------------------------------------------------------------------------- launcher
@@ -271,6 +332,9 @@ def _check(a_q, a_scale, w_q, w_scale, bias, activation, out_dtype) -> tuple[int
         raise ValueError(f"w8a8_linear needs 2-D a_q [M, K] and w_q [N, K], got {tuple(a_q.shape)} and {tuple(w_q.shape)}")
     m, k = a_q.shape
     n, k2 = w_q.shape
+    if activation == "swiglu" and n % 2:
+        raise ValueError(f"w8a8_linear: swiglu needs w_q [2I, K] (gate_proj rows over up_proj rows), got an odd "
+                         f"number of rows N={n}")
     if k != k2:
         raise ValueError(f"w8a8_linear: a_q has K={k} but w_q has K={k2} (w_q is [N, K], the nn.Linear layout)")
     if a_scale.numel() != m or w_scale.numel() != n:
@@ -304,11 +368,12 @@ def w8a8_linear(
 
     Args:
         a_q: int8 [M, K], last dim contiguous. a_scale: fp32, M values. w_q: int8 [N, K]. w_scale: fp32,
-            N values. bias: N values or None. activation: one of ``none relu gelu gelu_tanh silu``.
+            N values. bias: N values or None. activation: one of ``none relu gelu gelu_tanh silu swiglu``;
+            ``swiglu``: w_q is [2I, K], gate_proj rows over up_proj rows, and the output is silu(g) · u.
         out_dtype: bf16, fp16 or fp32. use_tma: force the TMA kernel on/off (None: when :func:`tma_ok`).
 
     Returns:
-        ``out_dtype`` [M, N] on a_q's device.
+        ``out_dtype`` [M, N] on a_q's device ([M, N/2] for ``swiglu``).
 
     Raises:
         TypeError / ValueError: naming the operand whose dtype or shape is wrong.
@@ -316,7 +381,9 @@ def w8a8_linear(
     """
     if not HAS_TRITON:
         raise RuntimeError("w8a8_linear needs Triton: pip install triton (or use fxquant's 'aten' backend)")
-    m, k, n = _check(a_q, a_scale, w_q, w_scale, bias, activation, out_dtype)
+    m, k, n_w = _check(a_q, a_scale, w_q, w_scale, bias, activation, out_dtype)
+    gated = activation == "swiglu"
+    n = n_w // 2 if gated else n_w  # the output width; the kernels' N
     c = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
     if m == 0 or n == 0:
         return c
@@ -346,12 +413,13 @@ def w8a8_linear(
         tiles = cdiv(m, bm) * cdiv(n, bn)
         if use_tma:
             a_desc = _TensorDescriptor(a_q, [m, k], [a_q.stride(0), 1], [bm, bk])
-            w_desc = _TensorDescriptor(w_q, [n, k], [w_q.stride(0), 1], [bn, bk])
+            w_desc = _TensorDescriptor(w_q, [n_w, k], [w_q.stride(0), 1], [bn, bk])
             hit((_programs(tiles, num_sms, persistent), 1), a_q.device,
-                (a_desc, w_desc, c, a_scale, w_scale, bias_arg, *ints, has_bias, activation, bm, bn, bk, gm, persistent))
+                (a_desc, w_desc, c, a_scale, w_scale, bias_arg, *ints, has_bias, activation, gated,
+                 bm, bn, bk, gm, persistent))
         else:
-            hit((tiles, 1), a_q.device, (a_q, w_q, c, a_scale, w_scale, bias_arg, *ints, has_bias, activation, k % bk == 0,
-                                         bm, bn, bk, gm))
+            hit((tiles, 1), a_q.device, (a_q, w_q, c, a_scale, w_scale, bias_arg, *ints, has_bias, activation, gated,
+                                         k % bk == 0, bm, bn, bk, gm))
         return c
 
     def grid(meta):
@@ -360,12 +428,14 @@ def w8a8_linear(
     if use_tma:
         # block shapes are placeholders: the autotune pre-hook sets them per config
         a_desc = _TensorDescriptor(a_q, [m, k], [a_q.stride(0), 1], [64, 64])
-        w_desc = _TensorDescriptor(w_q, [n, k], [w_q.stride(0), 1], [64, 64])
+        w_desc = _TensorDescriptor(w_q, [n_w, k], [w_q.stride(0), 1], [64, 64])
         kernel = _w8a8_gemm_tma_kernel
-        compiled = kernel[grid](a_desc, w_desc, c, a_scale, w_scale, bias_arg, *ints, HAS_BIAS=has_bias, ACTIVATION=activation)
+        compiled = kernel[grid](a_desc, w_desc, c, a_scale, w_scale, bias_arg, *ints, HAS_BIAS=has_bias,
+                                ACTIVATION=activation, GATED=gated)
     else:
         kernel = _w8a8_gemm_kernel
-        compiled = kernel[grid](a_q, w_q, c, a_scale, w_scale, bias_arg, *ints, HAS_BIAS=has_bias, ACTIVATION=activation)
+        compiled = kernel[grid](a_q, w_q, c, a_scale, w_scale, bias_arg, *ints, HAS_BIAS=has_bias,
+                                ACTIVATION=activation, GATED=gated)
     best = getattr(kernel, "best_config", None)
     if best is not None:
         kw = best.kwargs
@@ -392,20 +462,13 @@ def _num_sms(device: torch.device) -> int:
 # ------------------------------------------------------------------------------------ pure-torch reference
 def w8a8_linear_reference(a_q, a_scale, w_q, w_scale, bias=None, activation="none", out_dtype=torch.bfloat16) -> torch.Tensor:
     """The same function in plain torch: exact int32 accumulation through float64, then the fp32 epilogue
-    in the kernel's order, ((acc · s_w) · s_x + b), then the activation and the cast."""
+    in the kernel's order, ((acc · s_w) · s_x + b) over all N (for swiglu the full [M, 2I] pre-activation),
+    then :func:`common.activation_torch` and the cast."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     acc = (a_q.to(torch.float64) @ w_q.to(torch.float64).T).to(torch.int32)
     y = acc.to(torch.float32) * w_scale.reshape(1, -1).to(torch.float32)
     y = y * a_scale.reshape(-1, 1).to(torch.float32)
     if bias is not None:
         y = y + bias.reshape(1, -1).to(torch.float32)
-    if activation == "relu":
-        y = F.relu(y)
-    elif activation == "gelu":
-        y = F.gelu(y)
-    elif activation == "gelu_tanh":
-        y = F.gelu(y, approximate="tanh")
-    elif activation == "silu":
-        y = F.silu(y)
-    elif activation != "none":
-        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    return y.to(out_dtype)
+    return activation_torch(y, activation).to(out_dtype)

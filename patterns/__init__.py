@@ -1,7 +1,9 @@
 """fxquant's rewrite patterns, one file each, applied in the order of :data:`REGISTRY`.
 
-Order matters: Linear→Activation must claim its Linears before the plain Linear pattern does, and
-LayerNorm→Linear rewires the int8 Linears the first two produced.
+Order matters: patterns that fuse several Linears or an epilogue (SwiGLU, Linear→Activation) claim their
+Linears before the plain Linear pattern does, and the norm patterns (LayerNorm→Linear, RMSNorm→Linear) then
+rewire the int8 Linears the first three produced. The planning pass (``fxquant.passes.plan_input_groups``)
+reads the same order.
 
 Adding a pattern = one file here + one row below + one golden test (tests/test_golden.py).
 """
@@ -9,7 +11,9 @@ Adding a pattern = one file here + one row below + one golden test (tests/test_g
 from .layer_norm_linear import LAYER_NORM_LINEAR
 from .linear import LINEAR
 from .linear_act import LINEAR_ACT
+from .rms_norm_linear import RMS_NORM_LINEAR
+from .swiglu import SWIGLU
 
-REGISTRY = (LINEAR_ACT, LINEAR, LAYER_NORM_LINEAR)
+REGISTRY = (SWIGLU, LINEAR_ACT, LINEAR, LAYER_NORM_LINEAR, RMS_NORM_LINEAR)
 
-__all__ = ["REGISTRY", "LINEAR_ACT", "LINEAR", "LAYER_NORM_LINEAR"]
+__all__ = ["REGISTRY", "SWIGLU", "LINEAR_ACT", "LINEAR", "LAYER_NORM_LINEAR", "RMS_NORM_LINEAR"]

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import torch.fx as fx
+
 from fxquant.heuristics import Verdict
 from fxquant.rewrite import Match, decision_of
 
 
+def linears_are_int8(linears: Sequence[fx.Node]) -> Verdict:
+    """Accept when the planning pass decided int8 for every Linear of one GEMM (the first float one's
+    reason otherwise)."""
+    for lin in linears:
+        d = decision_of(lin)
+        if d is None:
+            return Verdict(False, "Linear was not annotated (weight is not a constant parameter)")
+        if not d.quantize:
+            return Verdict(False, d.reason, d.rule)
+    return Verdict(True, "int8 per heuristics")
+
+
 def linear_is_int8(match: Match) -> Verdict:
     """Accept when the heuristics annotated the matched Linear for int8 (the decision's reason otherwise)."""
-    d = decision_of(match["linear"])
-    if d is None:
-        return Verdict(False, "Linear was not annotated (weight is not a constant parameter)")
-    return Verdict(d.quantize, d.reason if not d.quantize else "int8 per heuristics")
+    return linears_are_int8([match["linear"]])

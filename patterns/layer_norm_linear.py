@@ -22,13 +22,10 @@ Filters: at least one user of the LayerNorm is an int8 Linear reading it as its 
 
 from __future__ import annotations
 
-import operator
-
 import torch
 
 from fxquant import ops
-from fxquant.heuristics import Verdict
-from fxquant.rewrite import Match, Pattern, read_quantized_input
+from fxquant.rewrite import InputQuant, Match, Pattern, fuse_norm_quant, fuses_int8_linear
 
 aten = torch.ops.aten
 
@@ -41,37 +38,11 @@ def layer_norm_no_affine(x):
     return aten.layer_norm.default(x, [1], None, None, 1e-5)
 
 
-def _int8_consumers(ln):
-    return [u for u in ln.users if u.target is ops.INT8_LINEAR and u.args[0] is ln]
-
-
-def feeds_int8_linear(match: Match) -> Verdict:
-    if _int8_consumers(match["layer_norm"]):
-        return Verdict(True, "feeds int8 Linear(s)")
-    return Verdict(False, "no int8 Linear reads this LayerNorm")
-
-
 def replace(gm, match: Match):
-    ln = match["layer_norm"]
-    consumers = _int8_consumers(ln)
-    needs_float = len(ln.users) > len(consumers)
-    g = gm.graph
+    ln = match.anchor
     x, shape, w, b, eps = (list(ln.args) + [None, None, 1e-5])[:5]
-    with g.inserting_after(ln):
-        fused = g.call_function(ops.LAYER_NORM_QUANT, (x, shape, w, b, eps, needs_float))
-    with g.inserting_after(fused):
-        y = g.call_function(operator.getitem, (fused, 0))
-    with g.inserting_after(y):
-        y_q = g.call_function(operator.getitem, (fused, 1))
-    with g.inserting_after(y_q):
-        y_scale = g.call_function(operator.getitem, (fused, 2))
-    for node in (fused, y):
-        node.meta.update({k: v for k, v in ln.meta.items() if k in ("nn_module_stack", "stack_trace")})
-    for lin in consumers:
-        read_quantized_input(g, lin, y_q, y_scale, "shared-layernorm", "layer_norm_linear")
-    ln.replace_all_uses_with(y)
-    g.erase_node(ln)
-    return fused
+    return fuse_norm_quant(gm, ln, ops.LAYER_NORM_QUANT_C, lambda return_float: (x, shape, w, b, eps, return_float),
+                           InputQuant.LAYER_NORM, "layer_norm_linear")
 
 
 class _Example(torch.nn.Module):
@@ -92,8 +63,9 @@ class _Example(torch.nn.Module):
 LAYER_NORM_LINEAR = Pattern(
     name="layer_norm_linear",
     patterns=(layer_norm, layer_norm_no_affine),
-    filters=(feeds_int8_linear,),
+    filters=(fuses_int8_linear(InputQuant.LAYER_NORM, "LayerNorm"),),
     replace=replace,
+    quantized_output=InputQuant.LAYER_NORM,
     description="LayerNorm -> Linear(s): one per-token quantization shared by every int8 consumer",
     ignore_literals=True,  # any normalized_shape and eps
     example=lambda: (_Example(), (torch.randn(2, 5, 256),)),

@@ -8,7 +8,9 @@ Tolerances: the int32 accumulation is bit-exact; the fp32 epilogue may differ fr
 fp32 contraction (a fused multiply-add) and the transcendental's implementation: 1e-5 relative on fp32
 outputs, one ulp of the output dtype for bf16 / fp16 (``conftest.TOLERANCE``). Quantization is bit-exact.
 LayerNorm+quantize: y within one ulp of x's dtype (two LayerNorm implementations), y_q within ±1 where
-y rounded differently, scale within one ulp of y's dtype.
+y rounded differently, scale within one ulp of y's dtype. RMSNorm+quantize: bf16 / fp16 y within one ulp
+of the reference (fp32 y within 32 ulps: another summation order); y_q and scale bit-exact against
+quantizing the kernel's own y.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import warnings
 import pytest
 import torch
 
-from fxquant.kernels import common, layer_norm_quant as kln, quantize as kq, w8a8_gemm as kg
+from fxquant.kernels import common, launch, layer_norm_quant as kln, quantize as kq, w8a8_gemm as kg
 
 pytestmark = [
     pytest.mark.skipif(not common.HAS_TRITON, reason="Triton is not installed (pip install 'fxquant[triton]')"),
@@ -63,18 +65,54 @@ def test_gemm_int32_accumulation_is_exact(m, k, n):
 
 @pytest.mark.parametrize("activation", common.ACTIVATIONS)
 @pytest.mark.parametrize("out_dtype", DTYPES)
-@pytest.mark.parametrize("m,k,n", SHAPES[:3])
-def test_gemm_epilogue_matches_reference(m, k, n, activation, out_dtype, rel_close):
+@pytest.mark.parametrize("m,k,n", SHAPES[:3] + [(7, 64, 1), (33, 48, 7)])
+def test_gemm_epilogue_matches_activation_torch(m, k, n, activation, out_dtype, rel_close):
+    """The Triton epilogue against ``common.activation_torch`` (through the reference) for every activation
+    and output dtype. n is the output width: for swiglu W has 2n rows (gate over up), odd n included."""
     g = torch.Generator().manual_seed(7 * m + k)
-    a, w = _int8(m, k, gen=g), _int8(n, k, gen=g)
+    rows = 2 * n if activation in common.GATED_ACTIVATIONS else n
+    a, w = _int8(m, k, gen=g), _int8(rows, k, gen=g)
     sa = (torch.rand(m, generator=g) * 0.02 + 1e-3).to(DEVICE)
-    sw = (torch.rand(n, 1, generator=g) * 0.01 + 1e-4).to(DEVICE)
-    bias = torch.randn(n, generator=g).to(DEVICE, out_dtype)
+    sw = (torch.rand(rows, 1, generator=g) * 0.01 + 1e-4).to(DEVICE)
+    bias = torch.randn(rows, generator=g).to(DEVICE, out_dtype)
     ref = kg.w8a8_linear_reference(a.cpu(), sa.cpu(), w.cpu(), sw.cpu(), bias.cpu(), activation, out_dtype)
     for tma in _tma_choices(k):
         got = kg.w8a8_linear(a, sa, w, sw, bias, activation, out_dtype, use_tma=tma)
         assert got.dtype == out_dtype and got.shape == (m, n)
         rel_close(got.cpu(), ref)
+
+
+def test_activation_torch_definitions():
+    """The torch epilogue is the torch.nn.functional formula; swiglu halves the last dimension (gate, up)."""
+    import torch.nn.functional as F
+
+    y = torch.randn(5, 14, generator=torch.Generator().manual_seed(1)) * 4
+    want = {"none": y, "relu": F.relu(y), "gelu": F.gelu(y), "gelu_tanh": F.gelu(y, approximate="tanh"),
+            "silu": F.silu(y), "swiglu": F.silu(y[:, :7]) * y[:, 7:]}
+    assert set(want) == set(common.ACTIVATIONS)
+    for act, ref in want.items():
+        got = common.activation_torch(y.clone(), act)
+        assert torch.equal(got, ref), act
+    assert common.activation_torch(y.clone(), "swiglu").is_contiguous()
+    with pytest.raises(ValueError, match=r"unknown activation 'tanh'.*swiglu"):
+        common.activation_torch(y, "tanh")
+    with pytest.raises(ValueError, match="even"):
+        common.activation_torch(y[:, :5], "swiglu")
+
+
+@pytest.mark.parametrize("m,k,i", [(1, 32, 1), (7, 40, 7), (33, 96, 33), (33, 64, 48)])
+def test_swiglu_gemm_is_the_gate_and_up_linears(m, k, i, rel_close):
+    """swiglu(W = [gate; up]) equals silu(gate Linear) · (up Linear) computed as two plain GEMMs."""
+    g = torch.Generator().manual_seed(m + k + i)
+    a, w = _int8(m, k, gen=g), _int8(2 * i, k, gen=g)
+    sa = (torch.rand(m, generator=g) * 0.02 + 1e-3).to(DEVICE)
+    sw = (torch.rand(2 * i, generator=g) * 0.01 + 1e-4).to(DEVICE)
+    bias = torch.randn(2 * i, generator=g).to(DEVICE)
+    gate = kg.w8a8_linear_reference(a.cpu(), sa.cpu(), w[:i].cpu(), sw[:i].cpu(), bias[:i].cpu(), "silu", torch.float32)
+    up = kg.w8a8_linear_reference(a.cpu(), sa.cpu(), w[i:].cpu(), sw[i:].cpu(), bias[i:].cpu(), "none", torch.float32)
+    for tma in _tma_choices(k):
+        got = kg.w8a8_linear(a, sa, w, sw, bias, "swiglu", torch.float32, use_tma=tma)
+        rel_close(got.cpu(), gate * up)
 
 
 def test_gemm_strided_activation_and_no_bias(rel_close):
@@ -87,27 +125,29 @@ def test_gemm_strided_activation_and_no_bias(rel_close):
     rel_close(got.cpu(), kg.w8a8_linear_reference(a.cpu(), sa.cpu(), w.cpu(), sw.cpu(), None, "silu", torch.float32))
 
 
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("per_sm", [1, 2])
-def test_persistent_tma_gemm_loops_over_every_tile(rel_close, per_sm):
+def test_persistent_tma_gemm_loops_over_every_tile(rel_close, per_sm, gated):
     """The persistent configs (``per_sm`` programs per SM striding over tiles) compete in the autotuner only
     on a GPU; here 3 "SMs" cover the 9 tiles of a 33x64x48 problem, edges included, against the reference."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     g = torch.Generator().manual_seed(5)
     m, k, n, bm, bn, bk = 33, 64, 48, 16, 16, 32
-    a, w = _int8(m, k, gen=g), _int8(n, k, gen=g)
+    rows, act = (2 * n, "swiglu") if gated else (n, "silu")
+    a, w = _int8(m, k, gen=g), _int8(rows, k, gen=g)
     sa = (torch.rand(m, generator=g) * 0.02 + 1e-3).to(DEVICE)
-    sw = (torch.rand(n, generator=g) * 0.01 + 1e-4).to(DEVICE)
-    bias = torch.randn(n, generator=g).to(DEVICE)
+    sw = (torch.rand(rows, generator=g) * 0.01 + 1e-4).to(DEVICE)
+    bias = torch.randn(rows, generator=g).to(DEVICE)
     c = torch.full((m, n), float("nan"), device=DEVICE)
     programs = kg._programs(common.cdiv(m, bm) * common.cdiv(n, bn), 3, per_sm)
     assert programs == 3 * per_sm
     kg._w8a8_gemm_tma_kernel.fn[(programs,)](
-        TensorDescriptor(a, [m, k], [k, 1], [bm, bk]), TensorDescriptor(w, [n, k], [k, 1], [bn, bk]), c, sa, sw, bias,
+        TensorDescriptor(a, [m, k], [k, 1], [bm, bk]), TensorDescriptor(w, [rows, k], [k, 1], [bn, bk]), c, sa, sw, bias,
         m, n, k, 64, c.stride(0), c.stride(1), 3,
-        HAS_BIAS=True, ACTIVATION="silu", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2, PERSISTENT=per_sm,
+        HAS_BIAS=True, ACTIVATION=act, GATED=gated, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=2, PERSISTENT=per_sm,
     )
-    rel_close(c.cpu(), kg.w8a8_linear_reference(a.cpu(), sa.cpu(), w.cpu(), sw.cpu(), bias.cpu(), "silu", torch.float32))
+    rel_close(c.cpu(), kg.w8a8_linear_reference(a.cpu(), sa.cpu(), w.cpu(), sw.cpu(), bias.cpu(), act, torch.float32))
 
 
 @pytest.mark.parametrize(
@@ -119,6 +159,7 @@ def test_persistent_tma_gemm_loops_over_every_tile(rel_close, per_sm):
         (dict(sw=torch.ones(8, dtype=torch.float16)), "scales must be fp32"),
         (dict(bias=torch.ones(7)), "bias has 7 values"),
         (dict(act="tanh"), "unknown activation 'tanh'"),
+        (dict(act="swiglu", w=torch.zeros(7, 32, dtype=torch.int8), sw=torch.ones(7)), "odd number of rows N=7"),
         (dict(out=torch.int32), "out_dtype must be one of"),
     ],
 )
@@ -138,7 +179,7 @@ def test_gemm_configs_respect_wgmma_rules():
     groups = {c.fxquant_group for c in configs}
     assert groups == {"large", "small"}
     for c in configs:
-        assert c.kwargs["BLOCK_K"] >= 32 and c.num_warps % 4 == 0
+        assert c.kwargs["BLOCK_K"] >= 32 and c.num_warps % 4 == 0 and c.kwargs["BLOCK_N"] >= 32
         if c.fxquant_group == "large":
             assert c.kwargs["BLOCK_M"] % 64 == 0
         else:
@@ -146,6 +187,11 @@ def test_gemm_configs_respect_wgmma_rules():
     assert {c.fxquant_group for c in kg._prune(configs, {"M_BUCKET": 16})} == {"small"}
     assert {c.fxquant_group for c in kg._prune(configs, {"M_BUCKET": 128})} == {"small", "large"}
     assert {c.fxquant_group for c in kg._prune(configs, {"M_BUCKET": 4096})} == {"large"}
+    # the swiglu dual GEMM gets its own twins (BLOCK_N halved: two accumulators in one's registers)
+    plain = kg._prune(configs, {"M_BUCKET": 4096}, GATED=False)
+    gated = kg._prune(configs, {"M_BUCKET": 4096}, GATED=True)
+    assert plain and gated and not any(c.fxquant_gated for c in plain) and all(c.fxquant_gated for c in gated)
+    assert sorted(c.kwargs["BLOCK_N"] // 2 for c in plain) == sorted(c.kwargs["BLOCK_N"] for c in gated)
 
 
 def test_persistent_grid_size():
@@ -238,11 +284,87 @@ def test_layer_norm_quant_rejects_bad_operands():
         kq.quantize_per_token(torch.ones(3, 4, dtype=torch.int32).to(DEVICE))
 
 
+# -------------------------------------------------------------------------------------- RMSNorm+quantize
+def _hf_llama_rms_norm(x, weight, eps):
+    """Hugging Face ``LlamaRMSNorm.forward`` (also Qwen2 / Qwen3 / Mistral), written out."""
+    input_dtype = x.dtype
+    hidden_states = x.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + eps)
+    return weight * hidden_states.to(input_dtype)
+
+
+def _hf_gemma_rms_norm(x, weight, eps):
+    """Hugging Face ``GemmaRMSNorm.forward``: fp32 throughout, scale (1 + w), one cast at the end."""
+    output = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    output = output * (1.0 + weight.float())
+    return output.type_as(x)
+
+
+def _rms_inputs(m, k, dtype, weighted, cast_before_weight, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, k, generator=g) * 2 + 0.3).to(dtype)
+    if not weighted:
+        return x, None
+    w = torch.randn(k, generator=g) * 0.5 + 1
+    return x, (w.to(dtype) if cast_before_weight else w)  # F.rms_norm / Gemma: an fp32 weight is allowed
+
+
+@pytest.mark.parametrize("return_float", [True, False])
+@pytest.mark.parametrize("mode", ["cast_before_weight", "fp32_weight", "no_weight"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k", [(1, 1), (7, 40), (33, 100), (7, 257), (1, 257), (33, 1)])
+def test_rms_norm_quant_matches_reference(m, k, dtype, mode, return_float):
+    cast = mode == "cast_before_weight"
+    x, w = _rms_inputs(m, k, dtype, mode != "no_weight", cast, seed=m * 1000 + k)
+    y, q, s = kln.rms_norm_quant(x.to(DEVICE), None if w is None else w.to(DEVICE), 1e-6, cast, return_float)
+    ry, rq, rs = kln.rms_norm_quant_reference(x, w, 1e-6, cast, True)
+    assert q.dtype == torch.int8 and q.shape == (m, k) and s.dtype == torch.float32 and s.shape == (m, 1)
+    if not return_float:
+        assert y.numel() == 0
+        y = kln.rms_norm_quant(x.to(DEVICE), None if w is None else w.to(DEVICE), 1e-6, cast, True)[0]
+    assert y.dtype == dtype and y.shape == (m, k)
+    yd, ryd = y.cpu().double(), ry.double()
+    # one ulp of bf16 / fp16; fp32 y differs by the mean square's summation order: 32 fp32 ulps (4e-6)
+    ulp = torch.finfo(dtype).eps if dtype != torch.float32 else 32 * torch.finfo(dtype).eps
+    assert ((yd - ryd).abs() <= ulp * ryd.abs()).all(), (yd - ryd).abs().max()
+    # y_q and scale are the per-token quantization of the kernel's own y, bit for bit
+    sq, ss = kq.quantize_per_token_reference(y.cpu())
+    assert torch.equal(q.cpu(), sq) and torch.equal(s.cpu(), ss)
+
+
+def test_rms_norm_quant_reference_is_hugging_face_and_torch():
+    """cast_before_weight=True is LlamaRMSNorm bit for bit; False is F.rms_norm (torch 2.13: fp32 inside,
+    one rounding) and GemmaRMSNorm with the fp32 (1 + w) passed as the weight."""
+    import torch.nn.functional as F
+
+    for dtype in DTYPES:
+        for m, k in ((7, 40), (33, 257)):
+            x, w = _rms_inputs(m, k, dtype, True, True, seed=k)
+            assert torch.equal(kln.rms_norm_quant_reference(x, w, 1e-6, True)[0], _hf_llama_rms_norm(x, w, 1e-6))
+            wf = w.float() - 1
+            gemma = _hf_gemma_rms_norm(x, wf, 1e-6)
+            assert torch.equal(kln.rms_norm_quant_reference(x, 1.0 + wf, 1e-6, False)[0], gemma)
+            ref = kln.rms_norm_quant_reference(x, w, 1e-6, False)[0].double()
+            torch_y = F.rms_norm(x, [k], w, 1e-6).double()
+            assert ((torch_y - ref).abs() <= torch.finfo(dtype).eps * ref.abs()).all()  # within one ulp
+
+
+def test_rms_norm_quant_rejects_bad_operands():
+    x = torch.randn(4, 32).to(DEVICE)
+    with pytest.raises(ValueError, match="weight has 31 values"):
+        kln.rms_norm_quant(x, torch.ones(31).to(DEVICE), 1e-5, False)
+    with pytest.raises(TypeError, match="x's dtype"):
+        kln.rms_norm_quant(x.bfloat16(), torch.ones(32).to(DEVICE), 1e-5, True)
+    with pytest.raises(ValueError, match="holds a row in registers"):
+        kln.rms_norm_quant(torch.zeros(1, kln.MAX_K + 1).to(DEVICE), None, 1e-5, False)
+
+
 # ------------------------------------------------------------------------------------------ LaunchCache
 def test_launch_cache_key_separates_every_triton_specialization():
     """A cached compiled kernel may only be reused where Triton would pick the same binary: the key must
     change with dtypes, 16-byte alignment of pointers, and "== 1" / "% 16 == 0" of integer arguments."""
-    key = common.LaunchCache.key
+    key = launch.LaunchCache.key
     a = torch.zeros(64, dtype=torch.int8)
     base = key(("cfg",), (a,), (32, 48))
     assert base == key(("cfg",), (torch.zeros(64, dtype=torch.int8),), (64, 80))  # same specialization
@@ -281,10 +403,10 @@ class _FakeCompiled:
 def test_cached_launch_calls_the_c_launcher_with_integer_pointers(monkeypatch):
     """The relaunch hands Triton's C launcher its 13 leading arguments (grid, stream, function, launch
     flags, no scratch, metadata, no hooks) and then the kernel's arguments with tensors as device pointers."""
-    monkeypatch.setattr(common, "_current_stream", lambda device: 77)
+    monkeypatch.setattr(launch, "_current_stream", lambda device: 77)
     t = torch.zeros(8)
     compiled = _FakeCompiled()
-    cache = common.LaunchCache()
+    cache = launch.LaunchCache()
     cache.put(("k",), compiled, config=(16, 32))
     entry = cache._entries[("k",)]
     assert entry.config == (16, 32)
@@ -295,10 +417,10 @@ def test_cached_launch_calls_the_c_launcher_with_integer_pointers(monkeypatch):
 
 
 def test_cached_launch_falls_back_to_triton_when_the_kernel_needs_scratch(monkeypatch):
-    monkeypatch.setattr(common, "_current_stream", lambda device: 77)
+    monkeypatch.setattr(launch, "_current_stream", lambda device: 77)
     t = torch.zeros(8)
     compiled = _FakeCompiled(scratch=256)
-    cache = common.LaunchCache()
+    cache = launch.LaunchCache()
     cache.put(("k",), compiled)
     cache._entries[("k",)]((3, 1), torch.device("cpu"), (t, 5))
     assert compiled.run.calls == [] and compiled.runner_calls == [((3, 1, 1), (t, 5), 77)]
@@ -311,17 +433,17 @@ def test_cached_launch_sees_a_profilers_launch_hook():
     hooks = triton.knobs.runtime.launch_enter_hook
     if not hasattr(hooks, "add"):
         pytest.skip("this Triton keeps launch hooks in a plain attribute")
-    assert common._no_launch_hooks()
+    assert launch._no_launch_hooks()
 
     def hook(metadata):
         return None
 
     hooks.add(hook)
     try:
-        assert not common._no_launch_hooks()
+        assert not launch._no_launch_hooks()
     finally:
         hooks.remove(hook)
-    assert common._no_launch_hooks()
+    assert launch._no_launch_hooks()
 
 
 def test_plain_integer_launch_arithmetic():
@@ -330,11 +452,85 @@ def test_plain_integer_launch_arithmetic():
 
 
 def test_launch_cache_lookup_serves_only_cuda():
-    key, hit = common.LaunchCache().lookup(torch.device("cpu"), ("k",), (torch.zeros(2),), (4,))
+    key, hit = launch.LaunchCache().lookup(torch.device("cpu"), ("k",), (torch.zeros(2),), (4,))
     assert key is None and hit is None
 
 
 def test_launch_cache_is_off_under_the_interpreter_and_on_cpu():
-    assert not common.LaunchCache.enabled(torch.device("cpu"))
+    assert not launch.LaunchCache.enabled(torch.device("cpu"))
     if common.interpreting():
-        assert not common.LaunchCache.enabled(torch.device("cuda"))
+        assert not launch.LaunchCache.enabled(torch.device("cuda"))
+
+
+def test_launch_cache_is_off_on_an_unchecked_triton(monkeypatch):
+    """The fast path leans on Triton's private launcher ABI: on a Triton version not in CHECKED_TRITON the
+    cache is off (no entry is made) and every kernel takes ``kernel[grid](...)``, with the same results."""
+    import triton
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    assert launch.version_checked()
+    assert launch.LaunchCache.enabled(cuda) == (not common.interpreting())
+    monkeypatch.setattr(triton, "__version__", "99.0.0")
+    assert not launch.version_checked() and not launch.LaunchCache.enabled(cuda)
+    assert launch.LaunchCache().lookup(cuda, ("k",), (torch.zeros(2),), (4,)) == (None, None)
+    caches = (kq._LAUNCHES, kln._LAUNCHES, kg._LAUNCHES)
+    before = [len(c._entries) for c in caches]
+    for run, ref in _cached_kernel_runs(7):
+        for _ in range(2):
+            assert _equal(run(), ref())
+    assert [len(c._entries) for c in caches] == before
+
+
+def _equal(a, b):
+    a, b = (a if isinstance(a, tuple) else (a,)), (b if isinstance(b, tuple) else (b,))
+    return all(torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b, strict=True))
+
+
+def _cached_kernel_runs(seed, m=33):
+    """(kernel call, what it must return) for each kernel and launch path: results are bit-exact (quantize)
+    or compared against the same kernel run again (norms, GEMMs), on inputs drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(m, 96, generator=g) * 3).to(DEVICE, torch.bfloat16)
+    w = torch.randn(96, generator=g).to(DEVICE, torch.bfloat16)
+    a, wq = _int8(m, 96, gen=g), _int8(96, 96, gen=g)
+    sa, sw = (torch.rand(m, generator=g) * 0.01 + 1e-3).to(DEVICE), (torch.rand(96, generator=g) * 0.01 + 1e-4).to(DEVICE)
+    bias = torch.randn(96, generator=g).to(DEVICE)
+    runs = [
+        (lambda: kq.quantize_per_token(x), lambda: kq.quantize_per_token_reference(x)),
+        (lambda: kln.layer_norm_quant(x, [96], w, w, 1e-5), None),
+        (lambda: kln.rms_norm_quant(x, w, 1e-6, True), None),
+        (lambda: kln.rms_norm_quant(x, w, 1e-6, False, False), None),
+    ]
+    for tma in _tma_choices(96):
+        runs += [(lambda tma=tma: kg.w8a8_linear(a, sa, wq, sw, bias, "gelu", torch.bfloat16, use_tma=tma), None),
+                 (lambda tma=tma: kg.w8a8_linear(a, sa, wq, sw, bias, "swiglu", torch.float16, use_tma=tma), None)]
+    return [(run, ref or (lambda run=run: tuple(t.clone() for t in _as_tuple(run())))) for run, ref in runs]
+
+
+def _as_tuple(r):
+    return r if isinstance(r, tuple) else (r,)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the launch cache serves compiled CUDA kernels only")
+def test_cached_launch_is_bit_identical_to_the_first_launch(monkeypatch):
+    """For each kernel (quantize, LayerNorm/RMSNorm+quantize, the GEMM incl. TMA and swiglu): the first launch
+    of a specialization makes a cache entry; the second, on fresh inputs of the same shape, takes the cached
+    path and returns exactly what Triton's own launch path returns for those inputs."""
+    if not launch.version_checked():
+        pytest.skip(f"Triton {__import__('triton').__version__} is not in launch.CHECKED_TRITON")
+    caches = (kq._LAUNCHES, kln._LAUNCHES, kg._LAUNCHES)
+    for c in caches:
+        c._entries.clear()
+    first = _cached_kernel_runs(11)
+    for run, _ in first:
+        run()
+    assert all(c._entries for c in caches)
+    made = {id(c): dict(c._entries) for c in caches}
+    for run, _ in _cached_kernel_runs(12):  # same shapes, fresh inputs: cache hits
+        cached = tuple(t.clone() for t in _as_tuple(run()))
+        monkeypatch.setattr(launch.LaunchCache, "enabled", staticmethod(lambda device: False))
+        plain = _as_tuple(run())  # Triton's launch path, same autotuned config
+        monkeypatch.undo()
+        assert _equal(cached, plain)
+    assert all(c._entries == made[id(c)] for c in caches)  # served from the cache, nothing recompiled

@@ -38,12 +38,14 @@ def test_sibling_linears_share_one_quantization(sqnr):
     model, x = SwiGLUBlock().eval(), torch.randn(2, 8, 256)
     qm = fxquant.compile(model, (x,))
     rep = qm.report()
-    assert rep.pattern_stats["shared_input_quant"]["matched"] == 2  # {q, k, v} and {gate, up}
+    assert rep.pattern_stats["shared_input_quant"]["matched"] == 1  # {q, k, v}
+    assert rep.pattern_stats["swiglu"]["matched"] == 1  # gate and up are one GEMM: nothing left to share
     counts = rep.node_counts
-    assert counts["fxquant.quantize_per_token"] == 2
-    assert counts["fxquant.int8_linear_q"] == 5 and counts["fxquant.int8_linear"] == 2  # o, down
+    assert counts["fxquant.quantize_per_token"] == 1
+    assert counts["fxquant.int8_linear_q"] == 3 and counts["fxquant.int8_linear"] == 3  # gate+up, o, down
     shared = sorted(d.name for d in rep.decisions if d.input_quant == "shared-per-token")
-    assert shared == ["gate", "k", "q", "up", "v"]
+    assert shared == ["k", "q", "v"]
+    assert len({d.group for d in rep.decisions if d.name in shared}) == 1
     with torch.no_grad():
         assert sqnr(model(x), qm(x)) > 25
 
@@ -59,12 +61,11 @@ def test_sharing_changes_no_number():
 
     g = unshared.graph_module.graph
     for node in list(g.nodes):
-        if node.target is ops.INT8_LINEAR_Q and node.args[0].args[0].target is ops.QUANTIZE_PER_TOKEN:
-            x_float = node.args[0].args[0].args[0]
-            with g.inserting_before(node):
-                new = g.call_function(ops.INT8_LINEAR, (x_float, *node.args[2:]))
-            node.replace_all_uses_with(new)
-            g.erase_node(node)
+        if node.target is ops.INT8_LINEAR_Q:
+            args = ops.FusedLinear.of(node)
+            quant = args.x_q.args[0]
+            assert quant.target is ops.QUANTIZE_PER_TOKEN
+            args._replace(x=ops.QUANTIZE_PER_TOKEN_C.record_of(quant).x, x_q=None, x_scale=None).set(node)
     g.eliminate_dead_code()
     unshared.graph_module.recompile()
     assert sum(n.target is ops.QUANTIZE_PER_TOKEN for n in g.nodes) == 0
@@ -115,9 +116,10 @@ def test_cuda_without_triton_falls_back_to_cublas_then_reference(monkeypatch):
 
 def test_cuda_target_lowers_to_triton_when_installed(monkeypatch):
     monkeypatch.setattr(backends, "triton_serves", lambda device: device.type == "cuda")
-    assert passes.backend_for("cuda", 127) == "triton"
+    assert backends.backend_for_target("cuda", 127) == "triton"
+    assert backends.backend_for_target("cuda", 127, requested="reference") == "reference"
     monkeypatch.setattr(backends, "triton_serves", lambda device: False)
-    assert passes.backend_for("cuda", 127) == "aten"
+    assert backends.backend_for_target("cuda", 127) == "aten"
 
 
 class LNAttentionInput(torch.nn.Module):

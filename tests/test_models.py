@@ -209,8 +209,10 @@ def test_int8_linear_count(compiled):
     assert len(floats) == c.spec.n_float, [(d.name, d.reason) for d in floats]
     expected_int8 = n_linear - len(floats)
     assert rep.num_int8 == expected_int8
-    fused = rep.node_counts.get("fxquant.int8_linear", 0) + rep.node_counts.get("fxquant.int8_linear_q", 0)
-    assert fused == expected_int8
+    from fxquant.rewrite import members_of
+
+    computed = [d for n in c.qm.graph_module.graph.nodes for d in members_of(n)]  # SwiGLU: 2 Linears, 1 node
+    assert len(computed) == expected_int8
     assert rep.node_counts.get("aten.linear", 0) == len(floats)
     # every decision names a real Linear layer (nn.Linear / Conv1D) of the user's model
     assert {d.name for d in rep.decisions} == set(linears)
@@ -260,8 +262,10 @@ def test_decoder_output_drops_only_the_kv_cache(compiled):
     with torch.no_grad():
         eager = c.model(**c.inputs)  # config.use_cache=True: returns a cache
         out = c.qm(**c.inputs)
-    assert "past_key_values" in eager.keys()
-    assert [k for k in eager.keys() if k != "past_key_values"] == list(out.keys())
+    # exactly one field is dropped, the cache object (whatever this transformers version names it)
+    dropped = [k for k in eager.keys() if k not in out.keys()]
+    assert len(dropped) == 1 and not isinstance(eager[dropped[0]], torch.Tensor), dropped
+    assert [k for k in eager.keys() if k not in dropped] == list(out.keys())
     assert any("use_cache" in n and "False" in n for n in c.qm.report().notes)
     # an explicit use_cache=True from the caller does not break the graph either
     with torch.no_grad():

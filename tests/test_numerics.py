@@ -255,8 +255,9 @@ def test_int8_linear_op_matches_reference(rel_close, activation, m, k, n, lead, 
     g = _gen(seed)
     qmax = _qmax_for("onednn") if backend in ("onednn", "auto") else 127
     x = (torch.randn(*lead, m, k, generator=g) * 3).to(dtype)
-    w = torch.randn(n, k, generator=g).to(dtype)
-    bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
+    rows = 2 * n if activation in backends.GATED else n  # SwiGLU: [gate; up] stacked
+    w = torch.randn(rows, k, generator=g).to(dtype)
+    bias = torch.randn(rows, generator=g).to(dtype) if with_bias else None
     w_q, w_s = reference.quantize_weight_per_channel(w, qmax)
 
     out = OPS.int8_linear(x, w_q, w_s, bias, activation, backend, qmax, None)
@@ -279,8 +280,9 @@ def test_int8_linear_op_matches_reference(rel_close, activation, m, k, n, lead, 
 def test_int8_linear_q_op_matches_reference(rel_close, activation, m, k, n, out_dtype, seed):
     g = _gen(seed)
     x = torch.randn(m, k, generator=g)
-    w_q, w_s = reference.quantize_weight_per_channel(torch.randn(n, k, generator=g), 63)
-    bias = torch.randn(n, generator=g)
+    rows = 2 * n if activation in backends.GATED else n  # SwiGLU: [gate; up] stacked
+    w_q, w_s = reference.quantize_weight_per_channel(torch.randn(rows, k, generator=g), 63)
+    bias = torch.randn(rows, generator=g)
     x_q, x_s = reference.quantize_per_token(x)
     out = OPS.int8_linear_q(x_q, x_s, w_q, w_s, bias, activation, "auto", 63, out_dtype)
     ref = reference.int8_linear(x_q, x_s, w_q, w_s, bias, activation, out_dtype)

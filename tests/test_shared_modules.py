@@ -45,14 +45,44 @@ def test_module_called_twice_is_quantized_once(front_end, sqnr):
         assert sqnr(m(x), qm(x)) >= 33.0  # measured 36.9 dB
 
 
-def test_weight_tied_to_embedding_stays_float():
+class TiedToMatmul(torch.nn.Module):
+    """The Linear's weight is also read by another matmul: no int8 copy can stand in for it there."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(256, 512, bias=False)
+
+    def forward(self, x):
+        return self.head(x) + x @ self.head.weight.t()
+
+
+def test_lm_head_tied_to_embedding_gets_its_own_int8_copy(sqnr):
+    torch.manual_seed(0)
     m = TiedToEmbedding().eval()
     ids = torch.randint(0, 512, (2, 8))
     qm = fxquant.compile(m, (ids,))
     (d,) = qm.report().decisions
-    assert not d.quantize and "tied" in d.reason
+    assert d.quantize and "tied to an embedding" in d.reason
+    assert d.extra_bytes == 512 * 256 + 4 * 512  # int8 [N, K] + fp32 scales
+    assert any("tied to an embedding" in n and "+0.1 MiB" in n for n in qm.report().notes)
+    state = qm.graph_module.state_dict()
+    (float_w,) = [t for t in state.values() if t.dtype == torch.float32 and t.shape == (512, 256)]
+    assert float_w.data_ptr() == m.emb.weight.data_ptr()  # the embedding reads the user's float table, untouched
+    assert state["head.int8.weight"].dtype == torch.int8
+    assert qm.report().node_counts["aten.embedding"] == 1 and qm.report().node_counts["fxquant.int8_linear"] == 1
     with torch.no_grad():
-        assert torch.equal(qm(ids), m(ids))
+        ref, out = m(ids), qm(ids)
+    assert sqnr(ref, out) >= 30.0
+
+
+def test_weight_tied_to_another_op_stays_float():
+    m = TiedToMatmul().eval()
+    x = torch.randn(2, 256)
+    qm = fxquant.compile(m, (x,))
+    (d,) = qm.report().decisions
+    assert not d.quantize and "tied" in d.reason and d.rule == "tied"
+    with torch.no_grad():
+        assert torch.equal(qm(x), m(x))
 
 
 def test_albert_shared_layers_quantized(sqnr):
