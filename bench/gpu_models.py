@@ -5,6 +5,8 @@ medians of whole forward passes):
 * ``torchao``: torchao ``Int8DynamicActivationInt8WeightConfig`` (W8A8 dynamic) + ``torch.compile``;
 * ``fxquant``: ``fxquant.compile(model, inputs)`` (target ``cuda``: Triton kernels), eager;
 * ``fxquant+compile``: ``torch.compile`` of the fxquant model;
+* ``fxquant+compile min_n_unfused=0``: the same with every int8 candidate quantized, also where its input
+  needs a separate per-token pass (the ``cuda`` target's ``min_n_unfused`` rule off);
 * ``bf16 capture+compile`` (a control, not a contender): fxquant's capture with nothing quantized
   (``min_ratio=inf``) + ``torch.compile``: the bf16 model with fxquant's graph cleanups (shape-only attention
   masks removed, ``fxquant.attention``), to separate their gain from int8's.
@@ -14,14 +16,22 @@ Models:
   compared on the encoder's features (``last_hidden_state``, cosine per image);
 * ``llama``: HF ``LlamaForCausalLM(LlamaConfig(hidden_size=2048, intermediate_size=8192,
   num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8))``, prefill 4×2048 tokens,
-  compared on the logits (cosine per token).
+  compared on the logits (cosine per token);
+* ``qwen2``: HF ``Qwen2ForCausalLM`` with Qwen2-1.5B's shapes (hidden 1536, intermediate 8960, 28 layers, 12
+  heads, 2 KV heads, vocab 151936, tied embeddings), prefill 4×2048, logits;
+* ``mistral``: a Mistral-7B-shaped ``MistralForCausalLM`` cut to 4 layers (hidden 4096, intermediate 14336,
+  32 heads, 8 KV heads, vocab 32000), prefill 4×2048, logits.
 
-    python bench/gpu_models.py --model vit llama [--json out.json] [--skip torchao]
+Per model it also prints how many Linears went int8 and why the others did not, and (``--accuracy``) the
+logits cosine of fxquant with and without ``down_proj`` in int8 (eager, no timing).
+
+    python bench/gpu_models.py --model vit llama qwen2 [--json out.json] [--skip torchao] [--accuracy]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import datetime
 import json
@@ -38,7 +48,8 @@ from triton.testing import do_bench  # noqa: E402
 import fxquant  # noqa: E402
 from bench.gpu_ops import device_line  # noqa: E402
 
-COLUMNS = ("eager", "compile", "torchao", "fxquant", "fxquant+compile", "bf16 capture+compile")
+COLUMNS = ("eager", "compile", "torchao", "fxquant", "fxquant+compile", "fxquant+compile min_n_unfused=0",
+           "bf16 capture+compile")
 
 
 def build(name: str):
@@ -57,13 +68,49 @@ def build(name: str):
         model = LlamaForCausalLM(cfg)
         ids = torch.randint(0, cfg.vocab_size, (4, 2048), device="cuda")
         return model, {"input_ids": ids, "use_cache": False}, lambda out: out.logits, lambda t: t.reshape(-1, t.shape[-1])
-    raise ValueError(f"unknown model {name!r}: choose vit or llama")
+    if name in ("qwen2", "mistral"):
+        import transformers
+
+        if name == "qwen2":
+            cfg = transformers.Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                           num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                           tie_word_embeddings=True, max_position_embeddings=4096,
+                                           attn_implementation="sdpa")
+            model = transformers.Qwen2ForCausalLM(cfg)
+        else:
+            cfg = transformers.MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4,
+                                             num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                                             attn_implementation="sdpa")
+            model = transformers.MistralForCausalLM(cfg)
+        ids = torch.randint(0, cfg.vocab_size, (4, 2048), device="cuda")
+        return model, {"input_ids": ids, "use_cache": False}, lambda out: out.logits, lambda t: t.reshape(-1, t.shape[-1])
+    raise ValueError(f"unknown model {name!r}: choose vit, llama, qwen2 or mistral")
 
 
 def cosines(ref: torch.Tensor, out: torch.Tensor, rows) -> tuple[float, float]:
     r, o = rows(ref.float()), rows(out.float())
     c = torch.nn.functional.cosine_similarity(r, o, dim=-1)
     return c.mean().item(), c.min().item()
+
+
+def accuracy(name: str) -> dict:
+    """Logits cosine against the bf16 model: fxquant's default, and with down_proj kept float (eager)."""
+    torch.manual_seed(0)
+    model, inputs, output, rows = build(name)
+    model = model.to("cuda", torch.bfloat16).eval()
+    kw = {k: v for k, v in inputs.items() if k != "use_cache"}
+    out = {}
+    with torch.no_grad():
+        ref = output(model(**inputs)).float()
+        for label, cfg in (("default", None), ("down_proj float", fxquant.QuantConfig(target="cuda", skip=["re:.*down_proj"]))):
+            qm = fxquant.compile(model, kw, config=cfg)
+            mean, low = cosines(ref, output(qm(**kw)), rows)
+            out[label] = {"cos_mean": mean, "cos_min": low, "int8": qm.report().num_int8}
+            print(f"{name} accuracy {label}: cos {mean:.5f} (min {low:.5f}), {qm.report().num_int8} int8 Linears", flush=True)
+            del qm
+    del model
+    torch.cuda.empty_cache()
+    return out
 
 
 def bench_model(name: str, skip: set[str]) -> dict:
@@ -95,13 +142,20 @@ def bench_model(name: str, skip: set[str]) -> dict:
         qm = fxquant.compile(model, kw)
         res["setup_s"]["fxquant.compile"] = time.time() - t
         rep = qm.report()
+        floats = collections.Counter(f"{d.name.rpartition('.')[2]}: {d.reason}" for d in rep.decisions if not d.quantize)
         res["fxquant_summary"] = {"int8": sum(d.quantize for d in rep.decisions), "linears": len(rep.decisions),
                                   "node_counts": rep.node_counts, "backends": sorted({d.backend or "-" for d in rep.decisions}),
+                                  "float_reasons": dict(floats), "patterns": {k: v["matched"] for k, v in rep.pattern_stats.items()},
                                   "notes": rep.notes}
         runners["fxquant"] = lambda: qm(**kw)
         if "fxquant+compile" not in skip:
             qm_c = torch.compile(qm)
             runners["fxquant+compile"] = lambda: qm_c(**kw)
+        if "fxquant+compile min_n_unfused=0" not in skip:  # every Linear's own quantization pass allowed
+            qa = fxquant.compile(model, kw, config=fxquant.QuantConfig(target="cuda", min_n_unfused=0))
+            res["fxquant_all_int8"] = {"int8": qa.report().num_int8, "linears": len(qa.report().decisions)}
+            qa_c = torch.compile(qa)
+            runners["fxquant+compile min_n_unfused=0"] = lambda: qa_c(**kw)
         if "bf16 capture+compile" not in skip:
             fl = fxquant.compile(model, kw, config=fxquant.QuantConfig(target="cuda", min_ratio=float("inf")))
             assert not any(d.quantize for d in fl.report().decisions)
@@ -125,9 +179,11 @@ def main() -> None:
     ap.add_argument("--model", nargs="+", default=["vit", "llama"])
     ap.add_argument("--skip", nargs="*", default=[], choices=COLUMNS)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--accuracy", nargs="*", default=None, help="models whose down_proj accuracy to measure (no timing)")
     args = ap.parse_args()
     head = f"# {device_line()}, {datetime.date.today()}"
     print(head, flush=True)
+    acc = {m: accuracy(m) for m in (args.accuracy or [])}
     results = [bench_model(m, set(args.skip)) for m in args.model]
     table = []
     for r in results:
@@ -139,10 +195,16 @@ def main() -> None:
     print(head)
     print(tabulate(table, headers=["model", "column", "ms", "vs bf16 compile", "cos mean", "cos min"], tablefmt="github"))
     for r in results:
+        base, control = r["ms"].get("compile"), r["ms"].get("bf16 capture+compile")
+        fx_c = r["ms"].get("fxquant+compile")
+        if base and control and fx_c:
+            print(f"{r['model']}: fxquant+compile {base / fx_c:.2f}x bf16 compile, {control / fx_c:.2f}x the bf16 control")
         print(r["model"], "fxquant:", r["fxquant_summary"])
+    for m, a in acc.items():
+        print(m, "accuracy:", a)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": head, "results": results}, f, indent=1, default=str)
+            json.dump({"header": head, "results": results, "accuracy": acc}, f, indent=1, default=str)
 
 
 if __name__ == "__main__":

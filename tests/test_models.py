@@ -362,3 +362,52 @@ def test_torch_compile_of_quantized_model(sqnr):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert sqnr(model(x), got) >= 25.0
+
+
+# ------------------------------------------------------------------------------ LLM patterns (issue: RMSNorm, SwiGLU)
+def _llm(name: str):
+    """Small-config decoder of one family: hidden 256, intermediate 1024, 2 layers, 4 heads, 2 KV heads."""
+    kw = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=256)
+    cls = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma"}[name]
+    if not hasattr(transformers, f"{cls}Model"):
+        pytest.skip(f"transformers {transformers.__version__} has no {cls}Model")
+    if name in ("qwen3", "gemma"):
+        kw["head_dim"] = 64
+    return getattr(transformers, f"{cls}Model")(getattr(transformers, f"{cls}Config")(**kw)).eval()
+
+
+# Per layer: input_layernorm feeds q (k/v stay float: ratio 85 < 96) and post_attention_layernorm feeds the
+# gated MLP's [gate; up] GEMM; the final norm feeds no Linear (rejected). SwiGLU, or Gemma's GeGLU (tanh).
+LLM_EPILOGUE = {"llama": "swiglu", "qwen2": "swiglu", "qwen3": "swiglu", "mistral": "swiglu", "gemma": "geglu_tanh"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(LLM_EPILOGUE))
+def test_llm_rms_norm_and_gated_mlp_fusion(name, sqnr):
+    """The Hugging Face RMSNorm (Gemma's 1 + weight form too) and the gated MLP are fused in every family.
+    Full-range int8 weights (weight_qmax=127, the compressed-tensors scheme) give SQNR >= 30 dB on the last
+    hidden state; measured 34-36 dB (Llama 35.x, Qwen2 35.x, Qwen3 35.x, Mistral 34.x-35.2, Gemma 4x)."""
+    torch.manual_seed(0)
+    model = _llm(name)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    qm = fxquant.compile(model, {"input_ids": ids}, config=fxquant.QuantConfig(weight_qmax=127))
+    rep = qm.report()
+    stats = rep.pattern_stats
+    assert stats["rms_norm_linear"]["matched"] == 4 and stats["rms_norm_linear"]["rejected"] == 1
+    assert stats["swiglu"]["matched"] == 2
+    assert stats["layer_norm_linear"]["matched"] == 0
+    by_name = {d.name: d for d in rep.decisions}
+    for layer in range(2):
+        gate, up = by_name[f"layers.{layer}.mlp.gate_proj"], by_name[f"layers.{layer}.mlp.up_proj"]
+        assert gate.activation == up.activation == LLM_EPILOGUE[name] and gate.gemm == up.gemm
+        assert gate.pattern == "swiglu+rms_norm_linear" and gate.input_quant == "shared-rmsnorm"
+        assert by_name[f"layers.{layer}.self_attn.q_proj"].input_quant == "shared-rmsnorm"
+        assert by_name[f"layers.{layer}.mlp.down_proj"].input_quant == "per-token"
+    assert rep.node_counts["fxquant.rms_norm_quant"] == 4
+    with torch.no_grad():
+        for b, s in ((2, 16), (1, 23)):
+            x = torch.randint(0, 256, (b, s), generator=torch.Generator().manual_seed(b + s))
+            ref = model(input_ids=x, use_cache=False).last_hidden_state
+            value = sqnr(ref, qm(input_ids=x).last_hidden_state)
+            assert value >= 30.0, f"{name} {b}x{s}: SQNR {value:.1f} dB"
