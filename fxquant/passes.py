@@ -158,6 +158,8 @@ def plan_input_groups(gm: fx.GraphModule, spec, patterns) -> None:
         if pat.linears is None:
             continue
         for m in pat.matches(gm):
+            if not pat.check_structure(m):
+                continue
             lins, epilogue = pat.linears(m)
             lins = tuple(lins)
             if any(lin in claims for lin in lins):

@@ -29,10 +29,12 @@ __all__ = [
 ]
 
 HAS_TRITON = triton is not None
-ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "swiglu")
+ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu_tanh")
 SCALE_EPS = 1.1920928955078125e-07  # 2^-23 (fp32 machine epsilon): the smallest per-token scale
 ROUND_MAGIC = 12582912.0  # 1.5·2^23: x + ROUND_MAGIC leaves round_half_even(x) in the low mantissa bits (|x| < 2^22)
-GATED_ACTIVATIONS = ("swiglu",)  # act(y[:, :N/2], y[:, N/2:]): the GEMM's N rows hold two projections
+# Gated epilogues, act(g) · u with g = y[:, :N/2], u = y[:, N/2:]: the GEMM's N rows hold two projections.
+# Each maps to the activation of its gate: SwiGLU (Llama, Qwen, Mistral) and GeGLU with tanh GELU (Gemma).
+GATED_ACTIVATIONS = {"swiglu": "silu", "geglu_tanh": "gelu_tanh"}
 
 
 def activation_torch(y: torch.Tensor, activation: str) -> torch.Tensor:
@@ -43,7 +45,7 @@ def activation_torch(y: torch.Tensor, activation: str) -> torch.Tensor:
     * ``relu``, ``gelu`` (erf), ``gelu_tanh``, ``silu``: elementwise, [..., N] → [..., N];
     * ``swiglu``: Y = silu(g) · u with g = y[..., :N/2] (gate_proj) and u = y[..., N/2:] (up_proj),
       [..., N] → [..., N/2] (Shazeer 2020, "GLU Variants Improve Transformer", §2, FFN_SwiGLU; silu as
-      Elfwing et al. 2018).
+      Elfwing et al. 2018); ``geglu_tanh``: the same with gelu_tanh(g) (FFN_GEGLU, with the tanh GELU).
 
     Raises:
         ValueError: ``activation`` is not one of :data:`ACTIVATIONS` (or N is odd for ``swiglu``).
@@ -58,11 +60,12 @@ def activation_torch(y: torch.Tensor, activation: str) -> torch.Tensor:
         return torch.ops.aten.gelu_(y, approximate="tanh")
     if activation == "silu":
         return F.silu(y, inplace=True)
-    if activation == "swiglu":
+    if activation in GATED_ACTIVATIONS:
         n = y.shape[-1]
         if n % 2:
-            raise ValueError(f"activation 'swiglu' needs an even last dimension (gate and up halves), got {n}")
-        return F.silu(y[..., : n // 2], inplace=True) * y[..., n // 2:]  # a new dense [..., N/2] tensor
+            raise ValueError(f"activation {activation!r} needs an even last dimension (gate and up halves), got {n}")
+        gate = activation_torch(y[..., : n // 2], GATED_ACTIVATIONS[activation])
+        return gate * y[..., n // 2:]  # a new dense [..., N/2] tensor
     raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
@@ -132,7 +135,7 @@ if HAS_TRITON:
     @triton.jit
     def apply_activation(y, ACTIVATION: tl.constexpr):
         """The elementwise epilogue activation on an fp32 tile (formulas as in ``torch.nn.functional``;
-        ``swiglu`` is gated, ``w8a8_gemm._epilogue`` applies it as silu(g) · u with :func:`silu`):
+        the gated ones apply their gate's activation, :func:`gate_activation`):
 
         * ``relu``: max(y, 0)
         * ``gelu``: y · Φ(y) = ½ y (1 + erf(y / √2))       (Hendrycks & Gimpel, 2016, eq. 1)
@@ -149,6 +152,16 @@ if HAS_TRITON:
             y = y / (1.0 + tl.exp(-2.0 * u))
         elif ACTIVATION == "silu":
             y = silu(y)
+        return y
+
+    @triton.jit
+    def gate_activation(y, ACTIVATION: tl.constexpr):
+        """The gate's activation of a gated epilogue (``GATED_ACTIVATIONS``): silu for ``swiglu``, the tanh
+        GELU for ``geglu_tanh``."""
+        if ACTIVATION == "swiglu":
+            y = silu(y)
+        elif ACTIVATION == "geglu_tanh":
+            y = apply_activation(y, "gelu_tanh")
         return y
 
     @triton.jit

@@ -45,7 +45,7 @@ from typing import Optional
 
 import torch
 
-from .common import ACTIVATIONS, HAS_TRITON, activation_torch, cdiv, interpreting
+from .common import ACTIVATIONS, GATED_ACTIVATIONS, HAS_TRITON, activation_torch, cdiv, interpreting
 from .launch import LaunchCache
 
 _TensorDescriptor = None
@@ -53,7 +53,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .common import apply_activation, silu
+    from .common import apply_activation, gate_activation
 
     try:
         from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor  # Triton >= 3.4
@@ -186,7 +186,7 @@ if HAS_TRITON:
     def _epilogue(acc, acc_up, pid_m, pid_n, M, N, c_ptr, stride_cm, stride_cn, a_scale_ptr, w_scale_ptr, bias_ptr,
                   HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Y = act((acc · s_w) · s_x + b) → c's dtype, masked to [M, N]; GATED: Y = silu(g) · u with g from
+        """Y = act((acc · s_w) · s_x + b) → c's dtype, masked to [M, N]; GATED: Y = gate_act(g) · u with g from
         ``acc`` (columns n) and u from ``acc_up`` (columns N + n of s_w and b)."""
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -195,7 +195,7 @@ if HAS_TRITON:
         s_x = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
         y = _dequant(acc, s_x, offs_n, mask_n, w_scale_ptr, bias_ptr, HAS_BIAS)
         if GATED:
-            y = silu(y) * _dequant(acc_up, s_x, N + offs_n, mask_n, w_scale_ptr, bias_ptr, HAS_BIAS)
+            y = gate_activation(y, ACTIVATION) * _dequant(acc_up, s_x, N + offs_n, mask_n, w_scale_ptr, bias_ptr, HAS_BIAS)
         else:
             y = apply_activation(y, ACTIVATION)
         c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn
@@ -340,8 +340,8 @@ def _check(a_q, a_scale, w_q, w_scale, bias, activation, out_dtype) -> tuple[int
         raise ValueError(f"w8a8_linear needs 2-D a_q [M, K] and w_q [N, K], got {tuple(a_q.shape)} and {tuple(w_q.shape)}")
     m, k = a_q.shape
     n, k2 = w_q.shape
-    if activation == "swiglu" and n % 2:
-        raise ValueError(f"w8a8_linear: swiglu needs w_q [2I, K] (gate_proj rows over up_proj rows), got an odd "
+    if activation in GATED_ACTIVATIONS and n % 2:
+        raise ValueError(f"w8a8_linear: {activation} needs w_q [2I, K] (gate_proj rows over up_proj rows), got an odd "
                          f"number of rows N={n}")
     if k != k2:
         raise ValueError(f"w8a8_linear: a_q has K={k} but w_q has K={k2} (w_q is [N, K], the nn.Linear layout)")
@@ -376,8 +376,9 @@ def w8a8_linear(
 
     Args:
         a_q: int8 [M, K], last dim contiguous. a_scale: fp32, M values. w_q: int8 [N, K]. w_scale: fp32,
-            N values. bias: N values or None. activation: one of ``none relu gelu gelu_tanh silu swiglu``;
-            ``swiglu``: w_q is [2I, K], gate_proj rows over up_proj rows, and the output is silu(g) · u.
+            N values. bias: N values or None. activation: one of ``none relu gelu gelu_tanh silu swiglu geglu_tanh``;
+            ``swiglu`` / ``geglu_tanh``: w_q is [2I, K], gate_proj rows over up_proj rows, and the output is
+            silu(g) · u / gelu_tanh(g) · u.
         out_dtype: bf16, fp16 or fp32. use_tma: force the TMA kernel on/off (None: when :func:`tma_ok`).
 
     Returns:
@@ -390,7 +391,7 @@ def w8a8_linear(
     if not HAS_TRITON:
         raise RuntimeError("w8a8_linear needs Triton: pip install triton (or use fxquant's 'aten' backend)")
     m, k, n_w = _check(a_q, a_scale, w_q, w_scale, bias, activation, out_dtype)
-    gated = activation == "swiglu"
+    gated = activation in GATED_ACTIVATIONS
     n = n_w // 2 if gated else n_w  # the output width; the kernels' N
     c = torch.empty((m, n), dtype=out_dtype, device=a_q.device)
     if m == 0 or n == 0:

@@ -1,6 +1,7 @@
-"""SwiGLU MLP input: ``silu(gate_proj(x)) * up_proj(x)`` → one int8 GEMM over the stacked [gate; up]
-weight whose epilogue computes ``silu(g) · u`` (Shazeer, 2020, "GLU Variants Improve Transformer", FFN_SwiGLU
-without its output projection; SiLU: Elfwing et al., 2018). Llama, Qwen2/3, Mistral.
+"""Gated MLP input: ``act(gate_proj(x)) * up_proj(x)`` → one int8 GEMM over the stacked [gate; up] weight
+whose epilogue computes ``act(g) · u`` (Shazeer, 2020, "GLU Variants Improve Transformer", FFN_SwiGLU and
+FFN_GEGLU without their output projection). SwiGLU (act = SiLU, Elfwing et al., 2018: Llama, Qwen2/3,
+Mistral) and GeGLU with the tanh GELU (Gemma): epilogues ``swiglu`` and ``geglu_tanh``.
 
 Before::
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from fxquant.heuristics import Rule, Verdict
 from fxquant.rewrite import Match, Pattern, decision_of, quantize_linears
 
 from .common import linears_are_int8
@@ -33,29 +35,64 @@ from .common import linears_are_int8
 aten = torch.ops.aten
 
 
-def swiglu(x, w_gate, w_up):
-    return aten.mul.Tensor(aten.silu.default(aten.linear.default(x, w_gate)), aten.linear.default(x, w_up))
+# epilogue -> the gate's activation as the canonical graph spells it
+_GATES = {
+    "swiglu": lambda g: aten.silu.default(g),
+    "geglu_tanh": lambda g: aten.gelu.default(g, approximate="tanh"),
+}
 
 
-def swiglu_up_first(x, w_gate, w_up):
-    return aten.mul.Tensor(aten.linear.default(x, w_up), aten.silu.default(aten.linear.default(x, w_gate)))
+def _variants():
+    """For each gate activation: gate first or up first, without or with biases."""
+    def make(epilogue, act):
+        def gated(x, w_gate, w_up):
+            return aten.mul.Tensor(act(aten.linear.default(x, w_gate)), aten.linear.default(x, w_up))
+
+        def up_first(x, w_gate, w_up):
+            return aten.mul.Tensor(aten.linear.default(x, w_up), act(aten.linear.default(x, w_gate)))
+
+        def gated_bias(x, w_gate, b_gate, w_up, b_up):
+            return aten.mul.Tensor(act(aten.linear.default(x, w_gate, b_gate)), aten.linear.default(x, w_up, b_up))
+
+        def up_first_bias(x, w_gate, b_gate, w_up, b_up):
+            return aten.mul.Tensor(aten.linear.default(x, w_up, b_up), act(aten.linear.default(x, w_gate, b_gate)))
+
+        fns = (gated, up_first, gated_bias, up_first_bias)
+        for f in fns:
+            f.__name__ = f"{epilogue}_{f.__name__}"
+        return fns
+
+    return tuple(f for epilogue, act in _GATES.items() for f in make(epilogue, act))
 
 
-def swiglu_bias(x, w_gate, b_gate, w_up, b_up):
-    return aten.mul.Tensor(aten.silu.default(aten.linear.default(x, w_gate, b_gate)), aten.linear.default(x, w_up, b_up))
-
-
-def swiglu_bias_up_first(x, w_gate, b_gate, w_up, b_up):
-    return aten.mul.Tensor(aten.linear.default(x, w_up, b_up), aten.silu.default(aten.linear.default(x, w_gate, b_gate)))
+def _epilogue_of(gate_act) -> str:
+    if gate_act.target is aten.silu.default:
+        return "swiglu"
+    return "geglu_tanh"  # the only other gate the variants match: gelu(approximate="tanh")
 
 
 def gate_and_up(match: Match):
-    """``(gate Linear, up Linear)`` of a match: the gate is the one under the SiLU."""
+    """``(gate Linear, up Linear)`` of a match: the gate is the one under the activation."""
     mul = match.anchor
-    silu = next(a for a in mul.args if a.target is aten.silu.default)
-    gate = silu.args[0]
-    up = next(a for a in mul.args if a is not silu)
+    act = next(a for a in mul.args if a.target in (aten.silu.default, aten.gelu.default))
+    gate = act.args[0]
+    up = next(a for a in mul.args if a is not act)
     return gate, up
+
+
+def epilogue_of(match: Match) -> str:
+    mul = match.anchor
+    return _epilogue_of(next(a for a in mul.args if a.target in (aten.silu.default, aten.gelu.default)))
+
+
+def is_gated_activation(match: Match) -> Verdict:
+    """The gate's activation is SiLU or the tanh GELU (exact GELU, FFN_GEGLU proper, has no epilogue yet)."""
+    mul = match.anchor
+    act = next(a for a in mul.args if a.target in (aten.silu.default, aten.gelu.default))
+    if act.target is aten.gelu.default and act.kwargs.get("approximate", "none") != "tanh":
+        return Verdict(False, "GeGLU with the exact GELU has no gated epilogue (only tanh): Linears fused one by one",
+                       Rule.PATTERN)
+    return Verdict(True, "gated activation")
 
 
 def both_int8(match: Match):
@@ -67,7 +104,7 @@ def replace(gm, match: Match):
     parent, _, g = decision_of(gate).name.rpartition(".")
     u = decision_of(up).name.rpartition(".")[2]
     leaf = "gate_up_proj" if (g, u) == ("gate_proj", "up_proj") else f"{g or 'root'}_{u or 'root'}"  # vLLM's name
-    return quantize_linears(gm, [gate, up], "swiglu", anchor=match.anchor, pattern="swiglu",
+    return quantize_linears(gm, [gate, up], epilogue_of(match), anchor=match.anchor, pattern="swiglu",
                             path=(f"{parent}." if parent else "") + leaf)
 
 
@@ -87,10 +124,11 @@ class _Example(torch.nn.Module):
 
 SWIGLU = Pattern(
     name="swiglu",
-    patterns=(swiglu, swiglu_up_first, swiglu_bias, swiglu_bias_up_first),
+    patterns=_variants(),
+    structure=(is_gated_activation,),
     filters=(both_int8,),
     replace=replace,
-    linears=lambda match: (gate_and_up(match), "swiglu"),
-    description="silu(gate(x)) * up(x) -> one int8 GEMM over [gate; up] with the SwiGLU epilogue",
+    linears=lambda match: (gate_and_up(match), epilogue_of(match)),
+    description="act(gate(x)) * up(x) -> one int8 GEMM over [gate; up] with the SwiGLU / GeGLU-tanh epilogue",
     example=lambda: (_Example(), (torch.randn(2, 5, 256),)),
 )

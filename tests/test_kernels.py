@@ -88,7 +88,8 @@ def test_activation_torch_definitions():
 
     y = torch.randn(5, 14, generator=torch.Generator().manual_seed(1)) * 4
     want = {"none": y, "relu": F.relu(y), "gelu": F.gelu(y), "gelu_tanh": F.gelu(y, approximate="tanh"),
-            "silu": F.silu(y), "swiglu": F.silu(y[:, :7]) * y[:, 7:]}
+            "silu": F.silu(y), "swiglu": F.silu(y[:, :7]) * y[:, 7:],
+            "geglu_tanh": F.gelu(y[:, :7], approximate="tanh") * y[:, 7:]}
     assert set(want) == set(common.ACTIVATIONS)
     for act, ref in want.items():
         got = common.activation_torch(y.clone(), act)
@@ -100,18 +101,21 @@ def test_activation_torch_definitions():
         common.activation_torch(y[:, :5], "swiglu")
 
 
+@pytest.mark.parametrize("gated", sorted(common.GATED_ACTIVATIONS))
 @pytest.mark.parametrize("m,k,i", [(1, 32, 1), (7, 40, 7), (33, 96, 33), (33, 64, 48)])
-def test_swiglu_gemm_is_the_gate_and_up_linears(m, k, i, rel_close):
-    """swiglu(W = [gate; up]) equals silu(gate Linear) · (up Linear) computed as two plain GEMMs."""
+def test_swiglu_gemm_is_the_gate_and_up_linears(m, k, i, gated, rel_close):
+    """swiglu(W = [gate; up]) equals silu(gate Linear) · (up Linear) computed as two plain GEMMs (geglu_tanh:
+    gelu_tanh(gate Linear) · (up Linear))."""
     g = torch.Generator().manual_seed(m + k + i)
     a, w = _int8(m, k, gen=g), _int8(2 * i, k, gen=g)
     sa = (torch.rand(m, generator=g) * 0.02 + 1e-3).to(DEVICE)
     sw = (torch.rand(2 * i, generator=g) * 0.01 + 1e-4).to(DEVICE)
     bias = torch.randn(2 * i, generator=g).to(DEVICE)
-    gate = kg.w8a8_linear_reference(a.cpu(), sa.cpu(), w[:i].cpu(), sw[:i].cpu(), bias[:i].cpu(), "silu", torch.float32)
+    gate_act = common.GATED_ACTIVATIONS[gated]
+    gate = kg.w8a8_linear_reference(a.cpu(), sa.cpu(), w[:i].cpu(), sw[:i].cpu(), bias[:i].cpu(), gate_act, torch.float32)
     up = kg.w8a8_linear_reference(a.cpu(), sa.cpu(), w[i:].cpu(), sw[i:].cpu(), bias[i:].cpu(), "none", torch.float32)
     for tma in _tma_choices(k):
-        got = kg.w8a8_linear(a, sa, w, sw, bias, "swiglu", torch.float32, use_tma=tma)
+        got = kg.w8a8_linear(a, sa, w, sw, bias, gated, torch.float32, use_tma=tma)
         rel_close(got.cpu(), gate * up)
 
 

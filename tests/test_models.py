@@ -387,14 +387,17 @@ LLM_EPILOGUE = {"llama": "swiglu", "qwen2": "swiglu", "qwen3": "swiglu", "mistra
 def test_llm_rms_norm_and_gated_mlp_fusion(name, sqnr):
     """The Hugging Face RMSNorm (Gemma's 1 + weight form too) and the gated MLP are fused in every family.
     Full-range int8 weights (weight_qmax=127, the compressed-tensors scheme) give SQNR >= 30 dB on the last
-    hidden state; measured 34-36 dB (Llama 35.x, Qwen2 35.x, Qwen3 35.x, Mistral 34.x-35.2, Gemma 4x)."""
+    hidden state. Measured (2-core AMD EPYC, AVX2; batch 2 x 16 and 1 x 23): Llama 34.3 / 33.8, Qwen2 35.3 /
+    35.3, Qwen3 33.3 / 32.7, Mistral 34.3 / 33.8, Gemma 47.3 / 47.4 dB."""
     torch.manual_seed(0)
     model = _llm(name)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     qm = fxquant.compile(model, {"input_ids": ids}, config=fxquant.QuantConfig(weight_qmax=127))
     rep = qm.report()
     stats = rep.pattern_stats
-    assert stats["rms_norm_linear"]["matched"] == 4 and stats["rms_norm_linear"]["rejected"] == 1
+    # rejected: the final norm, and Qwen3's per-head q_norm / k_norm (they feed attention, not a Linear)
+    assert stats["rms_norm_linear"]["matched"] == 4
+    assert stats["rms_norm_linear"]["rejected"] == (5 if name == "qwen3" else 1)
     assert stats["swiglu"]["matched"] == 2
     assert stats["layer_norm_linear"]["matched"] == 0
     by_name = {d.name: d for d in rep.decisions}
