@@ -127,7 +127,7 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, cast_b
     dtype, then multiplied by the weight in that dtype; else (``torch.nn.RMSNorm``, Gemma with the fp32
     weight ``1 + w``) y = (n · weight) in fp32, rounded once. Returns y [..., K] in x's dtype.
     """
-    return _kln.rms_norm_quant_reference(x, weight, eps, cast_before_weight, return_float=True)[0]
+    return _kln.rms_norm_reference(x, weight, eps, cast_before_weight)
 
 
 def rms_norm_quant(x, weight, eps, cast_before_weight, return_float=True):

@@ -48,7 +48,7 @@ from .common import HAS_TRITON, cdiv, launch_options, next_pow2, row_block_param
 from .launch import LaunchCache
 from .quantize import _as_rows, quantize_per_token_reference
 
-__all__ = ["layer_norm_quant", "layer_norm_quant_reference", "rms_norm_quant", "rms_norm_quant_reference",
+__all__ = ["layer_norm_quant", "layer_norm_quant_reference", "rms_norm_quant", "rms_norm_quant_reference", "rms_norm_reference",
            "get_autotune_configs", "MAX_K"]
 
 MAX_K = 32768
@@ -218,16 +218,20 @@ def layer_norm_quant_reference(x, normalized_shape, weight, bias, eps, return_fl
     return (y if return_float else y.new_empty(0)), y_q, scale
 
 
-def rms_norm_quant_reference(x, weight, eps, cast_before_weight, return_float=True):
-    """Plain torch: RMSNorm in fp32 (as ``F.rms_norm`` and Hugging Face compute it), the weight applied in
-    fp32 or, with ``cast_before_weight``, in x's dtype after rounding, then the per-token quantizer."""
+def rms_norm_reference(x, weight, eps, cast_before_weight):
+    """Plain torch RMSNorm in fp32 (as ``F.rms_norm`` and Hugging Face compute it), the weight applied in fp32
+    or, with ``cast_before_weight``, in x's dtype after rounding; returns y in x's dtype."""
     xf = x.to(torch.float32)
     n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if weight is None:
-        y = n.to(x.dtype)
-    elif cast_before_weight:
-        y = weight * n.to(x.dtype)  # LlamaRMSNorm.forward: self.weight * hidden_states.to(input_dtype)
-    else:
-        y = (n * weight.to(torch.float32)).to(x.dtype)
+        return n.to(x.dtype)
+    if cast_before_weight:
+        return weight * n.to(x.dtype)  # LlamaRMSNorm.forward: self.weight * hidden_states.to(input_dtype)
+    return (n * weight.to(torch.float32)).to(x.dtype)
+
+
+def rms_norm_quant_reference(x, weight, eps, cast_before_weight, return_float=True):
+    """Plain torch: :func:`rms_norm_reference`, then the per-token quantizer of ``kernels/quantize.py``."""
+    y = rms_norm_reference(x, weight, eps, cast_before_weight)
     y_q, scale = quantize_per_token_reference(y)
     return (y if return_float else y.new_empty(0)), y_q, scale
