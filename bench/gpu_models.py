@@ -5,8 +5,8 @@ medians of whole forward passes):
 * ``torchao``: torchao ``Int8DynamicActivationInt8WeightConfig`` (W8A8 dynamic) + ``torch.compile``;
 * ``fxquant``: ``fxquant.compile(model, inputs)`` (target ``cuda``: Triton kernels), eager;
 * ``fxquant+compile``: ``torch.compile`` of the fxquant model;
-* ``fxquant+compile min_n_unfused=0``: the same with every int8 candidate quantized, also where its input
-  needs a separate per-token pass (the ``cuda`` target's ``min_n_unfused`` rule off);
+* ``fxquant+compile all int8``: the same with every int8 candidate quantized: also where its input needs a
+  separate per-token pass (``min_n_unfused=0``) and the gated MLPs' ``down_proj`` (``gated_output_int8``);
 * ``bf16 capture+compile`` (a control, not a contender): fxquant's capture with nothing quantized
   (``min_ratio=inf``) + ``torch.compile``: the bf16 model with fxquant's graph cleanups (shape-only attention
   masks removed, ``fxquant.attention``), to separate their gain from int8's.
@@ -22,10 +22,10 @@ Models:
 * ``mistral``: a Mistral-7B-shaped ``MistralForCausalLM`` cut to 4 layers (hidden 4096, intermediate 14336,
   32 heads, 8 KV heads, vocab 32000), prefill 4×2048, logits.
 
-Per model it also prints how many Linears went int8 and why the others did not, and (``--accuracy``) the
-logits cosine of fxquant with and without ``down_proj`` in int8 (eager, no timing).
+Per model it also prints how many Linears went int8 and why the others did not. Where the accuracy goes
+(``down_proj``, the tied LM head): ``bench/llm_accuracy.py``.
 
-    python bench/gpu_models.py --model vit llama qwen2 [--json out.json] [--skip torchao] [--accuracy]
+    python bench/gpu_models.py --model vit llama qwen2 [--json out.json] [--skip torchao]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from triton.testing import do_bench  # noqa: E402
 import fxquant  # noqa: E402
 from bench.gpu_ops import device_line  # noqa: E402
 
-COLUMNS = ("eager", "compile", "torchao", "fxquant", "fxquant+compile", "fxquant+compile min_n_unfused=0",
+COLUMNS = ("eager", "compile", "torchao", "fxquant", "fxquant+compile", "fxquant+compile all int8",
            "bf16 capture+compile")
 
 
@@ -93,26 +93,6 @@ def cosines(ref: torch.Tensor, out: torch.Tensor, rows) -> tuple[float, float]:
     return c.mean().item(), c.min().item()
 
 
-def accuracy(name: str) -> dict:
-    """Logits cosine against the bf16 model: fxquant's default, and with down_proj kept float (eager)."""
-    torch.manual_seed(0)
-    model, inputs, output, rows = build(name)
-    model = model.to("cuda", torch.bfloat16).eval()
-    kw = {k: v for k, v in inputs.items() if k != "use_cache"}
-    out = {}
-    with torch.no_grad():
-        ref = output(model(**inputs)).float()
-        for label, cfg in (("default", None), ("down_proj float", fxquant.QuantConfig(target="cuda", skip=["re:.*down_proj"]))):
-            qm = fxquant.compile(model, kw, config=cfg)
-            mean, low = cosines(ref, output(qm(**kw)), rows)
-            out[label] = {"cos_mean": mean, "cos_min": low, "int8": qm.report().num_int8}
-            print(f"{name} accuracy {label}: cos {mean:.5f} (min {low:.5f}), {qm.report().num_int8} int8 Linears", flush=True)
-            del qm
-    del model
-    torch.cuda.empty_cache()
-    return out
-
-
 def bench_model(name: str, skip: set[str]) -> dict:
     torch.manual_seed(0)
     model, inputs, output, rows = build(name)
@@ -151,11 +131,11 @@ def bench_model(name: str, skip: set[str]) -> dict:
         if "fxquant+compile" not in skip:
             qm_c = torch.compile(qm)
             runners["fxquant+compile"] = lambda: qm_c(**kw)
-        if "fxquant+compile min_n_unfused=0" not in skip:  # every Linear's own quantization pass allowed
-            qa = fxquant.compile(model, kw, config=fxquant.QuantConfig(target="cuda", min_n_unfused=0))
+        if "fxquant+compile all int8" not in skip:  # also down_proj, and every separate quantization pass
+            qa = fxquant.compile(model, kw, config=fxquant.QuantConfig(target="cuda", min_n_unfused=0, gated_output_int8=True))
             res["fxquant_all_int8"] = {"int8": qa.report().num_int8, "linears": len(qa.report().decisions)}
             qa_c = torch.compile(qa)
-            runners["fxquant+compile min_n_unfused=0"] = lambda: qa_c(**kw)
+            runners["fxquant+compile all int8"] = lambda: qa_c(**kw)
         if "bf16 capture+compile" not in skip:
             fl = fxquant.compile(model, kw, config=fxquant.QuantConfig(target="cuda", min_ratio=float("inf")))
             assert not any(d.quantize for d in fl.report().decisions)
@@ -179,11 +159,9 @@ def main() -> None:
     ap.add_argument("--model", nargs="+", default=["vit", "llama"])
     ap.add_argument("--skip", nargs="*", default=[], choices=COLUMNS)
     ap.add_argument("--json", default=None)
-    ap.add_argument("--accuracy", nargs="*", default=None, help="models whose down_proj accuracy to measure (no timing)")
     args = ap.parse_args()
     head = f"# {device_line()}, {datetime.date.today()}"
     print(head, flush=True)
-    acc = {m: accuracy(m) for m in (args.accuracy or [])}
     results = [bench_model(m, set(args.skip)) for m in args.model]
     table = []
     for r in results:
@@ -200,11 +178,9 @@ def main() -> None:
         if base and control and fx_c:
             print(f"{r['model']}: fxquant+compile {base / fx_c:.2f}x bf16 compile, {control / fx_c:.2f}x the bf16 control")
         print(r["model"], "fxquant:", r["fxquant_summary"])
-    for m, a in acc.items():
-        print(m, "accuracy:", a)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": head, "results": results, "accuracy": acc}, f, indent=1, default=str)
+            json.dump({"header": head, "results": results}, f, indent=1, default=str)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ class TargetSpec:
             (``heuristics.quantize_pass_pays_off``); 0 disables the rule.
         fuse_siblings: int8 Linears reading one quantized input run as one GEMM over their concatenated
             weights (``rewrite.fuse_sibling_linears``), and the ratio rule is judged on that GEMM.
+        gated_output_int8: Linears reading a gated MLP's product (``down_proj`` after SwiGLU / GeGLU) go
+            int8 too; off by default, for accuracy (``heuristics.gated_output_int8``).
     """
 
     min_ratio: float
@@ -36,6 +38,7 @@ class TargetSpec:
     weight_qmax: Optional[int]
     min_n_unfused: int = 0
     fuse_siblings: bool = False
+    gated_output_int8: bool = False
 
 
 TARGETS: dict[str, TargetSpec] = {
@@ -84,6 +87,8 @@ class QuantConfig:
         min_n_unfused: override of the target's threshold on the output columns that must share a separate
             quantization pass (see ``TargetSpec``); 0 turns the rule off.
         fuse_siblings: override of the target's horizontal fusion of sibling int8 Linears (``TargetSpec``).
+        gated_output_int8: quantize the Linears that read a gated MLP's product (``down_proj``), which stay
+            float by default (``TargetSpec``; measurements in ``heuristics.gated_output_int8``).
         backend: int8 GEMM backend for every fused Linear: ``"triton"``, ``"onednn"``, ``"aten"`` or
             ``"reference"`` (see ``fxquant.backends``); ``None`` = the target's best available. Re-checked
             per call: a backend that cannot run a call (cuBLAS with M <= 16, say) yields to the next best.
@@ -105,6 +110,7 @@ class QuantConfig:
     backend: Optional[str] = None
     min_n_unfused: Optional[int] = None
     fuse_siblings: Optional[bool] = None
+    gated_output_int8: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -115,8 +121,10 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.alignment={self.alignment!r} must be an int >= 1")
         if self.min_n_unfused is not None and (isinstance(self.min_n_unfused, bool) or not (isinstance(self.min_n_unfused, int) and self.min_n_unfused >= 0)):
             raise ValueError(f"QuantConfig.min_n_unfused={self.min_n_unfused!r} must be an int >= 0")
-        if self.fuse_siblings is not None and not isinstance(self.fuse_siblings, bool):
-            raise ValueError(f"QuantConfig.fuse_siblings={self.fuse_siblings!r} must be True, False or None")
+        for flag in ("fuse_siblings", "gated_output_int8"):
+            value = getattr(self, flag)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"QuantConfig.{flag}={value!r} must be True, False or None")
         if self.weight_qmax is not None and (isinstance(self.weight_qmax, bool) or not (isinstance(self.weight_qmax, int) and 7 <= self.weight_qmax <= 127)):
             raise ValueError(f"QuantConfig.weight_qmax={self.weight_qmax!r} must be an int in [7, 127]")
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
@@ -149,4 +157,5 @@ class QuantConfig:
             weight_qmax=base.weight_qmax if self.weight_qmax is None else self.weight_qmax,
             min_n_unfused=base.min_n_unfused if self.min_n_unfused is None else self.min_n_unfused,
             fuse_siblings=base.fuse_siblings if self.fuse_siblings is None else self.fuse_siblings,
+            gated_output_int8=base.gated_output_int8 if self.gated_output_int8 is None else self.gated_output_int8,
         )

@@ -142,14 +142,17 @@ def plan_input_groups(gm: fx.GraphModule, spec, patterns) -> None:
        int8 units), else the Linear's own pass.
     3. **Judging groups, not Linears**: where the target fuses siblings, the units with a plain epilogue run
        as one GEMM and the ratio rule is judged on it (K, ΣN), as on a multi-Linear unit (K, N of the
-       stacked weight); only Linears that failed on the ratio alone flip. A group without a norm source pays
-       a separate quantization pass, so its int8 GEMMs need ``min_n_unfused`` output columns in total.
+       stacked weight); only Linears that failed on the ratio alone flip. A group reading a gated MLP's
+       product stays float unless ``gated_output_int8`` (:func:`fxquant.heuristics.gated_output_int8`). A
+       group without a norm source pays a separate quantization pass, so its int8 GEMMs need
+       ``min_n_unfused`` output columns in total.
 
     Writes each decision's ``group``, ``gemm`` and ``input_quant`` (and, where a rule flipped it,
     ``quantize``/``reason``/``rule``) back to ``node.meta``.
     """
     claims: dict[fx.Node, tuple[tuple[fx.Node, ...], str]] = {}
     norm_source: dict[fx.Node, InputQuant] = {}
+    gated_products: set[fx.Node] = set()  # outputs of gated MLPs (SwiGLU / GeGLU), whatever their decision
     for pat in patterns:
         if pat.quantized_output is not None:
             for m in pat.matches(gm):
@@ -162,6 +165,8 @@ def plan_input_groups(gm: fx.GraphModule, spec, patterns) -> None:
                 continue
             lins, epilogue = pat.linears(m)
             lins = tuple(lins)
+            if epilogue in backends.GATED:
+                gated_products.add(m.anchor)
             if any(lin in claims for lin in lins):
                 continue
             ds = [decision_of(lin) for lin in lins]
@@ -179,6 +184,12 @@ def plan_input_groups(gm: fx.GraphModule, spec, patterns) -> None:
         for unit, gemm in gemms.items():
             _judge_ratio(unit, gemm, spec.min_ratio)
         int8_units = [u for u in group if decision_of(u[0]).quantize]
+        if x in gated_products and int8_units:
+            verdict = heuristics.gated_output_int8(spec.gated_output_int8)
+            if not verdict:
+                for u in int8_units:
+                    _update(u, quantize=False, reason=verdict.reason, rule=verdict.rule)
+                int8_units = []
         source = norm_source.get(x) if int8_units else None
         if source is None and int8_units and spec.min_n_unfused:
             verdict = heuristics.quantize_pass_pays_off(sum(_stacked_n(u) for u in int8_units), spec.min_n_unfused)
