@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 import fxquant  # noqa: F401  (registers ops)
-from fxquant import heuristics, passes, reference
+from fxquant import backends, heuristics, passes, reference
 from fxquant.config import QuantConfig
 from fxquant.evaluation import median_ms
 
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=15)
     args = ap.parse_args()
     qmax = passes.resolve_weight_qmax(QuantConfig())
-    backend = passes.backend_for("cpu", qmax)
+    backend = backends.backend_for_target("cpu", qmax)
     torch.manual_seed(0)
     rows = []
     for m in args.m:
