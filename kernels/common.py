@@ -32,6 +32,7 @@ HAS_TRITON = triton is not None
 ACTIVATIONS = ("none", "relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu_tanh")
 SCALE_EPS = 1.1920928955078125e-07  # 2^-23 (fp32 machine epsilon): the smallest per-token scale
 ROUND_MAGIC = 12582912.0  # 1.5·2^23: x + ROUND_MAGIC leaves round_half_even(x) in the low mantissa bits (|x| < 2^22)
+ROUND_MAGIC_BITS = 0x4B400000  # ROUND_MAGIC's fp32 bit pattern: (x + ROUND_MAGIC) as int32 minus this is round(x)
 # Gated epilogues, act(g) · u with g = y[:, :N/2], u = y[:, N/2:]: the GEMM's N rows hold two projections.
 # Each maps to the activation of its gate: SwiGLU (Llama, Qwen, Mistral) and GeGLU with tanh GELU (Gemma).
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu_tanh": "gelu_tanh"}
@@ -131,6 +132,10 @@ def triton_device_ok(device: torch.device) -> bool:
 
 
 if HAS_TRITON:
+    # the constants above, as Triton reads module globals inside @triton.jit code (constexpr only)
+    _SCALE_EPS = tl.constexpr(SCALE_EPS)
+    _ROUND_MAGIC = tl.constexpr(ROUND_MAGIC)
+    _ROUND_MAGIC_BITS = tl.constexpr(ROUND_MAGIC_BITS)
 
     @triton.jit
     def apply_activation(y, ACTIVATION: tl.constexpr):
@@ -190,7 +195,7 @@ if HAS_TRITON:
         """Per-token scale and its reciprocal from each row's amax [R]: s = max(amax / 127, eps) and
         inv = 1 / s, both IEEE round-to-nearest divisions (``div_rn``); a NaN amax stays NaN."""
         scale = tl.math.div_rn(amax, 127.0)
-        scale = tl.where(scale < 1.1920928955078125e-07, 1.1920928955078125e-07, scale)
+        scale = tl.where(scale < _SCALE_EPS, _SCALE_EPS, scale)
         return scale, tl.math.div_rn(1.0, scale)
 
     @triton.jit
@@ -203,7 +208,7 @@ if HAS_TRITON:
         instead of twice and differ from the reference at exact ties.
         """
         v = x * inv[:, None]
-        r = (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+        r = (v + _ROUND_MAGIC).to(tl.int32, bitcast=True) - _ROUND_MAGIC_BITS
         r = tl.minimum(tl.maximum(r, -127), 127)
         return r.to(OUT_TY)
 

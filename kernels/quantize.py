@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import HAS_TRITON, cdiv, launch_options, next_pow2, row_block_params
+from .common import HAS_TRITON, SCALE_EPS, cdiv, launch_options, next_pow2, row_block_params
 from .launch import LaunchCache
 
 __all__ = ["quantize_per_token", "quantize_per_token_reference", "get_autotune_configs", "MAX_SINGLE_PASS"]
@@ -134,6 +134,6 @@ def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """
     xf = x.to(torch.float32)
     amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = (amax / amax.new_full((), 127.0)).clamp_min(torch.finfo(torch.float32).eps)
+    scale = (amax / amax.new_full((), 127.0)).clamp_min(SCALE_EPS)
     x_q = torch.round(xf * scale.reciprocal()).clamp(-127, 127).to(torch.int8)  # out of place: traceable
     return x_q, scale
