@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxquant
-from fxquant import QuantConfig
+from fxquant import QuantConfig, ops
+from fxquant.ops import FusedLinear
 
 OPS = torch.ops.fxquant
 FRONT_ENDS = ["export", "symbolic_trace"]
@@ -175,7 +176,7 @@ def test_mlp_gelu_linear_act_and_linear(front_end, x, sqnr):
     assert fc1.ratio == pytest.approx(51.2)
     assert rep.num_int8 == 2
     # the activation travels in the op's arguments
-    acts = sorted(n.args[4] for n in _fused(qm, OPS.int8_linear.default))
+    acts = sorted(FusedLinear.of(n).activation for n in _fused(qm, OPS.int8_linear.default))
     assert acts == ["gelu", "none"]
     with torch.no_grad():
         assert sqnr(m(x), qm(x)) >= 25.0  # measured ~36 dB
@@ -215,8 +216,8 @@ def test_activation_functions_and_no_bias(front_end, kind, x, sqnr):
     fc2 = _decision(qm, "fc2")
     assert fc2.pattern == "linear" and fc2.quantize
     # fc2 has no bias: its op gets None
-    (node,) = [n for n in _fused(qm, OPS.int8_linear.default) if n.args[4] == "none"]
-    assert node.args[3] is None
+    (node,) = [n for n in _fused(qm, OPS.int8_linear.default) if FusedLinear.of(n).activation == "none"]
+    assert FusedLinear.of(node).bias is None
     with torch.no_grad():
         assert sqnr(m(x), qm(x)) >= 25.0
 
@@ -265,12 +266,13 @@ def test_layer_norm_qkv(front_end, residual, x, sqnr):
     assert "fxquant.int8_linear" not in rep.node_counts
     assert "aten.layer_norm" not in rep.node_counts
     (lnq,) = _fused(qm, OPS.layer_norm_quant.default)
-    assert lnq.args[-1] is residual  # return_float: only when the float output has another user
-    assert lnq.args[1] == [64] and lnq.args[4] == pytest.approx(1e-5)
+    ln_args = ops.LAYER_NORM_QUANT_C.record_of(lnq)
+    assert ln_args.return_float is residual  # the float output only when it has another user
+    assert ln_args.normalized_shape == [64] and ln_args.eps == pytest.approx(1e-5)
     # the three Linears read the one shared quantization
-    lin_q = _fused(qm, OPS.int8_linear_q.default)
-    assert len({n.args[0] for n in lin_q}) == 1 and len({n.args[1] for n in lin_q}) == 1
-    assert all(n.args[0].args[0] is lnq and n.args[0].args[1] == 1 for n in lin_q)
+    lin_q = [FusedLinear.of(n) for n in _fused(qm, OPS.int8_linear_q.default)]
+    assert len({a.x_q for a in lin_q}) == 1 and len({a.x_scale for a in lin_q}) == 1
+    assert all(a.x_q.args == (lnq, ops.NORM_QUANT_Q) for a in lin_q)
     for name in ("q", "k", "v"):
         d = _decision(qm, name)
         assert d.quantize and d.input_quant == "shared-layernorm"
@@ -402,7 +404,7 @@ def test_out_dtype_config_is_applied(front_end, x):
     qm = _compile(nn.Sequential(nn.Linear(64, 256)), x, front_end, QuantConfig(out_dtype=torch.bfloat16, min_ratio=0))
     assert qm.report().num_int8 == 1
     (node,) = _fused(qm, OPS.int8_linear.default)
-    assert node.args[-1] == torch.bfloat16
+    assert FusedLinear.of(node).out_dtype == torch.bfloat16
     assert qm(x).dtype == torch.bfloat16
 
 
