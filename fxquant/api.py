@@ -9,41 +9,136 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from . import passes, report
+from . import ops, passes, report
+from ._attrs import parent_for
 from .capture import capture
 from .config import QuantConfig
+from .errors import InputError
 
-__all__ = ["compile", "QuantizedModel"]
+__all__ = ["compile", "QuantizedModel", "InputError"]
+
+
+# Buffers that keep fp32 whatever dtype the model moves to: per-channel weight scales (the kernels' contract)
+# and Gemma's 1 + weight (Gemma computes it in fp32).
+_FP32_BUFFERS = ("weight_scale",)
+_FP32_SUFFIXES = ("_plus_one",)
+
+
+def _keeps_fp32(name: str) -> bool:
+    leaf = name.rpartition(".")[2]
+    return leaf in _FP32_BUFFERS or leaf.endswith(_FP32_SUFFIXES)
 
 
 class QuantizedModel(torch.nn.Module):
     """An int8 model, called like the original with the same inputs and returning the same output
     structure (Hugging Face ``ModelOutput`` fields included).
 
+    Behaves like the module it replaces, for inference:
+
+    * ``.to(dtype / device)``, ``.half()``, ``.bfloat16()``, ``.float()``, ``.cuda()``, ``.cpu()``: float
+      parameters and the fused nodes' output dtype follow (unless ``QuantConfig.out_dtype`` fixed it); int8
+      weights and fp32 scales keep their dtypes; each call picks the kernel backend for the device it runs on.
+    * **Inference only**: it runs without autograd (outputs never require grad); an input that requires grad
+      while grad mode is on raises :class:`InputError`, and so does ``train()`` (train the float model, then
+      compile it again).
+    * Inputs are checked against the capture: a tensor with another rank, or another size in a dimension
+      torch.export kept static, raises :class:`InputError` naming the input, the dimension, the captured
+      value and what to do.
+
     Attributes:
         graph_module: the fused ``torch.fx.GraphModule`` (canonical ATen graph with fxquant ops).
         config: the :class:`QuantConfig` it was compiled with.
     """
 
-    def __init__(self, graph_module: fx.GraphModule, config: QuantConfig, rep: report.Report, fixed_kwargs: dict[str, Any]):
+    def __init__(self, graph_module: fx.GraphModule, config: QuantConfig, rep: report.Report, fixed_kwargs: dict[str, Any],
+                 float_dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.graph_module = graph_module
         self.config = config
         self._report = rep
         self._fixed_kwargs = dict(fixed_kwargs)
         self._signature = inspect.signature(graph_module.forward)
+        self._input_shapes = _captured_shapes(graph_module)
+        self._float_dtype = float_dtype
+        self.training = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         kwargs.update(self._fixed_kwargs)
         try:
-            self._signature.bind(*args, **kwargs)
+            bound = self._signature.bind(*args, **kwargs)
         except TypeError as e:
             names = [p for p in self._signature.parameters if p not in self._fixed_kwargs]
             raise TypeError(
                 f"this QuantizedModel takes the inputs it was captured with, {names} (by name or in that order): {e}. "
                 "Call it with those arguments, or compile again with example inputs that include the ones you need."
             ) from None
-        return self.graph_module(*args, **kwargs)
+        self._check_inputs(bound.arguments)
+        with torch.no_grad():
+            try:
+                return self.graph_module(*args, **kwargs)
+            except AssertionError as e:  # a torch.export guard this check did not anticipate
+                if "Guard failed" not in str(e):
+                    raise
+                raise InputError(f"the inputs do not fit the captured graph ({e}). Call it with inputs shaped like the "
+                                 "example inputs, or compile again with example inputs of the shapes you need.") from None
+
+    def _check_inputs(self, arguments: dict[str, Any]) -> None:
+        grad = torch.is_grad_enabled()
+        for name, value in arguments.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if grad and value.requires_grad:
+                raise InputError(
+                    f"input {name!r} requires grad, but fxquant's int8 graph is inference-only (its fused ops have no "
+                    "backward, so no gradient would reach it). Call it under torch.no_grad() or torch.inference_mode(), "
+                    "or pass the input detached; to train, train the float model and compile it again.")
+            captured = self._input_shapes.get(name)
+            if captured is None:
+                continue
+            shape = tuple(value.shape)
+            if len(shape) != len(captured):
+                raise InputError(
+                    f"input {name!r} has {len(shape)} dimensions {shape}, but the model was captured with "
+                    f"{len(captured)}: {_fmt_shape(captured)}. Call it with a {len(captured)}-d tensor, or compile "
+                    "again with example inputs of the rank you need.")
+            for dim, (got, want) in enumerate(zip(shape, captured)):
+                if want is not None and got != want:
+                    raise InputError(
+                        f"input {name!r} has size {got} in dimension {dim} (shape {shape}), but the model was captured "
+                        f"with {want} there, a static dimension ({_fmt_shape(captured)}; '?' marks the dynamic ones). "
+                        f"Call it with size {want} in dimension {dim}, or compile again with example inputs of the "
+                        "size you need.")
+
+    # ------------------------------------------------------------------------------ module behaviour
+    def train(self, mode: bool = True) -> "QuantizedModel":
+        """Only ``eval()`` (``train(False)``) is allowed: the int8 graph is inference-only."""
+        if mode:
+            raise InputError("a QuantizedModel is inference-only and cannot be put in training mode: train the float "
+                             "model, then compile it again with fxquant.compile")
+        return super().train(False)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Every ``.to()`` / ``.half()`` / ``.cuda()`` ... lands here: move and cast as ``nn.Module`` does, then
+        put the fp32 buffers back to fp32 and let the fused nodes' output dtype follow a float-dtype change."""
+        old = self._float_dtype
+        new = fn(torch.empty(0, dtype=old)).dtype if old is not None else None  # what fn does to a float tensor
+        # The graph shares the user's Parameter objects: replace them with new ones instead of assigning
+        # ``param.data`` (nn.Module's default), which would cast or move the user's model too.
+        overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+        torch.__future__.set_overwrite_module_params_on_conversion(True)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+        for name, buf in list(self.graph_module.named_buffers()):
+            if _keeps_fp32(name) and buf.dtype != torch.float32:
+                owner, leaf = parent_for(self.graph_module, name)
+                owner._buffers[leaf] = buf.to(torch.float32)
+        if new is not None and new != old:
+            self._float_dtype = new
+            if self.config.out_dtype is None:
+                _retarget_out_dtype(self.graph_module, old, new)
+        return self
 
     def report(self) -> report.Report:
         """Every Linear's decision, the pattern counts and the fused node counts (``print()`` it)."""
@@ -56,6 +151,42 @@ class QuantizedModel(torch.nn.Module):
     def to_networkx(self):
         """The fused graph as a ``networkx.DiGraph`` (see :func:`fxquant.report.to_networkx`)."""
         return report.to_networkx(self.graph_module)
+
+
+def _captured_shapes(gm: fx.GraphModule) -> dict[str, tuple]:
+    """Per placeholder: the captured shape, ``None`` for each dynamic dimension (torch.export's meta only)."""
+    shapes = {}
+    for node in gm.graph.nodes:
+        val = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(val, torch.Tensor):
+            shapes[node.target] = tuple(_static_size(d) for d in val.shape)
+    return shapes
+
+
+def _static_size(d) -> Optional[int]:
+    """A dimension's size when the capture fixed it (an int, or a SymInt torch.export specialized to a
+    number), else None (dynamic)."""
+    if isinstance(d, int):
+        return d
+    expr = getattr(getattr(d, "node", None), "expr", None)
+    return int(expr) if expr is not None and getattr(expr, "is_number", False) else None
+
+
+def _fmt_shape(shape: tuple) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+def _retarget_out_dtype(gm: fx.GraphModule, old: torch.dtype, new: torch.dtype) -> None:
+    """Fused Linears whose output dtype was the model's (``old``) now produce ``new``."""
+    changed = False
+    for node in gm.graph.nodes:
+        if ops.FusedLinear.is_fused_linear(node):
+            args = ops.FusedLinear.of(node)
+            if args.out_dtype == old:
+                args._replace(out_dtype=new).set(node)
+                changed = True
+    if changed:
+        gm.recompile()
 
 
 def compile(  # noqa: A001 - the project's front door is named like torch.compile on purpose
@@ -128,4 +259,6 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     if not captured.dynamic:
         notes.append("torch.export could not keep input dims dynamic: call with the example inputs' shapes")
     rep = report.Report(decisions, stats, report.node_counts(gm), config.target, captured.front_end, qmax, notes)
-    return QuantizedModel(gm, config, rep, captured.fixed_kwargs)
+    dtypes = {d.out_dtype for d in decisions if d.quantize}
+    float_dtype = dtypes.pop() if len(dtypes) == 1 and config.out_dtype is None else None
+    return QuantizedModel(gm, config, rep, captured.fixed_kwargs, float_dtype)

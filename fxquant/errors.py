@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FxquantError", "TraceError"]
+__all__ = ["FxquantError", "TraceError", "InputError"]
 
 
 class FxquantError(Exception):
@@ -26,3 +26,9 @@ class TraceError(FxquantError):
         if hint:
             msg += f". What to do: {hint}"
         super().__init__(msg)
+
+
+class InputError(FxquantError, ValueError):
+    """A call of a :class:`~fxquant.QuantizedModel` that it cannot serve: an input of another rank or static
+    size than captured, an input that requires grad (the int8 graph is inference-only), or ``train()``. The
+    message names the input, the dimension, the captured value and what to do."""
