@@ -85,19 +85,20 @@ def cpu_int8_full_range_exact() -> bool:
     return bool(torch.equal(got.to(torch.float64), reference.int8_gemm(x_q, w_q).to(torch.float64)))
 
 
-_PACKED: dict[int, tuple[weakref.ref, torch.Tensor, torch.Tensor]] = {}
+_PACKED: dict[int, tuple[weakref.ref, int, torch.Tensor, torch.Tensor]] = {}
 
 
 def _packed_weight(w_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """oneDNN's blocked layout of ``w_q`` and its (all-zero, symmetric) zero points, made once per weight
-    tensor and freed with it."""
+    tensor and its values (an in-place write such as ``load_state_dict`` bumps the tensor's version and
+    repacks), freed with the tensor."""
     key = id(w_q)
     hit = _PACKED.get(key)
-    if hit is not None and hit[0]() is w_q:
-        return hit[1], hit[2]
+    if hit is not None and hit[0]() is w_q and hit[1] == w_q._version:
+        return hit[2], hit[3]
     packed = torch.ops.onednn.qlinear_prepack(w_q.contiguous(), None)  # prepack assumes row-major
     zero_points = torch.zeros(w_q.shape[0], dtype=torch.long)
-    _PACKED[key] = (weakref.ref(w_q, lambda _r, k=key: _PACKED.pop(k, None)), packed, zero_points)
+    _PACKED[key] = (weakref.ref(w_q, lambda _r, k=key: _PACKED.pop(k, None)), w_q._version, packed, zero_points)
     return packed, zero_points
 
 

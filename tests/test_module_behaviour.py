@@ -104,3 +104,31 @@ def test_cpu_to_cuda_and_back(compiled, sqnr):
     qm.cpu()
     with torch.no_grad():
         assert sqnr(model(x), qm(x)) >= 25.0
+
+
+def test_state_dict_round_trip_deepcopy_and_threads(compiled):
+    """load_state_dict writes the int8 weights in place: the CPU backend's packed copy must follow (it is
+    keyed by the tensor and its version)."""
+    import threading
+
+    _, qm, x = compiled
+    other = fxquant.compile(LNMLP().eval(), (x,))  # other random weights, same structure
+    with torch.no_grad():
+        want = qm(x)
+        assert not torch.equal(other(x), want)  # packs the other weights first
+        other.load_state_dict(qm.state_dict())
+        assert torch.equal(other(x), want)
+        assert {k: v.dtype for k, v in other.state_dict().items()} == {k: v.dtype for k, v in qm.state_dict().items()}
+        assert torch.equal(copy.deepcopy(qm)(x), want)
+    results = [None] * 4
+
+    def run(i):
+        with torch.no_grad():
+            results[i] = qm(x)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(r, want) for r in results)
