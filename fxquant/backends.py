@@ -38,6 +38,7 @@ from . import reference
 from .kernels import common as _kc
 from .kernels.layer_norm_quant import MAX_K as _LN_MAX_K
 from .kernels.layer_norm_quant import layer_norm_quant as _triton_layer_norm_quant
+from .kernels.layer_norm_quant import norm_outputs as _norm_outputs
 from .kernels.layer_norm_quant import rms_norm_quant as _triton_rms_norm_quant
 from .kernels.quantize import quantize_per_token as _triton_quantize
 from .kernels.w8a8_gemm import w8a8_linear as _triton_w8a8_linear
@@ -159,9 +160,8 @@ def layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float):
     Returns ``(y or empty, y_q, scale)`` as ``fxquant::layer_norm_quant``."""
     if triton_serves(x.device) and len(normalized_shape) == 1 and x.shape[-1] <= _LN_MAX_K:
         return _triton_layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float)
-    y = torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
-    y_q, scale = quantize_per_token(y)
-    return (y if return_float else y.new_empty(0)), y_q, scale
+    return _norm_outputs(torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps), return_float,
+                         quantize_per_token)
 
 
 def rms_norm_quant(x, weight, eps, cast_before_weight, return_float):
@@ -170,9 +170,7 @@ def rms_norm_quant(x, weight, eps, cast_before_weight, return_float):
     ``(y or empty, y_q, scale)`` as ``fxquant::rms_norm_quant``."""
     if triton_serves(x.device) and x.shape[-1] <= _LN_MAX_K:
         return _triton_rms_norm_quant(x, weight, eps, cast_before_weight, return_float)
-    y = reference.rms_norm(x, weight, eps, cast_before_weight)
-    y_q, scale = quantize_per_token(y)
-    return (y if return_float else y.new_empty(0)), y_q, scale
+    return _norm_outputs(reference.rms_norm(x, weight, eps, cast_before_weight), return_float, quantize_per_token)
 
 
 # --------------------------------------------------------------------------------------------- aten

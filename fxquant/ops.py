@@ -37,7 +37,7 @@ import torch.fx as fx
 from . import backends
 
 __all__ = ["quantize_per_token", "int8_linear", "int8_linear_q", "layer_norm_quant", "rms_norm_quant", "FusedLinear",
-           "contract_of", "CONTRACTS", "NORM_QUANT_OPS", "out_features"]
+           "contract_of", "CONTRACTS", "out_features"]
 
 _NS = "fxquant"
 
@@ -244,7 +244,6 @@ INT8_LINEAR = INT8_LINEAR_C.op
 INT8_LINEAR_Q = INT8_LINEAR_Q_C.op
 LAYER_NORM_QUANT = LAYER_NORM_QUANT_C.op
 RMS_NORM_QUANT = RMS_NORM_QUANT_C.op
-NORM_QUANT_OPS = tuple(c.op for c in NORM_QUANT_CONTRACTS)
 CONTRACTS = {c.op: c for c in (QUANTIZE_PER_TOKEN_C, INT8_LINEAR_C, INT8_LINEAR_Q_C, *NORM_QUANT_CONTRACTS)}
 
 
@@ -342,9 +341,7 @@ def _register_inductor_decompositions() -> bool:
     def _layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float):
         if x.device.type != "cuda":
             return NotImplemented
-        y = torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
-        y_q, scale = reference.quantize_per_token(y)
-        return (y if return_float else y.new_empty(0)), y_q, scale
+        return reference.layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float)
 
     @register_decomposition([RMS_NORM_QUANT])
     def _rms_norm_quant(x, weight, eps, cast_before_weight, return_float):

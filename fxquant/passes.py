@@ -118,9 +118,10 @@ def annotate(gm: fx.GraphModule, config: QuantConfig, weight_qmax: int, model: O
         aligned = heuristics.is_aligned(k, n, spec.alignment)
         tied = _tied(attrs, node, name)
         verdict = _first_failure(tied, name, w, config, spec, model, aligned, k, n)
-        extra = n * k + 4 * n if tied == "embedding" and verdict.ok else 0  # int8 copy + fp32 scales
+        # a fact of the weight, not of the verdict: the planning pass may still flip the decision either way
+        extra = n * k + 4 * n if tied == "embedding" else 0  # its own int8 copy + fp32 scales
         reason = verdict.reason
-        if extra:
+        if extra and verdict.ok:
             reason += f"; weight tied to an embedding: int8 copy adds {extra / 2**20:.1f} MiB, the embedding stays float"
         node.meta[META_KEY] = LinearDecision(
             name, k, n, w.dtype, heuristics.beneficial_ratio(k, n), aligned.ok, verdict.ok, reason,

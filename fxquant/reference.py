@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from .kernels import common as _kc
 from .kernels import layer_norm_quant as _kln
@@ -141,11 +140,13 @@ def layer_norm_quant(
     weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     eps: float,
+    return_float: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LayerNorm (Ba et al., 2016) followed by per-token quantization of its output.
 
     Returns:
-        ``(y, y_q, scale)``: y in x's dtype [..., K] (the float LayerNorm output, as ``F.layer_norm``),
-        y_q int8 [..., K] and scale fp32 [..., 1] from :func:`quantize_per_token` of y.
+        ``(y, y_q, scale)``: y in x's dtype [..., K] (the float LayerNorm output, as ``F.layer_norm``; an empty
+        tensor unless ``return_float``), y_q int8 [..., K] and scale fp32 [..., 1] from
+        :func:`quantize_per_token` of y.
     """
-    return _kln.layer_norm_quant_reference(x, normalized_shape, weight, bias, eps, return_float=True)
+    return _kln.layer_norm_quant_reference(x, normalized_shape, weight, bias, eps, return_float)

@@ -63,7 +63,8 @@ class LinearDecision:
         group: id of the input group (the Linears reading the same tensor), from the planning pass.
         gemm: id of the GEMM it runs in; Linears with the same id run as one GEMM (siblings, SwiGLU).
         index: position of the Linear call in the captured graph (report order).
-        extra_bytes: memory its int8 weights add on top of the model (a tied weight keeps its float copy).
+        extra_bytes: memory its int8 weights add on top of the model when it goes int8 (nonzero for a weight
+            tied to an embedding, which keeps its float copy; its int8 copy lives at ``<name>.int8``).
     """
 
     name: str
@@ -254,14 +255,33 @@ def params_path(d: LinearDecision) -> str:
     return d.name
 
 
+def _stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors))
+
+
+def _stacked_params(weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
+                    biases: Sequence[Optional[torch.Tensor]]) -> QuantizedLinearParams:
+    """The int8 rows of one or several Linears as one :class:`QuantizedLinearParams` (exact: every row keeps its
+    own scale); a Linear without bias contributes zeros where the others have one."""
+    bias = None
+    if any(b is not None for b in biases):
+        dt = next(b.dtype for b in biases if b is not None)
+        bias = _stack([b.detach() if b is not None else torch.zeros(w.shape[0], dtype=dt, device=w.device)
+                       for b, w in zip(biases, weights)])
+    return QuantizedLinearParams(_stack(weights), _stack(scales), bias)
+
+
 def _get_params(gm: fx.GraphModule, graph: fx.Graph, path: str, has_bias: bool) -> tuple[fx.Node, fx.Node, Optional[fx.Node]]:
     prefix = f"{path}." if path else ""
     return (graph.get_attr(f"{prefix}weight"), graph.get_attr(f"{prefix}weight_scale"),
             graph.get_attr(f"{prefix}bias") if has_bias else None)
 
 
-def _keep_meta(new: fx.Node, old: fx.Node) -> None:
-    new.meta.update({k: v for k, v in old.meta.items() if k in ("val", "tensor_meta", "nn_module_stack", "stack_trace")})
+_SOURCE_META = ("nn_module_stack", "stack_trace")  # where a node came from in the user's code
+
+
+def _keep_meta(new: fx.Node, old: fx.Node, keys: Sequence[str] = ("val", "tensor_meta", *_SOURCE_META)) -> None:
+    new.meta.update({k: v for k, v in old.meta.items() if k in keys})
 
 
 def quantize_linears(gm: fx.GraphModule, linears: Sequence[fx.Node], activation: str, anchor: fx.Node, pattern: str,
@@ -284,13 +304,8 @@ def quantize_linears(gm: fx.GraphModule, linears: Sequence[fx.Node], activation:
     has_bias = any(b is not None for b in biases)
     if not _installed(gm, path):
         qs = [reference.quantize_weight_per_channel(fetch_attr(gm, lin.args[1].target), d0.weight_qmax) for lin in linears]
-        bias = None
-        if has_bias:
-            tensors = [fetch_attr(gm, b.target) if b is not None else None for b in biases]
-            dt = next(t.dtype for t in tensors if t is not None)
-            bias = torch.cat([t.detach() if t is not None else torch.zeros(q.shape[0], dtype=dt, device=q.device)
-                              for t, (q, _) in zip(tensors, qs)])
-        _install(gm, path, QuantizedLinearParams(torch.cat([q for q, _ in qs]), torch.cat([s for _, s in qs]), bias))
+        _install(gm, path, _stacked_params([q for q, _ in qs], [s for _, s in qs],
+                                           [fetch_attr(gm, b.target) if b is not None else None for b in biases]))
     g = gm.graph
     with g.inserting_before(anchor):
         w_q, w_scale, b = _get_params(gm, g, path, has_bias)
@@ -360,14 +375,8 @@ def fuse_sibling_linears(gm: fx.GraphModule) -> int:
         path = (f"{parent}." if parent else "") + "fused_" + "_".join(d.name.rpartition(".")[2] or "root" for d in members)
         weights = [fetch_attr(gm, a.w_q.target) for a in args]
         if not _installed(gm, path):
-            scales = [fetch_attr(gm, a.w_scale.target) for a in args]
-            biases = [fetch_attr(gm, a.bias.target) if a.bias is not None else None for a in args]
-            bias = None
-            if any(b is not None for b in biases):
-                dt = next(b.dtype for b in biases if b is not None)
-                bias = torch.cat([b if b is not None else torch.zeros(w.shape[0], dtype=dt, device=w.device)
-                                  for b, w in zip(biases, weights)])
-            _install(gm, path, QuantizedLinearParams(torch.cat(weights), torch.cat(scales), bias))
+            _install(gm, path, _stacked_params(weights, [fetch_attr(gm, a.w_scale.target) for a in args],
+                                               [fetch_attr(gm, a.bias.target) if a.bias is not None else None for a in args]))
         with g.inserting_before(nodes[0]):
             w_node, s_node, b_node = _get_params(gm, g, path, hasattr(gm.get_submodule(path), "bias"))
             new = a0._replace(w_q=w_node, w_scale=s_node, bias=b_node).call(g)
@@ -379,7 +388,7 @@ def fuse_sibling_linears(gm: fx.GraphModule) -> int:
                     if user.op == "call_function" and user.target is aten.view.default:
                         user.target = aten.reshape.default
                 node.replace_all_uses_with(piece)
-        new.meta.update({kk: v for kk, v in nodes[0].meta.items() if kk in ("nn_module_stack", "stack_trace")})
+        _keep_meta(new, nodes[0], _SOURCE_META)
         _set_members(new, [d.with_pattern("sibling_fusion") for d in members])
         for node in nodes:
             g.erase_node(node)
@@ -468,7 +477,7 @@ def fuse_norm_quant(gm: fx.GraphModule, anchor: fx.Node, contract, build: Callab
         outs.append(prev)
     y, y_q, y_scale = outs
     for node in (fused, y):
-        node.meta.update({k: v for k, v in anchor.meta.items() if k in ("nn_module_stack", "stack_trace")})
+        _keep_meta(node, anchor, _SOURCE_META)
     for lin in consumers:
         read_quantized_input(g, lin, y_q, y_scale, source, pattern)
     anchor.replace_all_uses_with(y)

@@ -49,7 +49,7 @@ from .launch import LaunchCache
 from .quantize import _as_rows, quantize_per_token_reference
 
 __all__ = ["layer_norm_quant", "layer_norm_quant_reference", "rms_norm_quant", "rms_norm_quant_reference", "rms_norm_reference",
-           "get_autotune_configs", "MAX_K"]
+           "norm_outputs", "get_autotune_configs", "MAX_K"]
 
 MAX_K = 32768
 _LAUNCHES = LaunchCache()
@@ -211,11 +211,16 @@ def _unwritten(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty((1, 1), dtype=dtype, device=device)
 
 
+def norm_outputs(y: torch.Tensor, return_float: bool, quantize=quantize_per_token_reference):
+    """The three outputs of a norm-quant op from the norm's output y: ``(y or empty, y_q, scale)`` with
+    ``quantize`` (the reference quantizer, or a backend's bit-identical fast one)."""
+    y_q, scale = quantize(y)
+    return (y if return_float else y.new_empty(0)), y_q, scale
+
+
 def layer_norm_quant_reference(x, normalized_shape, weight, bias, eps, return_float=True):
     """Plain torch: ``F.layer_norm`` in x's dtype, then the per-token quantizer of ``kernels/quantize.py``."""
-    y = F.layer_norm(x, normalized_shape, weight, bias, eps)
-    y_q, scale = quantize_per_token_reference(y)
-    return (y if return_float else y.new_empty(0)), y_q, scale
+    return norm_outputs(F.layer_norm(x, normalized_shape, weight, bias, eps), return_float)
 
 
 def rms_norm_reference(x, weight, eps, cast_before_weight):
@@ -232,6 +237,4 @@ def rms_norm_reference(x, weight, eps, cast_before_weight):
 
 def rms_norm_quant_reference(x, weight, eps, cast_before_weight, return_float=True):
     """Plain torch: :func:`rms_norm_reference`, then the per-token quantizer of ``kernels/quantize.py``."""
-    y = rms_norm_reference(x, weight, eps, cast_before_weight)
-    y_q, scale = quantize_per_token_reference(y)
-    return (y if return_float else y.new_empty(0)), y_q, scale
+    return norm_outputs(rms_norm_reference(x, weight, eps, cast_before_weight), return_float)

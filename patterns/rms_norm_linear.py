@@ -74,6 +74,11 @@ def _val(node):
     return v if isinstance(v, torch.Tensor) else None
 
 
+def _eps_add(match: Match):
+    """The ``mean(h²) + eps`` node of a decomposed RMSNorm: the input of its rsqrt."""
+    return next(g for p, g in match.internal.nodes_map.items() if p.target is aten.rsqrt.default).args[0]
+
+
 def _parts(match: Match):
     """``(x, weight node or None, eps, cast_before_weight, weight offset)`` of a matched RMSNorm."""
     anchor = match.anchor
@@ -83,7 +88,7 @@ def _parts(match: Match):
         return x, w, eps, False, 0.0
     h = match["h"]
     x = h.args[0] if h.op == "call_function" and h.target is aten.to.dtype else h
-    eps = next(g.args[1] for p, g in match.internal.nodes_map.items() if p.target is aten.add.Tensor and p.args[1] == 1e-6)
+    eps = _eps_add(match).args[1]
     if anchor.target is aten.type_as.default:
         return x, match["weight"], eps, False, 1.0
     return x, match["weight"], eps, True, 0.0
@@ -99,11 +104,12 @@ def is_rms_norm(match: Match) -> Verdict:
             return Verdict(False, "not an RMSNorm: exponent is not 2", Rule.PATTERN)
         if p.target is aten.mean.dim and not (list(g.args[1]) in ([-1], [_ndim(g.args[0]) - 1]) and g.args[2] is True):
             return Verdict(False, "not an RMSNorm: the mean is not over the last dim with keepdim", Rule.PATTERN)
-        if p.target is aten.add.Tensor and p.args[1] == 1e-6 and not isinstance(g.args[1], float):
+    if match.anchor.target is not aten.rms_norm.default:  # the decomposed forms
+        if not isinstance(_eps_add(match).args[1], float):
             return Verdict(False, "not an RMSNorm: eps is not a constant", Rule.PATTERN)
+        if _val(match["h"]) is None or _val(match["h"]).dtype != torch.float32:
+            return Verdict(False, "not an RMSNorm computed in fp32", Rule.PATTERN)
     x, w, _, _, _ = _parts(match)
-    if match.anchor.target is not aten.rms_norm.default and (_val(match["h"]) is None or _val(match["h"]).dtype != torch.float32):
-        return Verdict(False, "not an RMSNorm computed in fp32", Rule.PATTERN)
     xv, yv = _val(x), _val(match.anchor)
     if xv is None or yv is None:
         return Verdict(False, "RMSNorm without shape metadata (capture with example inputs)", Rule.PATTERN)

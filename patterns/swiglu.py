@@ -65,30 +65,25 @@ def _variants():
     return tuple(f for epilogue, act in _GATES.items() for f in make(epilogue, act))
 
 
-def _epilogue_of(gate_act) -> str:
-    if gate_act.target is aten.silu.default:
-        return "swiglu"
-    return "geglu_tanh"  # the only other gate the variants match: gelu(approximate="tanh")
+def _gate_act(match: Match):
+    """The activation node under the product (its input is the gate Linear)."""
+    return next(a for a in match.anchor.args if a.target in (aten.silu.default, aten.gelu.default))
 
 
 def gate_and_up(match: Match):
     """``(gate Linear, up Linear)`` of a match: the gate is the one under the activation."""
-    mul = match.anchor
-    act = next(a for a in mul.args if a.target in (aten.silu.default, aten.gelu.default))
-    gate = act.args[0]
-    up = next(a for a in mul.args if a is not act)
-    return gate, up
+    act = _gate_act(match)
+    return act.args[0], next(a for a in match.anchor.args if a is not act)
 
 
 def epilogue_of(match: Match) -> str:
-    mul = match.anchor
-    return _epilogue_of(next(a for a in mul.args if a.target in (aten.silu.default, aten.gelu.default)))
+    # the only gates the variants match: silu, and gelu(approximate="tanh")
+    return "swiglu" if _gate_act(match).target is aten.silu.default else "geglu_tanh"
 
 
 def is_gated_activation(match: Match) -> Verdict:
     """The gate's activation is SiLU or the tanh GELU (exact GELU, FFN_GEGLU proper, has no epilogue yet)."""
-    mul = match.anchor
-    act = next(a for a in mul.args if a.target in (aten.silu.default, aten.gelu.default))
+    act = _gate_act(match)
     if act.target is aten.gelu.default and act.kwargs.get("approximate", "none") != "tanh":
         return Verdict(False, "GeGLU with the exact GELU has no gated epilogue (only tanh): Linears fused one by one",
                        Rule.PATTERN)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxquant
-from fxquant import backends, passes
+from fxquant import backends
 from fxquant.kernels import common
 
 needs_triton = pytest.mark.skipif(

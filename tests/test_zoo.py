@@ -6,7 +6,6 @@ the fused graph still exports with torch.export. Bounded for CI (max_examples, n
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
