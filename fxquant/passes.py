@@ -34,13 +34,21 @@ def resolve_weight_qmax(config: QuantConfig) -> int:
 
 
 def linear_name(gm: fx.GraphModule, node: fx.Node) -> str:
-    """Module path of a Linear node: its weight's path without ``.weight``, else its module stack."""
+    """Module path of a Linear node: the ``nn.Linear`` (or subclass) that made the call, from the module stack
+    torch.export records; else its weight's path without ``.weight``; else the innermost module. The call's
+    module comes first because export keeps one path for a weight that two Linears share (``b.weight = a.weight``
+    reads as ``b.weight`` in both calls)."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    if stack:
+        path, kind = stack[-1][0], stack[-1][1]
+        kind = kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}"
+        if kind.endswith("Linear"):
+            return path  # "" when the model itself is the Linear
     w = node.args[1]
     if isinstance(w, fx.Node) and w.op == "get_attr" and (w.target == "weight" or w.target.endswith(".weight")):
-        return w.target[: -len("weight")].rstrip(".")  # "" when the model itself is the Linear
-    stack = node.meta.get("nn_module_stack")
+        return w.target[: -len("weight")].rstrip(".")
     if stack:
-        return list(stack.values())[-1][0]
+        return stack[-1][0]
     return node.name
 
 
@@ -62,16 +70,18 @@ def _owned_by(target: str, name: str) -> bool:
     return target == name or target.startswith(name + ".")
 
 
-def _tied(attrs: list[fx.Node], node: fx.Node, name: str) -> Optional[str]:
-    """How the Linear's module attributes are shared: None when only Linear calls of that same module read
-    them (a module called several times, as ALBERT's shared layers, is not tied: each call is quantized
-    against the one set of int8 weights); ``"embedding"`` when the only other readers are embedding lookups
-    of the weight (a tied LM head); ``"other"`` when any other op reads them."""
-    weight = f"{name}.weight" if name else "weight"
+def _tied(gm: fx.GraphModule, attrs: list[fx.Node], node: fx.Node, name: str) -> Optional[str]:
+    """How the Linear's parameters (the attributes it reads and those of its module) are shared: None when only
+    Linear calls of that same module read them (a module called several times, as ALBERT's shared layers, is
+    not tied: each call is quantized against the one set of int8 weights); ``"embedding"`` when the only other
+    readers are embedding lookups of the weight (a tied LM head); ``"other"`` when any other op reads them,
+    another Linear module too (``b.weight = a.weight``: one float weight, two modules)."""
+    read = {a.target for a in node.args[1:3] if isinstance(a, fx.Node) and a.op == "get_attr"}
+    weight = node.args[1].target if isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr" else None
 
-    def same_linear(user: fx.Node, attr: fx.Node) -> bool:
-        w = user.args[1] if user.op == "call_function" and user.target is aten.linear.default else None
-        return isinstance(w, fx.Node) and w.op == "get_attr" and w.target == weight and attr in user.args[1:3] and attr is not user.args[0]
+    def same_linear(user: fx.Node, attr: fx.Node) -> bool:  # a call of this Linear (or of its module again)
+        return (user.op == "call_function" and user.target is aten.linear.default and linear_name(gm, user) == name
+                and attr in user.args[1:3] and attr is not user.args[0])
 
     def embedding_lookup(user: fx.Node, attr: fx.Node) -> bool:
         return (user.op == "call_function" and user.target is aten.embedding.default and user.args[0] is attr
@@ -79,7 +89,7 @@ def _tied(attrs: list[fx.Node], node: fx.Node, name: str) -> Optional[str]:
 
     kind = None
     for n in attrs:
-        if not _owned_by(n.target, name):
+        if not (n.target in read or _owned_by(n.target, name)):
             continue
         for u in n.users:
             if same_linear(u, n):
@@ -116,7 +126,7 @@ def annotate(gm: fx.GraphModule, config: QuantConfig, weight_qmax: int, model: O
             continue
         n, k = w.shape
         aligned = heuristics.is_aligned(k, n, spec.alignment)
-        tied = _tied(attrs, node, name)
+        tied = _tied(gm, attrs, node, name)
         verdict = _first_failure(tied, name, w, config, spec, model, aligned, k, n)
         # a fact of the weight, not of the verdict: the planning pass may still flip the decision either way
         extra = n * k + 4 * n if tied == "embedding" else 0  # its own int8 copy + fp32 scales

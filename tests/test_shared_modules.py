@@ -85,6 +85,30 @@ def test_weight_tied_to_another_op_stays_float():
         assert torch.equal(qm(x), m(x))
 
 
+class TiedBetweenLinears(torch.nn.Module):
+    """Two Linear modules, one weight Parameter, two biases: torch.export names the weight ``b.weight`` in both
+    calls, so a Linear named by its weight would take the other's name (and its int8 buffers, bias included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_weight_tied_between_linears_stays_float_under_each_name():
+    torch.manual_seed(0)
+    m, x = TiedBetweenLinears().eval(), torch.randn(4, 16, 256)
+    qm = fxquant.compile(m, (x,), config=fxquant.QuantConfig(min_ratio=0))
+    rep = qm.report()
+    assert [d.name for d in rep.decisions] == ["a", "b"]
+    assert [(d.quantize, d.rule) for d in rep.decisions] == [(False, "tied")] * 2
+    with torch.no_grad():
+        assert torch.equal(qm(x), m(x))
+
+
 def test_albert_shared_layers_quantized(sqnr):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
