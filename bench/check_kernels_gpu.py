@@ -1,7 +1,8 @@
 """Compile and check every Triton kernel of fxquant on a real GPU (the interpreter accepts code that the
 compiler rejects, so CI's interpreter runs are not enough).
 
-1. Runs ``tests/test_kernels.py`` and ``tests/test_lowering.py`` with the kernels compiled (no interpreter).
+1. Runs ``tests/test_kernels.py``, ``tests/test_lowering.py`` and the CPU <-> CUDA move test of
+   ``tests/test_module_behaviour.py`` with the kernels compiled (no interpreter).
 2. Checks the kernels at the benchmark shapes (decode to prefill, odd M and K) against float64 / pure-torch
    references: exact int32 accumulation, epilogue within the dtype tolerance, quantization bit-exact;
    the swiglu dual GEMM at LLM MLP shapes (M x K x 2I); LayerNorm / RMSNorm + quantize (y close to the
@@ -10,10 +11,13 @@ compiler rejects, so CI's interpreter runs are not enough).
    (``mma`` for small M), plain and gated (swiglu) variants each, and register spills are reported.
 
     python bench/check_kernels_gpu.py            # exit code 0 only when every check passed
+    python bench/check_kernels_gpu.py --sections swiglu quant code
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -112,9 +116,13 @@ def quant_checks() -> None:
                 ulps = ((y.double() - ry.double()).abs() / (ry.double().abs() * torch.finfo(dt).eps).clamp_min(1e-300)).max().item()
                 sq, ss = kq.quantize_per_token_reference(y)
                 y2, q2, s2 = kln.rms_norm_quant(x, w, 1e-6, cast, False)
-                ok = ulps <= (1 if dt != torch.float32 else 32) and torch.equal(q, sq) and torch.equal(s, ss)
+                # bf16, cast_before_weight: n is rounded to bf16 before the weight product, and our fp32 mean
+                # square (another summation order, a correctly rounded 1/sqrt) may round n to its other bf16
+                # neighbour than torch's; γ · n carries that one-ulp step into y: ≤ 2 ulp (1 ulp otherwise)
+                bound = 32 if dt == torch.float32 else 2 if cast else 1
+                ok = ulps <= bound and torch.equal(q, sq) and torch.equal(s, ss)
                 check(ok and y2.numel() == 0 and torch.equal(q2, q) and torch.equal(s2, s),
-                      f"rms_norm_quant {m}x{k} {dt} cast_before_weight={cast}: y within {ulps:.1f} ulp of the reference, "
+                      f"rms_norm_quant {m}x{k} {dt} cast_before_weight={cast}: y within {ulps:.1f} ≤ {bound} ulp of the reference, "
                       f"y_q/scale = quantize(y) exactly, return_float=False the same")
                 if not cast:
                     ty = torch.nn.functional.rms_norm(x, [k], w, 1e-6)
@@ -122,8 +130,9 @@ def quant_checks() -> None:
                     print(f"     F.rms_norm (CUDA) vs reference {m}x{k} {dt}: {tu:.1f} ulp", flush=True)
 
 
-def compiled_code_checks() -> None:
-    """Inspect the binaries Triton cached for the GEMM kernels, plain and gated (swiglu) apart."""
+def compiled_code_checks(plain: bool = True, gated: bool = True) -> None:
+    """Inspect the binaries Triton cached for the GEMM kernels, plain and gated (swiglu) apart; ``plain`` /
+    ``gated``: the checks that ran compiled such variants, so each must hold int8 wgmma."""
     for name, kernel in (("pointer", kg._w8a8_gemm_kernel), ("tma", kg._w8a8_gemm_tma_kernel)):
         jit = kernel
         while not hasattr(jit, "device_caches"):
@@ -132,18 +141,19 @@ def compiled_code_checks() -> None:
         for cache in jit.device_caches.values():
             for compiled in cache[0].values():
                 ptx = compiled.asm.get("ptx", "")
-                gated = _gated(jit, compiled)
-                c = counts.setdefault(gated, [0, 0])
+                kind = _gated(jit, compiled)
+                c = counts.setdefault(kind, [0, 0])
                 c[0] += 1
                 c[1] += "wgmma.mma_async" in ptx and ".s8" in ptx
                 spills = getattr(compiled, "n_spills", 0)
                 md = compiled.metadata
-                print(f"     {name}: gated={gated} warps={md.num_warps} stages={md.num_stages} shared={md.shared} B "
+                print(f"     {name}: gated={kind} warps={md.num_warps} stages={md.num_stages} shared={md.shared} B "
                       f"regs={getattr(compiled, 'n_regs', '?')} spills={spills} wgmma={'wgmma.mma_async' in ptx}")
-        for gated, (total, wgmma) in sorted(counts.items(), key=str):
-            check(total > 0 and wgmma > 0, f"{name} GEMM gated={gated}: {wgmma}/{total} compiled variants use int8 wgmma")
+        for kind, (total, wgmma) in sorted(counts.items(), key=str):
+            check(total > 0 and wgmma > 0, f"{name} GEMM gated={kind}: {wgmma}/{total} compiled variants use int8 wgmma")
         if None not in counts:
-            check(True in counts and False in counts, f"{name} GEMM: plain and gated variants were compiled")
+            want = {kind for kind, ran in ((False, plain), (True, gated)) if ran}
+            check(want <= set(counts), f"{name} GEMM: variants compiled for {sorted(want)} (gated?), got {sorted(counts)}")
 
 
 def _gated(jit, compiled):
@@ -159,18 +169,28 @@ def _gated(jit, compiled):
     return None
 
 
+SECTIONS = ("pytest", "gemm", "swiglu", "quant", "code")
+
+
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                    help="run only these checks (default: all); 'code' reads the variants the others compiled")
+    sections = set(ap.parse_args().sections)
     assert torch.cuda.is_available(), "this script needs a CUDA GPU"
-    env = dict(os.environ, PYTHONPATH=os.getcwd())
-    env.pop("TRITON_INTERPRET", None)
-    t = time.time()
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
-                        "tests/test_lowering.py"], env=env)
-    check(r.returncode == 0, f"pytest tests/test_kernels.py tests/test_lowering.py on the GPU ({time.time() - t:.0f} s)")
-    gemm_checks()
-    swiglu_checks()
-    quant_checks()
-    compiled_code_checks()
+    if "pytest" in sections:
+        env = dict(os.environ, PYTHONPATH=os.getcwd())
+        env.pop("TRITON_INTERPRET", None)
+        t = time.time()
+        tests = ["tests/test_kernels.py", "tests/test_lowering.py", "tests/test_module_behaviour.py::test_cpu_to_cuda_and_back"]
+        xdist = ["-n", "8"] if importlib.util.find_spec("xdist") else []  # Triton compiles on the CPU: spread them
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *xdist, *tests], env=env)
+        check(r.returncode == 0, f"pytest {' '.join(tests)} on the GPU ({time.time() - t:.0f} s)")
+    for name, run in (("gemm", gemm_checks), ("swiglu", swiglu_checks), ("quant", quant_checks)):
+        if name in sections:
+            run()
+    if "code" in sections:
+        compiled_code_checks(plain="gemm" in sections, gated="swiglu" in sections)
     print(f"{len(FAILS)} failed checks" if FAILS else "all kernel checks passed")
     return 1 if FAILS else 0
 
