@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import os
 from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 
-from . import ops, passes, report
+from . import checkpoint, ops, passes, report
 from ._attrs import parent_for
 from .capture import capture
 from .config import QuantConfig
@@ -60,6 +62,7 @@ class QuantizedModel(torch.nn.Module):
         self._signature = inspect.signature(graph_module.forward)
         self._input_shapes = _captured_shapes(graph_module)
         self._float_dtype = float_dtype
+        self._source: Optional[checkpoint.SourceInfo] = None  # set by compile: what save_pretrained writes under
         self.training = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -140,6 +143,11 @@ class QuantizedModel(torch.nn.Module):
                 _retarget_out_dtype(self.graph_module, old, new)
         return self
 
+    def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> list:
+        """Write a compressed-tensors W8A8 checkpoint (config.json + safetensors) that transformers, vLLM and
+        ``fxquant.compile(model, inputs, weights=directory)`` load; see :func:`fxquant.checkpoint.save_pretrained`."""
+        return checkpoint.save_pretrained(self, directory, max_shard_size=max_shard_size)
+
     def report(self) -> report.Report:
         """Every Linear's decision, the pattern counts and the fused node counts (``print()`` it)."""
         return self._report
@@ -194,6 +202,7 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     example_inputs: Optional[tuple | Mapping[str, Any]] = None,
     *,
     config: Optional[QuantConfig] = None,
+    weights: Optional[str | os.PathLike | Mapping[str, torch.Tensor]] = None,
 ) -> QuantizedModel:
     """Quantize ``model``'s Linears to W8A8 by graph rewriting.
 
@@ -208,6 +217,13 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
             called. Batch and sequence dimensions stay dynamic where torch.export allows.
         config: a :class:`QuantConfig`; default ``QuantConfig(target="cuda")`` when the model's
             parameters are on a CUDA device, else ``QuantConfig()`` (target ``cpu``).
+        weights: a compressed-tensors W8A8 checkpoint (a directory with config.json and safetensors, a
+            ``.safetensors`` file, or a state dict with int8 ``<m>.weight`` and ``<m>.weight_scale``;
+            :mod:`fxquant.checkpoint`). Its tensors replace the model's in the compiled graph (the model is
+            untouched), its int8 weights and scales are used as stored instead of quantizing, and which
+            Linears are int8 follows the checkpoint: its float Linears stay float, and its int8 ones go int8
+            wherever a pattern can run them (one that fxquant still keeps float, e.g. a tied weight, runs its
+            dequantized weight W_q · s; the report says why).
 
     Returns:
         A :class:`QuantizedModel`.
@@ -216,6 +232,8 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
         TypeError: ``model`` is not an ``nn.Module``; ``example_inputs`` is not a tuple, dict or None;
             ``config`` is not a QuantConfig.
         fxquant.TraceError: the model could not be captured (the cause is chained).
+        fxquant.CheckpointError: ``weights`` cannot be read or does not fit the model (see
+            :func:`fxquant.checkpoint.read_checkpoint` and :func:`fxquant.checkpoint.install`).
 
     Numerics: compressed-tensors W8A8 "int-quantized" (see :mod:`fxquant.reference`).
     """
@@ -232,11 +250,17 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     elif not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a fxquant.QuantConfig, got {type(config).__name__}")
 
+    stored = checkpoint.read_checkpoint(weights) if weights is not None else None
     notes = []
     if any(m.training for m in model.modules()):
         notes.append("the model was in training mode: captured in eval semantics (dropout off); its flags are unchanged")
     captured = capture(model, example_inputs)
     gm = captured.graph_module
+    source = checkpoint.SourceInfo.of(model)
+    if stored is not None:
+        config = _checkpoint_config(gm, stored, config, source)
+        notes.append(f"weights: {len(stored.int8)} int8 Linear(s) and {len(stored.floats)} float tensor(s) from "
+                     f"{stored.origin}, used as stored")
     qmax = passes.resolve_weight_qmax(config)
     passes.annotate(gm, config, qmax, model)
     stats = passes.fuse(gm, fuse_siblings=config.spec.fuse_siblings)
@@ -261,4 +285,22 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     rep = report.Report(decisions, stats, report.node_counts(gm), config.target, captured.front_end, qmax, notes)
     dtypes = {d.out_dtype for d in decisions if d.quantize}
     float_dtype = dtypes.pop() if len(dtypes) == 1 and config.out_dtype is None else None
-    return QuantizedModel(gm, config, rep, captured.fixed_kwargs, float_dtype)
+    qm = QuantizedModel(gm, config, rep, captured.fixed_kwargs, float_dtype)
+    qm._source = source
+    return qm
+
+
+def _checkpoint_config(gm: fx.GraphModule, stored: "checkpoint.StoredWeights", config: QuantConfig,
+                       source: "checkpoint.SourceInfo") -> QuantConfig:
+    """Install a checkpoint into the captured graph and return the config that follows it: the checkpoint's
+    float Linears skipped, every speed rule lifted for its int8 ones (the checkpoint decided), and a weight
+    range that covers the stored weights (127, or 63 when every stored |W_q| ≤ 63, which keeps the CPU's
+    7-bit oneDNN path exact)."""
+    linears = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.linear.default:
+            linears.setdefault(passes.linear_name(gm, node), node)
+    floats = checkpoint.install(gm, stored, linears, source)
+    peak = max(int(w.abs().max()) if w.numel() else 0 for w, _ in stored.int8.values())
+    return dataclasses.replace(config, skip=(*config.skip, *floats), min_ratio=0, min_n_unfused=0,
+                               gated_output_int8=True, weight_qmax=63 if peak <= 63 else 127)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FxquantError", "TraceError", "InputError"]
+__all__ = ["FxquantError", "TraceError", "InputError", "CheckpointError"]
 
 
 class FxquantError(Exception):
@@ -32,3 +32,9 @@ class InputError(FxquantError, ValueError):
     """A call of a :class:`~fxquant.QuantizedModel` that it cannot serve: an input of another rank or static
     size than captured, an input that requires grad (the int8 graph is inference-only), or ``train()``. The
     message names the input, the dimension, the captured value and what to do."""
+
+
+class CheckpointError(FxquantError, ValueError):
+    """A checkpoint fxquant cannot read or write: a missing or corrupt file, a quantization scheme it does not
+    run, a tensor for a layer the model lacks or of another shape. The message names the file, the layer or
+    the scheme field; the user's model and files are untouched."""

@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
 from ._attrs import fetch_attr, parent_for
+from .checkpoint import STORED_KEY
 from .heuristics import Rule, Verdict
 
 __all__ = ["LinearDecision", "InputQuant", "Match", "Pattern", "META_KEY", "MEMBERS_KEY", "decision_of", "members_of",
@@ -289,7 +290,8 @@ def quantize_linears(gm: fx.GraphModule, linears: Sequence[fx.Node], activation:
     """Replace ``anchor`` (the Linear, the activation after it, or SwiGLU's product) with one
     ``fxquant.int8_linear`` computing ``linears`` (all reading the same input) as one GEMM.
 
-    Each weight is quantized per output channel (``reference.quantize_weight_per_channel``); several Linears'
+    Each weight is quantized per output channel (``reference.quantize_weight_per_channel``), or taken as stored
+    when compile read a checkpoint (``gm.meta[checkpoint.STORED_KEY]``); several Linears'
     int8 weights are stacked in order (SwiGLU: gate then up), which is exact since every row keeps its own
     scale. The buffers go in a :class:`QuantizedLinearParams` at ``path`` (default: the Linear's
     :func:`params_path`); further calls of the same module reuse them.
@@ -303,7 +305,10 @@ def quantize_linears(gm: fx.GraphModule, linears: Sequence[fx.Node], activation:
     biases = [lin.args[2] if len(lin.args) > 2 else None for lin in linears]
     has_bias = any(b is not None for b in biases)
     if not _installed(gm, path):
-        qs = [reference.quantize_weight_per_channel(fetch_attr(gm, lin.args[1].target), d0.weight_qmax) for lin in linears]
+        stored = gm.meta.get(STORED_KEY, {})  # a checkpoint's int8 weights and scales, used as they are
+        qs = [stored[d.name] if d.name in stored else
+              reference.quantize_weight_per_channel(fetch_attr(gm, lin.args[1].target), d0.weight_qmax)
+              for lin, d in zip(linears, decisions)]
         _install(gm, path, _stacked_params([q for q, _ in qs], [s for _, s in qs],
                                            [fetch_attr(gm, b.target) if b is not None else None for b in biases]))
     g = gm.graph

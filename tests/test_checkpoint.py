@@ -1,0 +1,222 @@
+"""compressed-tensors W8A8 checkpoints (issue #10): save, load, round trip, bad checkpoints, and the real
+consumers (compressed-tensors' parser, transformers' loader, an llm-compressor checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import fxquant
+from fxquant import checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+FIXTURE = Path(__file__).parent / "fixtures" / "llmcompressor_w8a8_llama"
+
+
+def tiny_llama(seed=0, tie=False):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
+                                   tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+IDS = torch.arange(2 * 16).reshape(2, 16) % 256
+CONFIGS = {
+    "cpu": fxquant.QuantConfig(min_ratio=0),
+    # the cuda target's plan (q/k/v as one GEMM, gate/up as one SwiGLU GEMM) run by the exact reference backend
+    "fused": fxquant.QuantConfig(target="cuda", min_ratio=0, min_n_unfused=0, backend="reference"),
+}
+
+
+def logits(qm):
+    with torch.no_grad():
+        return qm(input_ids=IDS).logits
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def saved(request, tmp_path_factory):
+    qm = fxquant.compile(tiny_llama(), {"input_ids": IDS}, config=CONFIGS[request.param])
+    directory = tmp_path_factory.mktemp(f"ckpt_{request.param}")
+    qm.save_pretrained(directory)
+    return request.param, qm, directory
+
+
+def test_round_trip_is_bit_identical_and_leaves_the_model_untouched(saved, untouched):
+    name, qm, directory = saved
+    other = tiny_llama(seed=5)  # other random weights: everything must come from the checkpoint
+    q2 = untouched(other, lambda: fxquant.compile(other, {"input_ids": IDS}, config=CONFIGS[name], weights=directory))
+    assert torch.equal(logits(q2), logits(qm))
+    assert [(d.name, d.quantize, d.activation) for d in q2.report().decisions] == \
+           [(d.name, d.quantize, d.activation) for d in qm.report().decisions]
+    assert any("from " + str(directory) in n for n in q2.report().notes)
+
+
+def test_file_holds_each_original_linear_in_the_format(saved):
+    name, qm, directory = saved
+    tensors = load_file(str(directory / "model.safetensors"))
+    config = json.loads((directory / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert (qc["quant_method"], qc["format"], qc["quantization_status"]) == ("compressed-tensors", "int-quantized", "compressed")
+    group = qc["config_groups"]["group_0"]
+    assert group["weights"]["strategy"] == "channel" and group["input_activations"]["strategy"] == "token"
+    assert group["input_activations"]["dynamic"] is True and group["weights"]["dynamic"] is False
+    floats = {d.name for d in qm.report().decisions if not d.quantize}
+    assert set(qc["ignore"]) == floats == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    # the model's own state-dict names, no fxquant-internal ones (fused GEMMs, rotary buffers)
+    model = tiny_llama()
+    int8 = {d.name for d in qm.report().decisions if d.quantize}
+    want = set(model.state_dict()) | {f"{n}.weight_scale" for n in int8}
+    assert set(tensors) == want
+    for n in int8:
+        w, s = tensors[f"{n}.weight"], tensors[f"{n}.weight_scale"]
+        linear = model.get_submodule(n)
+        assert w.dtype == torch.int8 and tuple(w.shape) == tuple(linear.weight.shape)
+        assert s.dtype == torch.float32 and tuple(s.shape) == (linear.weight.shape[0], 1)
+        # the format's dequantization W_q · s is fxquant's per-channel quantization of the float weight
+        w_ref, s_ref = fxquant.reference.quantize_weight_per_channel(linear.weight, qm.report().weight_qmax)
+        assert torch.equal(w, w_ref) and torch.equal(s, s_ref)
+    for n in floats:
+        assert torch.equal(tensors[f"{n}.weight"], model.get_submodule(n).weight)
+
+
+def test_tied_head_is_written_float_and_ignored(tmp_path):
+    model = tiny_llama(tie=True)
+    qm = fxquant.compile(model, {"input_ids": IDS}, config=fxquant.QuantConfig(min_ratio=0))
+    (head,) = [d for d in qm.report().decisions if d.name == "lm_head"]
+    assert head.quantize and head.extra_bytes  # runs int8 from its own copy in fxquant
+    qm.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert "lm_head" in qc["ignore"] and "lm_head.weight" not in tensors and "lm_head.weight_scale" not in tensors
+    assert tensors["model.embed_tokens.weight"].dtype == torch.float32
+    # loaded back: the embedding table comes from the file (tied names resolved), the head runs float
+    q2 = fxquant.compile(tiny_llama(seed=6, tie=True), {"input_ids": IDS}, config=fxquant.QuantConfig(min_ratio=0),
+                         weights=tmp_path)
+    head_float = fxquant.compile(model, {"input_ids": IDS}, config=fxquant.QuantConfig(min_ratio=0, skip=["lm_head"]))
+    assert torch.equal(logits(q2), logits(head_float))
+
+
+def test_sharded_save_loads_back(tmp_path):
+    model = tiny_llama()
+    qm = fxquant.compile(model, {"input_ids": IDS}, config=CONFIGS["cpu"])
+    (tmp_path / "model.safetensors").write_bytes(b"an older single-file save")
+    written = qm.save_pretrained(tmp_path, max_shard_size=40_000)
+    index = json.loads((tmp_path / checkpoint.INDEX_NAME).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((tmp_path / s).is_file() for s in shards)
+    assert not (tmp_path / "model.safetensors").exists()  # the stale single file would shadow the shards
+    assert {p.name for p in written} == {*shards, checkpoint.INDEX_NAME, "config.json"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+    q2 = fxquant.compile(tiny_llama(seed=3), {"input_ids": IDS}, config=CONFIGS["cpu"], weights=tmp_path)
+    assert torch.equal(logits(q2), logits(qm))
+
+
+def test_failed_save_leaves_the_directory_as_it_was(tmp_path, monkeypatch):
+    qm = fxquant.compile(tiny_llama(), {"input_ids": IDS}, config=CONFIGS["cpu"])
+    (tmp_path / "config.json").write_text("{}")
+    import safetensors.torch as st
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(st, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        qm.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"] and (tmp_path / "config.json").read_text() == "{}"
+
+
+def test_state_dict_in_memory_and_full_range_weights(sqnr):
+    """A FlagGems-style state dict (no config.json): int8 ``<m>.weight`` + ``<m>.weight_scale`` [N] in bf16,
+    weights using -128 (llm-compressor's full range); every other tensor float."""
+    model = tiny_llama()
+    state = {}
+    for name, t in model.state_dict().items():
+        owner = name.rpartition(".")[0]
+        if name.endswith(".weight") and isinstance(model.get_submodule(owner), torch.nn.Linear):
+            s = t.abs().amax(dim=1) / 127.5
+            state[name] = torch.clamp(torch.round(t / s[:, None]), -128, 127).to(torch.int8)
+            state[f"{owner}.weight_scale"] = s.to(torch.bfloat16)
+        else:
+            state[name] = t
+    assert any(bool((w == -128).any()) for w in state.values() if w.dtype == torch.int8)
+    qm = fxquant.compile(tiny_llama(seed=9), {"input_ids": IDS}, weights=state)
+    rep = qm.report()
+    assert rep.num_int8 == len(rep.decisions) == 15  # the state dict's Linears are all int8: all run int8
+    assert rep.weight_qmax == 127
+    with torch.no_grad():
+        assert sqnr(model(input_ids=IDS).logits, logits(qm)) >= 25.0
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _edit(src: Path, dst: Path, tensors=None, qc=None):
+    dst.mkdir()
+    t = load_file(str(src / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    if tensors:
+        tensors(t)
+    if qc:
+        qc(cfg["quantization_config"])
+    save_file(t, str(dst / "model.safetensors"))
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+Q = "model.layers.0.self_attn.q_proj"
+BAD = {
+    "missing scale": (dict(tensors=lambda t: t.pop(f"{Q}.weight_scale")), f"{Q}.weight is int8 but {Q}.weight_scale is missing"),
+    "scale shape": (dict(tensors=lambda t: t.__setitem__(f"{Q}.weight_scale", torch.ones(3, 1))), r"weight_scale has shape \(3, 1\)"),
+    "weight shape": (dict(tensors=lambda t: t.__setitem__(f"{Q}.weight", torch.zeros(64, 32, dtype=torch.int8))),
+                     r"q_proj.weight is \(64, 32\) but the model's .* is \(64, 64\)"),
+    "another model": (dict(tensors=lambda t: t.__setitem__("model.layers.7.mlp.gate_proj.weight", torch.zeros(4, 4, dtype=torch.int8))
+                           or t.__setitem__("model.layers.7.mlp.gate_proj.weight_scale", torch.ones(4, 1))),
+                      "does not call as Linears"),
+    "missing tensor": (dict(tensors=lambda t: t.pop("model.norm.weight")), r"no value for 1 tensor\(s\) the model uses, e.g. \['model.norm.weight'\]"),
+    "4-bit packed": (dict(qc=lambda q: q.update(format="pack-quantized")), "format='pack-quantized'"),
+    "group strategy": (dict(qc=lambda q: q["config_groups"]["group_0"]["weights"].update(strategy="group", group_size=128)),
+                       "weights.strategy='group'"),
+    "asymmetric": (dict(qc=lambda q: q["config_groups"]["group_0"]["weights"].update(symmetric=False)), "weights.symmetric=False"),
+    "fp8": (dict(qc=lambda q: q["config_groups"]["group_0"]["weights"].update(type="float")), "weights.type='float'"),
+    "static inputs": (dict(qc=lambda q: q["config_groups"]["group_0"]["input_activations"].update(dynamic=False)), "static input scales"),
+    "weight-only": (dict(qc=lambda q: q["config_groups"]["group_0"].update(input_activations=None)), "weight-only"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_checkpoint_is_refused_by_name_and_the_model_untouched(case, saved, tmp_path, untouched):
+    name, _, directory = saved
+    if name != "cpu":
+        pytest.skip("one layout is enough")
+    edits, message = BAD[case]
+    bad = _edit(directory, tmp_path / "bad", **edits)
+    model = tiny_llama(seed=4)
+    with pytest.raises(fxquant.CheckpointError, match=message):
+        untouched(model, lambda: fxquant.compile(model, {"input_ids": IDS}, config=CONFIGS[name], weights=bad))
+
+
+def test_unreadable_checkpoints(saved, tmp_path):
+    _, _, directory = saved
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "config.json").write_bytes((directory / "config.json").read_bytes())
+    data = (directory / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_bytes((directory / "config.json").read_bytes())
+    torch.save({}, pickled / "pytorch_model.bin")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    cases = {truncated: "truncated or corrupt", pickled: "pytorch_model.bin are pickle files, which fxquant never loads",
+             plain: "no quantization_config: this is a float checkpoint", tmp_path / "absent": "does not exist"}
+    for path, message in cases.items():
+        with pytest.raises(fxquant.CheckpointError, match=message):
+            fxquant.compile(tiny_llama(), {"input_ids": IDS}, weights=path)
