@@ -143,10 +143,11 @@ class QuantizedModel(torch.nn.Module):
                 _retarget_out_dtype(self.graph_module, old, new)
         return self
 
-    def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> list:
+    def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB",
+                        int8_head: bool = False) -> list:
         """Write a compressed-tensors W8A8 checkpoint (config.json + safetensors) that transformers, vLLM and
         ``fxquant.compile(model, inputs, weights=directory)`` load; see :func:`fxquant.checkpoint.save_pretrained`."""
-        return checkpoint.save_pretrained(self, directory, max_shard_size=max_shard_size)
+        return checkpoint.save_pretrained(self, directory, max_shard_size=max_shard_size, int8_head=int8_head)
 
     def report(self) -> report.Report:
         """Every Linear's decision, the pattern counts and the fused node counts (``print()`` it)."""

@@ -74,6 +74,7 @@ class SourceInfo:
     aliases: Mapping[str, str]
     config: Any = None
     architecture: Optional[str] = None
+    head: Optional[str] = None  # the output head (``get_output_embeddings()``), e.g. "lm_head"
 
     def names_of(self, key: str) -> list[str]:
         """``key`` and every other state-dict name of the same tensor (the first name first)."""
@@ -93,7 +94,10 @@ class SourceInfo:
                 seen[ident] = k
             keys.append(k)
         config = getattr(model, "config", None)
-        return SourceInfo(tuple(keys), aliases, config if hasattr(config, "to_dict") else None, type(model).__name__)
+        get_head = getattr(model, "get_output_embeddings", None)
+        head_module = get_head() if callable(get_head) else None
+        head = next((n for n, m in model.named_modules() if m is head_module), None) if head_module is not None else None
+        return SourceInfo(tuple(keys), aliases, config if hasattr(config, "to_dict") else None, type(model).__name__, head)
 
 
 def _int8_tensors(gm: fx.GraphModule) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]], set[str]]:
@@ -122,7 +126,8 @@ def _int8_tensors(gm: fx.GraphModule) -> tuple[dict[str, tuple[torch.Tensor, tor
     return out, tied
 
 
-def save_pretrained(qmodel, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> list[Path]:
+def save_pretrained(qmodel, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB",
+                    int8_head: bool = False) -> list[Path]:
     """Write ``qmodel`` as a compressed-tensors W8A8 checkpoint (format in the module docstring).
 
     Every int8 Linear is written under its own name, also those fxquant runs as one GEMM (sibling fusion,
@@ -137,6 +142,10 @@ def save_pretrained(qmodel, directory: str | os.PathLike, *, max_shard_size: int
         directory: created if missing; existing files of the same names are replaced.
         max_shard_size: bytes or a string like ``"5GB"``; above it the weights are sharded with an index
             (``huggingface_hub.split_torch_state_dict_into_shards``, as transformers does).
+        int8_head: write an int8 output head (``lm_head``) as int8. Default False: it is written as its
+            dequantized weight W_q · s in the model's dtype and listed in ``ignore``, as llm-compressor's
+            recipes do, since vLLM does not quantize the head (vLLM 0.32 refused an int8 ``lm_head``:
+            "no module or parameter named 'lm_head.weight_scale'"). transformers and fxquant load either.
 
     Returns:
         The paths written (config.json, the safetensors files, the index when sharded).
@@ -153,13 +162,23 @@ def save_pretrained(qmodel, directory: str | os.PathLike, *, max_shard_size: int
         raise TypeError(f"save_pretrained needs a fxquant.QuantizedModel (from fxquant.compile), got {type(qmodel).__name__}")
     gm, source = qmodel.graph_module, qmodel._source
     int8, tied = _int8_tensors(gm)
-    linears = {d.name for d in qmodel.report().decisions}
+    decisions = {d.name: d for d in qmodel.report().decisions}
+    linears = set(decisions)
+    head = None  # (dequantized weight, bias) of an int8 head written float
+    if not int8_head and source.head in int8:
+        w_q, scale, bias = int8.pop(source.head)
+        head = ((w_q.to(torch.float32) * scale).to(decisions[source.head].dtype or torch.float32), bias)
     tensors: dict[str, torch.Tensor] = {}
     missing = []
     for key in source.keys:
         if key in source.aliases:
             continue  # one tensor, one name (safetensors stores no aliases); loaders re-tie
         owner, _, leaf = key.rpartition(".")
+        if head is not None and owner == source.head and leaf in ("weight", "bias"):
+            value = head[0] if leaf == "weight" else head[1]
+            if value is not None:
+                tensors[key] = value
+            continue
         if owner in int8 and leaf in ("weight", "bias"):
             w_q, scale, bias = int8[owner]
             if leaf == "weight":

@@ -44,7 +44,7 @@ def logits(qm):
 def saved(request, tmp_path_factory):
     qm = fxquant.compile(tiny_llama(), {"input_ids": IDS}, config=CONFIGS[request.param])
     directory = tmp_path_factory.mktemp(f"ckpt_{request.param}")
-    qm.save_pretrained(directory)
+    qm.save_pretrained(directory, int8_head=True)  # every int8 Linear as int8: the exact round trip
     return request.param, qm, directory
 
 
@@ -108,7 +108,7 @@ def test_sharded_save_loads_back(tmp_path):
     model = tiny_llama()
     qm = fxquant.compile(model, {"input_ids": IDS}, config=CONFIGS["cpu"])
     (tmp_path / "model.safetensors").write_bytes(b"an older single-file save")
-    written = qm.save_pretrained(tmp_path, max_shard_size=40_000)
+    written = qm.save_pretrained(tmp_path, max_shard_size=40_000, int8_head=True)
     index = json.loads((tmp_path / checkpoint.INDEX_NAME).read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all((tmp_path / s).is_file() for s in shards)
@@ -117,6 +117,24 @@ def test_sharded_save_loads_back(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
     q2 = fxquant.compile(tiny_llama(seed=3), {"input_ids": IDS}, config=CONFIGS["cpu"], weights=tmp_path)
     assert torch.equal(logits(q2), logits(qm))
+
+
+def test_int8_head_is_written_float_by_default_for_vllm(tmp_path):
+    """vLLM does not quantize the output head (it refused an int8 lm_head): by default it is written as its
+    dequantized weight and listed in ``ignore``, as llm-compressor's recipes do."""
+    model = tiny_llama()
+    qm = fxquant.compile(model, {"input_ids": IDS}, config=CONFIGS["cpu"])
+    assert [d.quantize for d in qm.report().decisions if d.name == "lm_head"] == [True]
+    qm.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert "lm_head" in qc["ignore"] and "lm_head.weight_scale" not in tensors
+    w_q, scale, _ = checkpoint._int8_tensors(qm.graph_module)[0]["lm_head"]
+    assert tensors["lm_head.weight"].dtype == torch.float32 and torch.equal(tensors["lm_head.weight"], w_q.float() * scale)
+    q2 = fxquant.compile(tiny_llama(seed=2), {"input_ids": IDS}, config=CONFIGS["cpu"], weights=tmp_path)
+    assert [d.quantize for d in q2.report().decisions if d.name == "lm_head"] == [False]
+    mean, _ = _cosine(logits(q2), logits(qm))
+    assert mean >= 0.9999
 
 
 def test_failed_save_leaves_the_directory_as_it_was(tmp_path, monkeypatch):
