@@ -1,0 +1,221 @@
+"""ONNX export of a compiled model: standard ONNX operators that ONNX Runtime runs with integer kernels.
+
+Form (the dynamic per-token W8A8 of fxquant, :mod:`fxquant.reference`), per fused Linear::
+
+    s_x  = max(ReduceMax(|x|, axis=-1) / 127, eps)               fp32, one scale per token
+    x_q  = Cast<int8>(Clip(Round(x · Reciprocal(s_x)), -127, 127)) Round: half to even, as torch.round
+    acc  = MatMulInteger(x_q, W_qᵀ)                                int32, exact (ONNX MatMulInteger, opset 10)
+    y    = act((Cast<float>(acc) · s_w) · s_x + b) → output dtype
+
+``W_q`` (int8, zero point 0) and ``s_w`` (fp32, per output channel) are initializers; fused GEMMs (siblings,
+SwiGLU's gate/up) export as the one GEMM fxquant runs; a norm that quantizes its output exports as the float
+norm (``LayerNormalization``, or RMSNorm's ReduceMean/Sqrt) followed by the same quantization. Every other op
+is torch.onnx's own translation. ONNX Runtime's CPU provider runs ``MatMulInteger`` with its integer GEMM
+(and fuses the dequantizing ``Mul`` into ``MatMulIntegerToFloat``).
+
+Why not QuantizeLinear/DequantizeLinear pairs for the activations: the QDQ operators take one scale per
+tensor or per axis of fixed size, and ONNX Runtime turns QDQ around a MatMul into an integer kernel only for
+a per-tensor activation scale; fxquant's activation scale is per token. The static per-tensor (QDQ) form
+needs calibration (issue #11, not yet built).
+
+Source of the operator semantics: ONNX operator specs (``MatMulInteger``, ``Round``, ``ReduceMax``-18,
+``LayerNormalization``-17), https://onnx.ai/onnx/operators/.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .kernels.common import GATED_ACTIVATIONS, SCALE_EPS
+
+__all__ = ["export_onnx", "integer_ops", "MIN_OPSET"]
+
+MIN_OPSET = 18  # ReduceMax/ReduceMean with axes as an input, Split with num_outputs
+
+
+def _translations():
+    """onnxscript (trace-only) translations of fxquant's fused ops for ``torch.onnx.export``."""
+    import onnxscript
+    from onnxscript import opset18 as op
+
+    DT = onnxscript.ir.DataType
+    dtypes = {torch.float32: DT.FLOAT, torch.float16: DT.FLOAT16, torch.bfloat16: DT.BFLOAT16}
+
+    def const(v: float):
+        return op.Constant(value_float=float(v))
+
+    def last_axis():
+        return op.Constant(value_ints=[-1])
+
+    def dtype_of(x):
+        dt = getattr(x, "dtype", None)
+        return dt if dt is not None else DT.FLOAT
+
+    def empty(x):  # a norm-quant op's float output when return_float=False: an empty tensor, as in torch
+        return op.Cast(op.ConstantOfShape(op.Constant(value_ints=[0]), value=onnxscript.ir.tensor([0.0])), to=dtype_of(x))
+
+    def quantize(x):
+        xf = op.Cast(x, to=DT.FLOAT)
+        amax = op.ReduceMax(op.Abs(xf), last_axis(), keepdims=1)
+        scale = op.Max(op.Div(amax, const(127.0)), const(SCALE_EPS))
+        x_q = op.Cast(op.Clip(op.Round(op.Mul(xf, op.Reciprocal(scale))), const(-127.0), const(127.0)), to=DT.INT8)
+        return x_q, scale
+
+    def activation(y, name: str):
+        if name == "none":
+            return y
+        if name == "relu":
+            return op.Relu(y)
+        if name == "gelu":
+            return op.Mul(op.Mul(const(0.5), y), op.Add(const(1.0), op.Erf(op.Div(y, const(math.sqrt(2.0))))))
+        if name == "gelu_tanh":
+            inner = op.Mul(const(math.sqrt(2.0 / math.pi)), op.Add(y, op.Mul(const(0.044715), op.Mul(y, op.Mul(y, y)))))
+            return op.Mul(op.Mul(const(0.5), y), op.Add(const(1.0), op.Tanh(inner)))
+        if name == "silu":
+            return op.Mul(y, op.Sigmoid(y))
+        if name in GATED_ACTIVATIONS:
+            gate, up = op.Split(y, axis=-1, num_outputs=2)
+            return op.Mul(activation(gate, GATED_ACTIVATIONS[name]), up)
+        raise ValueError(f"export_onnx: no ONNX form for the epilogue activation {name!r}")
+
+    def linear_q(x_q, x_scale, w_q, w_scale, bias, act: str, out_dt):
+        acc = op.MatMulInteger(x_q, op.Transpose(w_q, perm=[1, 0]))
+        y = op.Mul(op.Mul(op.Cast(acc, to=DT.FLOAT), op.Reshape(w_scale, last_axis())), x_scale)
+        if bias is not None:
+            y = op.Add(y, op.Cast(bias, to=DT.FLOAT))
+        return op.Cast(activation(y, act), to=out_dt)
+
+    def quantize_per_token(x):
+        return quantize(x)
+
+    def int8_linear(x, w_q, w_scale, bias, activation: str, backend: str, w_qmax: int, out_dtype=None):
+        x_q, scale = quantize(x)
+        return linear_q(x_q, scale, w_q, w_scale, bias, activation, dtypes.get(out_dtype, dtype_of(x)))
+
+    def int8_linear_q(x_q, x_scale, w_q, w_scale, bias, activation: str, backend: str, w_qmax: int, out_dtype=None):
+        return linear_q(x_q, x_scale, w_q, w_scale, bias, activation, dtypes.get(out_dtype, DT.FLOAT))
+
+    def layer_norm_quant(x, normalized_shape, weight, bias, eps: float, return_float: bool):
+        xf = op.Cast(x, to=DT.FLOAT)
+        k = op.Shape(xf, start=-1)
+        w = op.Cast(weight, to=DT.FLOAT) if weight is not None else op.ConstantOfShape(k, value=onnxscript.ir.tensor([1.0]))
+        b = op.Cast(bias, to=DT.FLOAT) if bias is not None else op.ConstantOfShape(k, value=onnxscript.ir.tensor([0.0]))
+        ln = op.LayerNormalization(xf, w, b, axis=-1, epsilon=eps)  # (Y, Mean, InvStdDev) when traced
+        y = op.Cast(ln[0] if isinstance(ln, (tuple, list)) else ln, to=dtype_of(x))
+        y_q, scale = quantize(y)
+        return (y if return_float else empty(x)), y_q, scale
+
+    def rms_norm_quant(x, weight, eps: float, cast_before_weight: bool, return_float: bool):
+        xf = op.Cast(x, to=DT.FLOAT)
+        ms = op.ReduceMean(op.Mul(xf, xf), last_axis(), keepdims=1)
+        n = op.Mul(xf, op.Reciprocal(op.Sqrt(op.Add(ms, const(eps)))))
+        if weight is None:
+            y = op.Cast(n, to=dtype_of(x))
+        elif cast_before_weight:  # Hugging Face LlamaRMSNorm: weight * n.to(x.dtype)
+            y = op.Mul(weight, op.Cast(n, to=dtype_of(x)))
+        else:  # torch.nn.RMSNorm / Gemma: the product in fp32
+            y = op.Cast(op.Mul(n, op.Cast(weight, to=DT.FLOAT)), to=dtype_of(x))
+        y_q, scale = quantize(y)
+        return (y if return_float else empty(x)), y_q, scale
+
+    fx = torch.ops.fxquant
+    return {fx.quantize_per_token.default: quantize_per_token, fx.int8_linear.default: int8_linear,
+            fx.int8_linear_q.default: int8_linear_q, fx.layer_norm_quant.default: layer_norm_quant,
+            fx.rms_norm_quant.default: rms_norm_quant}
+
+
+def export_onnx(qmodel, path: str | os.PathLike, example_inputs: tuple | Mapping[str, Any], *,
+                opset: int = MIN_OPSET, dynamic: bool = True) -> Path:
+    """Export a compiled model to ONNX (the form in the module docstring), check it, and write it atomically.
+
+    Args:
+        qmodel: a :class:`fxquant.QuantizedModel` with at least one int8 Linear.
+        path: the ``.onnx`` file to write (its directory must exist). Written under a temporary name in that
+            directory, checked with ``onnx.checker.check_model(full_check=True)``, then renamed: on any error
+            nothing is left at ``path`` (an existing file there is untouched).
+        example_inputs: the inputs as the model is called (a tuple of positional args or a dict of keyword
+            args), e.g. the ones given to ``fxquant.compile``.
+        opset: ONNX opset, ≥ 18 (:data:`MIN_OPSET`).
+        dynamic: keep every input dimension dynamic where torch.export can (``Dim.AUTO``); False fixes the
+            example's shapes.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        TypeError: ``qmodel`` is not a QuantizedModel (compile the model with ``fxquant.compile`` first), or
+            ``example_inputs`` is not a tuple or dict.
+        ValueError: no Linear of the model runs int8 (nothing to export in this form), ``opset`` < 18, or the
+            directory of ``path`` does not exist.
+        ModuleNotFoundError: onnx / onnxscript missing (``pip install 'fxquant[export]'``).
+    """
+    from .api import QuantizedModel
+
+    if not isinstance(qmodel, QuantizedModel):
+        raise TypeError(f"export_onnx needs a fxquant.QuantizedModel, got {type(qmodel).__name__}: compile the model "
+                        f"with fxquant.compile(model, example_inputs) first")
+    if qmodel.report().num_int8 == 0:
+        raise ValueError("export_onnx: no Linear of this model runs int8 (see qmodel.report() for why), so there is "
+                         "no W8A8 graph to export; lower min_ratio or export the float model with torch.onnx")
+    if not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f"export_onnx: opset={opset!r} is too old; the W8A8 form needs opset >= {MIN_OPSET} "
+                         f"(ReduceMax with axes as an input)")
+    if not isinstance(example_inputs, (tuple, Mapping)):
+        raise TypeError(f"example_inputs must be a tuple of positional args or a dict of keyword args, "
+                        f"got {type(example_inputs).__name__}")
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ValueError(f"export_onnx: the directory of {str(path)!r} does not exist")
+    try:
+        import onnx
+        import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(f"export_onnx needs onnx and onnxscript: pip install 'fxquant[export]' ({e})") from e
+
+    args, kwargs = (tuple(example_inputs), {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
+    kwargs.update(qmodel._fixed_kwargs)
+    shapes = None
+    if dynamic:
+        auto = torch.export.Dim.AUTO
+
+        def spec(v):
+            return {d: auto for d in range(v.dim())} if isinstance(v, torch.Tensor) else None
+
+        shapes = tuple(spec(a) for a in args) if args else {k: spec(v) for k, v in kwargs.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(qmodel.graph_module.eval(), args, kwargs=kwargs or None, dynamo=True,
+                                        custom_translation_table=_translations(), opset_version=opset,
+                                        dynamic_shapes=shapes, verbose=False)
+        program.save(tmp)
+        onnx.checker.check_model(tmp, full_check=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def integer_ops(optimized_model: str | os.PathLike) -> dict[str, int]:
+    """Counts of the integer-GEMM operators in an ONNX model (e.g. ONNX Runtime's optimized graph, written with
+    ``SessionOptions.optimized_model_filepath``): MatMulInteger, MatMulIntegerToFloat, DynamicQuantizeMatMul,
+    QLinearMatMul, ConvInteger, QGemm."""
+    import onnx
+
+    names = ("MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QLinearMatMul", "ConvInteger", "QGemm")
+    model = onnx.load(str(optimized_model), load_external_data=False)
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type in names:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
