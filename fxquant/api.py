@@ -157,6 +157,36 @@ class QuantizedModel(torch.nn.Module):
         """Deterministic text of the fused graph (see :func:`fxquant.report.golden_text`)."""
         return report.golden_text(self.graph_module, only_fused=only_fused)
 
+    def draw(self, path: Optional[str | os.PathLike] = None, *, block: Optional[str] = None,
+             format: Optional[str] = None):  # noqa: A002 - matches matplotlib's savefig
+        """Draw the fused graph, top to bottom, with fused nodes coloured by pattern (legend), float Linears
+        outlined red with their decision's reason, and the int8 edges (a norm's quantized output into the
+        Linears that read it) in blue. Needs matplotlib (``pip install 'fxquant[draw]'``; pure Python, no
+        Graphviz).
+
+        Without ``block`` only inputs, outputs, fused nodes, Linears, norms and attention are drawn: reshapes,
+        views, transposes, elementwise ops, embeddings, masks, getitems and attributes are collapsed and
+        their edges passed through. ``block`` (a module prefix such as ``"encoder.layer.0"``) draws every op
+        of that module and below, plus the nodes outside that feed it (grey, dashed).
+
+        Args:
+            path: write the drawing there (a temp file in the same folder, renamed into place).
+            block: module prefix to draw alone.
+            format: ``"svg"`` or ``"png"``; default from ``path``'s suffix, else svg.
+
+        Returns:
+            a :class:`fxquant.draw.Drawing`; Jupyter shows it inline (``_repr_svg_``); ``.svg`` holds the text,
+            ``.data`` the bytes of ``format``, ``.nodes`` the FX nodes drawn.
+
+        Raises:
+            ModuleNotFoundError: matplotlib is not installed (names the ``fxquant[draw]`` extra).
+            ValueError: ``block`` matches no node, or the format is neither svg nor png.
+            OSError: ``path`` cannot be written.
+        """
+        from .draw import draw_graph
+
+        return draw_graph(self.graph_module, path, block=block, format=format)
+
     def to_networkx(self):
         """The fused graph as a ``networkx.DiGraph`` (see :func:`fxquant.report.to_networkx`)."""
         return report.to_networkx(self.graph_module)
@@ -283,7 +313,8 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
                      "replaced by is_causal=True, so SDPA keeps its FlashAttention kernels (fxquant.attention)")
     if not captured.dynamic:
         notes.append("torch.export could not keep input dims dynamic: call with the example inputs' shapes")
-    rep = report.Report(decisions, stats, report.node_counts(gm), config.target, captured.front_end, qmax, notes)
+    rep = report.Report(decisions, stats, report.node_counts(gm), config.target, captured.front_end, qmax, notes,
+                        report.gemm_rows(gm))
     dtypes = {d.out_dtype for d in decisions if d.quantize}
     float_dtype = dtypes.pop() if len(dtypes) == 1 and config.out_dtype is None else None
     qm = QuantizedModel(gm, config, rep, captured.fixed_kwargs, float_dtype)
