@@ -89,7 +89,8 @@ ORT_FP32 = "ONNX Runtime fp32"
 ORT_INT8 = "ONNX Runtime int8 (quantize_dynamic)"
 FXQUANT = "fxquant W8A8"
 FXQUANT_COMPILE = "fxquant W8A8 + torch.compile"
-CONTENDERS = [FP32, TORCH_AO, ORT_FP32, ORT_INT8, FXQUANT, FXQUANT_COMPILE]
+ORT_FXQUANT = "ONNX Runtime running fxquant's export (MatMulInteger)"
+CONTENDERS = [FP32, TORCH_AO, ORT_FP32, ORT_INT8, FXQUANT, FXQUANT_COMPILE, ORT_FXQUANT]
 
 @dataclass
 class Result:
@@ -229,9 +230,11 @@ def build_ort(path: Path) -> Runner:
     options.intra_op_num_threads = torch.get_num_threads()
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     input_names = [i.name for i in session.get_inputs()]  # an exporter may drop an unused input
+    outputs = [o.name for o in session.get_outputs()]
+    first = "last_hidden_state" if "last_hidden_state" in outputs else outputs[0]
 
     def run(enc: Encoding) -> torch.Tensor:
-        (out,) = session.run(["last_hidden_state"], {n: enc[n].numpy() for n in input_names})
+        (out,) = session.run([first], {n: enc[n].numpy() for n in input_names})
         return torch.from_numpy(out)
 
     return run
@@ -408,6 +411,13 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path) -> tuple[R
                 result.notes.append(f"onnxruntime {_version('onnxruntime')}, weight_type=QInt8, {exporter}")
         elif name == FXQUANT:
             _, run = build_fxquant(model, timing_enc)
+        elif name == ORT_FXQUANT:
+            import fxquant
+
+            qm, _ = build_fxquant(model, timing_enc)
+            path = fxquant.export_onnx(qm, workdir / "minilm_fxquant.onnx", dict(timing_enc))
+            run = build_ort(path)
+            result.notes.append(f"onnxruntime {_version('onnxruntime')}, fxquant.export_onnx (dynamic per-token, MatMulInteger)")
         elif name == FXQUANT_COMPILE:
             qm, _ = build_fxquant(model, timing_enc)
             run = build_compiled(qm, timing_enc, calls=max(3, args.warmup))

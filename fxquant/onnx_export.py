@@ -4,14 +4,17 @@ Form (the dynamic per-token W8A8 of fxquant, :mod:`fxquant.reference`), per fuse
 
     s_x  = max(ReduceMax(|x|, axis=-1) / 127, eps)               fp32, one scale per token
     x_q  = Cast<int8>(Clip(Round(x · Reciprocal(s_x)), -127, 127)) Round: half to even, as torch.round
-    acc  = MatMulInteger(x_q, W_qᵀ)                                int32, exact (ONNX MatMulInteger, opset 10)
+    acc  = MatMulInteger(x_q + 128 as uint8, W_qᵀ, a_zero_point=128)   int32, exact (MatMulInteger, opset 10)
     y    = act((Cast<float>(acc) · s_w) · s_x + b) → output dtype
 
 ``W_q`` (int8, zero point 0) and ``s_w`` (fp32, per output channel) are initializers; fused GEMMs (siblings,
 SwiGLU's gate/up) export as the one GEMM fxquant runs; a norm that quantizes its output exports as the float
 norm (``LayerNormalization``, or RMSNorm's ReduceMean/Sqrt) followed by the same quantization. Every other op
 is torch.onnx's own translation. ONNX Runtime's CPU provider runs ``MatMulInteger`` with its integer GEMM
-(and fuses the dequantizing ``Mul`` into ``MatMulIntegerToFloat``).
+(and fuses the dequantizing ``Mul`` into ``MatMulIntegerToFloat``). The activations travel as uint8 with zero
+point 128 because MLAS's u8·s8 kernels are its fast ones; on a CPU without VNNI they sum u8·s8 pairs in int16,
+which cannot saturate with the 7-bit weights fxquant uses on such CPUs (2·255·63 < 2¹⁵), but can with
+full-range weights from a VNNI machine (the same caveat as ONNX Runtime's own ``quantize_dynamic``).
 
 Why not QuantizeLinear/DequantizeLinear pairs for the activations: the QDQ operators take one scale per
 tensor or per axis of fixed size, and ONNX Runtime turns QDQ around a MatMul into an integer kernel only for
@@ -31,6 +34,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .kernels.common import GATED_ACTIVATIONS, SCALE_EPS
@@ -86,7 +90,12 @@ def _translations():
         raise ValueError(f"export_onnx: no ONNX form for the epilogue activation {name!r}")
 
     def linear_q(x_q, x_scale, w_q, w_scale, bias, act: str, out_dt):
-        acc = op.MatMulInteger(x_q, op.Transpose(w_q, perm=[1, 0]))
+        # x_q + 128 as uint8 with zero point 128: the same integers (MatMulInteger subtracts the zero point),
+        # and ONNX Runtime's MLAS runs u8·s8 GEMMs 2.3-2.5x faster than s8·s8 (MiniLM, AVX2)
+        shift = op.Constant(value=onnxscript.ir.tensor(np.array(128, dtype=np.int32)))
+        x_u8 = op.Cast(op.Add(op.Cast(x_q, to=DT.INT32), shift), to=DT.UINT8)
+        zero_point = op.Constant(value=onnxscript.ir.tensor(np.array(128, dtype=np.uint8)))
+        acc = op.MatMulInteger(x_u8, op.Transpose(w_q, perm=[1, 0]), zero_point)
         y = op.Mul(op.Mul(op.Cast(acc, to=DT.FLOAT), op.Reshape(w_scale, last_axis())), x_scale)
         if bias is not None:
             y = op.Add(y, op.Cast(bias, to=DT.FLOAT))
