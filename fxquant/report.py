@@ -153,7 +153,14 @@ class Report:
             headers=["Linear", "K", "N", "K*N/(K+N)", "M", "pattern", "decision", "backend / why float"], tablefmt=tablefmt)
 
         def share(f: int) -> str:
-            return f"{100 * f / t['flops']:.1f}%" if t["flops"] else "-"
+            """One decimal; a part that would round to 0.0 % or 100.0 % shows as <0.1 % / >99.9 % (a float
+            pooler leaves 99.96 % int8, which must not read as all of it)."""
+            if not t["flops"]:
+                return "-"
+            pct = 100 * f / t["flops"]
+            if 0 < f < t["flops"] and f"{pct:.1f}" in ("0.0", "100.0"):
+                return "<0.1%" if pct < 50 else ">99.9%"
+            return f"{pct:.1f}%"
 
         per_pattern = tabulate([[p, v["linears"], v["flops"], share(v["flops"])] for p, v in t["by_pattern"].items()],
                                headers=["pattern", "Linears", "GEMM FLOPs", "share"], tablefmt=tablefmt)

@@ -207,3 +207,19 @@ def test_inspect_embedded_minilm_json_and_block_drawing(tmp_path, capsys):
     layer0 = [r for r in rows if r["name"].startswith("encoder.layer.0.")]
     assert len(layer0) == 6
     assert len(re.findall(r'<g id="fxnode-', text)) >= 6 + 1  # every Linear of the block and its norm
+
+
+def test_summary_share_never_rounds_a_part_to_all_or_nothing():
+    """A float Linear holding 0.02 % of the FLOPs must not make the int8 share read 100.0 %."""
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4096, 4096), torch.nn.Linear(4096, 1)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    qm = fxquant.compile(Head().eval(), (torch.randn(4, 4096),), config=fxquant.QuantConfig(min_ratio=100))
+    text = qm.report().summary_table()
+    assert text.splitlines()[0].startswith("1/2 Linears int8, >99.9% of the GEMM FLOPs")
+    assert "<0.1%" in text and "100.0%" not in text
