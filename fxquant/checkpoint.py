@@ -186,11 +186,11 @@ def save_pretrained(qmodel, directory: str | os.PathLike, *, max_shard_size: int
             elif bias is not None:
                 tensors[key] = bias
             continue
-        value = _fetch_any(gm, source.names_of(key))
-        if value is None:
+        found = _fetch_any(gm, source.names_of(key))
+        if found is None:
             missing.append(key)
             continue
-        tensors[key] = value.detach()
+        tensors[key] = found[1].detach()
     if missing:
         raise CheckpointError(f"save_pretrained: {len(missing)} tensor(s) of the model's state dict are not in the "
                               f"compiled graph (e.g. {missing[:3]}); nothing was written. They are unused by the "
@@ -224,11 +224,12 @@ def save_pretrained(qmodel, directory: str | os.PathLike, *, max_shard_size: int
     return [final for _, final in staged]
 
 
-def _fetch_any(gm: fx.GraphModule, names: list[str]) -> Optional[torch.Tensor]:
-    """The graph's tensor under the first of ``names`` it has (torch.export keeps one name for a tied tensor)."""
+def _fetch_any(gm: fx.GraphModule, names: list[str]) -> Optional[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for the first of ``names`` the graph has (torch.export keeps one name for a tied
+    tensor), or None."""
     for name in names:
         try:
-            return fetch_attr(gm, name)
+            return name, fetch_attr(gm, name)
         except AttributeError:
             continue
     return None
@@ -482,7 +483,8 @@ def install(gm: fx.GraphModule, stored: StoredWeights, linears: Mapping[str, fx.
     if unknown:
         raise CheckpointError(f"{origin}: int8 weights for {unknown[:3]}, which the model does not call as Linears "
                               f"(a checkpoint for another model?)")
-    extra = [k for k in stored.floats if k not in source.keys]
+    keys = set(source.keys)
+    extra = [k for k in stored.floats if k not in keys]
     if extra:
         raise CheckpointError(f"{origin}: tensors the model does not have: {extra[:3]} (a checkpoint for another model?)")
     plan: dict[str, torch.Tensor] = {}
@@ -494,15 +496,14 @@ def install(gm: fx.GraphModule, stored: StoredWeights, linears: Mapping[str, fx.
                                   f"{tuple(current.shape)} (a checkpoint for another model?)")
         plan[target] = (w_q.to(torch.float32) * scale).to(current.dtype)
     for key, t in stored.floats.items():
-        target = next((n for n in source.names_of(key) if _fetch_any(gm, [n]) is not None), None)
-        if target is None:
+        found = _fetch_any(gm, source.names_of(key))
+        if found is None:
             continue  # in the model's state dict but unused by the captured forward
-        current = fetch_attr(gm, target)
+        target, current = found
         if tuple(current.shape) != tuple(t.shape):
             raise CheckpointError(f"{origin}: {key} is {tuple(t.shape)} but the model's is {tuple(current.shape)} "
                                   f"(a checkpoint for another model?)")
         plan[target] = t.to(current.dtype)
-    keys = set(source.keys)
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target in keys}
     absent = sorted(used - set(plan))
     if absent:

@@ -108,8 +108,8 @@ class Report:
             for d, m in zip(self.decisions, ms)
         ]
 
-    def totals(self) -> dict[str, Any]:
-        """Totals over :meth:`rows`, JSON-ready.
+    def totals(self, rows: Optional[list[LinearRow]] = None) -> dict[str, Any]:
+        """Totals over :meth:`rows` (``rows``: the caller's, when it already has them), JSON-ready.
 
         Returns:
             ``{"linears": n, "int8": n, "float": n, "flops": total, "int8_flops": f, "int8_flop_share": f / total
@@ -117,7 +117,7 @@ class Report:
             "flops": f}}, "by_pattern": {pattern: {"linears": n, "flops": f}}}``; float Linears count under
             the pattern ``"(float)"``.
         """
-        rows = self.rows()
+        rows = self.rows() if rows is None else rows
         by_decision = {k: {"linears": 0, "flops": 0} for k in ("int8", "float")}
         by_pattern: dict[str, dict[str, int]] = {}
         for r in rows:
@@ -138,15 +138,16 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``{"target", "front_end", "weight_qmax", "notes", "rows": [LinearRow.as_dict()], "totals":
         :meth:`totals`}``."""
+        rows = self.rows()
         return {"target": self.target, "front_end": self.front_end, "weight_qmax": self.weight_qmax,
-                "notes": list(self.notes), "rows": [r.as_dict() for r in self.rows()], "totals": self.totals()}
+                "notes": list(self.notes), "rows": [r.as_dict() for r in rows], "totals": self.totals(rows)}
 
     def summary_table(self, tablefmt: str = "simple") -> str:
         """Per-Linear rows (name, K, N, ratio, M, pattern, decision, reason or backend), then totals per
         pattern and per decision with their share of the model's GEMM FLOPs, and the int8 share
         (:meth:`rows` says how FLOPs are counted). Returns the text (tabulate; ``tablefmt="github"`` for Markdown)."""
         rows = self.rows()
-        t = self.totals()
+        t = self.totals(rows)
         body = tabulate(
             [[r.name or "(the model itself)", r.k, r.n, f"{r.ratio:.0f}", "?" if r.m is None else r.m, r.pattern or "-",
               r.decision, r.backend if r.decision == "int8" else r.reason] for r in rows],

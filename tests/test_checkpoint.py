@@ -4,7 +4,6 @@ consumers (compressed-tensors' parser, transformers' loader, an llm-compressor c
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
