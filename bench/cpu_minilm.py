@@ -15,6 +15,38 @@ Every *contender* runs the same sentence-transformers model (all-MiniLM-L6-v2, t
                                  otherwise).
 5. ``fxquant W8A8``           -- ``fxquant.compile(model, example_inputs=enc)``.
 6. ``fxquant W8A8 + torch.compile`` -- ``torch.compile`` of the module from 5.
+7. ``ONNX Runtime running fxquant's export (MatMulInteger)`` -- ``fxquant.export_onnx`` of the module from 5
+                                 (dynamic per-token activations), run like 3.
+8. ``torch bf16 eager``       -- the model of 1 after ``.to(torch.bfloat16)``; inputs unchanged, the output
+                                 cast back to fp32 before pooling.
+9. ``OpenVINO fp32``          -- ``openvino.convert_model`` of the same positional wrapper that the ONNX export
+                                 uses (``example_input`` = the timing batch), compiled on ``"CPU"`` with
+                                 ``INFERENCE_PRECISION_HINT=f32``, ``PERFORMANCE_HINT=LATENCY`` and
+                                 ``INFERENCE_NUM_THREADS=torch.get_num_threads()``.
+10. ``OpenVINO default precision`` -- the same, without a precision hint: OpenVINO picks bf16 on AMX (and
+                                 AVX512-BF16) CPUs, f32 on AVX2. The notes give what the compiled model reports
+                                 (``compiled.get_property("INFERENCE_PRECISION_HINT")``).
+11. ``OpenVINO + NNCF int8``  -- ``nncf.quantize(ov_model, nncf.Dataset(calibration_batches, to_numpy),
+                                 model_type=nncf.ModelType.TRANSFORMER, subset_size=100)`` on the model of 9,
+                                 every other argument at NNCF's default (for TRANSFORMER: preset MIXED =
+                                 symmetric weights, asymmetric activations; SmoothQuant with alpha 0.95 on
+                                 MatMuls; FastBiasCorrection), then
+                                 compiled like 10. NNCF is given exactly the calibration set below, one
+                                 ``nncf.Dataset`` item per batch, as a dict of int64 numpy arrays keyed by the
+                                 model's input names. NNCF's ``subset_size`` counts Dataset *items*, so it
+                                 uses every batch (4 by default; = the 100 sentences) and logs that the dataset holds fewer
+                                 than 100 samples.
+12. ``fxquant W8A8 static (torch)`` -- ``fxquant.compile(model, enc, config=QuantConfig(activation_scheme=
+                                 "static-per-tensor", smoothquant=--smoothquant), calibration=<the calibration
+                                 set below, a list of dicts of tensors like enc>)``, run in torch.
+13. ``ONNX Runtime running fxquant's static export`` -- ``fxquant.export_onnx`` of the module from 12 (static
+                                 QDQ ONNX), run like 3.
+14. ``OpenVINO running fxquant's static export`` -- that ONNX file, ``openvino.Core().read_model`` and
+                                 compiled like 10.
+
+Calibration set (11-14): the first 100 sentences of ``fxquant.evaluation.load_sentences()`` (which are also
+in the accuracy set), tokenized padded/truncated to ``--seq`` tokens in batches of ``--batch`` (by default
+32 + 32 + 32 + 4 sentences; the last batch is not padded with repeats, so every sentence counts once).
 
 Speed: for each contender, one full forward pass (encoder only, up to ``last_hidden_state``) on the same
 batch of ``--batch`` sentences padded/truncated to ``--seq`` tokens. The figure is the median wall-clock
@@ -45,6 +77,7 @@ Usage::
 
     PYTHONPATH=. python bench/cpu_minilm.py                       # all contenders
     PYTHONPATH=. python bench/cpu_minilm.py --only fxquant --repeat 20
+    PYTHONPATH=. python bench/cpu_minilm.py --only openvino,bf16 --smoothquant 0   # 0 = no SmoothQuant in fxquant
     PYTHONPATH=. python bench/cpu_minilm.py --markdown docs/benchmarks.md   # also append a section
 """
 
@@ -55,6 +88,7 @@ import copy
 import datetime
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -90,7 +124,16 @@ ORT_INT8 = "ONNX Runtime int8 (quantize_dynamic)"
 FXQUANT = "fxquant W8A8"
 FXQUANT_COMPILE = "fxquant W8A8 + torch.compile"
 ORT_FXQUANT = "ONNX Runtime running fxquant's export (MatMulInteger)"
-CONTENDERS = [FP32, TORCH_AO, ORT_FP32, ORT_INT8, FXQUANT, FXQUANT_COMPILE, ORT_FXQUANT]
+TORCH_BF16 = "torch bf16 eager"
+OV_FP32 = "OpenVINO fp32"
+OV_DEFAULT = "OpenVINO default precision"
+OV_NNCF = "OpenVINO + NNCF int8"
+FXQUANT_STATIC = "fxquant W8A8 static (torch)"
+ORT_FXQUANT_STATIC = "ONNX Runtime running fxquant's static export"
+OV_FXQUANT_STATIC = "OpenVINO running fxquant's static export"
+CONTENDERS = [FP32, TORCH_AO, ORT_FP32, ORT_INT8, FXQUANT, FXQUANT_COMPILE, ORT_FXQUANT, TORCH_BF16,
+              OV_FP32, OV_DEFAULT, OV_NNCF, FXQUANT_STATIC, ORT_FXQUANT_STATIC, OV_FXQUANT_STATIC]
+CALIBRATION_SENTENCES = 100  # calibration budget of NNCF and fxquant's static scales (first N sentences)
 
 @dataclass
 class Result:
@@ -130,16 +173,28 @@ def _version(module_name: str) -> str:
         return f"n/a ({type(e).__name__})"
 
 
+def isa_summary(flags: set[str]) -> str:
+    """The widest int8/bf16 matrix ISA of this CPU, from /proc/cpuinfo flags."""
+    if {"amx_int8", "amx_bf16"} <= flags:
+        return "AMX (int8, bf16)"
+    if "avx512_vnni" in flags:
+        return "AVX-512 VNNI" + (" + AVX512_BF16" if "avx512_bf16" in flags else "")
+    if "avx_vnni" in flags:
+        return "AVX-VNNI (256-bit)"
+    return "AVX2" if "avx2" in flags else "below AVX2"
+
+
 def environment_header(args: argparse.Namespace, n_sentences: int, sentence_source: str) -> list[tuple[str, str]]:
     """(key, value) lines describing the machine, the software and the workload."""
     flags = set((_cpuinfo_field("flags") or "").split())
-    int8_flags = ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"]
+    isa_flags = ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16"]
     logical = os.cpu_count()
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
     return [
         ("date", datetime.datetime.now().astimezone().isoformat(timespec="seconds")),
         ("CPU", _cpuinfo_field("model name") or platform.processor() or "unknown"),
-        ("int8 ISA flags", ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in int8_flags)),
+        ("ISA", isa_summary(flags)),
+        ("ISA flags", ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in isa_flags)),
         ("cores", f"{logical} logical ({affinity} usable by this process)"),
         ("torch threads", str(torch.get_num_threads())),
         ("load average", " / ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1/5/15 min, at start; > 0 means other work shares the CPU)"),
@@ -148,6 +203,8 @@ def environment_header(args: argparse.Namespace, n_sentences: int, sentence_sour
         ("transformers", _version("transformers")),
         ("onnxruntime", _version("onnxruntime")),
         ("onnx", _version("onnx")),
+        ("openvino", _version("openvino")),
+        ("nncf", _version("nncf")),
         ("model", str(args.model)),
         ("workload", f"batch {args.batch} x {args.seq} tokens (padding=max_length), median of {args.repeat} after {args.warmup} warm-up, per process; median of {args.rounds} round-robin rounds"),
         ("accuracy set", f"{n_sentences} sentences, {sentence_source}"),
@@ -163,6 +220,16 @@ def build_torch_fp32(model: torch.nn.Module) -> Runner:
     def run(enc: Encoding) -> torch.Tensor:
         with torch.inference_mode():
             return model(**enc).last_hidden_state
+
+    return run
+
+
+def build_torch_bf16(model: torch.nn.Module) -> Runner:
+    model = model.to(torch.bfloat16)
+
+    def run(enc: Encoding) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(**enc).last_hidden_state.float()
 
     return run
 
@@ -240,22 +307,85 @@ def build_ort(path: Path) -> Runner:
     return run
 
 
+def convert_openvino(model: torch.nn.Module, enc: Encoding) -> Any:
+    """``openvino.convert_model`` of the positional wrapper that the ONNX export uses."""
+    import openvino as ov
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # as in export_onnx: one shape per call
+        return ov.convert_model(_LastHiddenState(model).eval(),
+                                example_input=(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]))
+
+
+def _ov_inputs(ov_model: Any, enc: Encoding) -> dict[str, Any]:
+    return {name: enc[name].numpy() for name in (i.get_any_name() for i in ov_model.inputs)}
+
+
+def build_openvino(ov_model: Any, precision: str | None) -> tuple[Runner, str]:
+    """Compile on CPU (latency hint, torch's thread count); returns the runner and the execution precision
+    that OpenVINO reports. ``precision=None`` leaves OpenVINO's default (bf16 on AMX, f32 on AVX2)."""
+    import openvino as ov
+
+    config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    compiled = ov.Core().compile_model(ov_model, "CPU", config)
+    request = compiled.create_infer_request()
+    output = compiled.output(0)
+
+    def run(enc: Encoding) -> torch.Tensor:
+        return torch.from_numpy(request.infer(_ov_inputs(compiled, enc))[output])  # infer() copies the output
+
+    return run, compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
+
+def calibration_batches(tokenizer: Any, sentences: list[str], batch: int, seq: int) -> list[Encoding]:
+    """The first CALIBRATION_SENTENCES sentences, tokenized to ``seq`` tokens, in batches of ``batch`` (the
+    last one not padded with repeats)."""
+    part = sentences[:CALIBRATION_SENTENCES]
+    return [encode(tokenizer, part[i : i + batch], max_length=seq) for i in range(0, len(part), batch)]
+
+
+def quantize_nncf(ov_model: Any, calibration: list[Encoding]) -> Any:
+    import nncf
+
+    dataset = nncf.Dataset(calibration, lambda enc: _ov_inputs(ov_model, enc))
+    return nncf.quantize(ov_model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=CALIBRATION_SENTENCES)
+
+
 def quantize_onnx_int8(fp32_path: Path, int8_path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(fp32_path), str(int8_path), weight_type=QuantType.QInt8)
 
 
-def build_fxquant(model: torch.nn.Module, enc: Encoding) -> tuple[torch.nn.Module, Runner]:
+def build_fxquant(model: torch.nn.Module, enc: Encoding, **kwargs: Any) -> tuple[torch.nn.Module, Runner]:
     import fxquant
 
-    qm = fxquant.compile(copy.deepcopy(model), example_inputs=dict(enc))
+    qm = fxquant.compile(copy.deepcopy(model), dict(enc), **kwargs)
 
     def run(enc: Encoding) -> torch.Tensor:
         with torch.inference_mode():
             return qm(**enc).last_hidden_state
 
     return qm, run
+
+
+def build_fxquant_static(model: torch.nn.Module, enc: Encoding, calibration: list[Encoding],
+                         smoothquant: float | None) -> tuple[torch.nn.Module, Runner]:
+    """fxquant with static per-tensor activation scales from ``calibration`` (raises a clear error while that
+    API has not landed)."""
+    import inspect
+
+    import fxquant
+
+    if "calibration" not in inspect.signature(fxquant.compile).parameters:
+        raise NotImplementedError("this fxquant has no static export yet (fxquant.compile takes no calibration=)")
+    try:
+        config = fxquant.QuantConfig(activation_scheme="static-per-tensor", smoothquant=smoothquant)
+    except (TypeError, ValueError) as e:
+        raise NotImplementedError(f"this fxquant has no static-per-tensor QuantConfig yet ({_short_error(e)})") from e
+    return build_fxquant(model, enc, config=config, calibration=[dict(b) for b in calibration])
 
 
 def build_compiled(qm: torch.nn.Module, enc: Encoding, calls: int) -> Runner:
@@ -296,9 +426,15 @@ def embeddings(run: Runner, chunks: list[tuple[Encoding, int]]) -> torch.Tensor:
 
 
 def _short_error(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    first = lines[0] if lines else ""
-    return f"{type(e).__name__}: {first[:300]}"
+    """First line of the error (no terminal colours), plus the innermost cause when it is chained."""
+    def one(x: BaseException) -> str:
+        lines = re.sub(r"\x1b\[[0-9;]*m", "", str(x)).strip().splitlines()
+        return f"{type(x).__name__}: {(lines[0] if lines else '')[:300]}"
+
+    root = e
+    while root.__cause__ is not None:
+        root = root.__cause__
+    return one(e) + (f" (cause: {one(root)})" if root is not e else "")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -362,6 +498,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--markdown", default=None, metavar="PATH", help="also append the header and table as a markdown section to PATH")
     parser.add_argument("--rounds", type=int, default=3, help="round-robin passes over all contenders; the table shows the median of the rounds' medians (default 3)")
+    parser.add_argument("--smoothquant", type=float, default=0.5,
+                        help="SmoothQuant alpha for fxquant's static contenders; 0 or negative = off (default 0.5)")
     parser.add_argument("--no-embed", action="store_true", help=argparse.SUPPRESS)  # internal: timing-only round
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: measure one contender
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
@@ -392,6 +530,9 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path) -> tuple[R
     timing_enc = encode(tokenizer, [sentences[i % len(sentences)] for i in range(args.batch)], max_length=args.seq)
     chunks = sentence_chunks(tokenizer, sentences, args.batch, args.seq)
     onnx_fp32, onnx_int8 = workdir / "minilm_fp32.onnx", workdir / "minilm_int8.onnx"
+    calibration = calibration_batches(tokenizer, sentences, args.batch, args.seq)
+    calib_note = f"calibration: first {sum(len(b['input_ids']) for b in calibration)} sentences in {len(calibration)} batches"
+    smoothquant = args.smoothquant if args.smoothquant > 0 else None
 
     result = Result(name)
     t0 = time.perf_counter()
@@ -418,6 +559,30 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path) -> tuple[R
             path = fxquant.export_onnx(qm, workdir / "minilm_fxquant.onnx", dict(timing_enc))
             run = build_ort(path)
             result.notes.append(f"onnxruntime {_version('onnxruntime')}, fxquant.export_onnx (dynamic per-token, MatMulInteger)")
+        elif name == TORCH_BF16:
+            run = build_torch_bf16(model)
+        elif name in (OV_FP32, OV_DEFAULT, OV_NNCF):
+            ov_model = convert_openvino(model, timing_enc)
+            if name == OV_NNCF:
+                t_nncf = time.perf_counter()
+                ov_model = quantize_nncf(ov_model, calibration)
+                result.notes.append(f"nncf.quantize {time.perf_counter() - t_nncf:.1f} s, {calib_note}")
+            run, precision = build_openvino(ov_model, "f32" if name == OV_FP32 else None)
+            result.notes.append(f"OpenVINO execution precision {precision}")
+        elif name in (FXQUANT_STATIC, ORT_FXQUANT_STATIC, OV_FXQUANT_STATIC):
+            qm, run = build_fxquant_static(model, timing_enc, calibration, smoothquant)
+            result.notes.append(f"static-per-tensor, smoothquant={smoothquant}, {calib_note}")
+            if name != FXQUANT_STATIC:
+                import fxquant
+
+                path = fxquant.export_onnx(qm, workdir / "minilm_fxquant_static.onnx", dict(timing_enc))
+                if name == ORT_FXQUANT_STATIC:
+                    run = build_ort(path)
+                else:
+                    import openvino as ov
+
+                    run, precision = build_openvino(ov.Core().read_model(str(path)), None)
+                    result.notes.append(f"OpenVINO execution precision {precision}")
         elif name == FXQUANT_COMPILE:
             qm, _ = build_fxquant(model, timing_enc)
             run = build_compiled(qm, timing_enc, calls=max(3, args.warmup))
@@ -444,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     header = environment_header(args, len(load_sentences()), "fxquant/data/sentences.txt")
     reference: torch.Tensor | None = None
     forwarded = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
-                 "--repeat", str(args.repeat), "--warmup", str(args.warmup)]
+                 "--repeat", str(args.repeat), "--warmup", str(args.warmup), "--smoothquant", str(args.smoothquant)]
     with tempfile.TemporaryDirectory(prefix="fxquant-bench-") as tmp:
         out = Path(tmp) / "result.pt"
 

@@ -15,13 +15,14 @@ _map_source_checkout(__name__, _Path(__file__).resolve().parent, ("kernels",))
 
 from . import ops  # noqa: F401  (registers the fxquant:: custom ops)
 from .api import QuantizedModel, compile
+from .calibration import calibrate
 from .config import TARGETS, QuantConfig
-from .errors import CheckpointError, FxquantError, InputError, TraceError
+from .errors import CalibrationError, CheckpointError, FxquantError, InputError, TraceError
 from .onnx_export import export_onnx
 
 __version__ = "0.1.0"
 
 _map_source_checkout(__name__, _Path(__file__).resolve().parent, ("patterns",))
 
-__all__ = ["compile", "export_onnx", "QuantConfig", "QuantizedModel", "TraceError", "InputError", "CheckpointError", "FxquantError", "TARGETS",
+__all__ = ["compile", "calibrate", "export_onnx", "CalibrationError", "QuantConfig", "QuantizedModel", "TraceError", "InputError", "CheckpointError", "FxquantError", "TARGETS",
            "__version__"]

@@ -5,25 +5,29 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Optional
 
 import torch
 import torch.fx as fx
 
+from . import calibration as calib
 from . import checkpoint, ops, passes, report
 from ._attrs import parent_for
 from .capture import capture
 from .config import QuantConfig
-from .errors import InputError
+from .errors import CalibrationError, InputError
 
 __all__ = ["compile", "QuantizedModel", "InputError"]
 
 
 # Buffers that keep fp32 whatever dtype the model moves to: per-channel weight scales (the kernels' contract)
 # and Gemma's 1 + weight (Gemma computes it in fp32).
-_FP32_BUFFERS = ("weight_scale",)
+_FP32_BUFFERS = ("weight_scale", "input_scale", "input_smooth")
 _FP32_SUFFIXES = ("_plus_one",)
+
+
+_STATIC_NOTE = "static per-tensor activation scales"
 
 
 def _keeps_fp32(name: str) -> bool:
@@ -63,10 +67,29 @@ class QuantizedModel(torch.nn.Module):
         self._input_shapes = _captured_shapes(graph_module)
         self._float_dtype = float_dtype
         self._source: Optional[checkpoint.SourceInfo] = None  # set by compile: what save_pretrained writes under
+        self._uncalibrated = config.activation_scheme == "static-per-tensor"  # cleared by fxquant.calibrate
         self.training = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        kwargs.update(self._fixed_kwargs)
+        self.check_calibrated("run")
+        return self._run_unchecked(args, kwargs)
+
+    def check_calibrated(self, what: str) -> None:
+        """Raise :class:`fxquant.CalibrationError` when the static scheme's scales are not calibrated yet."""
+        if self._uncalibrated:
+            raise CalibrationError(
+                f"this QuantizedModel uses static per-tensor activation scales and is not calibrated, so it cannot be "
+                f"{what}: call fxquant.calibrate(qmodel, batches) with a few representative batches first (or compile "
+                "with calibration=batches)")
+
+    def _calibrated(self, note: str) -> None:
+        self._uncalibrated = False
+        if self._report is not None:
+            self._report.notes[:] = [n for n in self._report.notes if not n.startswith(_STATIC_NOTE)] + [note]
+
+    def _run_unchecked(self, args: tuple, kwargs: dict) -> Any:
+        """Bind and check the inputs, then run the graph (whatever its calibration)."""
+        kwargs = {**kwargs, **self._fixed_kwargs}
         try:
             bound = self._signature.bind(*args, **kwargs)
         except TypeError as e:
@@ -234,6 +257,8 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     *,
     config: Optional[QuantConfig] = None,
     weights: Optional[str | os.PathLike | Mapping[str, torch.Tensor]] = None,
+    calibration: Optional[Iterable[Any]] = None,
+    progress: bool = True,
 ) -> QuantizedModel:
     """Quantize ``model``'s Linears to W8A8 by graph rewriting.
 
@@ -255,6 +280,11 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
             Linears are int8 follows the checkpoint: its float Linears stay float, and its int8 ones go int8
             wherever a pattern can run them (one that fxquant still keeps float, e.g. a tied weight, runs its
             dequantized weight W_q · s; the report says why).
+        calibration: batches of representative inputs, each as the model is called (a tuple of positional args
+            or a dict of keyword args; a list, or any iterable, which is read once). Used for
+            ``QuantConfig.smoothquant`` (the float model's per-channel activation maxima) and, with
+            ``activation_scheme="static-per-tensor"``, for the static scales (:func:`fxquant.calibrate`).
+        progress: show tqdm progress bars while calibrating.
 
     Returns:
         A :class:`QuantizedModel`.
@@ -265,6 +295,9 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
         fxquant.TraceError: the model could not be captured (the cause is chained).
         fxquant.CheckpointError: ``weights`` cannot be read or does not fit the model (see
             :func:`fxquant.checkpoint.read_checkpoint` and :func:`fxquant.checkpoint.install`).
+        fxquant.CalibrationError: ``smoothquant`` without ``calibration``, or with ``weights`` (a checkpoint's
+            int8 weights are used as stored); ``calibration`` that nothing uses (dynamic scheme, no SmoothQuant);
+            calibration data that is empty or does not fit the model.
 
     Numerics: compressed-tensors W8A8 "int-quantized" (see :mod:`fxquant.reference`).
     """
@@ -281,6 +314,18 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     elif not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a fxquant.QuantConfig, got {type(config).__name__}")
 
+    static = config.activation_scheme == "static-per-tensor"
+    if config.smoothquant is not None and weights is not None:
+        raise CalibrationError("QuantConfig.smoothquant rescales the float weights, but weights= gives int8 weights to use "
+                               "as stored; drop one of the two (a checkpoint made with SmoothQuant has it folded in)")
+    if config.smoothquant is not None and calibration is None:
+        raise CalibrationError(f"QuantConfig(smoothquant={config.smoothquant}) needs calibration data: "
+                               "fxquant.compile(model, example_inputs, config=config, calibration=batches)")
+    if calibration is not None and not static and config.smoothquant is None:
+        raise CalibrationError("calibration data was given but nothing uses it: the dynamic per-token scheme computes its "
+                               "scales at run time; set QuantConfig(activation_scheme='static-per-tensor') and/or "
+                               "smoothquant=alpha, or drop calibration=")
+    calls = calib.batches_of(calibration) if calibration is not None else None
     stored = checkpoint.read_checkpoint(weights) if weights is not None else None
     notes = []
     if any(m.training for m in model.modules()):
@@ -294,9 +339,20 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
                      f"{stored.origin}, used as stored")
     qmax = passes.resolve_weight_qmax(config)
     passes.annotate(gm, config, qmax, model)
+    factors = {}
+    if config.smoothquant is not None:
+        float_model = QuantizedModel(gm, config, None, captured.fixed_kwargs)  # the annotated float graph, run as is
+        factors = calib.smoothquant(gm, float(config.smoothquant), calls, float_model._run_unchecked, progress)
     stats = passes.fuse(gm, fuse_siblings=config.spec.fuse_siblings)
     passes.lower(gm, config, qmax)
+    smoothed = calib.install_smoothing(gm, factors)
     decisions = passes.collect_decisions(gm)
+    if config.smoothquant is not None:
+        n_lin = sum(1 for d in decisions if any(p.startswith("smoothquant") for p in d.patterns))
+        notes.append(f"SmoothQuant (alpha={config.smoothquant:g}) on {smoothed} quantized input(s), {n_lin} Linear(s): "
+                     "weights W*diag(s), the quantizer multiplies by 1/s (pattern column: smoothquant)")
+    if static:
+        notes.append(f"{_STATIC_NOTE}: not calibrated yet; call fxquant.calibrate(qmodel, batches)")
     if config.target == "cpu" and qmax < 127 and config.weight_qmax is None:
         notes.append(
             f"this CPU has no VNNI: int8 weights use [-{qmax}, {qmax}] so oneDNN's u8*s8 int16 pair sums cannot saturate"
@@ -319,6 +375,8 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     float_dtype = dtypes.pop() if len(dtypes) == 1 and config.out_dtype is None else None
     qm = QuantizedModel(gm, config, rep, captured.fixed_kwargs, float_dtype)
     qm._source = source
+    if static and calls is not None:
+        calib.calibrate_calls(qm, calls, config.calibration_method, float(config.percentile), progress)
     return qm
 
 

@@ -115,23 +115,33 @@ def _onednn_gemm(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) ->
 _ROUND_MAGIC = _kc.ROUND_MAGIC  # 1.5 * 2**23
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_per_token(x: torch.Tensor, act_scale: Optional[torch.Tensor] = None,
+                       act_smooth: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token quantization, bit-identical to :func:`fxquant.reference.quantize_per_token`, in fewer
-    passes over x on the CPU (fp32 [..., K] → int8 [..., K], fp32 scale [..., 1]).
+    passes over x on the CPU (fp32 [..., K] → int8 [..., K], fp32 scale [..., 1]); with ``act_scale`` (fp32
+    [1]) the static per-tensor form, with ``act_smooth`` (fp32 [K]) SmoothQuant's per-channel factor first.
 
     * amax = max(max x, -min x): two reductions, no |x| temporary;
     * round-half-to-even by adding 1.5·2^23: for |v| < 2^22 the fp32 sum's rounding (IEEE 754
       roundTiesToEven) leaves round(v) in the low mantissa bits (the classic "magic number" rounding);
     * the int32 view's low byte is then round(v) in two's complement, so ``.to(int8)`` (which keeps the
-      low 8 bits) yields the int8 value; |v| <= 127 by construction of the scale, so no clamp is needed.
+      low 8 bits) yields the int8 value; |v| <= 127 by construction of a per-token scale, so no clamp is
+      needed (a static scale needs one: clamping to the integers ±127 before rounding is the same as after).
     """
+    plain = act_scale is None and act_smooth is None
     if triton_serves(x.device):
-        return _triton_quantize(x)
+        return _triton_quantize(x) if plain else _triton_quantize(x, act_scale, act_smooth)
     if x.device.type != "cpu" or x.dtype != torch.float32:
-        return reference.quantize_per_token(x)
+        return reference.quantize_per_token(x, act_scale, act_smooth)
+    work = _workspace(x.shape)
+    if act_smooth is not None:
+        x = torch.mul(x, act_smooth, out=work)
+    if act_scale is not None:
+        v = torch.mul(x, act_scale.reciprocal(), out=work).clamp_(-127.0, 127.0).add_(_ROUND_MAGIC)
+        return v.view(torch.int32).to(torch.int8), act_scale.reshape(1).expand(*x.shape[:-1], 1)
     amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
     scale = amax.div_(127.0).clamp_min_(_kc.SCALE_EPS)  # CPU fp32 division by a scalar: IEEE, as the reference
-    v = torch.mul(x, scale.reciprocal(), out=_workspace(x.shape)).add_(_ROUND_MAGIC)
+    v = torch.mul(x, scale.reciprocal(), out=work).add_(_ROUND_MAGIC)
     return v.view(torch.int32).to(torch.int8), scale
 
 
@@ -154,23 +164,27 @@ def _workspace(shape: torch.Size) -> torch.Tensor:
     return buf[:n].view(shape)
 
 
-def layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float):
-    """LayerNorm + per-token quantization: one Triton kernel where Triton serves the device and the row
-    fits (K <= ``kernels.layer_norm_quant.MAX_K``), else ``F.layer_norm`` then :func:`quantize_per_token`.
-    Returns ``(y or empty, y_q, scale)`` as ``fxquant::layer_norm_quant``."""
+def layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float, act_scale=None, act_smooth=None):
+    """LayerNorm + quantization (per token, or static / smoothed as :func:`quantize_per_token`): one Triton
+    kernel where Triton serves the device and the row fits (K <= ``kernels.layer_norm_quant.MAX_K``), else
+    ``F.layer_norm`` then :func:`quantize_per_token`. Returns ``(y or empty, y_q, scale)`` as
+    ``fxquant::layer_norm_quant``."""
+    extra = {} if act_scale is None and act_smooth is None else {"act_scale": act_scale, "act_smooth": act_smooth}
     if triton_serves(x.device) and len(normalized_shape) == 1 and x.shape[-1] <= _LN_MAX_K:
-        return _triton_layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float)
+        return _triton_layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float, **extra)
     return _norm_outputs(torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps), return_float,
-                         quantize_per_token)
+                         quantize_per_token, **extra)
 
 
-def rms_norm_quant(x, weight, eps, cast_before_weight, return_float):
-    """RMSNorm + per-token quantization: one Triton kernel where Triton serves the device and the row fits,
-    else the float RMSNorm of :func:`fxquant.reference.rms_norm` then :func:`quantize_per_token`. Returns
-    ``(y or empty, y_q, scale)`` as ``fxquant::rms_norm_quant``."""
+def rms_norm_quant(x, weight, eps, cast_before_weight, return_float, act_scale=None, act_smooth=None):
+    """RMSNorm + quantization (per token, or static / smoothed): one Triton kernel where Triton serves the
+    device and the row fits, else the float RMSNorm of :func:`fxquant.reference.rms_norm` then
+    :func:`quantize_per_token`. Returns ``(y or empty, y_q, scale)`` as ``fxquant::rms_norm_quant``."""
+    extra = {} if act_scale is None and act_smooth is None else {"act_scale": act_scale, "act_smooth": act_smooth}
     if triton_serves(x.device) and x.shape[-1] <= _LN_MAX_K:
-        return _triton_rms_norm_quant(x, weight, eps, cast_before_weight, return_float)
-    return _norm_outputs(reference.rms_norm(x, weight, eps, cast_before_weight), return_float, quantize_per_token)
+        return _triton_rms_norm_quant(x, weight, eps, cast_before_weight, return_float, **extra)
+    return _norm_outputs(reference.rms_norm(x, weight, eps, cast_before_weight), return_float, quantize_per_token,
+                         **extra)
 
 
 # --------------------------------------------------------------------------------------------- aten

@@ -63,7 +63,8 @@ TARGETS: dict[str, TargetSpec] = {
     "cuda": TargetSpec(min_ratio=512.0, alignment=8, weight_qmax=127, min_n_unfused=2048, fuse_siblings=True),
 }
 
-_ACTIVATION_SCHEMES = ("dynamic-per-token",)
+_ACTIVATION_SCHEMES = ("dynamic-per-token", "static-per-tensor")
+_CALIBRATION_METHODS = ("minmax", "percentile")
 _OUT_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = (None, "triton", "onednn", "aten", "reference")  # fxquant.backends.BACKEND_NAMES
 
@@ -82,7 +83,17 @@ class QuantConfig:
             compressed-tensors' ``ignore`` list.
         filter_fn: ``filter_fn(name, module) -> bool``; False keeps that Linear float. ``module`` is the
             original ``nn.Linear`` when it can be found in the user's model, else ``None``.
-        activation_scheme: only ``"dynamic-per-token"`` (symmetric int8, one fp32 scale per row).
+        activation_scheme: ``"dynamic-per-token"`` (symmetric int8, one fp32 scale per row, computed at run
+            time) or ``"static-per-tensor"`` (symmetric int8, zero point 0, one fp32 scale per quantized tensor
+            from calibration: ``fxquant.compile(..., calibration=batches)`` or :func:`fxquant.calibrate`; the
+            form of TensorRT's explicit quantization and OpenVINO's int8 path).
+        smoothquant: SmoothQuant's migration strength α in [0, 1] (Xiao et al. 2023, arXiv 2211.10438, eq. 4:
+            s_j = max|X_j|^α / max|W_j|^(1-α) per input channel j of each group of int8 Linears reading one
+            tensor); ``None`` = off. Needs calibration data at compile time (``calibration=``).
+        calibration_method: how calibration turns observed activations into static scales: ``"minmax"``
+            (s = max|x| / 127 over every batch) or ``"percentile"`` (s = the mean over batches of each
+            batch's ``percentile``-th percentile of |x|, / 127).
+        percentile: the percentile of ``"percentile"`` calibration, in (0, 100].
         out_dtype: dtype of the fused nodes' outputs; ``None`` = the dtype of their input (the model's).
         min_n_unfused: override of the target's threshold on the output columns that must share a separate
             quantization pass (see ``TargetSpec``); 0 turns the rule off.
@@ -95,7 +106,8 @@ class QuantConfig:
 
     Raises:
         ValueError: on an unknown target, a negative ratio, an alignment < 1, a weight_qmax outside
-            [7, 127], a malformed regex in ``skip``, an unsupported activation scheme, out dtype or backend.
+            [7, 127], a malformed regex in ``skip``, an unsupported activation scheme, out dtype or backend, a
+            ``smoothquant`` outside [0, 1], an unknown calibration method or a percentile outside (0, 100].
         TypeError: ``filter_fn`` not callable, ``skip`` not a sequence of strings.
     """
 
@@ -111,6 +123,9 @@ class QuantConfig:
     min_n_unfused: Optional[int] = None
     fuse_siblings: Optional[bool] = None
     gated_output_int8: Optional[bool] = None
+    smoothquant: Optional[float] = None
+    calibration_method: str = "minmax"
+    percentile: float = 99.99
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -142,6 +157,15 @@ class QuantConfig:
             raise ValueError(
                 f"QuantConfig.activation_scheme={self.activation_scheme!r} is not supported; choose one of {_ACTIVATION_SCHEMES}"
             )
+        if self.smoothquant is not None and (isinstance(self.smoothquant, bool) or not (
+                isinstance(self.smoothquant, (int, float)) and 0.0 <= self.smoothquant <= 1.0)):
+            raise ValueError(f"QuantConfig.smoothquant={self.smoothquant!r} must be None or SmoothQuant's alpha in [0, 1] "
+                             "(0.5 is the paper's default)")
+        if self.calibration_method not in _CALIBRATION_METHODS:
+            raise ValueError(f"QuantConfig.calibration_method={self.calibration_method!r} is unknown; choose one of "
+                             f"{_CALIBRATION_METHODS}")
+        if isinstance(self.percentile, bool) or not (isinstance(self.percentile, (int, float)) and 0 < self.percentile <= 100):
+            raise ValueError(f"QuantConfig.percentile={self.percentile!r} must be a number in (0, 100]")
         if self.out_dtype not in _OUT_DTYPES:
             raise ValueError(f"QuantConfig.out_dtype={self.out_dtype!r} must be one of {_OUT_DTYPES}")
         if self.backend not in _BACKENDS:

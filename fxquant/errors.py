@@ -38,3 +38,10 @@ class CheckpointError(FxquantError, ValueError):
     """A checkpoint fxquant cannot read or write: a missing or corrupt file, a quantization scheme it does not
     run, a tensor for a layer the model lacks or of another shape. The message names the file, the layer or
     the scheme field; the user's model and files are untouched."""
+
+
+class CalibrationError(FxquantError, ValueError):
+    """Calibration cannot be done or is missing: a static-scheme model run or exported before
+    :func:`fxquant.calibrate`, SmoothQuant asked for without calibration data, an empty iterator of batches, or
+    a batch the model cannot take. The message names the batch or the setting and what to do; the model is
+    unchanged (scales are installed only after every batch ran)."""

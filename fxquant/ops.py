@@ -6,7 +6,8 @@ Because every op has a fake implementation, a fused GraphModule can itself be ``
 ==================================  ==========================================================================
 op                                  meaning (numerics: :mod:`fxquant.reference`)
 ==================================  ==========================================================================
-``fxquant::quantize_per_token``     x [..., K] float → (int8 [..., K], fp32 scale [..., 1])
+``fxquant::quantize_per_token``     x [..., K] float → (int8 [..., K], fp32 scale [..., 1]); static / smoothed
+                                    with ``act_scale`` / ``act_smooth`` (below)
 ``fxquant::int8_linear``            float x [..., K] → quantize per token → int8 GEMM → epilogue → [..., N]
 ``fxquant::int8_linear_q``          already-quantized (x_q, x_scale) → int8 GEMM → epilogue → [..., N]
 ``fxquant::layer_norm_quant``       LayerNorm + per-token quantize: (y float or empty, y_q int8, scale fp32)
@@ -22,6 +23,12 @@ exact), ``out_dtype`` (None: x's dtype).
 The contract: each op's schema below is the one place its signature is written; :class:`_Contract` derives
 the typed argument record from it, and :class:`FusedLinear` is the one view of both Linear ops. Graph
 passes, the report, golden text and exporters build and read nodes through these, never by position.
+
+The quantizing ops (``quantize_per_token``, ``int8_linear``, the norm-quant ops) take two optional trailing
+tensors: ``act_scale`` fp32 [1], the static per-tensor scale of ``QuantConfig(activation_scheme=
+"static-per-tensor")`` installed by :func:`fxquant.calibrate` (None: per token, at run time), and
+``act_smooth`` fp32 [K], SmoothQuant's per-channel 1/s by which the value is multiplied before it is quantized
+(the float output a norm returns is not smoothed). Nodes without them print and trace as before.
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ class _Contract:
         self.name = name
         self.record = collections.namedtuple(_camel(name), fields, defaults=[defaults[f] for f in fields if f in defaults])
         self.fields = tuple(fields)
+        self._trailing_none = sum(1 for f in fields if f in defaults and defaults[f] is None)
 
     @property
     def op(self) -> torch._ops.OpOverload:
@@ -80,21 +88,32 @@ class _Contract:
         return self.record(*node.args, **node.kwargs)
 
     def call(self, graph: fx.Graph, record) -> fx.Node:
-        return graph.call_function(self.op, tuple(record))
+        return graph.call_function(self.op, self._args(record))
 
     def set(self, node: fx.Node, record) -> None:
-        node.args, node.kwargs = tuple(record), {}
+        node.args, node.kwargs = self._args(record), {}
+
+    def _args(self, record) -> tuple:
+        """The record as positional args, trailing arguments left at their ``None`` default dropped (a node of a
+        dynamic-scheme graph reads as it did before the static-scheme arguments existed)."""
+        args = list(record)
+        for _ in range(self._trailing_none):
+            if args[-1] is not None:
+                break
+            args.pop()
+        return tuple(args)
 
 
 def _camel(name: str) -> str:
     return "".join(p.capitalize() for p in name.split("_"))
 
 
-QUANTIZE_PER_TOKEN_C = _Contract("quantize_per_token", "Tensor x", "(Tensor, Tensor)")
+QUANTIZE_PER_TOKEN_C = _Contract("quantize_per_token", "Tensor x, Tensor? act_scale=None, Tensor? act_smooth=None",
+                                  "(Tensor, Tensor)")
 INT8_LINEAR_C = _Contract(
     "int8_linear",
     "Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, str activation, str backend, int w_qmax, "
-    "ScalarType? out_dtype=None",
+    "ScalarType? out_dtype=None, Tensor? act_scale=None, Tensor? act_smooth=None",
     "Tensor",
 )
 INT8_LINEAR_Q_C = _Contract(
@@ -105,12 +124,14 @@ INT8_LINEAR_Q_C = _Contract(
 )
 LAYER_NORM_QUANT_C = _Contract(
     "layer_norm_quant",
-    "Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps, bool return_float",
+    "Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps, bool return_float, "
+    "Tensor? act_scale=None, Tensor? act_smooth=None",
     "(Tensor, Tensor, Tensor)",
 )
 RMS_NORM_QUANT_C = _Contract(
     "rms_norm_quant",
-    "Tensor x, Tensor? weight, float eps, bool cast_before_weight, bool return_float",
+    "Tensor x, Tensor? weight, float eps, bool cast_before_weight, bool return_float, Tensor? act_scale=None, "
+    "Tensor? act_smooth=None",
     "(Tensor, Tensor, Tensor)",
 )
 # Ops whose outputs are (y float or empty, y_q int8, scale fp32): a norm that quantizes its own output.
@@ -137,12 +158,13 @@ def _impl(name):
 
 
 @_impl("quantize_per_token")
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return backends.quantize_per_token(x)
+def quantize_per_token(x: torch.Tensor, act_scale: Optional[torch.Tensor] = None,
+                       act_smooth: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return backends.quantize_per_token(x, act_scale, act_smooth)
 
 
 @torch.library.register_fake(f"{_NS}::quantize_per_token")
-def _(x):
+def _(x, act_scale=None, act_smooth=None):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
@@ -193,15 +215,17 @@ def int8_linear(
     backend: str,
     w_qmax: int,
     out_dtype: Optional[torch.dtype] = None,
+    act_scale: Optional[torch.Tensor] = None,
+    act_smooth: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     # flatten once: quantization and GEMM both work on [M, K] (every reshape is host time on a host-bound call)
-    x_q, x_scale = backends.quantize_per_token(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]))
+    x_q, x_scale = backends.quantize_per_token(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), act_scale, act_smooth)
     y = _linear_2d(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype or x.dtype)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
 
 @torch.library.register_fake(f"{_NS}::int8_linear")
-def _(x, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype=None):
+def _(x, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype=None, act_scale=None, act_smooth=None):
     return x.new_empty((*x.shape[:-1], out_features(w_q, activation)), dtype=out_dtype or x.dtype)
 
 
@@ -213,8 +237,10 @@ def layer_norm_quant(
     bias: Optional[torch.Tensor],
     eps: float,
     return_float: bool,
+    act_scale: Optional[torch.Tensor] = None,
+    act_smooth: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backends.layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float)
+    return backends.layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float, act_scale, act_smooth)
 
 
 @_impl("rms_norm_quant")
@@ -224,18 +250,27 @@ def rms_norm_quant(
     eps: float,
     cast_before_weight: bool,
     return_float: bool,
+    act_scale: Optional[torch.Tensor] = None,
+    act_smooth: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backends.rms_norm_quant(x, weight, eps, cast_before_weight, return_float)
+    return backends.rms_norm_quant(x, weight, eps, cast_before_weight, return_float, act_scale, act_smooth)
 
 
-def _norm_quant_fake(x, *args):
-    return_float = args[-1]
+def _layer_norm_quant_fake(x, normalized_shape, weight, bias, eps, return_float, act_scale=None, act_smooth=None):
+    return _norm_quant_fake(x, return_float)
+
+
+def _rms_norm_quant_fake(x, weight, eps, cast_before_weight, return_float, act_scale=None, act_smooth=None):
+    return _norm_quant_fake(x, return_float)
+
+
+def _norm_quant_fake(x, return_float):
     y = x.new_empty(x.shape) if return_float else x.new_empty(0)
     return y, x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
-for _c in NORM_QUANT_CONTRACTS:
-    torch.library.register_fake(f"{_NS}::{_c.name}", _norm_quant_fake)
+torch.library.register_fake(f"{_NS}::layer_norm_quant", _layer_norm_quant_fake)
+torch.library.register_fake(f"{_NS}::rms_norm_quant", _rms_norm_quant_fake)
 
 
 # The OpOverloads that fused graph nodes call (the functions above are their implementations).
@@ -267,6 +302,8 @@ class FusedLinear(NamedTuple):
     backend: str
     w_qmax: int
     out_dtype: Optional[torch.dtype]
+    act_scale: Any = None  # int8_linear only: the static scale / SmoothQuant factor of its own quantization
+    act_smooth: Any = None
 
     @staticmethod
     def is_fused_linear(node: fx.Node) -> bool:
@@ -324,30 +361,30 @@ def _register_inductor_decompositions() -> bool:
     from . import reference
 
     @register_decomposition([QUANTIZE_PER_TOKEN])
-    def _quantize(x):
+    def _quantize(x, act_scale=None, act_smooth=None):
         if x.device.type != "cuda":
             return NotImplemented
-        return reference.quantize_per_token(x)
+        return reference.quantize_per_token(x, act_scale, act_smooth)
 
     @register_decomposition([INT8_LINEAR])
     def _int8_linear(*args, **kwargs):
         r = INT8_LINEAR_C.record(*args, **kwargs)
         if r.x.device.type != "cuda":
             return NotImplemented
-        x_q, x_scale = reference.quantize_per_token(r.x)
+        x_q, x_scale = reference.quantize_per_token(r.x, r.act_scale, r.act_smooth)
         return INT8_LINEAR_Q(x_q, x_scale, r.w_q, r.w_scale, r.bias, r.activation, r.backend, r.w_qmax, r.out_dtype or r.x.dtype)
 
     @register_decomposition([LAYER_NORM_QUANT])
-    def _layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float):
+    def _layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float, act_scale=None, act_smooth=None):
         if x.device.type != "cuda":
             return NotImplemented
-        return reference.layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float)
+        return reference.layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float, act_scale, act_smooth)
 
     @register_decomposition([RMS_NORM_QUANT])
-    def _rms_norm_quant(x, weight, eps, cast_before_weight, return_float):
+    def _rms_norm_quant(x, weight, eps, cast_before_weight, return_float, act_scale=None, act_smooth=None):
         if x.device.type != "cuda":
             return NotImplemented
-        return reference.rms_norm_quant(x, weight, eps, cast_before_weight, return_float)
+        return reference.rms_norm_quant(x, weight, eps, cast_before_weight, return_float, act_scale, act_smooth)
 
     return True
 

@@ -60,16 +60,19 @@ def quantize_weight_per_channel(weight: torch.Tensor, qmax: int = 127) -> tuple[
     return w_q, scale
 
 
-def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric per-token (per-row) int8 quantization.
+def quantize_per_token(x: torch.Tensor, act_scale: Optional[torch.Tensor] = None,
+                       act_smooth: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token (per-row) int8 quantization, or its static / smoothed form.
 
     Args:
         x: fp32 / fp16 / bf16 [..., K].
+        act_scale: fp32 [1], a static per-tensor scale s from calibration (None: per token).
+        act_smooth: fp32 [K], SmoothQuant's diag(s)⁻¹ (Xiao et al. 2023, eq. 3), applied to x first.
 
     Returns:
-        ``(x_q, scale)``: int8 [..., K] and fp32 [..., 1], ``x ≈ x_q * scale``.
+        ``(x_q, scale)``: int8 [..., K] and fp32 [..., 1], ``x · act_smooth ≈ x_q * scale``.
     """
-    return _kq.quantize_per_token_reference(x)
+    return _kq.quantize_per_token_reference(x, act_scale, act_smooth)
 
 
 def int8_gemm(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
@@ -129,9 +132,10 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, cast_b
     return _kln.rms_norm_reference(x, weight, eps, cast_before_weight)
 
 
-def rms_norm_quant(x, weight, eps, cast_before_weight, return_float=True):
-    """RMSNorm then per-token quantization of its output: ``(y or empty, y_q int8, scale fp32)``."""
-    return _kln.rms_norm_quant_reference(x, weight, eps, cast_before_weight, return_float)
+def rms_norm_quant(x, weight, eps, cast_before_weight, return_float=True, act_scale=None, act_smooth=None):
+    """RMSNorm then quantization of its output (per token, or static / smoothed as :func:`quantize_per_token`):
+    ``(y or empty, y_q int8, scale fp32)``."""
+    return _kln.rms_norm_quant_reference(x, weight, eps, cast_before_weight, return_float, act_scale, act_smooth)
 
 
 def layer_norm_quant(
@@ -141,12 +145,15 @@ def layer_norm_quant(
     bias: Optional[torch.Tensor],
     eps: float,
     return_float: bool = True,
+    act_scale: Optional[torch.Tensor] = None,
+    act_smooth: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LayerNorm (Ba et al., 2016) followed by per-token quantization of its output.
+    """LayerNorm (Ba et al., 2016) followed by quantization of its output (per token, or static / smoothed as
+    :func:`quantize_per_token`).
 
     Returns:
         ``(y, y_q, scale)``: y in x's dtype [..., K] (the float LayerNorm output, as ``F.layer_norm``; an empty
         tensor unless ``return_float``), y_q int8 [..., K] and scale fp32 [..., 1] from
         :func:`quantize_per_token` of y.
     """
-    return _kln.layer_norm_quant_reference(x, normalized_shape, weight, bias, eps, return_float)
+    return _kln.layer_norm_quant_reference(x, normalized_shape, weight, bias, eps, return_float, act_scale, act_smooth)

@@ -203,13 +203,15 @@ if HAS_TRITON:
         """q = clamp(round_half_even(x · inv), ±127) of an fp32 tile [R, C] with inv [R].
 
         Rounding adds 1.5·2^23: the fp32 sum's own round-half-to-even leaves round(v) in the low mantissa
-        bits (exact for |v| < 2^22; |v| ≤ 127 here), read back through the int32 bit pattern. The launch
-        must disable FMA contraction (``enable_fp_fusion=False``), or ``x·inv + 1.5·2^23`` would round once
-        instead of twice and differ from the reference at exact ties.
+        bits (exact for |v| < 2^22), read back through the int32 bit pattern. A per-token scale keeps
+        |v| ≤ 127, a static one does not (v = -2^24 read back as +127), so v is clamped to ±127 first:
+        the same q, as rounding is monotone and ±127 are integers. The launch must disable FMA contraction
+        (``enable_fp_fusion=False``), or ``x·inv + 1.5·2^23`` would round once instead of twice and differ
+        from the reference at exact ties.
         """
-        v = x * inv[:, None]
+        v = tl.minimum(tl.maximum(x * inv[:, None], -127.0), 127.0)
         r = (v + _ROUND_MAGIC).to(tl.int32, bitcast=True) - _ROUND_MAGIC_BITS
-        r = tl.minimum(tl.maximum(r, -127), 127)
+        r = tl.minimum(tl.maximum(r, -127), 127)  # a NaN passes the float clamp: q stays in ±127 anyway
         return r.to(OUT_TY)
 
     @triton.jit

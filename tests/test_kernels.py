@@ -245,6 +245,147 @@ def test_quantize_zero_and_nonfinite_rows(single_pass, monkeypatch):
     assert torch.isnan(s[2]).all() and not torch.isfinite(s[3]).any()  # non-finite input propagates
 
 
+# ------------------------------------------------------------------- static scale and SmoothQuant smoothing
+ACT_MODES = ["static", "smooth", "static_smooth"]
+ACT_SHAPES = [(m, k) for m in (1, 3, 17) for k in (1, 7, 96, 130)]
+NORM_ACT_SHAPES = [(1, 1), (3, 7), (17, 96), (3, 130), (1, 130)]  # the norm kernel runs 3x per case: fewer
+
+
+def _act_args(mode, k, scale, seed):
+    """(act_scale, act_smooth) of ``mode``: the static scale ``scale`` (chosen by the caller so that many
+    values lie beyond 127·s and clamp) and SmoothQuant factors in [0.5, 2) (one 1/s per channel)."""
+    g = torch.Generator().manual_seed(seed)
+    act_scale = torch.tensor([scale], device=DEVICE) if "static" in mode else None
+    act_smooth = (torch.rand(k, generator=g) * 1.5 + 0.5).to(DEVICE) if "smooth" in mode else None
+    return act_scale, act_smooth
+
+
+def _cpu(t):
+    return None if t is None else t.cpu()
+
+
+@pytest.mark.parametrize("mode", ACT_MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k", ACT_SHAPES)
+def test_quantize_static_and_smooth_are_bit_exact(m, k, dtype, mode):
+    """x · act_smooth then a static scale (127·s = 6.35 against |x| up to ~12 and two outliers: the clamp
+    runs) or per-token scales: q and scale equal the reference's; a static s fills a contiguous [M, 1]."""
+    g = torch.Generator().manual_seed(m + 31 * k)
+    x = torch.randn(m, k, generator=g) * 4
+    x[0, 0], x[-1, -1] = 30.0, -1000.0
+    x = x.to(DEVICE, dtype)
+    act_scale, act_smooth = _act_args(mode, k, 0.05, seed=k)
+    q, s = kq.quantize_per_token(x, act_scale, act_smooth)
+    rq, rs = kq.quantize_per_token_reference(x.cpu(), _cpu(act_scale), _cpu(act_smooth))
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (m, 1) and s.is_contiguous()
+    assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs)
+    if act_scale is not None:
+        assert q[-1, -1] == -127  # beyond 127·s: clamped
+
+
+@pytest.mark.parametrize("mode", ACT_MODES)
+def test_quantize_static_and_smooth_two_pass_path_is_bit_exact(mode):
+    """K > MAX_SINGLE_PASS: the two-pass variant (static: no amax pass; smooth: in both passes)."""
+    k = kq.MAX_SINGLE_PASS + 6  # 4 chunks of 4096 and a tail
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(2, k, generator=g) * 3).to(DEVICE, torch.bfloat16)
+    act_scale, act_smooth = _act_args(mode, k, 0.04, seed=3)
+    q, s = kq.quantize_per_token(x, act_scale, act_smooth)
+    rq, rs = kq.quantize_per_token_reference(x.cpu(), _cpu(act_scale), _cpu(act_smooth))
+    assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs)
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_quantize_static_clamps_values_far_beyond_127_s(single_pass, monkeypatch):
+    """x / s anywhere in fp32's range, ±Inf included, clamps to ±127: the rounding trick of quantize_with is
+    exact only for |x / s| < 2^22 (x / s = -2^24 used to come back as +127)."""
+    if not single_pass:
+        monkeypatch.setattr(kq, "MAX_SINGLE_PASS", 4)
+    s = 0.00123
+    row = [-2e7 * s, -1.3e7 * s, -2**24 * s, 2e7 * s, 5e6 * s, 1e30, -1e30, float("inf"), float("-inf"), 0.0, 127.5 * s]
+    x = torch.tensor([row, [v / 2 for v in row]])
+    act_scale = torch.tensor([s])
+    q, sc = kq.quantize_per_token(x.to(DEVICE), act_scale.to(DEVICE))
+    rq, rs = kq.quantize_per_token_reference(x, act_scale)
+    assert torch.equal(q.cpu(), rq) and torch.equal(sc.cpu(), rs)
+    assert q[0, :9].cpu().tolist() == [-127, -127, -127, 127, 127, 127, -127, 127, -127]
+
+
+def test_quantize_accepts_a_strided_smooth_and_a_0d_scale():
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(5, 40, generator=g) * 4).to(DEVICE)
+    act_smooth = (torch.rand(80, generator=g) + 0.5).to(DEVICE)[::2]  # stride 2: copied, read as [K]
+    act_scale = torch.tensor(0.05, device=DEVICE)
+    q, s = kq.quantize_per_token(x, act_scale, act_smooth)
+    rq, rs = kq.quantize_per_token_reference(x.cpu(), act_scale.cpu(), act_smooth.cpu())
+    assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs)
+
+
+def _norm_call(norm, x, w, b, return_float, act_scale=None, act_smooth=None):
+    if norm == "layer_norm":
+        return kln.layer_norm_quant(x, [x.shape[-1]], w, b, 1e-5, return_float, act_scale, act_smooth)
+    return kln.rms_norm_quant(x, w, 1e-6, True, return_float, act_scale, act_smooth)
+
+
+def _norm_reference(norm, x, w, b, act_scale, act_smooth):
+    if norm == "layer_norm":
+        return kln.layer_norm_quant_reference(x, [x.shape[-1]], w, b, 1e-5, True, act_scale, act_smooth)
+    return kln.rms_norm_quant_reference(x, w, 1e-6, True, True, act_scale, act_smooth)
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("mode", ACT_MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,k", NORM_ACT_SHAPES)
+def test_norm_quant_static_and_smooth_are_bit_exact(m, k, dtype, mode, norm):
+    """LayerNorm (affine) / RMSNorm (Llama: cast_before_weight) with act_scale / act_smooth: y is the plain
+    norm output, bit for bit; y_q and scale are the reference quantizer's of that y (static 127·s = 2.54:
+    the clamp runs), and equal the whole reference's wherever the two norms' y agree (the norms themselves
+    may differ by an ulp, see the module docstring); a static scale is s in every row regardless."""
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    x = (torch.randn(m, k, generator=g) * 2 + 0.5).to(DEVICE, dtype)
+    w = (torch.randn(k, generator=g) * 0.5 + 1).to(DEVICE, dtype)
+    b = (torch.randn(k, generator=g)).to(DEVICE, dtype) if norm == "layer_norm" else None
+    act_scale, act_smooth = _act_args(mode, k, 0.02, seed=k)
+    y, q, s = _norm_call(norm, x, w, b, True, act_scale, act_smooth)
+    assert torch.equal(y, _norm_call(norm, x, w, b, True)[0])  # not smoothed
+    assert q.dtype == torch.int8 and q.shape == (m, k) and s.shape == (m, 1) and s.is_contiguous()
+    _, sq, ss = kln.norm_outputs(y.cpu(), True, act_scale=_cpu(act_scale), act_smooth=_cpu(act_smooth))
+    assert torch.equal(q.cpu(), sq) and torch.equal(s.cpu(), ss)
+    if mode == "static_smooth":  # without the float store (STORE_FLOAT=False): the same y_q and scale
+        _, q2, s2 = _norm_call(norm, x, w, b, False, act_scale, act_smooth)
+        assert torch.equal(q2, q) and torch.equal(s2, s)
+    ry, rq, rs = _norm_reference(norm, x.cpu(), _cpu(w), _cpu(b), _cpu(act_scale), _cpu(act_smooth))
+    same = (y.cpu() == ry).all(dim=1)
+    assert torch.equal(q.cpu()[same], rq[same]) and torch.equal(s.cpu()[same], rs[same])
+    if act_scale is not None:
+        assert torch.equal(s.cpu(), rs)
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (dict(act_smooth=torch.ones(31)), ValueError, "act_smooth has 31 values, expected K=32"),
+        (dict(act_smooth=torch.ones(2, 32)), ValueError, "act_smooth has 64 values"),
+        (dict(act_scale=torch.ones(2)), ValueError, "act_scale has 2 values, expected one"),
+        (dict(act_scale=torch.ones(1, dtype=torch.float16)), TypeError, "act_scale must be an fp32 tensor"),
+        (dict(act_smooth=torch.ones(32, dtype=torch.bfloat16)), TypeError, "act_smooth must be an fp32 tensor"),
+        (dict(act_scale=0.05), TypeError, "act_scale must be an fp32 tensor"),
+        (dict(act_smooth=torch.ones(32, device="meta")), ValueError, "act_smooth is on meta"),
+    ],
+)
+@pytest.mark.parametrize("op", ["quantize", "layer_norm", "rms_norm"])
+def test_static_and_smooth_operands_are_checked(op, bad, error, match):
+    x = torch.randn(4, 32).to(DEVICE)
+    kwargs = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v)
+              for k, v in bad.items()}
+    with pytest.raises(error, match=match):
+        if op == "quantize":
+            kq.quantize_per_token(x, **kwargs)
+        else:
+            _norm_call(op, x, None, None, True, **kwargs)
+
+
 # ------------------------------------------------------------------------------------ LayerNorm+quantize
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -500,11 +641,17 @@ def _cached_kernel_runs(seed, m=33):
     a, wq = _int8(m, 96, gen=g), _int8(96, 96, gen=g)
     sa, sw = (torch.rand(m, generator=g) * 0.01 + 1e-3).to(DEVICE), (torch.rand(96, generator=g) * 0.01 + 1e-4).to(DEVICE)
     bias = torch.randn(96, generator=g).to(DEVICE)
+    act_scale, act_smooth = torch.tensor([0.02], device=DEVICE), (torch.rand(96, generator=g) + 0.5).to(DEVICE)
     runs = [
         (lambda: kq.quantize_per_token(x), lambda: kq.quantize_per_token_reference(x)),
+        (lambda: kq.quantize_per_token(x, act_scale, act_smooth),
+         lambda: kq.quantize_per_token_reference(x, act_scale, act_smooth)),
+        (lambda: kq.quantize_per_token(x, None, act_smooth), lambda: kq.quantize_per_token_reference(x, None, act_smooth)),
         (lambda: kln.layer_norm_quant(x, [96], w, w, 1e-5), None),
+        (lambda: kln.layer_norm_quant(x, [96], w, w, 1e-5, True, act_scale, act_smooth), None),
         (lambda: kln.rms_norm_quant(x, w, 1e-6, True), None),
         (lambda: kln.rms_norm_quant(x, w, 1e-6, False, False), None),
+        (lambda: kln.rms_norm_quant(x, w, 1e-6, False, False, act_scale), None),
     ]
     for tma in _tma_choices(96):
         runs += [(lambda tma=tma: kg.w8a8_linear(a, sa, wq, sw, bias, "gelu", torch.bfloat16, use_tma=tma), None),
