@@ -1,9 +1,11 @@
-"""ONNX export of a compiled model: standard ONNX operators that ONNX Runtime runs with integer kernels.
+"""ONNX export of a compiled model: standard ONNX operators that ONNX Runtime and OpenVINO run with integer
+kernels. The form follows the model's ``QuantConfig.activation_scheme``.
 
-Form (the dynamic per-token W8A8 of fxquant, :mod:`fxquant.reference`), per fused Linear::
+**Dynamic per-token** (fxquant's default, :mod:`fxquant.reference`), per fused Linear::
 
-    s_x  = max(ReduceMax(|x|, axis=-1) / 127, eps)               fp32, one scale per token
-    x_q  = Cast<int8>(Clip(Round(x · Reciprocal(s_x)), -127, 127)) Round: half to even, as torch.round
+    s_x  = max(ReduceMax(|x · m|, axis=-1) / 127, eps)              fp32, one scale per token; m: SmoothQuant's
+                                                                   1/s where installed (a Mul), else 1
+    x_q  = Cast<int8>(Clip(Round(x · m · Reciprocal(s_x)), -127, 127))  Round: half to even, as torch.round
     acc  = MatMulInteger(x_q + 128 as uint8, W_qᵀ, a_zero_point=128)   int32, exact (MatMulInteger, opset 10)
     y    = act((Cast<float>(acc) · s_w) · s_x + b) → output dtype
 
@@ -14,15 +16,25 @@ is torch.onnx's own translation. ONNX Runtime's CPU provider runs ``MatMulIntege
 (and fuses the dequantizing ``Mul`` into ``MatMulIntegerToFloat``). The activations travel as uint8 with zero
 point 128 because MLAS's u8·s8 kernels are its fast ones; on a CPU without VNNI they sum u8·s8 pairs in int16,
 which cannot saturate with the 7-bit weights fxquant uses on such CPUs (2·255·63 < 2¹⁵), but can with
-full-range weights from a VNNI machine (the same caveat as ONNX Runtime's own ``quantize_dynamic``).
+full-range weights from a VNNI machine (the same caveat as ONNX Runtime's own ``quantize_dynamic``). The
+QuantizeLinear/DequantizeLinear operators take one scale per tensor or per axis of fixed size, so they cannot
+state a per-token scale; hence the explicit ops.
 
-Why not QuantizeLinear/DequantizeLinear pairs for the activations: the QDQ operators take one scale per
-tensor or per axis of fixed size, and ONNX Runtime turns QDQ around a MatMul into an integer kernel only for
-a per-tensor activation scale; fxquant's activation scale is per token. The static per-tensor (QDQ) form
-needs calibration (issue #11, not yet built).
+**Static per-tensor** (``activation_scheme="static-per-tensor"``, calibrated): QDQ, the form of TensorRT's
+explicit quantization, per original Linear (gate and up of a gated MLP as two; siblings are not fused on CPU)::
+
+    x_dq = DequantizeLinear(QuantizeLinear(x · m, s, zp), s, zp)     s: the calibrated scalar; zp: int8 0
+    y    = act(MatMul(x_dq, DequantizeLinear(W_qᵀ, s_w, axis=1)) + b)   weights int8, zero point 0, per channel
+
+Each Linear gets its own Q/DQ pair (the exporter's optimizer merges identical ones; they are split again);
+norms, GELU and the rest are their float ONNX ops: the graph states the reference numerics, not the fused
+kernels. ``qdq_dtype="uint8"`` writes zero point 128 (the same integers, shifted), the form ONNX Runtime's
+x86 kernels take at every consumer (see :func:`export_onnx`); OpenVINO runs either as int8 FullyConnected
+layers.
 
 Source of the operator semantics: ONNX operator specs (``MatMulInteger``, ``Round``, ``ReduceMax``-18,
-``LayerNormalization``-17), https://onnx.ai/onnx/operators/.
+``LayerNormalization``-17, ``QuantizeLinear``/``DequantizeLinear``-13 per-axis), https://onnx.ai/onnx/operators/;
+TensorRT "Working with Quantized Types", explicit quantization (Q/DQ placement, symmetric int8).
 """
 
 from __future__ import annotations

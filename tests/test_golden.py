@@ -62,3 +62,26 @@ def test_bert_golden(snapshot, small_bert):
     assert counts["fxquant.int8_linear_q"] == 2 * 4
     assert counts["fxquant.int8_linear"] == 2 * 2 + 1
     assert counts.get("aten.linear", 0) == 0
+
+
+def test_bert_static_smoothquant_golden(snapshot, small_bert, sqnr):
+    """The static + SmoothQuant graph: the same fused nodes, each quantizing node with its calibrated
+    ``input_scale`` and SmoothQuant ``input_smooth`` (one pair per quantizing node, none on the GEMMs)."""
+    torch.manual_seed(0)
+    model = small_bert(num_layers=2)
+    ids = torch.randint(0, 512, (2, 16))
+    batches = [{"input_ids": torch.randint(0, 512, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+               for _ in range(2)]
+    config = fxquant.QuantConfig(activation_scheme="static-per-tensor", smoothquant=0.8)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    qm = fxquant.compile(model, inputs, config=config, calibration=batches, progress=False)
+    assert qm.golden(only_fused=True) == snapshot
+    counts = qm.report().node_counts
+    assert counts["fxquant.layer_norm_quant"] == 2 * 2 and counts["fxquant.int8_linear_q"] == 2 * 4
+    assert counts["fxquant.int8_linear"] == 2 * 2 + 1
+    quantizers = 2 * 2 + 2 * 2 + 1  # norm-quant ops + Linears quantizing their own input
+    names = [n for n, _ in qm.graph_module.named_buffers()]
+    assert sum(n.endswith(".input_scale") for n in names) == quantizers
+    assert sum(n.endswith(".input_smooth") for n in names) == quantizers
+    with torch.no_grad():
+        assert sqnr(model(**inputs).last_hidden_state, qm(**inputs).last_hidden_state) > 20
