@@ -198,3 +198,25 @@ def test_calibration_errors_leave_the_model_as_it_was():
         fxquant.QuantConfig(smoothquant=1.5)
     with pytest.raises(ValueError, match="activation_scheme='static'"):
         fxquant.QuantConfig(activation_scheme="static")
+
+
+@pytest.mark.skipif(not fxquant.backends.onednn_available(), reason="this torch build has no oneDNN int8 Linear")
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_static_scale_runs_in_onednns_own_epilogue(activation, out_dtype):
+    """A static scale reaches oneDNN as its src scale, with bias and activation as its post-op (silu is not one
+    of them: the torch epilogue runs); the result is the reference epilogue's up to rounding order."""
+    from fxquant import backends
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(37, 96, generator=g), torch.randn(80, 96, generator=g) * 0.05, torch.randn(80, generator=g)
+    qmax = 127 if backends.cpu_int8_full_range_exact() else 63
+    w_q, w_s = reference.quantize_weight_per_channel(w, qmax)
+    scale = torch.tensor([float(x.abs().max()) / 127])
+    x_q, x_s = backends.quantize_per_token(x, scale)
+    assert x_s.stride(0) == 0  # the static scale travels as a view of the one value
+    got = backends.run_linear(x_q, x_s, w_q, w_s, b, activation, "onednn", out_dtype, qmax)
+    want = reference.int8_linear(x_q, x_s.contiguous(), w_q, w_s, b, activation, out_dtype)
+    assert got.dtype == out_dtype
+    # measured: <= 2.4e-7 (fp32, |y| ~ 2) and 0 (bf16) apart
+    torch.testing.assert_close(got, want, rtol=1e-5 if out_dtype == torch.float32 else 1e-2, atol=1e-5)
