@@ -151,7 +151,8 @@ def save_pretrained(qmodel, directory: str | os.PathLike, *, max_shard_size: int
         The paths written (config.json, the safetensors files, the index when sharded).
 
     Raises:
-        CheckpointError: a tensor of the model's state dict is not in the compiled graph (nothing is written).
+        CheckpointError: a tensor of the model's state dict is not in the compiled graph, or the model uses the
+            static scheme or SmoothQuant, which the dynamic W8A8 format cannot carry (nothing is written).
         TypeError: ``qmodel`` is not a QuantizedModel.
     """
     from safetensors.torch import save_file
@@ -160,6 +161,13 @@ def save_pretrained(qmodel, directory: str | os.PathLike, *, max_shard_size: int
 
     if not isinstance(qmodel, QuantizedModel):
         raise TypeError(f"save_pretrained needs a fxquant.QuantizedModel (from fxquant.compile), got {type(qmodel).__name__}")
+    config = qmodel.config
+    if config.activation_scheme != "dynamic-per-token" or config.smoothquant is not None:
+        raise CheckpointError(
+            f"save_pretrained writes compressed-tensors' dynamic per-token W8A8; this model uses "
+            f"activation_scheme={config.activation_scheme!r}, smoothquant={config.smoothquant!r}, whose static scales or "
+            "SmoothQuant factors (applied in fxquant's quantizers, not folded into the weights) that form cannot carry. "
+            "Export it with fxquant.export_onnx, or compile a dynamic model without SmoothQuant to save a checkpoint")
     gm, source = qmodel.graph_module, qmodel._source
     int8, tied = _int8_tensors(gm)
     decisions = {d.name: d for d in qmodel.report().decisions}

@@ -164,7 +164,7 @@ def test_smoothquant_with_dynamic_scheme(sqnr):
     assert sqnr(ref, smooth) >= sqnr(ref, dyn) + 1.0  # measured 33.2 -> 38.5 dB
 
 
-def test_calibration_errors_leave_the_model_as_it_was():
+def test_calibration_errors_leave_the_model_as_it_was(tmp_path):
     model = _OutlierMLP().eval()
     batches = _batches()
     qm = fxquant.compile(model, batches[0], config=_cfg(activation_scheme=STATIC), progress=False)
@@ -186,6 +186,10 @@ def test_calibration_errors_leave_the_model_as_it_was():
         qm(batches[0][0])
     fxquant.calibrate(qm, batches, progress=False)
     assert qm(batches[0][0]).shape == (2, 5, 64)
+
+    with pytest.raises(fxquant.CheckpointError, match="cannot carry"):
+        qm.save_pretrained(tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
 
     dynamic = fxquant.compile(model, batches[0], config=_cfg())
     with pytest.raises(fxquant.CalibrationError, match="computed at run time"):
