@@ -41,7 +41,16 @@ def _bert():
         {"input_ids": ids[:, :7], "attention_mask": mask[:, :7]}
 
 
-MODELS = {"mlp": _mlp, "llama": _llama, "bert": _bert}
+def _vit():
+    torch.manual_seed(0)
+    cfg = transformers.ViTConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                 image_size=32, patch_size=8)
+    return transformers.ViTModel(cfg).eval(), {"pixel_values": torch.randn(2, 3, 32, 32)}, \
+        {"pixel_values": torch.randn(3, 3, 32, 32)}
+
+
+MODELS = {"mlp": _mlp, "llama": _llama, "bert": _bert, "vit": _vit}
+POOLED = ("bert", "vit")  # their pooler is a Linear on a 2-D [batch, hidden] tensor
 
 
 def _first(out):
@@ -170,9 +179,9 @@ def test_static_qdq_form_runs_int8_in_onnx_runtime_and_openvino(name, qdq_dtype,
     assert "MatMulInteger" not in ops and "ReduceMax" not in ops  # no per-token quantization left
     session, optimized = _session(path, tmp_path)
     counts = integer_ops(optimized)
-    if qdq_dtype == "uint8":  # ONNX Runtime's x86 form: every Linear an integer GEMM but BERT's pooler, a 2-D
+    if qdq_dtype == "uint8":  # ONNX Runtime's x86 form: every Linear an integer GEMM but the pooler, a 2-D
         # MatMul + Add that ORT turns into a float Gemm before its QDQ fusion (MiniLM: 36 of 37 the same way)
-        want = linears - (name == "bert")
+        want = linears - (name in POOLED)
         assert sum(counts.values()) == want and set(counts) <= {"MatMulIntegerToFloat", "QLinearMatMul"}, counts
     else:  # int8: ORT converts to u8 only where a QuantizeLinear has one consumer (export_onnx's docstring)
         assert sum(counts.values()) >= 1, counts
