@@ -217,9 +217,9 @@ def calibrate(qmodel, batches: Iterable[Any], *, method: Optional[str] = None, p
     """Compute and install the static per-tensor activation scales of a model compiled with
     ``QuantConfig(activation_scheme="static-per-tensor")`` (formulas in the module docstring).
 
-    The model runs every batch in its dynamic per-token form while each quantizing node records what it
-    quantizes; the scales are installed only after the last batch ran, so on any error the model is as before.
-    Calling it again recalibrates.
+    The model runs every batch in its dynamic per-token form (when recalibrating, with its current static
+    scales) while each quantizing node records the float value it quantizes; the scales are installed only
+    after the last batch ran, so on any error the model is as before. Calling it again recalibrates.
 
     Args:
         qmodel: a :class:`fxquant.QuantizedModel` compiled with the static scheme.
