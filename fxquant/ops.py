@@ -386,6 +386,17 @@ def _register_inductor_decompositions() -> bool:
             return NotImplemented
         return reference.rms_norm_quant(x, weight, eps, cast_before_weight, return_float, act_scale, act_smooth)
 
+    # Where a decomposition declines (CPU tensors), the op stays in the graph and Inductor lowers it as a
+    # fallback (a call of the op). Inductor creates that fallback lazily and asserts that no decomposition
+    # exists for the op, so torch.compile of a CPU model failed on any machine with CUDA ("both a fallback
+    # and a decomp for same op"); registering the fallback here, declaring the overlap, is what it asks for.
+    try:
+        from torch._inductor.lowering import make_fallback
+
+        for op in (QUANTIZE_PER_TOKEN, INT8_LINEAR, LAYER_NORM_QUANT, RMS_NORM_QUANT):
+            make_fallback(op, warn=False, override_decomp=True)
+    except Exception:  # pragma: no cover - an Inductor without this API: the old behaviour, never a failed import
+        pass
     return True
 
 

@@ -185,7 +185,7 @@ def quantize_per_token_reference(x: torch.Tensor, act_scale: Optional[torch.Tens
     ``act_smooth`` (fp32 [K], SmoothQuant's diag(s)⁻¹, Xiao et al. 2023 eq. 3): x is first multiplied by it
     per channel in fp32 (one rounding). ``act_scale`` (fp32, one element): the static per-tensor scale s
     from calibration, used instead of the per-token one: x_q = clamp(round(x · (1/s)), ±127) and the
-    returned scale is s for every row (a [..., 1] view).
+    returned scale is s in every row ([..., 1]).
     """
     xf = x.to(torch.float32)
     if act_smooth is not None:
@@ -193,7 +193,7 @@ def quantize_per_token_reference(x: torch.Tensor, act_scale: Optional[torch.Tens
     if act_scale is not None:
         scale = act_scale.to(torch.float32).reshape(1)
         x_q = torch.round(xf * scale.reciprocal()).clamp(-127, 127).to(torch.int8)
-        return x_q, scale.expand(*x.shape[:-1], 1)
+        return x_q, scale.expand(*x.shape[:-1], 1).contiguous()  # a new tensor: an op's output never aliases its input
     amax = xf.abs().amax(dim=-1, keepdim=True)
     scale = (amax / amax.new_full((), 127.0)).clamp_min(SCALE_EPS)
     x_q = torch.round(xf * scale.reciprocal()).clamp(-127, 127).to(torch.int8)  # out of place: traceable
