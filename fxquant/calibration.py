@@ -38,9 +38,9 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from . import ops, reference
+from .config import check_calibration
 from ._attrs import fetch_attr, parent_for
 from .errors import CalibrationError, InputError
 from .rewrite import META_KEY, decision_of, members_of
@@ -121,10 +121,6 @@ class _Observers:
         return self.amax.get(key)
 
 
-def _observe_tensor(key, x):
-    _Observers.active.tensor(key, x)
-
-
 def _observe_channels(key, x):
     _Observers.active.per_channel(key, x)
 
@@ -132,16 +128,9 @@ def _observe_channels(key, x):
 def _observe_quantized(key, target, *args):
     """Observe what a quantizing node quantizes: its input, or the float output of its norm, times its
     SmoothQuant factor."""
-    r = ops.CONTRACTS[target].record(*args)
-    if target is ops.LAYER_NORM_QUANT:
-        y = F.layer_norm(r.x, r.normalized_shape, r.weight, r.bias, r.eps)
-    elif target is ops.RMS_NORM_QUANT:
-        y = reference.rms_norm(r.x, r.weight, r.eps, r.cast_before_weight)
-    else:
-        y = r.x
-    if r.act_smooth is not None:
-        y = y.to(torch.float32) * r.act_smooth
-    _Observers.active.tensor(key, y)
+    y = ops.quantized_value(target, *args)
+    smooth = ops.CONTRACTS[target].record(*args).act_smooth
+    _Observers.active.tensor(key, y if smooth is None else y.to(torch.float32) * smooth)
 
 
 _QUANTIZING = (ops.QUANTIZE_PER_TOKEN, ops.INT8_LINEAR, ops.LAYER_NORM_QUANT, ops.RMS_NORM_QUANT)
@@ -240,7 +229,6 @@ def calibrate(qmodel, batches: Iterable[Any], *, method: Optional[str] = None, p
         ValueError: an unknown method or a percentile outside (0, 100].
     """
     from .api import QuantizedModel
-    from .config import _CALIBRATION_METHODS
 
     if not isinstance(qmodel, QuantizedModel):
         raise TypeError(f"calibrate needs a fxquant.QuantizedModel, got {type(qmodel).__name__}: compile the model with "
@@ -251,10 +239,7 @@ def calibrate(qmodel, batches: Iterable[Any], *, method: Optional[str] = None, p
                                "calibrate static scales")
     method = qmodel.config.calibration_method if method is None else method
     percentile = qmodel.config.percentile if percentile is None else percentile
-    if method not in _CALIBRATION_METHODS:
-        raise ValueError(f"calibrate: method={method!r} is unknown; choose one of {_CALIBRATION_METHODS}")
-    if isinstance(percentile, bool) or not (isinstance(percentile, (int, float)) and 0 < percentile <= 100):
-        raise ValueError(f"calibrate: percentile={percentile!r} must be a number in (0, 100]")
+    check_calibration(method, percentile, "calibrate: ")
     return calibrate_calls(qmodel, batches_of(batches), method, float(percentile), progress)
 
 

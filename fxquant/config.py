@@ -69,6 +69,14 @@ _OUT_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
 _BACKENDS = (None, "triton", "onednn", "aten", "reference")  # fxquant.backends.BACKEND_NAMES
 
 
+def check_calibration(method, percentile, where: str) -> None:
+    """Raise ValueError naming ``where`` for an unknown calibration method or a percentile outside (0, 100]."""
+    if method not in _CALIBRATION_METHODS:
+        raise ValueError(f"{where}calibration_method={method!r} is unknown; choose one of {_CALIBRATION_METHODS}")
+    if isinstance(percentile, bool) or not (isinstance(percentile, (int, float)) and 0 < percentile <= 100):
+        raise ValueError(f"{where}percentile={percentile!r} must be a number in (0, 100]")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """What to quantize and how.
@@ -161,11 +169,7 @@ class QuantConfig:
                 isinstance(self.smoothquant, (int, float)) and 0.0 <= self.smoothquant <= 1.0)):
             raise ValueError(f"QuantConfig.smoothquant={self.smoothquant!r} must be None or SmoothQuant's alpha in [0, 1] "
                              "(0.5 is the paper's default)")
-        if self.calibration_method not in _CALIBRATION_METHODS:
-            raise ValueError(f"QuantConfig.calibration_method={self.calibration_method!r} is unknown; choose one of "
-                             f"{_CALIBRATION_METHODS}")
-        if isinstance(self.percentile, bool) or not (isinstance(self.percentile, (int, float)) and 0 < self.percentile <= 100):
-            raise ValueError(f"QuantConfig.percentile={self.percentile!r} must be a number in (0, 100]")
+        check_calibration(self.calibration_method, self.percentile, "QuantConfig.")
         if self.out_dtype not in _OUT_DTYPES:
             raise ValueError(f"QuantConfig.out_dtype={self.out_dtype!r} must be one of {_OUT_DTYPES}")
         if self.backend not in _BACKENDS:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import os
 import tempfile
 from collections.abc import Mapping
@@ -50,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import reference
+from . import ops
 from ._attrs import fetch_attr
 from .kernels.common import GATED_ACTIVATIONS, SCALE_EPS
 
@@ -187,26 +188,13 @@ def _translations(qdq_dtype: str = "int8"):
             fx.rms_norm_quant.default: rms_norm_quant}
 
 
-def _float_norm(target, *args):
-    """The float output of a norm-quant op called with ``args`` (what its ``return_float`` output holds)."""
-    from . import ops
-
-    record = ops.CONTRACTS[target].record(*args)
-    if target is torch.ops.fxquant.layer_norm_quant.default:
-        return torch.nn.functional.layer_norm(record.x, record.normalized_shape, record.weight, record.bias, record.eps)
-    return reference.rms_norm(record.x, record.weight, record.eps, record.cast_before_weight)
-
-
 def _per_linear_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of a static-scheme graph (sharing its tensors) in which every int8 Linear quantizes its own float
     input: a norm-quant op becomes the float norm, a shared ``quantize_per_token`` disappears, and each
     ``int8_linear_q`` reading them becomes ``int8_linear`` of the float value with the quantizer's static scale
-    and SmoothQuant factor. Same numbers; the ONNX form then gets one QuantizeLinear/DequantizeLinear pair
-    per Linear, as TensorRT's explicit quantization requires (a pair must not be shared between consumers)."""
-    import operator
-
-    from . import ops
-
+    and SmoothQuant factor; a gated GEMM becomes its gate and up Linears. Same numbers; the ONNX form then
+    gets one QuantizeLinear/DequantizeLinear pair per Linear, as TensorRT's explicit quantization requires (a
+    pair must not be shared between consumers)."""
     g = torch.fx.Graph()
     g.output(g.graph_copy(gm.graph, {}))
     g._codegen = copy.deepcopy(gm.graph._codegen)
@@ -217,48 +205,52 @@ def _per_linear_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if node.op != "call_function" or node.target not in quantizers:
             continue
         r = ops.CONTRACTS[node.target].record_of(node)
-        if node.target is ops.QUANTIZE_PER_TOKEN:
-            value = r.x
-        else:
-            with g.inserting_before(node):
-                value = g.call_function(_float_norm, (node.target, *node.args))
+        with g.inserting_before(node):
+            value = r.x if node.target is ops.QUANTIZE_PER_TOKEN else \
+                g.call_function(ops.quantized_value, (node.target, *node.args))
         for item in list(node.users):
             assert item.op == "call_function" and item.target is operator.getitem, item.format_node()
-            index = item.args[1]
-            if node.target is not ops.QUANTIZE_PER_TOKEN and index == ops.NORM_QUANT_FLOAT:
+            if node.target is not ops.QUANTIZE_PER_TOKEN and item.args[1] == ops.NORM_QUANT_FLOAT:
                 item.replace_all_uses_with(value)
                 continue
             for lin in list(item.users):
                 if lin.op == "call_function" and lin.target is ops.INT8_LINEAR_Q:
-                    f = ops.FusedLinear.of(lin)
-                    f._replace(x=value, x_q=None, x_scale=None, out_dtype=f.out_dtype, act_scale=r.act_scale,
-                               act_smooth=r.act_smooth).set(lin)
-    for k, node in enumerate([n for n in g.nodes if ops.FusedLinear.is_fused_linear(n)]):
-        f = ops.FusedLinear.of(node)
-        if f.activation in GATED_ACTIVATIONS:  # gate and up as the two Linears they were
-            halves = []
-            for h, what in enumerate(("gate", "up")):
-                parts = []
-                for t in (f.w_q, f.w_scale, f.bias):
-                    if t is None:
-                        parts.append(None)
-                        continue
-                    value = fetch_attr(module, t.target)
-                    rows = value.shape[0] // 2
-                    module.register_buffer(f"_export_{what}_{t.target.replace('.', '_')}", value[h * rows:(h + 1) * rows].clone())
-                    with g.inserting_before(node):
-                        parts.append(g.get_attr(f"_export_{what}_{t.target.replace('.', '_')}"))
-                act = GATED_ACTIVATIONS[f.activation] if what == "gate" else "none"
-                with g.inserting_before(node):
-                    halves.append(f._replace(w_q=parts[0], w_scale=parts[1], bias=parts[2], activation=act).call(g))
-            with g.inserting_before(node):
-                product = g.call_function(torch.ops.aten.mul.Tensor, tuple(halves))
-            node.replace_all_uses_with(product)
-            g.erase_node(node)
+                    ops.FusedLinear.of(lin)._replace(x=value, x_q=None, x_scale=None, act_scale=r.act_scale,
+                                                     act_smooth=r.act_smooth).set(lin)
+    for node in [n for n in g.nodes if ops.FusedLinear.is_fused_linear(n)]:
+        if ops.FusedLinear.of(node).activation in GATED_ACTIVATIONS:
+            _split_gated(module, node)
     g.eliminate_dead_code()
     g.lint()
     module.recompile()
     return module
+
+
+def _split_gated(module: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """Replace a gated GEMM (gate over up stacked in one [2I, K] weight) by its two Linears, act(gate) · up,
+    each reading its half of the int8 weight, scales and bias as buffers of their own."""
+    g = module.graph
+    f = ops.FusedLinear.of(node)
+    halves = []
+    for h, (what, act) in enumerate((("gate", GATED_ACTIVATIONS[f.activation]), ("up", "none"))):
+        parts = {}
+        for field in ("w_q", "w_scale", "bias"):
+            attr = getattr(f, field)
+            if attr is None:
+                parts[field] = None
+                continue
+            value = fetch_attr(module, attr.target)
+            rows = value.shape[0] // 2
+            name = f"_export_{what}_{attr.target.replace('.', '_')}"
+            module.register_buffer(name, value[h * rows:(h + 1) * rows].clone())
+            with g.inserting_before(node):
+                parts[field] = g.get_attr(name)
+        with g.inserting_before(node):
+            halves.append(f._replace(activation=act, **parts).call(g))
+    with g.inserting_before(node):
+        product = g.call_function(torch.ops.aten.mul.Tensor, tuple(halves))
+    node.replace_all_uses_with(product)
+    g.erase_node(node)
 
 
 def export_onnx(qmodel, path: str | os.PathLike, example_inputs: tuple | Mapping[str, Any], *,

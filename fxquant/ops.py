@@ -44,7 +44,7 @@ import torch.fx as fx
 from . import backends
 
 __all__ = ["quantize_per_token", "int8_linear", "int8_linear_q", "layer_norm_quant", "rms_norm_quant", "FusedLinear",
-           "contract_of", "CONTRACTS", "out_features"]
+           "contract_of", "CONTRACTS", "out_features", "quantized_value"]
 
 _NS = "fxquant"
 
@@ -280,6 +280,19 @@ INT8_LINEAR_Q = INT8_LINEAR_Q_C.op
 LAYER_NORM_QUANT = LAYER_NORM_QUANT_C.op
 RMS_NORM_QUANT = RMS_NORM_QUANT_C.op
 CONTRACTS = {c.op: c for c in (QUANTIZE_PER_TOKEN_C, INT8_LINEAR_C, INT8_LINEAR_Q_C, *NORM_QUANT_CONTRACTS)}
+
+
+def quantized_value(target, *args) -> torch.Tensor:
+    """The float tensor a quantizing op called as ``target(*args)`` quantizes, before any SmoothQuant factor:
+    its input ``x``, or for a norm-quant op the float norm output (what ``return_float`` returns)."""
+    from . import reference
+
+    r = CONTRACTS[target].record(*args)
+    if target is LAYER_NORM_QUANT:
+        return torch.nn.functional.layer_norm(r.x, r.normalized_shape, r.weight, r.bias, r.eps)
+    if target is RMS_NORM_QUANT:
+        return reference.rms_norm(r.x, r.weight, r.eps, r.cast_before_weight)
+    return r.x
 
 
 def contract_of(node: fx.Node) -> Optional[_Contract]:

@@ -251,10 +251,7 @@ def norm_outputs(y: torch.Tensor, return_float: bool, quantize=quantize_per_toke
     """The three outputs of a norm-quant op from the norm's output y: ``(y or empty, y_q, scale)`` with
     ``quantize`` (the reference quantizer, or a backend's bit-identical fast one) of y, smoothed and with a
     static scale when given (see :func:`fxquant.kernels.quantize.quantize_per_token_reference`)."""
-    if act_scale is None and act_smooth is None:
-        y_q, scale = quantize(y)
-    else:
-        y_q, scale = quantize(y, act_scale, act_smooth)
+    y_q, scale = quantize(y, act_scale, act_smooth)
     return (y if return_float else y.new_empty(0)), y_q, scale
 
 
