@@ -43,8 +43,14 @@ Every *contender* runs the same sentence-transformers model (all-MiniLM-L6-v2, t
                                  the module from 12 (static QDQ ONNX, u8 activations), run like 3.
 14. ``OpenVINO running fxquant's static export`` -- ``fxquant.export_onnx(..., qdq_dtype="int8")`` (TensorRT's
                                  form), ``openvino.Core().read_model`` and compiled like 10.
+15. ``fxquant W8A8 static, bf16 compute`` -- 12 with ``QuantConfig(compute_dtype=torch.bfloat16)``: norms,
+                                 attention, residual adds and the int8 GEMMs' outputs in bf16, fp32 in and out
+                                 (the fast float form on CPUs with AMX-BF16 / AVX512-BF16; emulated and slow
+                                 elsewhere).
+16. ``fxquant W8A8 static, bf16 compute + torch.compile`` -- ``torch.compile`` of 15: Inductor fuses each
+                                 LayerNorm / residual add with the quantization after it into one C++ loop.
 
-Calibration set (11-14): the first 100 sentences of ``fxquant.evaluation.load_sentences()`` (which are also
+Calibration set (11-16): the first 100 sentences of ``fxquant.evaluation.load_sentences()`` (which are also
 in the accuracy set), tokenized padded/truncated to ``--seq`` tokens in batches of ``--batch`` (by default
 32 + 32 + 32 + 4 sentences; the last batch is not padded with repeats, so every sentence counts once).
 
@@ -131,8 +137,11 @@ OV_NNCF = "OpenVINO + NNCF int8"
 FXQUANT_STATIC = "fxquant W8A8 static (torch)"
 ORT_FXQUANT_STATIC = "ONNX Runtime running fxquant's static export"
 OV_FXQUANT_STATIC = "OpenVINO running fxquant's static export"
+FXQUANT_STATIC_BF16 = "fxquant W8A8 static, bf16 compute"
+FXQUANT_STATIC_BF16_COMPILE = "fxquant W8A8 static, bf16 compute + torch.compile"
 CONTENDERS = [FP32, TORCH_AO, ORT_FP32, ORT_INT8, FXQUANT, FXQUANT_COMPILE, ORT_FXQUANT, TORCH_BF16,
-              OV_FP32, OV_DEFAULT, OV_NNCF, FXQUANT_STATIC, ORT_FXQUANT_STATIC, OV_FXQUANT_STATIC]
+              OV_FP32, OV_DEFAULT, OV_NNCF, FXQUANT_STATIC, ORT_FXQUANT_STATIC, OV_FXQUANT_STATIC,
+              FXQUANT_STATIC_BF16, FXQUANT_STATIC_BF16_COMPILE]
 CALIBRATION_SENTENCES = 100  # calibration budget of NNCF and fxquant's static scales (first N sentences)
 
 @dataclass
@@ -372,7 +381,7 @@ def build_fxquant(model: torch.nn.Module, enc: Encoding, **kwargs: Any) -> tuple
 
 
 def build_fxquant_static(model: torch.nn.Module, enc: Encoding, calibration: list[Encoding],
-                         smoothquant: float | None) -> tuple[torch.nn.Module, Runner]:
+                         smoothquant: float | None, **config: Any) -> tuple[torch.nn.Module, Runner]:
     """fxquant with static per-tensor activation scales from ``calibration`` (raises a clear error while that
     API has not landed)."""
     import inspect
@@ -382,7 +391,7 @@ def build_fxquant_static(model: torch.nn.Module, enc: Encoding, calibration: lis
     if "calibration" not in inspect.signature(fxquant.compile).parameters:
         raise NotImplementedError("this fxquant has no static export yet (fxquant.compile takes no calibration=)")
     try:
-        config = fxquant.QuantConfig(activation_scheme="static-per-tensor", smoothquant=smoothquant)
+        config = fxquant.QuantConfig(activation_scheme="static-per-tensor", smoothquant=smoothquant, **config)
     except (TypeError, ValueError) as e:
         raise NotImplementedError(f"this fxquant has no static-per-tensor QuantConfig yet ({_short_error(e)})") from e
     return build_fxquant(model, enc, config=config, calibration=[dict(b) for b in calibration])
@@ -587,6 +596,12 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path) -> tuple[R
 
                     run, precision = build_openvino(ov.Core().read_model(str(path)), None)
                     result.notes.append(f"OpenVINO execution precision {precision}")
+        elif name in (FXQUANT_STATIC_BF16, FXQUANT_STATIC_BF16_COMPILE):
+            qm, run = build_fxquant_static(model, timing_enc, calibration, smoothquant, compute_dtype=torch.bfloat16)
+            result.notes.append(f"static-per-tensor, smoothquant={smoothquant}, compute_dtype=bfloat16, {calib_note}")
+            if name == FXQUANT_STATIC_BF16_COMPILE:
+                run = build_compiled(qm, timing_enc, calls=max(3, args.warmup))
+                result.notes.append(f"{max(3, args.warmup)} compile/warm-up calls before timing")
         elif name == FXQUANT_COMPILE:
             qm, _ = build_fxquant(model, timing_enc)
             run = build_compiled(qm, timing_enc, calls=max(3, args.warmup))

@@ -68,6 +68,7 @@ class QuantizedModel(torch.nn.Module):
         self._float_dtype = float_dtype
         self._source: Optional[checkpoint.SourceInfo] = None  # set by compile: what save_pretrained writes under
         self._uncalibrated = config.activation_scheme == "static-per-tensor"  # cleared by fxquant.calibrate
+        self._io_dtype: Optional[torch.dtype] = None  # set by compile under QuantConfig.compute_dtype (see there)
         self.training = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -99,9 +100,13 @@ class QuantizedModel(torch.nn.Module):
                 "Call it with those arguments, or compile again with example inputs that include the ones you need."
             ) from None
         self._check_inputs(bound.arguments)
+        cast = self._io_dtype is not None and self._io_dtype != self._float_dtype
+        if cast:  # QuantConfig.compute_dtype: float inputs of the model's dtype in, its outputs back
+            args, kwargs = _cast_floats((args, kwargs), self._io_dtype, self._float_dtype)
         with torch.no_grad():
             try:
-                return self.graph_module(*args, **kwargs)
+                out = self.graph_module(*args, **kwargs)
+                return _cast_floats(out, self._float_dtype, self._io_dtype) if cast else out
             except AssertionError as e:  # a torch.export guard this check did not anticipate
                 if "Guard failed" not in str(e):
                     raise
@@ -164,7 +169,16 @@ class QuantizedModel(torch.nn.Module):
             self._float_dtype = new
             if self.config.out_dtype is None:
                 _retarget_out_dtype(self.graph_module, old, new)
+            self._io_dtype = None  # the caller chose the dtype: inputs and outputs are theirs again
         return self
+
+    def check_exportable(self, what: str) -> None:
+        """Raise ValueError when ``QuantConfig.compute_dtype`` rounded the float parameters (see there)."""
+        if self._io_dtype is not None and self._io_dtype != self._float_dtype:
+            raise ValueError(
+                f"{what}: this QuantizedModel holds its float parameters in {self._float_dtype} "
+                f"(QuantConfig.compute_dtype), rounded from the model's {self._io_dtype}, so {what} would write rounded "
+                "values; compile the model again without compute_dtype to export it")
 
     def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB",
                         int8_head: bool = False) -> list:
@@ -236,6 +250,13 @@ def _static_size(d) -> Optional[int]:
 
 def _fmt_shape(shape: tuple) -> str:
     return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+def _cast_floats(tree: Any, old: torch.dtype, new: torch.dtype) -> Any:
+    """Every tensor of dtype ``old`` in ``tree`` (tuples, dicts, Hugging Face ModelOutputs) cast to ``new``."""
+    from torch.utils import _pytree
+
+    return _pytree.tree_map_only(torch.Tensor, lambda t: t.to(new) if t.dtype == old else t, tree)
 
 
 def _retarget_out_dtype(gm: fx.GraphModule, old: torch.dtype, new: torch.dtype) -> None:
@@ -375,6 +396,14 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     float_dtype = dtypes.pop() if len(dtypes) == 1 and config.out_dtype is None else None
     qm = QuantizedModel(gm, config, rep, captured.fixed_kwargs, float_dtype)
     qm._source = source
+    if config.compute_dtype is not None and float_dtype is not None and config.compute_dtype != float_dtype:
+        qm.to(config.compute_dtype)  # before calibration: the static scales are those of what runs
+        qm._io_dtype = float_dtype
+        notes.append(f"float work in {str(config.compute_dtype).replace('torch.', '')} (QuantConfig.compute_dtype); "
+                     f"inputs and outputs stay {str(float_dtype).replace('torch.', '')}")
+    elif config.compute_dtype is not None and config.compute_dtype != float_dtype:
+        notes.append(f"QuantConfig.compute_dtype={config.compute_dtype} not applied: the fused Linears' output dtypes "
+                     "are mixed or fixed by QuantConfig.out_dtype, so the model has no one float dtype to replace")
     if static and calls is not None:
         calib.calibrate_calls(qm, calls, config.calibration_method, float(config.percentile), progress)
     return qm

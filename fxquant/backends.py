@@ -46,7 +46,7 @@ from .kernels.w8a8_gemm import w8a8_linear as _triton_w8a8_linear
 __all__ = [
     "BACKENDS", "BACKEND_NAMES", "GATED", "quantize_per_token", "layer_norm_quant", "rms_norm_quant",
     "cpu_int8_full_range_exact", "onednn_available", "cpu_backend", "triton_serves", "backend_for_target",
-    "pick_backend", "run_linear",
+    "pick_backend", "run_linear", "cpu_flags", "cpu_native_bf16",
 ]
 
 GATED = _kc.GATED_ACTIVATIONS  # epilogues whose weight stacks two projections ([2I, K] -> output [..., I])
@@ -86,6 +86,25 @@ def cpu_int8_full_range_exact() -> bool:
     return bool(torch.equal(got.to(torch.float64), reference.int8_gemm(x_q, w_q).to(torch.float64)))
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset:
+    """The CPU's feature flags as Linux reports them (``/proc/cpuinfo``), empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_native_bf16() -> bool:
+    """True when the CPU has bf16 arithmetic of its own (AMX-BF16 tiles or AVX512-BF16 dot products), so
+    oneDNN's bf16 kernels do not emulate it."""
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
 _PACKED: dict[int, tuple[weakref.ref, int, torch.Tensor, torch.Tensor]] = {}
 
 
@@ -95,11 +114,12 @@ def _packed_weight(w_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     repacks), freed with the tensor."""
     key = id(w_q)
     hit = _PACKED.get(key)
-    if hit is not None and hit[0]() is w_q and hit[1] == w_q._version:
+    version = -1 if w_q.is_inference() else w_q._version  # inference tensors have no version (nor in-place writes)
+    if hit is not None and hit[0]() is w_q and hit[1] == version:
         return hit[2], hit[3]
     packed = torch.ops.onednn.qlinear_prepack(w_q.contiguous(), None)  # prepack assumes row-major
     zero_points = torch.zeros(w_q.shape[0], dtype=torch.long)
-    _PACKED[key] = (weakref.ref(w_q, lambda _r, k=key: _PACKED.pop(k, None)), w_q._version, packed, zero_points)
+    _PACKED[key] = (weakref.ref(w_q, lambda _r, k=key: _PACKED.pop(k, None)), version, packed, zero_points)
     return packed, zero_points
 
 
@@ -116,7 +136,13 @@ def _onednn_gemm(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) ->
 # Measured on the 2-core AVX2 EPYC, 4096x384x1536 with GELU: 54 ms against 66 ms; within 1 ulp of the
 # reference epilogue (oneDNN multiplies acc by s_x·s_w in another order).
 _ONEDNN_POST_OPS = {"none": ("none", ""), "relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
-_ONEDNN_OUT = (torch.float32, torch.bfloat16)
+
+
+def _onednn_out_ok(out_dtype: torch.dtype) -> bool:
+    """Can oneDNN's epilogue write ``out_dtype`` fast? fp32 always; bf16 only where the CPU has bf16 of its own:
+    elsewhere oneDNN falls back to a reference kernel (measured on the AVX2 EPYC: 33 s for one 4096x384x1152
+    GEMM with bf16 output, 12 ms with fp32 output), so fp32 out plus a cast is used instead."""
+    return out_dtype == torch.float32 or (out_dtype == torch.bfloat16 and cpu_native_bf16())
 
 
 def _one_scale(x_scale: torch.Tensor) -> bool:
@@ -156,8 +182,10 @@ def quantize_per_token(x: torch.Tensor, act_scale: Optional[torch.Tensor] = None
     """
     if triton_serves(x.device):
         return _triton_quantize(x, act_scale, act_smooth)
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return reference.quantize_per_token(x, act_scale, act_smooth)
+    # bf16 / fp16 x: the first op below reads it and writes fp32 (type promotion upcasts exactly), as the
+    # reference's x.to(float32) does; the max of bf16 values is exact in bf16.
     work = _workspace(x.shape)
     if act_smooth is not None:
         x = torch.mul(x, act_smooth, out=work)
@@ -166,7 +194,7 @@ def quantize_per_token(x: torch.Tensor, act_scale: Optional[torch.Tensor] = None
         # s in every row, as a new contiguous tensor (the op's declared output; a view of act_scale would alias
         # an input, which torch.compile's fallback rejects)
         return v.view(torch.int32).to(torch.int8), act_scale.reshape(1).expand(*x.shape[:-1], 1).contiguous()
-    amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
+    amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_()).to(torch.float32)
     scale = amax.div_(127.0).clamp_min_(_kc.SCALE_EPS)  # CPU fp32 division by a scalar: IEEE, as the reference
     v = torch.mul(x, scale.reciprocal(), out=work).add_(_ROUND_MAGIC)
     return v.view(torch.int32).to(torch.int8), scale
@@ -292,7 +320,7 @@ def run_linear(
     name = pick_backend(backend, x_q.device, m, k, n, w_qmax)
     if name == "triton":
         return _triton_w8a8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
-    if name == "onednn" and activation in _ONEDNN_POST_OPS and out_dtype in _ONEDNN_OUT and _one_scale(x_scale):
+    if name == "onednn" and activation in _ONEDNN_POST_OPS and _onednn_out_ok(out_dtype) and _one_scale(x_scale):
         return _onednn_static_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
     y = BACKENDS[name](x_q, w_q, w_scale)
     return reference.apply_epilogue(y, x_scale, bias, activation, out_dtype)

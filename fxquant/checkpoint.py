@@ -161,6 +161,7 @@ def save_pretrained(qmodel, directory: str | os.PathLike, *, max_shard_size: int
 
     if not isinstance(qmodel, QuantizedModel):
         raise TypeError(f"save_pretrained needs a fxquant.QuantizedModel (from fxquant.compile), got {type(qmodel).__name__}")
+    qmodel.check_exportable("save_pretrained")
     config = qmodel.config
     if config.activation_scheme != "dynamic-per-token" or config.smoothquant is not None:
         raise CheckpointError(

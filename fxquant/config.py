@@ -111,10 +111,18 @@ class QuantConfig:
         backend: int8 GEMM backend for every fused Linear: ``"triton"``, ``"onednn"``, ``"aten"`` or
             ``"reference"`` (see ``fxquant.backends``); ``None`` = the target's best available. Re-checked
             per call: a backend that cannot run a call (cuBLAS with M <= 16, say) yields to the next best.
+        compute_dtype: dtype of the float (non-int8) work: norms, attention, residual adds, activations
+            outside a fused epilogue, and the fused Linears' outputs. ``None`` = the model's own dtype. With
+            ``torch.bfloat16`` for an fp32 model, the model's float parameters are held in bf16 (the user's
+            model is untouched) and the QuantizedModel casts float inputs of the model's dtype to bf16 and
+            float outputs back, so callers see fp32 in and out. Meant for CPUs with native bf16 (AMX-BF16,
+            AVX512-BF16: :func:`fxquant.backends.cpu_native_bf16`), where it is the fast float form
+            (docs/benchmarks.md); elsewhere bf16 is emulated and slow. Not the default: it rounds the float
+            parameters, so ``export_onnx`` and ``save_pretrained`` refuse such a model.
 
     Raises:
         ValueError: on an unknown target, a negative ratio, an alignment < 1, a weight_qmax outside
-            [7, 127], a malformed regex in ``skip``, an unsupported activation scheme, out dtype or backend, a
+            [7, 127], a malformed regex in ``skip``, an unsupported activation scheme, out dtype, compute dtype or backend, a
             ``smoothquant`` outside [0, 1], an unknown calibration method or a percentile outside (0, 100].
         TypeError: ``filter_fn`` not callable, ``skip`` not a sequence of strings.
     """
@@ -134,6 +142,7 @@ class QuantConfig:
     smoothquant: Optional[float] = None
     calibration_method: str = "minmax"
     percentile: float = 99.99
+    compute_dtype: Optional[torch.dtype] = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -172,6 +181,8 @@ class QuantConfig:
         check_calibration(self.calibration_method, self.percentile, "QuantConfig.")
         if self.out_dtype not in _OUT_DTYPES:
             raise ValueError(f"QuantConfig.out_dtype={self.out_dtype!r} must be one of {_OUT_DTYPES}")
+        if self.compute_dtype not in _OUT_DTYPES:
+            raise ValueError(f"QuantConfig.compute_dtype={self.compute_dtype!r} must be one of {_OUT_DTYPES}")
         if self.backend not in _BACKENDS:
             raise ValueError(f"QuantConfig.backend={self.backend!r} is unknown; choose one of {_BACKENDS}")
 

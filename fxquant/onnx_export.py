@@ -295,6 +295,7 @@ def export_onnx(qmodel, path: str | os.PathLike, example_inputs: tuple | Mapping
                          "no W8A8 graph to export; lower min_ratio or export the float model with torch.onnx")
     if qdq_dtype not in _QDQ_ZERO_POINTS:
         raise ValueError(f"export_onnx: qdq_dtype={qdq_dtype!r} is unknown; choose one of {sorted(_QDQ_ZERO_POINTS)}")
+    qmodel.check_exportable("export_onnx")
     static = qmodel.config.activation_scheme == "static-per-tensor"
     if static:
         qmodel.check_calibrated("exported")

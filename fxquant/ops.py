@@ -348,24 +348,28 @@ class FusedLinear(NamedTuple):
 
 # ------------------------------------------------------------------------- torch.compile (Inductor) fusion
 def _register_inductor_decompositions() -> bool:
-    """Let Inductor fuse the per-token quantization into the ops around it, on CUDA.
+    """Let Inductor fuse the quantization into the ops around it.
 
     Under ``torch.compile`` the custom ops are opaque, so a quantization would stay one kernel of its own
     after, say, a residual add, an RMSNorm or SiLU·mul that Inductor already fused. These decompositions
     (applied by Inductor only, never in eager mode or ``torch.export``) rewrite ``quantize_per_token`` into
     its pure-torch definition (:func:`fxquant.reference.quantize_per_token`), ``int8_linear`` into that
     plus ``int8_linear_q``, and ``layer_norm_quant`` into ``layer_norm`` plus that, so Inductor emits one
-    fused kernel for "whatever precedes → LayerNorm → quantize". The GEMM stays fxquant's Triton kernel.
+    fused kernel for "whatever precedes → LayerNorm → quantize": a Triton kernel on CUDA, a vectorized C++
+    loop on CPU. The GEMM stays fxquant's kernel (Triton on CUDA, oneDNN on CPU).
 
     Numerics: Inductor divides with the GPU's fast fp32 division (≤ 2 ulp), so a value at an exact
-    rounding tie can land one int8 step away from the reference; every other value is identical.
-    Opt out with ``FXQUANT_INDUCTOR_FUSION=0``. CPU graphs keep the opaque ops (the decompositions decline).
+    rounding tie can land one int8 step away from the reference; every other value is identical. On CPU
+    the generated code is IEEE fp32 with round-half-to-even, as the reference.
+    ``FXQUANT_INDUCTOR_FUSION``: ``1`` (default) on every device, ``cuda`` on CUDA only (CPU graphs keep
+    the opaque ops), ``0`` nowhere.
     Uses ``torch._inductor.decomposition.register_decomposition``, a private API present since torch 2.0;
     where it is missing, nothing is registered and the ops stay opaque.
     """
     import os
 
-    if os.environ.get("FXQUANT_INDUCTOR_FUSION", "1") == "0":
+    mode = os.environ.get("FXQUANT_INDUCTOR_FUSION", "1")
+    if mode == "0":
         return False
     try:
         from torch._inductor.decomposition import register_decomposition
@@ -373,29 +377,32 @@ def _register_inductor_decompositions() -> bool:
         return False
     from . import reference
 
+    def declined(x: torch.Tensor) -> bool:
+        return x.device.type not in (("cuda",) if mode == "cuda" else ("cuda", "cpu"))
+
     @register_decomposition([QUANTIZE_PER_TOKEN])
     def _quantize(x, act_scale=None, act_smooth=None):
-        if x.device.type != "cuda":
+        if declined(x):
             return NotImplemented
         return reference.quantize_per_token(x, act_scale, act_smooth)
 
     @register_decomposition([INT8_LINEAR])
     def _int8_linear(*args, **kwargs):
         r = INT8_LINEAR_C.record(*args, **kwargs)
-        if r.x.device.type != "cuda":
+        if declined(r.x):
             return NotImplemented
         x_q, x_scale = reference.quantize_per_token(r.x, r.act_scale, r.act_smooth)
         return INT8_LINEAR_Q(x_q, x_scale, r.w_q, r.w_scale, r.bias, r.activation, r.backend, r.w_qmax, r.out_dtype or r.x.dtype)
 
     @register_decomposition([LAYER_NORM_QUANT])
     def _layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float, act_scale=None, act_smooth=None):
-        if x.device.type != "cuda":
+        if declined(x):
             return NotImplemented
         return reference.layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float, act_scale, act_smooth)
 
     @register_decomposition([RMS_NORM_QUANT])
     def _rms_norm_quant(x, weight, eps, cast_before_weight, return_float, act_scale=None, act_smooth=None):
-        if x.device.type != "cuda":
+        if declined(x):
             return NotImplemented
         return reference.rms_norm_quant(x, weight, eps, cast_before_weight, return_float, act_scale, act_smooth)
 
@@ -413,4 +420,4 @@ def _register_inductor_decompositions() -> bool:
     return True
 
 
-INDUCTOR_FUSION = torch.cuda.is_available() and _register_inductor_decompositions()
+INDUCTOR_FUSION = _register_inductor_decompositions()
