@@ -154,6 +154,7 @@ def save_pretrained(qmodel, directory: str | os.PathLike, *, max_shard_size: int
         CheckpointError: a tensor of the model's state dict is not in the compiled graph, or the model uses the
             static scheme or SmoothQuant, which the dynamic W8A8 format cannot carry (nothing is written).
         TypeError: ``qmodel`` is not a QuantizedModel.
+        ValueError: the model holds rounded float parameters (``QuantConfig.compute_dtype``; nothing is written).
     """
     from safetensors.torch import save_file
 

@@ -281,7 +281,8 @@ def export_onnx(qmodel, path: str | os.PathLike, example_inputs: tuple | Mapping
         TypeError: ``qmodel`` is not a QuantizedModel (compile the model with ``fxquant.compile`` first), or
             ``example_inputs`` is not a tuple or dict.
         ValueError: no Linear of the model runs int8 (nothing to export in this form), ``opset`` < 18, an
-            unknown ``qdq_dtype``, or the directory of ``path`` does not exist.
+            unknown ``qdq_dtype``, the directory of ``path`` does not exist, or the model holds rounded float
+            parameters (``QuantConfig.compute_dtype``: compile without it to export).
         fxquant.CalibrationError: a static-scheme model that is not calibrated (:func:`fxquant.calibrate`).
         ModuleNotFoundError: onnx / onnxscript missing (``pip install 'fxquant[export]'``).
     """
