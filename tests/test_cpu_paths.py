@@ -41,6 +41,24 @@ def test_onednn_runs_inference_tensors():
     assert torch.equal(got.to(torch.float64), reference.int8_gemm(x_q, w_q).to(torch.float64))
 
 
+@pytest.mark.skipif(not backends.onednn_available(), reason="this torch build has no oneDNN int8 Linear")
+@pytest.mark.parametrize("m", [1, 37, backends._U8_SRC_MAX_M - 1, backends._U8_SRC_MAX_M])
+def test_uint8_src_below_the_row_threshold_on_cpus_without_vnni(monkeypatch, m):
+    """Without VNNI, oneDNN gets small-M activations as uint8 with zero point 128 (faster there); the GEMM is
+    bit-identical to the int8 form and to the exact reference; with VNNI/AMX, or from the threshold on, int8."""
+    g = torch.Generator().manual_seed(m)
+    x_q = torch.randint(-127, 128, (m, 96), dtype=torch.int8, generator=g)
+    w_q = torch.randint(-63, 64, (40, 96), dtype=torch.int8, generator=g)
+    want = reference.int8_gemm(x_q, w_q).to(torch.float64)
+    for exact_full_range in (False, True):
+        monkeypatch.setattr(backends, "cpu_int8_full_range_exact", lambda v=exact_full_range: v)
+        src, zp = backends._src(x_q)
+        shifted = not exact_full_range and m < backends._U8_SRC_MAX_M
+        assert (src.dtype, zp) == ((torch.uint8, 128) if shifted else (torch.int8, 0))
+        assert torch.equal(src.to(torch.int16) - zp, x_q.to(torch.int16))
+        assert torch.equal(backends._onednn_gemm(x_q, w_q, torch.ones(40, 1)).to(torch.float64), want)
+
+
 def test_bf16_output_of_onednn_only_where_the_cpu_has_bf16(monkeypatch):
     """Without native bf16, oneDNN's bf16 epilogue is a reference kernel (seconds per GEMM): fp32 out and a
     cast instead. The result is the same either way."""
