@@ -111,6 +111,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 
+from fxquant.backends import cpu_flags
 from fxquant.evaluation import (
     default_model_dir,
     embedding_agreement,
@@ -195,7 +196,7 @@ def isa_summary(flags: set[str]) -> str:
 
 def environment_header(args: argparse.Namespace, n_sentences: int, sentence_source: str) -> list[tuple[str, str]]:
     """(key, value) lines describing the machine, the software and the workload."""
-    flags = set((_cpuinfo_field("flags") or "").split())
+    flags = set(cpu_flags())
     isa_flags = ["avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16"]
     logical = os.cpu_count()
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical

@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import torch
 import torch.fx as fx
+from torch.utils import _pytree
 
 from . import calibration as calib
 from . import checkpoint, ops, passes, report
@@ -68,7 +69,9 @@ class QuantizedModel(torch.nn.Module):
         self._float_dtype = float_dtype
         self._source: Optional[checkpoint.SourceInfo] = None  # set by compile: what save_pretrained writes under
         self._uncalibrated = config.activation_scheme == "static-per-tensor"  # cleared by fxquant.calibrate
-        self._io_dtype: Optional[torch.dtype] = None  # set by compile under QuantConfig.compute_dtype (see there)
+        # the model's float dtype while the graph computes in QuantConfig.compute_dtype (set by compile; cleared by
+        # any dtype move, so it is only ever set while the two differ)
+        self._io_dtype: Optional[torch.dtype] = None
         self.training = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -100,7 +103,7 @@ class QuantizedModel(torch.nn.Module):
                 "Call it with those arguments, or compile again with example inputs that include the ones you need."
             ) from None
         self._check_inputs(bound.arguments)
-        cast = self._io_dtype is not None and self._io_dtype != self._float_dtype
+        cast = self._io_dtype is not None
         if cast:  # QuantConfig.compute_dtype: float inputs of the model's dtype in, its outputs back
             args, kwargs = _cast_floats((args, kwargs), self._io_dtype, self._float_dtype)
         with torch.no_grad():
@@ -174,7 +177,7 @@ class QuantizedModel(torch.nn.Module):
 
     def check_exportable(self, what: str) -> None:
         """Raise ValueError when ``QuantConfig.compute_dtype`` rounded the float parameters (see there)."""
-        if self._io_dtype is not None and self._io_dtype != self._float_dtype:
+        if self._io_dtype is not None:
             raise ValueError(
                 f"{what}: this QuantizedModel holds its float parameters in {self._float_dtype} "
                 f"(QuantConfig.compute_dtype), rounded from the model's {self._io_dtype}, so {what} would write rounded "
@@ -254,8 +257,6 @@ def _fmt_shape(shape: tuple) -> str:
 
 def _cast_floats(tree: Any, old: torch.dtype, new: torch.dtype) -> Any:
     """Every tensor of dtype ``old`` in ``tree`` (tuples, dicts, Hugging Face ModelOutputs) cast to ``new``."""
-    from torch.utils import _pytree
-
     return _pytree.tree_map_only(torch.Tensor, lambda t: t.to(new) if t.dtype == old else t, tree)
 
 
@@ -352,6 +353,7 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     if any(m.training for m in model.modules()):
         notes.append("the model was in training mode: captured in eval semantics (dropout off); its flags are unchanged")
     captured = capture(model, example_inputs)
+    ops.register_inductor_decompositions()
     gm = captured.graph_module
     source = checkpoint.SourceInfo.of(model)
     if stored is not None:
@@ -396,14 +398,15 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     float_dtype = dtypes.pop() if len(dtypes) == 1 and config.out_dtype is None else None
     qm = QuantizedModel(gm, config, rep, captured.fixed_kwargs, float_dtype)
     qm._source = source
-    if config.compute_dtype is not None and float_dtype is not None and config.compute_dtype != float_dtype:
-        qm.to(config.compute_dtype)  # before calibration: the static scales are those of what runs
-        qm._io_dtype = float_dtype
-        notes.append(f"float work in {str(config.compute_dtype).replace('torch.', '')} (QuantConfig.compute_dtype); "
-                     f"inputs and outputs stay {str(float_dtype).replace('torch.', '')}")
-    elif config.compute_dtype is not None and config.compute_dtype != float_dtype:
-        notes.append(f"QuantConfig.compute_dtype={config.compute_dtype} not applied: the fused Linears' output dtypes "
-                     "are mixed or fixed by QuantConfig.out_dtype, so the model has no one float dtype to replace")
+    if config.compute_dtype is not None and config.compute_dtype != float_dtype:
+        if float_dtype is None:
+            notes.append(f"QuantConfig.compute_dtype={config.compute_dtype} not applied: the fused Linears' output "
+                         "dtypes are mixed or fixed by QuantConfig.out_dtype, so the model has no one float dtype to replace")
+        else:
+            qm.to(config.compute_dtype)  # before calibration: the static scales are those of what runs
+            qm._io_dtype = float_dtype
+            notes.append(f"float work in {str(config.compute_dtype).replace('torch.', '')} (QuantConfig.compute_dtype); "
+                         f"inputs and outputs stay {str(float_dtype).replace('torch.', '')}")
     if static and calls is not None:
         calib.calibrate_calls(qm, calls, config.calibration_method, float(config.percentile), progress)
     return qm

@@ -361,7 +361,7 @@ def _register_inductor_decompositions() -> bool:
     Numerics: Inductor divides with the GPU's fast fp32 division (≤ 2 ulp), so a value at an exact
     rounding tie can land one int8 step away from the reference; every other value is identical. On CPU
     the generated code is IEEE fp32 with round-half-to-even, as the reference.
-    ``FXQUANT_INDUCTOR_FUSION``: ``1`` (default) on every device, ``cuda`` on CUDA only (CPU graphs keep
+    ``FXQUANT_INDUCTOR_FUSION``: ``1`` (default) on every device, ``cuda`` on CUDA only (other graphs keep
     the opaque ops), ``0`` nowhere.
     Uses ``torch._inductor.decomposition.register_decomposition``, a private API present since torch 2.0;
     where it is missing, nothing is registered and the ops stay opaque.
@@ -378,7 +378,7 @@ def _register_inductor_decompositions() -> bool:
     from . import reference
 
     def declined(x: torch.Tensor) -> bool:
-        return x.device.type not in (("cuda",) if mode == "cuda" else ("cuda", "cpu"))
+        return mode == "cuda" and x.device.type != "cuda"
 
     @register_decomposition([QUANTIZE_PER_TOKEN])
     def _quantize(x, act_scale=None, act_smooth=None):
@@ -406,10 +406,12 @@ def _register_inductor_decompositions() -> bool:
             return NotImplemented
         return reference.rms_norm_quant(x, weight, eps, cast_before_weight, return_float, act_scale, act_smooth)
 
-    # Where a decomposition declines (CPU tensors), the op stays in the graph and Inductor lowers it as a
-    # fallback (a call of the op). Inductor creates that fallback lazily and asserts that no decomposition
-    # exists for the op, so torch.compile of a CPU model failed on any machine with CUDA ("both a fallback
-    # and a decomp for same op"); registering the fallback here, declaring the overlap, is what it asks for.
+    # Where a decomposition declines (mode "cuda", other devices), the op stays in the graph and Inductor
+    # lowers it as a fallback (a call of the op). Inductor creates that fallback lazily and asserts that no
+    # decomposition exists for the op ("both a fallback and a decomp for same op"); registering the fallback
+    # here, declaring the overlap, is what it asks for. Only then: importing Inductor's lowering costs ~0.6 s.
+    if mode != "cuda":
+        return True
     try:
         from torch._inductor.lowering import make_fallback
 
@@ -420,4 +422,20 @@ def _register_inductor_decompositions() -> bool:
     return True
 
 
-INDUCTOR_FUSION = _register_inductor_decompositions()
+_REGISTERED: Optional[bool] = None
+
+
+def register_inductor_decompositions() -> bool:
+    """Register the decompositions above once per process (``fxquant.compile`` calls it, so that any
+    ``torch.compile`` of a QuantizedModel sees them); True when they are registered."""
+    global _REGISTERED
+    if _REGISTERED is None:
+        _REGISTERED = _register_inductor_decompositions()
+    return _REGISTERED
+
+
+# CUDA machines register at import, as they always did (torch.compile of the ops alone, outside a
+# QuantizedModel, fuses there too). Elsewhere fxquant.compile registers them: importing Inductor's
+# decompositions costs ~1.5 s from a bare `import torch` (`import fxquant` went from 0.35 to 3 s on the 2-core
+# AVX2 EPYC when this ran at import on every machine), well under that after torch.export has run.
+INDUCTOR_FUSION = torch.cuda.is_available() and register_inductor_decompositions()
