@@ -406,11 +406,23 @@ def _register_inductor_decompositions() -> bool:
             return NotImplemented
         return reference.rms_norm_quant(x, weight, eps, cast_before_weight, return_float, act_scale, act_smooth)
 
-    # Where a decomposition declines (mode "cuda", other devices), the op stays in the graph and Inductor
-    # lowers it as a fallback (a call of the op). Inductor creates that fallback lazily and asserts that no
-    # decomposition exists for the op ("both a fallback and a decomp for same op"); registering the fallback
-    # here, declaring the overlap, is what it asks for. Only then: importing Inductor's lowering costs ~0.6 s.
-    if mode != "cuda":
+    # Inductor copies this registry into a cached table the first time anything is compiled
+    # (``fast_random_decomps``, an lru_cache, private): after a torch.compile that ran before this registration
+    # (a user's bf16 baseline, say), that table lacks these decompositions, and the ops reached Inductor's
+    # lowering undecomposed: on torch 2.13 they stayed opaque calls (no fusion), on torch 2.11 the compile failed
+    # with "both a fallback and a decomp for same op". Dropping the cached copy makes the next compile see them.
+    from torch._inductor import decomposition as inductor_decomposition
+
+    cached_table = getattr(inductor_decomposition, "fast_random_decomps", None)
+    table_refreshed = hasattr(cached_table, "cache_clear")
+    if table_refreshed:
+        cached_table.cache_clear()
+    # Where a decomposition declines (mode "cuda", other devices) or may not be seen (no cached table to drop),
+    # the op stays in the graph and Inductor lowers it as a fallback (a call of the op). Inductor creates that
+    # fallback lazily and asserts that no decomposition exists for the op ("both a fallback and a decomp for same
+    # op"); registering the fallback here, declaring the overlap, is what it asks for. Only then: importing
+    # Inductor's lowering costs ~0.6 s.
+    if mode != "cuda" and table_refreshed:
         return True
     try:
         from torch._inductor.lowering import make_fallback

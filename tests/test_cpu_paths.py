@@ -99,14 +99,17 @@ def test_compute_dtype_bf16_keeps_fp32_in_and_out(small_bert, sqnr, untouched, t
         fxquant.QuantConfig(compute_dtype=torch.int8)
 
 
-@pytest.mark.parametrize("mode", ["1", "cuda"])
-def test_torch_compile_of_a_cpu_model_fuses_the_quantizers(tmp_path, mode):
+@pytest.mark.parametrize("mode, compiled_before", [("1", False), ("cuda", False), ("1", True)])
+def test_torch_compile_of_a_cpu_model_fuses_the_quantizers(tmp_path, mode, compiled_before):
     """``FXQUANT_INDUCTOR_FUSION=1`` (default): on CPU, Inductor gets the quantizers' pure-torch definitions and
     fuses them into C++ loops (no fxquant quantizer call left in the compiled code, only the GEMMs);
     ``cuda``: CPU graphs keep the opaque ops as Inductor fallbacks (torch.compile of a CPU model failed with
     "both a fallback and a decomp for same op" on CUDA machines). Either way the compiled model equals the
-    eager one. A fresh process (the registration is global) with Inductor's on-disk caches off: their keys do
-    not include fxquant's decompositions, so a cached artifact would hide which mode compiled it."""
+    eager one. ``compiled_before``: a torch.compile of a float model ran before ``fxquant.compile`` registered the
+    decompositions (Inductor had cached its decomposition table without them: the ops stayed opaque on torch
+    2.13, and the compile failed on 2.11). A fresh process (the registration is global) with Inductor's on-disk
+    caches off: their keys do not include fxquant's decompositions, so a cached artifact would hide which mode
+    compiled it."""
     script = textwrap.dedent("""
         import torch, fxquant
         import torch._functorch.config as functorch_config, torch._inductor.config as inductor_config
@@ -114,6 +117,9 @@ def test_torch_compile_of_a_cpu_model_fuses_the_quantizers(tmp_path, mode):
         functorch_config.enable_autograd_cache = False
         inductor_config.fx_graph_cache = False
         torch.manual_seed(0)
+        if COMPILED_BEFORE:
+            with torch.no_grad():
+                torch.compile(torch.nn.Linear(8, 8))(torch.randn(4, 8))
         model = torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.Linear(64, 128), torch.nn.GELU(),
                                     torch.nn.Linear(128, 64)).eval()
         x = torch.randn(2, 8, 64)
@@ -130,7 +136,7 @@ def test_torch_compile_of_a_cpu_model_fuses_the_quantizers(tmp_path, mode):
             quantizers = sum(code.count(f"torch.ops.fxquant.{op}.default(") for op in ("layer_norm_quant", "int8_linear"))
             print("calls", quantizers, code.count("torch.ops.fxquant.int8_linear_q.default("))
         print("ok")
-    """)
+    """).replace("COMPILED_BEFORE", str(compiled_before))
     env = {**os.environ, "FXQUANT_INDUCTOR_FUSION": mode}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
