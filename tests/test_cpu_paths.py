@@ -59,6 +59,31 @@ def test_uint8_src_below_the_row_threshold_on_cpus_without_vnni(monkeypatch, m):
         assert torch.equal(backends._onednn_gemm(x_q, w_q, torch.ones(40, 1)).to(torch.float64), want)
 
 
+@pytest.mark.skipif(not backends.onednn_available(), reason="this torch build has no oneDNN int8 Linear")
+def test_onednn_epilogue_cache_follows_the_bias_and_scale():
+    """oneDNN's fp32 bias and flat weight scale are made once per Linear; a new bias or scale tensor (a dtype
+    move) or an in-place write (load_state_dict) must be seen on the next call, never a stale copy."""
+    g = torch.Generator().manual_seed(3)
+    x_q = torch.randint(-127, 128, (9, 64), dtype=torch.int8, generator=g)
+    w_q = torch.randint(-63, 64, (32, 64), dtype=torch.int8, generator=g)
+    x_scale = torch.full((9, 1), 0.02)  # one scale for every row: the static path with oneDNN's own epilogue
+    w_scale = torch.rand(32, 1, generator=g) * 1e-2 + 1e-3
+
+    def check(bias, scale):
+        got = backends.run_linear(x_q, x_scale, w_q, scale, bias, "none", "onednn", torch.float32, 63)
+        want = reference.int8_linear(x_q, x_scale, w_q, scale, bias, "none", torch.float32)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    bias = torch.randn(32, generator=g)
+    check(bias, w_scale)
+    bias.add_(10.0)  # in place: same tensor, new version
+    check(bias, w_scale)
+    check(bias.to(torch.bfloat16), w_scale)  # a new tensor (the dtype move's)
+    check(None, w_scale)
+    w_scale.mul_(2.0)
+    check(None, w_scale)
+
+
 def test_bf16_output_of_onednn_only_where_the_cpu_has_bf16(monkeypatch):
     """Without native bf16, oneDNN's bf16 epilogue is a reference kernel (seconds per GEMM): fp32 out and a
     cast instead. The result is the same either way."""
