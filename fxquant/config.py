@@ -47,6 +47,13 @@ TARGETS: dict[str, TargetSpec] = {
     # F.linear: ratio 64 (128x128) 0.82x, ratio 96 (192x192) 1.12x, 192 (384x384) 1.32x, 307 (MiniLM FFN)
     # 1.36-1.50x. So int8 from ratio 96. (At M = 128 int8 lost at every shape tried, 0.15-0.76x: see
     # docs/benchmarks.md; the ratio rule cannot see M, which is dynamic.)
+    # fuse_siblings (off here; the README's AMX recipe turns it on): MiniLM's q/k/v as one GEMM (N = 1152), one
+    # process, interleaved rounds: on the AMX Xeon of the H200 host (2 cores, bf16 compute + torch.compile,
+    # torch 2.11) batch 1 x 128 6.46 vs 7.46 ms, batch 8 38.1 vs 36.9, batch 32 132.6 vs 132.7 (oneDNN's own
+    # time for three N = 384 GEMMs equals one N = 1152 GEMM's, 2.45 vs 2.49 ms at M = 4096: what goes is two
+    # calls' host time); on the AVX2 EPYC (eager, torch 2.13) batch 1 30.7 vs 31.6 ms, batch 8 137.6 vs 140.5.
+    # Not the default yet: it also changes what export_onnx and save_pretrained see (one MatMulInteger per
+    # fused GEMM), which has not been measured in ONNX Runtime and OpenVINO.
     "cpu": TargetSpec(min_ratio=96.0, alignment=1, weight_qmax=None),
     # ARM SDOT / i8mm kernels consume K in groups of 4 and N in tiles of 4 (Arm ARM, SDOT/SMMLA). Ratio:
     # the x86 CPU figure, not yet measured on ARM.
