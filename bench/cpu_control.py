@@ -1,0 +1,112 @@
+"""int8's own gain on CPU at any batch size: fxquant against the same model in bf16 under ``torch.compile`` (the
+control: the same graph without int8), torch bf16 eager and torch fp32, in ONE process, interleaved rounds.
+
+Speed only: all-MiniLM-L6-v2's config with random weights (speed does not depend on the weights; accuracy on the
+real weights is ``bench/cpu_minilm.py``'s job), inputs of random tokens padded to ``--seq`` with random lengths.
+fxquant runs the README's AMX recipe (static per-tensor scales calibrated on three random batches, SmoothQuant 0.9,
+``compute_dtype=torch.bfloat16``; ``--siblings`` adds ``fuse_siblings=True``) eager and under ``torch.compile``.
+All contenders live in one process and are timed in turn, round after round, so a change in the host's speed
+hits them alike (``bench/cpu_minilm.py`` keeps each contender in its own process instead, for the peers whose
+runtimes would otherwise share thread pools).
+
+    taskset -c 0,1 env OMP_NUM_THREADS=2 python bench/cpu_control.py --batch 1 --rounds 3 --repeat 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+import fxquant
+from fxquant import backends
+
+FP32, BF16, CONTROL, FXQ, FXQ_COMPILE = ("torch fp32 eager", "torch bf16 eager", "torch bf16 + torch.compile (control)",
+                                         "fxquant W8A8 eager", "fxquant W8A8 + torch.compile")
+
+
+def random_batch(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask / token_type_ids [batch, seq] int64; the first row uses every position, the
+    others a random length in [16, seq] (padding after it)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 30000, (batch, seq), generator=g)
+    lengths = torch.randint(min(16, seq), seq + 1, (batch,), generator=g)
+    lengths[0] = seq
+    mask = (torch.arange(seq)[None] < lengths[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+
+
+def build(args: argparse.Namespace) -> dict[str, Callable[[], torch.Tensor]]:
+    from transformers import BertConfig, BertModel
+
+    from fxquant.evaluation import default_model_dir
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig.from_pretrained(args.config or default_model_dir())).eval()
+    x = random_batch(args.batch, args.seq, 1)
+    m16 = copy.deepcopy(model).to(torch.bfloat16)
+    config = fxquant.QuantConfig(activation_scheme="static-per-tensor", smoothquant=0.9, compute_dtype=torch.bfloat16,
+                                 fuse_siblings=args.siblings)
+    calibration = [random_batch(args.batch, args.seq, 100 + i) for i in range(3)]
+    qm = fxquant.compile(copy.deepcopy(model), x, config=config, calibration=calibration, progress=False)
+    c16, cq = torch.compile(m16), torch.compile(qm)
+    runs = {FP32: lambda: model(**x).last_hidden_state, BF16: lambda: m16(**x).last_hidden_state,
+            CONTROL: lambda: c16(**x).last_hidden_state, FXQ: lambda: qm(**x).last_hidden_state,
+            FXQ_COMPILE: lambda: cq(**x).last_hidden_state}
+    with torch.inference_mode():
+        for name, run in runs.items():  # compile and warm up before anything is timed
+            t0 = time.perf_counter()
+            for _ in range(3):
+                run()
+            print(f"built {name} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return runs
+
+
+def measure(runs: dict[str, Callable[[], torch.Tensor]], rounds: int, repeat: int) -> dict[str, list[float]]:
+    """Per contender, the median ms of ``repeat`` calls in each of ``rounds`` rounds (contenders in turn)."""
+    medians: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, run in runs.items():
+                times = []
+                for _ in range(repeat):
+                    t0 = time.perf_counter()
+                    run()
+                    times.append(time.perf_counter() - t0)
+                medians[name].append(statistics.median(times) * 1e3)
+    return medians
+
+
+def table(medians: dict[str, list[float]]) -> str:
+    ms = {name: statistics.median(v) for name, v in medians.items()}
+    lines = ["| contender | median ms | vs torch bf16 eager | vs control | per-round medians ms |", "|---|---|---|---|---|"]
+    for name, m in ms.items():
+        rounds = ", ".join(f"{t:.1f}" for t in medians[name])
+        lines.append(f"| {name} | {m:.2f} | {ms[BF16] / m:.2f}x | {ms[CONTROL] / m:.2f}x | {rounds} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=32, help="sentences per call (default 32)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per sentence (default 128)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows the median of their medians")
+    p.add_argument("--repeat", type=int, default=5, help="timed calls per contender and round")
+    p.add_argument("--siblings", action="store_true", help="fxquant with fuse_siblings=True (q/k/v as one GEMM)")
+    p.add_argument("--config", default=None, help="directory with a BERT config.json (default: the embedded MiniLM's)")
+    args = p.parse_args(argv)
+    medians = measure(build(args), args.rounds, args.repeat)
+    from cpu_minilm import isa_summary  # same directory
+
+    print(f"\nbatch {args.batch} x {args.seq}; ISA {isa_summary(set(backends.cpu_flags()))}; torch {torch.__version__}; "
+          f"{torch.get_num_threads()} threads; fuse_siblings={args.siblings}; {args.rounds} rounds x {args.repeat} calls\n")
+    print(table(medians))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
