@@ -3,13 +3,15 @@ control: the same graph without int8), torch bf16 eager and torch fp32, in ONE p
 
 Speed only: all-MiniLM-L6-v2's config with random weights (speed does not depend on the weights; accuracy on the
 real weights is ``bench/cpu_minilm.py``'s job), inputs of random tokens padded to ``--seq`` with random lengths.
-fxquant runs the README's AMX recipe (static per-tensor scales calibrated on three random batches, SmoothQuant 0.9,
-``compute_dtype=torch.bfloat16``; ``--siblings`` adds ``fuse_siblings=True``) eager and under ``torch.compile``.
+fxquant runs the README's AMX recipe (``--recipe amx``: static per-tensor scales calibrated on three random batches,
+SmoothQuant 0.9, ``compute_dtype=torch.bfloat16``) or the defaults (``--recipe default``: dynamic per-token, the
+model's fp32), eager and under ``torch.compile``; ``--siblings`` adds the same with ``fuse_siblings=True``.
 All contenders live in one process and are timed in turn, round after round, so a change in the host's speed
 hits them alike (``bench/cpu_minilm.py`` keeps each contender in its own process instead, for the peers whose
 runtimes would otherwise share thread pools).
 
     taskset -c 0,1 env OMP_NUM_THREADS=2 python bench/cpu_control.py --batch 1 --rounds 3 --repeat 20
+    python bench/cpu_control.py --recipe default --siblings --only "fp32,eager" --batch 1 --rounds 7 --repeat 20
 """
 
 from __future__ import annotations
@@ -49,14 +51,21 @@ def build(args: argparse.Namespace) -> dict[str, Callable[[], torch.Tensor]]:
     model = BertModel(BertConfig.from_pretrained(args.config or default_model_dir())).eval()
     x = random_batch(args.batch, args.seq, 1)
     m16 = copy.deepcopy(model).to(torch.bfloat16)
-    config = fxquant.QuantConfig(activation_scheme="static-per-tensor", smoothquant=0.9, compute_dtype=torch.bfloat16,
-                                 fuse_siblings=args.siblings)
-    calibration = [random_batch(args.batch, args.seq, 100 + i) for i in range(3)]
-    qm = fxquant.compile(copy.deepcopy(model), x, config=config, calibration=calibration, progress=False)
-    c16, cq = torch.compile(m16), torch.compile(qm)
     runs = {FP32: lambda: model(**x).last_hidden_state, BF16: lambda: m16(**x).last_hidden_state,
-            CONTROL: lambda: c16(**x).last_hidden_state, FXQ: lambda: qm(**x).last_hidden_state,
-            FXQ_COMPILE: lambda: cq(**x).last_hidden_state}
+            CONTROL: (lambda c16=torch.compile(m16): c16(**x).last_hidden_state)}
+    calibration = [random_batch(args.batch, args.seq, 100 + i) for i in range(3)]
+    for siblings in (False, True) if args.siblings else (False,):
+        if args.recipe == "amx":
+            config = fxquant.QuantConfig(activation_scheme="static-per-tensor", smoothquant=0.9,
+                                         compute_dtype=torch.bfloat16, fuse_siblings=siblings)
+            qm = fxquant.compile(copy.deepcopy(model), x, config=config, calibration=calibration, progress=False)
+        else:
+            qm = fxquant.compile(copy.deepcopy(model), x, config=fxquant.QuantConfig(fuse_siblings=siblings))
+        tag = ", fuse_siblings" if siblings else ""
+        runs[FXQ + tag] = lambda qm=qm: qm(**x).last_hidden_state
+        runs[FXQ_COMPILE + tag] = lambda cq=torch.compile(qm): cq(**x).last_hidden_state
+    wanted = [w.strip().lower() for w in args.only.split(",")] if args.only else None
+    runs = {name: run for name, run in runs.items() if wanted is None or name == BF16 or any(w in name.lower() for w in wanted)}
     with torch.inference_mode():
         for name, run in runs.items():  # compile and warm up before anything is timed
             t0 = time.perf_counter()
@@ -83,10 +92,12 @@ def measure(runs: dict[str, Callable[[], torch.Tensor]], rounds: int, repeat: in
 
 def table(medians: dict[str, list[float]]) -> str:
     ms = {name: statistics.median(v) for name, v in medians.items()}
-    lines = ["| contender | median ms | vs torch bf16 eager | vs control | per-round medians ms |", "|---|---|---|---|---|"]
+    bases = [b for b in (FP32, BF16, CONTROL) if b in ms]
+    lines = ["| contender | median ms | " + " | ".join(f"vs {b}" for b in bases) + " | per-round medians ms |",
+             "|---|---|" + "---|" * len(bases) + "---|"]
     for name, m in ms.items():
         rounds = ", ".join(f"{t:.1f}" for t in medians[name])
-        lines.append(f"| {name} | {m:.2f} | {ms[BF16] / m:.2f}x | {ms[CONTROL] / m:.2f}x | {rounds} |")
+        lines.append(f"| {name} | {m:.2f} | " + " | ".join(f"{ms[b] / m:.2f}x" for b in bases) + f" | {rounds} |")
     return "\n".join(lines)
 
 
@@ -96,14 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=128, help="tokens per sentence (default 128)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows the median of their medians")
     p.add_argument("--repeat", type=int, default=5, help="timed calls per contender and round")
-    p.add_argument("--siblings", action="store_true", help="fxquant with fuse_siblings=True (q/k/v as one GEMM)")
+    p.add_argument("--recipe", choices=("amx", "default"), default="amx",
+                   help="fxquant's config: the README's AMX recipe (default) or QuantConfig()'s defaults")
+    p.add_argument("--siblings", action="store_true", help="also fxquant with fuse_siblings=True (q/k/v as one GEMM)")
+    p.add_argument("--only", default=None, help="comma-separated substrings of the contenders to run (torch bf16 eager always runs)")
     p.add_argument("--config", default=None, help="directory with a BERT config.json (default: the embedded MiniLM's)")
     args = p.parse_args(argv)
     medians = measure(build(args), args.rounds, args.repeat)
     from cpu_minilm import isa_summary  # same directory
 
     print(f"\nbatch {args.batch} x {args.seq}; ISA {isa_summary(set(backends.cpu_flags()))}; torch {torch.__version__}; "
-          f"{torch.get_num_threads()} threads; fuse_siblings={args.siblings}; {args.rounds} rounds x {args.repeat} calls\n")
+          f"{torch.get_num_threads()} threads; recipe {args.recipe}; {args.rounds} rounds x {args.repeat} calls\n")
     print(table(medians))
     return 0
 
