@@ -48,10 +48,11 @@ TARGETS: dict[str, TargetSpec] = {
     # 1.36-1.50x. So int8 from ratio 96. (At M = 128 int8 lost at every shape tried, 0.15-0.76x: see
     # docs/benchmarks.md; the ratio rule cannot see M, which is dynamic.)
     # fuse_siblings (off here; the README's AMX recipe turns it on): MiniLM's q/k/v as one GEMM (N = 1152), one
-    # process, interleaved rounds: on the AMX Xeon of the H200 host (2 cores, bf16 compute + torch.compile,
-    # torch 2.11) batch 1 x 128 6.46 vs 7.46 ms, batch 8 38.1 vs 36.9, batch 32 132.6 vs 132.7 (oneDNN's own
-    # time for three N = 384 GEMMs equals one N = 1152 GEMM's, 2.45 vs 2.49 ms at M = 4096: what goes is two
-    # calls' host time); on the AVX2 EPYC (eager, torch 2.13) batch 1 30.7 vs 31.6 ms, batch 8 137.6 vs 140.5.
+    # process, interleaved rounds (bench/cpu_control.py): on the AMX Xeon of the H200 host (2 cores, bf16 compute
+    # + torch.compile, torch 2.11) batch 1 x 128 6.46 vs 7.46 ms and batch 8 38.1 vs 36.9 (four such jobs side by
+    # side), batch 32 108.2 vs 107.7 (alone); oneDNN's own time for three N = 384 GEMMs equals one N = 1152
+    # GEMM's (2.45 vs 2.49 ms at M = 4096), so what goes is two calls' host time. On the AVX2 EPYC (eager, torch
+    # 2.13) batch 1 25.7 vs 27.4 and 30.0 vs 33.5 ms (two runs), batch 8 137.6 vs 140.5.
     # Not the default yet: it also changes what export_onnx and save_pretrained see (one MatMulInteger per
     # fused GEMM), which has not been measured in ONNX Runtime and OpenVINO.
     "cpu": TargetSpec(min_ratio=96.0, alignment=1, weight_qmax=None),
