@@ -105,22 +105,63 @@ def cpu_native_bf16() -> bool:
     return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
 
 
-_PACKED: dict[int, tuple[weakref.ref, int, torch.Tensor, torch.Tensor]] = {}
+def _version(t: torch.Tensor) -> int:
+    return -1 if t.is_inference() else t._version  # inference tensors have no version (nor in-place writes)
 
 
-def _packed_weight(w_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """oneDNN's blocked layout of ``w_q`` and its (all-zero, symmetric) zero points, made once per weight
-    tensor and its values (an in-place write such as ``load_state_dict`` bumps the tensor's version and
-    repacks), freed with the tensor."""
+class _Epilogue(NamedTuple):
+    """oneDNN's forms of a Linear's epilogue tensors (fp32 [N] weight scale and bias), and the (tensor, version)
+    pairs they were made from (holding the tensors, so an identity test cannot match a new tensor that reuses a
+    freed one's id)."""
+
+    w_scale: torch.Tensor
+    bias: Optional[torch.Tensor]
+    made_from: tuple
+
+    def made_of(self, w_scale: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+        return all((t is None and src is None) or (src is not None and src[0] is t and src[1] == _version(t))
+                   for src, t in zip(self.made_from, (w_scale, bias)))
+
+
+class _OnednnWeight:
+    """What oneDNN needs of one int8 weight tensor, made once and freed with the tensor: its blocked layout and
+    (all-zero, symmetric) zero points for the weight's values at ``version`` (an in-place write such as
+    ``load_state_dict`` bumps the version and repacks), and the epilogue tensors of the last call
+    (:func:`_epilogue_args`)."""
+
+    __slots__ = ("ref", "version", "packed", "zero_points", "epilogue")
+
+    def __init__(self, w_q: torch.Tensor, key: int):
+        self.ref = weakref.ref(w_q, lambda _r: _PACKED.pop(key, None))
+        self.version = _version(w_q)
+        self.packed = torch.ops.onednn.qlinear_prepack(w_q.contiguous(), None)  # prepack assumes row-major
+        self.zero_points = torch.zeros(w_q.shape[0], dtype=torch.long)
+        self.epilogue: Optional[_Epilogue] = None
+
+
+_PACKED: dict[int, _OnednnWeight] = {}
+
+
+def _packed_weight(w_q: torch.Tensor) -> _OnednnWeight:
+    """The :class:`_OnednnWeight` of ``w_q``, made on first use and after an in-place write."""
     key = id(w_q)
     hit = _PACKED.get(key)
-    version = _version(w_q)
-    if hit is not None and hit[0]() is w_q and hit[1] == version:
-        return hit[2], hit[3]
-    packed = torch.ops.onednn.qlinear_prepack(w_q.contiguous(), None)  # prepack assumes row-major
-    zero_points = torch.zeros(w_q.shape[0], dtype=torch.long)
-    _PACKED[key] = (weakref.ref(w_q, lambda _r, k=key: _PACKED.pop(k, None)), version, packed, zero_points)
-    return packed, zero_points
+    if hit is not None and hit.ref() is w_q and hit.version == _version(w_q):
+        return hit
+    made = _PACKED[key] = _OnednnWeight(w_q, key)
+    return made
+
+
+def _epilogue_args(weight: _OnednnWeight, w_scale: torch.Tensor, bias: Optional[torch.Tensor]) -> _Epilogue:
+    """The weight scale flattened and the bias in fp32, made once per Linear rather than on every call: the
+    bias's cast alone cost ~10 µs a call on the AVX2 EPYC, and a whole call at M = 1 takes ~40 µs on the AMX
+    host. Remade when another scale or bias tensor comes (a dtype move makes new ones) or one was written in
+    place (``load_state_dict``: its version changes)."""
+    e = weight.epilogue
+    if e is None or not e.made_of(w_scale, bias):
+        e = weight.epilogue = _Epilogue(w_scale.reshape(-1), None if bias is None else bias.to(torch.float32),
+                                        tuple(None if t is None else (t, _version(t)) for t in (w_scale, bias)))
+    return e
 
 
 # Below this many rows, CPUs without VNNI get oneDNN's src as uint8 with zero point 128 (x_q + 128, the
@@ -141,10 +182,11 @@ def _src(x_q: torch.Tensor) -> tuple[torch.Tensor, int]:
 def _onednn_gemm(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, shift: bool = True) -> torch.Tensor:
     """fp32 [M, N] = acc · s_w (oneDNN applies the per-channel weight scale in its own epilogue). ``shift``:
     pick the src form by :func:`_src` (the CPU probes pass False: they run before it can decide)."""
-    packed, zero_points = _packed_weight(w_q)
+    weight = _packed_weight(w_q)
     src, src_zp = _src(x_q) if shift else (x_q, 0)
     return torch.ops.onednn.qlinear_pointwise(
-        src, 1.0, src_zp, packed, w_scale.reshape(-1), zero_points, None, 1.0, 0, torch.float32, "none", [], "",
+        src, 1.0, src_zp, weight.packed, w_scale.reshape(-1), weight.zero_points, None, 1.0, 0, torch.float32, "none",
+        [], "",
     )
 
 
@@ -164,62 +206,27 @@ def _onednn_out_ok(out_dtype: torch.dtype) -> bool:
 
 def _one_scale(x_scale: torch.Tensor) -> Optional[float]:
     """The activation scale when all rows share one (a static per-tensor scale, or a single token), else None.
-    One reduction (min and max together) and two scalar reads: ~4 µs at M = 128 on the AVX2 EPYC, against ~9 µs
-    for comparing every row with the first."""
+    Per-token scales of two rows almost never match, so the first two rows decide cheaply (one read) for the
+    dynamic scheme; a static scale then takes one min/max reduction (~4 µs at M = 128 on the AVX2 EPYC, against
+    ~9 µs for comparing every row with the first)."""
     s = x_scale.reshape(-1)
     if s.numel() < 2:
         return s.item() if s.numel() == 1 else None
+    first, second = s[:2].tolist()
+    if first != second:
+        return None
     lo, hi = torch.aminmax(s)
-    lo = lo.item()
-    return lo if lo == hi.item() else None
-
-
-class _Epilogue(NamedTuple):
-    """oneDNN's forms of a Linear's epilogue tensors (fp32 [N] weight scale and bias), and the (tensor, version)
-    pairs they were made from."""
-
-    w_scale: torch.Tensor
-    bias: Optional[torch.Tensor]
-    made_from: tuple
-
-
-_EPILOGUES: dict[int, _Epilogue] = {}
-
-
-def _version(t: torch.Tensor) -> int:
-    return -1 if t.is_inference() else t._version  # inference tensors have no version (nor in-place writes)
-
-
-def _same_sources(made_from: tuple, w_scale: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    return all((t is None and src is None) or (src is not None and src[0] is t and src[1] == _version(t))
-               for src, t in zip(made_from, (w_scale, bias)))
-
-
-def _epilogue_args(w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor]) -> _Epilogue:
-    """The weight scale flattened and the bias in fp32, made once per Linear (keyed by its weight) rather than on
-    every call: the bias's cast alone cost ~10 µs a call on the AVX2 EPYC, and a whole call at M = 1 takes
-    ~40 µs on the AMX host. Remade when another scale or bias tensor comes (a dtype move makes new ones) or one
-    was written in place (``load_state_dict``: its version changes). The entry holds the tensors it was made
-    from, so an identity test cannot match a new tensor that reuses a freed one's id."""
-    key = id(w_q)
-    hit = _EPILOGUES.get(key)
-    if hit is not None and _same_sources(hit.made_from, w_scale, bias):
-        return hit
-    if hit is None:
-        weakref.finalize(w_q, _EPILOGUES.pop, key, None)
-    made = _EPILOGUES[key] = _Epilogue(
-        w_scale.reshape(-1), None if bias is None else bias.to(torch.float32),
-        tuple(None if t is None else (t, _version(t)) for t in (w_scale, bias)))
-    return made
+    return first if lo.item() == first == hi.item() else None
 
 
 def _onednn_static_linear(x_q, scale: float, w_q, w_scale, bias, activation, out_dtype):
-    packed, zero_points = _packed_weight(w_q)
+    weight = _packed_weight(w_q)
     post_op, algorithm = _ONEDNN_POST_OPS[activation]
     src, src_zp = _src(x_q)
-    e = _epilogue_args(w_q, w_scale, bias)
+    e = _epilogue_args(weight, w_scale, bias)
     return torch.ops.onednn.qlinear_pointwise(
-        src, scale, src_zp, packed, e.w_scale, zero_points, e.bias, 1.0, 0, out_dtype, post_op, [], algorithm,
+        src, scale, src_zp, weight.packed, e.w_scale, weight.zero_points, e.bias, 1.0, 0, out_dtype, post_op, [],
+        algorithm,
     )
 
 
