@@ -29,6 +29,7 @@ from fxquant import backends
 
 FP32, BF16, CONTROL, FXQ, FXQ_COMPILE = ("torch fp32 eager", "torch bf16 eager", "torch bf16 + torch.compile (control)",
                                          "fxquant W8A8 eager", "fxquant W8A8 + torch.compile")
+FP32_CONTROL = "torch fp32 + torch.compile (control)"  # the control of the default recipe, which computes in fp32
 
 
 def random_batch(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
@@ -53,6 +54,8 @@ def build(args: argparse.Namespace) -> dict[str, Callable[[], torch.Tensor]]:
     m16 = copy.deepcopy(model).to(torch.bfloat16)
     runs = {FP32: lambda: model(**x).last_hidden_state, BF16: lambda: m16(**x).last_hidden_state,
             CONTROL: (lambda c16=torch.compile(m16): c16(**x).last_hidden_state)}
+    if args.recipe == "default":
+        runs[FP32_CONTROL] = lambda c32=torch.compile(model): c32(**x).last_hidden_state
     calibration = [random_batch(args.batch, args.seq, 100 + i) for i in range(3)]
     for siblings in (False, True) if args.siblings else (False,):
         if args.recipe == "amx":
@@ -65,7 +68,8 @@ def build(args: argparse.Namespace) -> dict[str, Callable[[], torch.Tensor]]:
         runs[FXQ + tag] = lambda qm=qm: qm(**x).last_hidden_state
         runs[FXQ_COMPILE + tag] = lambda cq=torch.compile(qm): cq(**x).last_hidden_state
     wanted = [w.strip().lower() for w in args.only.split(",")] if args.only else None
-    runs = {name: run for name, run in runs.items() if wanted is None or name == BF16 or any(w in name.lower() for w in wanted)}
+    always = BF16 if args.recipe == "amx" else FP32  # the float baseline each recipe is judged against
+    runs = {name: run for name, run in runs.items() if wanted is None or name == always or any(w in name.lower() for w in wanted)}
     with torch.inference_mode():
         for name, run in runs.items():  # compile and warm up before anything is timed
             t0 = time.perf_counter()
@@ -91,13 +95,20 @@ def measure(runs: dict[str, Callable[[], torch.Tensor]], rounds: int, repeat: in
 
 
 def table(medians: dict[str, list[float]]) -> str:
+    """Medians of the per-round medians, and each contender's speed-up over each baseline as the median of the
+    per-round ratios (rounds are adjacent in time, so a change in the host's speed cancels in the ratio) with how
+    many rounds it won."""
     ms = {name: statistics.median(v) for name, v in medians.items()}
-    bases = [b for b in (FP32, BF16, CONTROL) if b in ms]
-    lines = ["| contender | median ms | " + " | ".join(f"vs {b}" for b in bases) + " | per-round medians ms |",
-             "|---|---|" + "---|" * len(bases) + "---|"]
+    bases = [b for b in (FP32, BF16, CONTROL, FP32_CONTROL) if b in ms]
+    lines = ["| contender | median ms | " + " | ".join(f"vs {b}: ratio, rounds won" for b in bases)
+             + " | per-round medians ms |", "|---|---|" + "---|" * len(bases) + "---|"]
     for name, m in ms.items():
         rounds = ", ".join(f"{t:.1f}" for t in medians[name])
-        lines.append(f"| {name} | {m:.2f} | " + " | ".join(f"{ms[b] / m:.2f}x" for b in bases) + f" | {rounds} |")
+        paired = []
+        for b in bases:
+            ratios = [tb / t for tb, t in zip(medians[b], medians[name])]
+            paired.append(f"{statistics.median(ratios):.2f}x, {sum(r > 1 for r in ratios)}/{len(ratios)}")
+        lines.append(f"| {name} | {m:.2f} | " + " | ".join(paired) + f" | {rounds} |")
     return "\n".join(lines)
 
 
@@ -105,12 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=32, help="sentences per call (default 32)")
     p.add_argument("--seq", type=int, default=128, help="tokens per sentence (default 128)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows the median of their medians")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the table shows the median of their medians and of the per-round ratios")
     p.add_argument("--repeat", type=int, default=5, help="timed calls per contender and round")
     p.add_argument("--recipe", choices=("amx", "default"), default="amx",
                    help="fxquant's config: the README's AMX recipe (default) or QuantConfig()'s defaults")
     p.add_argument("--siblings", action="store_true", help="also fxquant with fuse_siblings=True (q/k/v as one GEMM)")
-    p.add_argument("--only", default=None, help="comma-separated substrings of the contenders to run (torch bf16 eager always runs)")
+    p.add_argument("--only", default=None, help="comma-separated substrings of the contenders to run (torch bf16 eager always runs with --recipe amx, torch "
+                        "fp32 eager with --recipe default)")
     p.add_argument("--config", default=None, help="directory with a BERT config.json (default: the embedded MiniLM's)")
     args = p.parse_args(argv)
     medians = measure(build(args), args.rounds, args.repeat)
