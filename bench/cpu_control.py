@@ -1,11 +1,13 @@
-"""int8's own gain on CPU at any batch size: fxquant against the same model in bf16 under ``torch.compile`` (the
-control: the same graph without int8), torch bf16 eager and torch fp32, in ONE process, interleaved rounds.
+"""int8's own gain on CPU at any batch size: fxquant against the same model under ``torch.compile`` without int8 (the
+control: in bf16 for the AMX recipe, in fp32 for the defaults), torch bf16 eager and torch fp32, in ONE process,
+interleaved rounds.
 
 Speed only: all-MiniLM-L6-v2's config with random weights (speed does not depend on the weights; accuracy on the
 real weights is ``bench/cpu_minilm.py``'s job), inputs of random tokens padded to ``--seq`` with random lengths.
 fxquant runs the README's AMX recipe (``--recipe amx``: static per-tensor scales calibrated on three random batches,
 SmoothQuant 0.9, ``compute_dtype=torch.bfloat16``) or the defaults (``--recipe default``: dynamic per-token, the
-model's fp32), eager and under ``torch.compile``; ``--siblings`` adds the same with ``fuse_siblings=True``.
+model's fp32), eager and under ``torch.compile``; ``--siblings`` adds the same with ``fuse_siblings=False``, ``--onnx``
+ONNX Runtime running their exports.
 All contenders live in one process and are timed in turn, round after round, so a change in the host's speed
 hits them alike (``bench/cpu_minilm.py`` keeps each contender in its own process instead, for the peers whose
 runtimes would otherwise share thread pools).
@@ -30,6 +32,21 @@ from fxquant import backends
 FP32, BF16, CONTROL, FXQ, FXQ_COMPILE = ("torch fp32 eager", "torch bf16 eager", "torch bf16 + torch.compile (control)",
                                          "fxquant W8A8 eager", "fxquant W8A8 + torch.compile")
 FP32_CONTROL = "torch fp32 + torch.compile (control)"  # the control of the default recipe, which computes in fp32
+ORT_FXQ = "ONNX Runtime running fxquant's export"
+
+
+def _ort_runner(qm: fxquant.QuantizedModel, x: dict[str, torch.Tensor]) -> Callable[[], object]:
+    """ONNX Runtime (CPU provider, torch's thread count) on ``fxquant.export_onnx`` of ``qm``, fed ``x``."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    path = fxquant.export_onnx(qm, tempfile.mkdtemp() + "/model.onnx", x)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = {i.name: x[i.name].numpy() for i in session.get_inputs()}
+    return lambda: session.run(None, feeds)[0]
 
 
 def random_batch(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
@@ -57,16 +74,19 @@ def build(args: argparse.Namespace) -> dict[str, Callable[[], torch.Tensor]]:
     if args.recipe == "default":
         runs[FP32_CONTROL] = lambda c32=torch.compile(model): c32(**x).last_hidden_state
     calibration = [random_batch(args.batch, args.seq, 100 + i) for i in range(3)]
-    for siblings in (False, True) if args.siblings else (False,):
+    for siblings in (True, False) if args.siblings else (True,):
         if args.recipe == "amx":
             config = fxquant.QuantConfig(activation_scheme="static-per-tensor", smoothquant=0.9,
                                          compute_dtype=torch.bfloat16, fuse_siblings=siblings)
             qm = fxquant.compile(copy.deepcopy(model), x, config=config, calibration=calibration, progress=False)
         else:
-            qm = fxquant.compile(copy.deepcopy(model), x, config=fxquant.QuantConfig(fuse_siblings=siblings))
-        tag = ", fuse_siblings" if siblings else ""
+            qm = fxquant.compile(copy.deepcopy(model), x, config=fxquant.QuantConfig(fuse_siblings=siblings),
+                                 progress=False)
+        tag = "" if siblings else ", fuse_siblings=False"
         runs[FXQ + tag] = lambda qm=qm: qm(**x).last_hidden_state
         runs[FXQ_COMPILE + tag] = lambda cq=torch.compile(qm): cq(**x).last_hidden_state
+        if args.onnx:
+            runs[ORT_FXQ + tag] = _ort_runner(qm, x)
     wanted = [w.strip().lower() for w in args.only.split(",")] if args.only else None
     always = BF16 if args.recipe == "amx" else FP32  # the float baseline each recipe is judged against
     runs = {name: run for name, run in runs.items() if wanted is None or name == always or any(w in name.lower() for w in wanted)}
@@ -120,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=5, help="timed calls per contender and round")
     p.add_argument("--recipe", choices=("amx", "default"), default="amx",
                    help="fxquant's config: the README's AMX recipe (default) or QuantConfig()'s defaults")
-    p.add_argument("--siblings", action="store_true", help="also fxquant with fuse_siblings=True (q/k/v as one GEMM)")
+    p.add_argument("--siblings", action="store_true",
+                   help="also fxquant with fuse_siblings=False (q/k/v as three GEMMs; the default and the AMX recipe fuse them)")
+    p.add_argument("--onnx", action="store_true", help="also ONNX Runtime running each fxquant model's ONNX export "
+                   "(--recipe default: the bf16-compute models of the AMX recipe do not export)")
     p.add_argument("--only", default=None, help="comma-separated substrings of the contenders to run (torch bf16 eager always runs with --recipe amx, torch "
                         "fp32 eager with --recipe default)")
     p.add_argument("--config", default=None, help="directory with a BERT config.json (default: the embedded MiniLM's)")

@@ -240,7 +240,9 @@ def quantize_per_token(x: torch.Tensor, act_scale: Optional[torch.Tensor] = None
     passes over x on the CPU (fp32 [..., K] → int8 [..., K], fp32 scale [..., 1]); with ``act_scale`` (fp32
     [1]) the static per-tensor form, with ``act_smooth`` (fp32 [K]) SmoothQuant's per-channel factor first.
 
-    * amax = max(max x, -min x): two reductions, no |x| temporary;
+    * amax = max |x|, with |x| written into the per-thread workspace (one write and one reduction: 65 against
+      79 µs for ``max(max x, -min x)``'s two reductions at 128 x 384, 4.0 against 4.8 ms at 4096 x 1536, on the
+      2-core AVX2 EPYC; ``linalg.vector_norm(x, inf)`` and ``aminmax(dim=-1)`` are 2-3x slower there);
     * round-half-to-even by adding 1.5·2^23: for |v| < 2^22 the fp32 sum's rounding (IEEE 754
       roundTiesToEven) leaves round(v) in the low mantissa bits (the classic "magic number" rounding);
     * the int32 view's low byte is then round(v) in two's complement, so ``.to(int8)`` (which keeps the
@@ -261,7 +263,10 @@ def quantize_per_token(x: torch.Tensor, act_scale: Optional[torch.Tensor] = None
         # s in every row, as a new contiguous tensor (the op's declared output; a view of act_scale would alias
         # an input, which torch.compile's fallback rejects)
         return v.view(torch.int32).to(torch.int8), act_scale.reshape(1).expand(*x.shape[:-1], 1).contiguous()
-    amax = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_()).to(torch.float32)
+    # |x| into the workspace when x is an fp32 tensor of the caller's; a temporary when x lives there already
+    # (smoothed) or is bf16 / fp16 (|x| and its max are exact in that dtype, the cast to fp32 too)
+    absx = torch.abs(x, out=work) if act_smooth is None and x.dtype == torch.float32 else x.abs()
+    amax = absx.amax(dim=-1, keepdim=True).to(torch.float32)
     scale = amax.div_(127.0).clamp_min_(_kc.SCALE_EPS)  # CPU fp32 division by a scalar: IEEE, as the reference
     v = torch.mul(x, scale.reciprocal(), out=work).add_(_ROUND_MAGIC)
     return v.view(torch.int32).to(torch.int8), scale

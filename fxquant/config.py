@@ -47,15 +47,15 @@ TARGETS: dict[str, TargetSpec] = {
     # F.linear: ratio 64 (128x128) 0.82x, ratio 96 (192x192) 1.12x, 192 (384x384) 1.32x, 307 (MiniLM FFN)
     # 1.36-1.50x. So int8 from ratio 96. (At M = 128 int8 lost at every shape tried, 0.15-0.76x: see
     # docs/benchmarks.md; the ratio rule cannot see M, which is dynamic.)
-    # fuse_siblings (off here; the README's AMX recipe turns it on): MiniLM's q/k/v as one GEMM (N = 1152), one
-    # process, interleaved rounds (bench/cpu_control.py): on the AMX Xeon of the H200 host (2 cores, bf16 compute
-    # + torch.compile, torch 2.11) batch 1 x 128 6.46 vs 7.46 ms and batch 8 38.1 vs 36.9 (four such jobs side by
-    # side), batch 32 108.2 vs 107.7 (alone); oneDNN's own time for three N = 384 GEMMs equals one N = 1152
-    # GEMM's (2.45 vs 2.49 ms at M = 4096), so what goes is two calls' host time. On the AVX2 EPYC (eager, torch
-    # 2.13) batch 1 25.7 vs 27.4 and 30.0 vs 33.5 ms (two runs), batch 8 137.6 vs 140.5.
-    # Not the default yet: it also changes what export_onnx and save_pretrained see (one MatMulInteger per
-    # fused GEMM), which has not been measured in ONNX Runtime and OpenVINO.
-    "cpu": TargetSpec(min_ratio=96.0, alignment=1, weight_qmax=None),
+    # fuse_siblings: MiniLM's q/k/v as one GEMM (N = 1152). bench/cpu_control.py (one process, interleaved rounds,
+    # speed-up over torch fp32 eager as the median of per-round ratios) on the AVX2 EPYC, torch 2.13, 2026-11-30:
+    # eager 1.10x / 1.26x / 1.58x at batch 1 / 8 / 32 x 128 with it against 1.03x / 1.23x / 1.49x without;
+    # under torch.compile 1.45x / 1.39x / 1.70x against 1.31x / 1.37x / 1.67x; ONNX Runtime on the dynamic export
+    # (one MatMulInteger per GEMM) 1.42x against 1.08x at batch 1, 1.02x and 1.01x at batch 32. On the AMX Xeon
+    # of the H200 host (2 cores, bf16 compute + torch.compile, torch 2.11) batch 1 6.46 vs 7.46 ms, batch 32
+    # 108.2 vs 107.7: oneDNN's own time for three N = 384 GEMMs equals one N = 1152 GEMM's (2.45 vs 2.49 ms at
+    # M = 4096), so what goes is two calls' host time. The static QDQ export splits the GEMM into its Linears.
+    "cpu": TargetSpec(min_ratio=96.0, alignment=1, weight_qmax=None, fuse_siblings=True),
     # ARM SDOT / i8mm kernels consume K in groups of 4 and N in tiles of 4 (Arm ARM, SDOT/SMMLA). Ratio:
     # the x86 CPU figure, not yet measured on ARM.
     "arm-sve2": TargetSpec(min_ratio=96.0, alignment=4, weight_qmax=127),

@@ -21,7 +21,8 @@ QuantizeLinear/DequantizeLinear operators take one scale per tensor or per axis 
 state a per-token scale; hence the explicit ops.
 
 **Static per-tensor** (``activation_scheme="static-per-tensor"``, calibrated): QDQ, the form of TensorRT's
-explicit quantization, per original Linear (gate and up of a gated MLP as two; siblings are not fused on CPU)::
+explicit quantization, per original Linear (gate and up of a gated MLP as two, and siblings run as one GEMM
+as their Linears)::
 
     x_dq = DequantizeLinear(QuantizeLinear(x · m, s, zp), s, zp)     s: the calibrated scalar; zp: int8 0
     y    = act(MatMul(x_dq, DequantizeLinear(W_qᵀ, s_w, axis=1)) + b)   weights int8, zero point 0, per channel
@@ -53,6 +54,7 @@ import torch
 
 from . import ops
 from ._attrs import fetch_attr
+from .rewrite import members_of
 from .kernels.common import GATED_ACTIVATIONS, SCALE_EPS
 
 __all__ = ["export_onnx", "integer_ops", "MIN_OPSET"]
@@ -220,36 +222,64 @@ def _per_linear_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for node in [n for n in g.nodes if ops.FusedLinear.is_fused_linear(n)]:
         if ops.FusedLinear.of(node).activation in GATED_ACTIVATIONS:
             _split_gated(module, node)
+        elif len(members_of(node)) > 1:
+            _split_siblings(module, node)
     g.eliminate_dead_code()
     g.lint()
     module.recompile()
     return module
 
 
-def _split_gated(module: torch.fx.GraphModule, node: torch.fx.Node) -> None:
-    """Replace a gated GEMM (gate over up stacked in one [2I, K] weight) by its two Linears, act(gate) · up,
-    each reading its half of the int8 weight, scales and bias as buffers of their own."""
+def _rows_of(module: torch.fx.GraphModule, node: torch.fx.Node, rows: slice, what: str) -> ops.FusedLinear:
+    """The fused Linear ``node`` restricted to output channels ``rows`` of its stacked weight: its int8 weight,
+    scale and bias rows as buffers of their own (named after ``what``), inserted before ``node``."""
     g = module.graph
     f = ops.FusedLinear.of(node)
+    parts = {}
+    for field in ("w_q", "w_scale", "bias"):
+        attr = getattr(f, field)
+        if attr is None:
+            parts[field] = None
+            continue
+        name = f"_export_{what}_{attr.target.replace('.', '_')}"
+        module.register_buffer(name, fetch_attr(module, attr.target)[rows].clone())
+        with g.inserting_before(node):
+            parts[field] = g.get_attr(name)
+    return f._replace(**parts)
+
+
+def _split_gated(module: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """Replace a gated GEMM (gate over up stacked in one [2I, K] weight) by its two Linears, act(gate) · up."""
+    g = module.graph
+    f = ops.FusedLinear.of(node)
+    half = ops.out_features(fetch_attr(module, f.w_q.target), f.activation)
     halves = []
     for h, (what, act) in enumerate((("gate", GATED_ACTIVATIONS[f.activation]), ("up", "none"))):
-        parts = {}
-        for field in ("w_q", "w_scale", "bias"):
-            attr = getattr(f, field)
-            if attr is None:
-                parts[field] = None
-                continue
-            value = fetch_attr(module, attr.target)
-            rows = value.shape[0] // 2
-            name = f"_export_{what}_{attr.target.replace('.', '_')}"
-            module.register_buffer(name, value[h * rows:(h + 1) * rows].clone())
-            with g.inserting_before(node):
-                parts[field] = g.get_attr(name)
+        part = _rows_of(module, node, slice(h * half, (h + 1) * half), what)
         with g.inserting_before(node):
-            halves.append(f._replace(activation=act, **parts).call(g))
+            halves.append(part._replace(activation=act).call(g))
     with g.inserting_before(node):
         product = g.call_function(torch.ops.aten.mul.Tensor, tuple(halves))
     node.replace_all_uses_with(product)
+    g.erase_node(node)
+
+
+def _split_siblings(module: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """Replace a sibling GEMM (the Linears reading one input, weights stacked in one [ΣN, K]) by its Linears:
+    each slice of the GEMM's output (``rewrite.fuse_sibling_linears``) becomes the Linear of those rows."""
+    g = module.graph
+    start, pieces = 0, {}
+    for member in members_of(node):
+        part = _rows_of(module, node, slice(start, start + member.n), member.name.replace(".", "_"))
+        with g.inserting_before(node):
+            pieces[(start, start + member.n)] = part.call(g)
+        start += member.n
+    for user in list(node.users):
+        if user.target is not torch.ops.aten.slice.Tensor or tuple(user.args[2:4]) not in pieces:
+            raise ValueError(f"export_onnx: {user.format_node()} reads the sibling GEMM {node.name} other than as "
+                             "one Linear's slice (a bug in fxquant)")
+        user.replace_all_uses_with(pieces[tuple(user.args[2:4])])
+        g.erase_node(user)
     g.erase_node(node)
 
 

@@ -61,19 +61,20 @@ class _Block(torch.nn.Module):
         return self.down_proj(torch.nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
 
 
-@pytest.mark.parametrize("target", ["cpu", "cuda"])
-def test_plan_groups_and_gemms(target):
-    """What the planning pass decides is what the graph computes: siblings share one group (and, on the cuda
-    target, one GEMM), SwiGLU's gate and up one GEMM, down_proj its own group (float by the gated rule)."""
+@pytest.mark.parametrize("target, fuse_siblings", [("cpu", None), ("cuda", None), ("cpu", False)])
+def test_plan_groups_and_gemms(target, fuse_siblings):
+    """What the planning pass decides is what the graph computes: siblings share one group (and, unless
+    ``fuse_siblings=False``, one GEMM), SwiGLU's gate and up one GEMM, down_proj its own group (float by the gated
+    rule)."""
     torch.manual_seed(0)
     x = torch.randn(2, 5, 256)
     qm = fxquant.compile(_Block().eval(), (x,), config=fxquant.QuantConfig(target=target, min_ratio=0, min_n_unfused=0,
-                                                                           backend="reference"))
+                                                                           backend="reference", fuse_siblings=fuse_siblings))
     d = {dec.name: dec for dec in qm.report().decisions}
     assert d["q"].group == d["k"].group == d["v"].group != d["gate_proj"].group
     assert d["gate_proj"].group == d["up_proj"].group and d["gate_proj"].gemm == d["up_proj"].gemm
     sibling_gemms = {d[n].gemm for n in "qkv"}
-    assert len(sibling_gemms) == (1 if target == "cuda" else 3)
+    assert len(sibling_gemms) == (3 if fuse_siblings is False else 1)
     assert not d["down_proj"].quantize and d["down_proj"].rule is Rule.GATED_OUTPUT
     gemm_nodes = [n for n in qm.graph_module.graph.nodes if ops.FusedLinear.is_fused_linear(n)]
     # one node per planned GEMM of int8 Linears

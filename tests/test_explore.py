@@ -137,7 +137,8 @@ def test_draw_block_png_and_errors(tmp_path):
         def forward(self, x):
             return self.layers[1](self.layers[0](x).reshape(2, 4, 128))
 
-    qm = fxquant.compile(Net().eval(), (torch.randn(2, 4, 128),), config=QuantConfig(min_ratio=0))
+    # q and k as two GEMMs, so that each is a node of its own
+    qm = fxquant.compile(Net().eval(), (torch.randn(2, 4, 128),), config=QuantConfig(min_ratio=0, fuse_siblings=False))
     d = qm.draw(tmp_path / "b.png", block="layers.1")
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and d._repr_png_() == d.data
     # block layers.1: its norm-quant, q, k, two views and the add, plus the nearest drawn producers outside it

@@ -20,17 +20,18 @@ from fxquant.patterns import REGISTRY
 FRONT_ENDS = {"export": lambda x: x, "symbolic_trace": lambda x: None}
 
 # pattern -> front end -> the nonzero {pattern: matched} counts when compiling its own example (default
-# QuantConfig). SwiGLU and the Hugging Face RMSNorm are matched on torch.export's ATen graph; symbolic_trace
-# records them as Python operators and methods (operator.mul, Tensor.pow), so there the Linears fuse one
-# by one and siblings share one quantization pass instead.
+# QuantConfig, whose cpu target runs sibling Linears reading one quantized input as one GEMM: sibling_fusion).
+# SwiGLU and the Hugging Face RMSNorm are matched on torch.export's ATen graph; symbolic_trace records them as
+# Python operators and methods (operator.mul, Tensor.pow), so there the Linears fuse one by one and siblings
+# share one quantization pass, then one GEMM.
 EXPECTED_MATCHES = {
     "swiglu": {"export": {"swiglu": 2},  # down_proj reads the SwiGLU product: float by default
                "symbolic_trace": {"linear_act": 2, "linear": 3, "shared_input_quant": 2}},
     "linear_act": {"export": {"linear_act": 4, "linear": 1}},
     "linear": {"export": {"linear": 2}},
-    "layer_norm_linear": {"export": {"linear": 4, "layer_norm_linear": 2}},
-    "rms_norm_linear": {"export": {"linear": 4, "rms_norm_linear": 2},
-                        "symbolic_trace": {"linear": 4, "shared_input_quant": 1}},
+    "layer_norm_linear": {"export": {"linear": 4, "layer_norm_linear": 2, "sibling_fusion": 1}},
+    "rms_norm_linear": {"export": {"linear": 4, "rms_norm_linear": 2, "sibling_fusion": 1},
+                        "symbolic_trace": {"linear": 4, "shared_input_quant": 1, "sibling_fusion": 1}},
 }
 
 
@@ -57,9 +58,9 @@ def test_bert_golden(snapshot, small_bert):
     qm = fxquant.compile(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     assert qm.golden(only_fused=True) == snapshot
     counts = qm.report().node_counts
-    # per layer: q, k, v share ln (3 int8_linear_q), intermediate reads ln (1), 2 plain Linears; + pooler
+    # per layer: q, k, v read ln as one GEMM (1 int8_linear_q), intermediate reads ln (1), 2 plain Linears; + pooler
     assert counts["fxquant.layer_norm_quant"] == 2 * 2
-    assert counts["fxquant.int8_linear_q"] == 2 * 4
+    assert counts["fxquant.int8_linear_q"] == 2 * 2
     assert counts["fxquant.int8_linear"] == 2 * 2 + 1
     assert counts.get("aten.linear", 0) == 0
 
@@ -77,7 +78,7 @@ def test_bert_static_smoothquant_golden(snapshot, small_bert, sqnr):
     qm = fxquant.compile(model, inputs, config=config, calibration=batches, progress=False)
     assert qm.golden(only_fused=True) == snapshot
     counts = qm.report().node_counts
-    assert counts["fxquant.layer_norm_quant"] == 2 * 2 and counts["fxquant.int8_linear_q"] == 2 * 4
+    assert counts["fxquant.layer_norm_quant"] == 2 * 2 and counts["fxquant.int8_linear_q"] == 2 * 2
     assert counts["fxquant.int8_linear"] == 2 * 2 + 1
     quantizers = 2 * 2 + 2 * 2 + 1  # norm-quant ops + Linears quantizing their own input
     names = [n for n, _ in qm.graph_module.named_buffers()]

@@ -113,16 +113,16 @@ ZOO = {
 
 # model -> target -> the fxquant nodes of the fused graph (their counts), asserted next to the snapshots.
 # rms = rms_norm_quant, ln = layer_norm_quant, q = int8_linear_q (int8 input from a norm or a shared quantize),
-# lin = int8_linear (quantizes its own input). Decoders keep down_proj float (gated MLP output); on cuda
-# q/k/v of a layer run as one GEMM. GPT-2: its Conv1D reads ln_1 / ln_2 through a view to 2-D, so the
+# lin = int8_linear (quantizes its own input). Decoders keep down_proj float (gated MLP output); on both
+# targets q/k/v of a layer run as one GEMM. GPT-2: its Conv1D reads ln_1 / ln_2 through a view to 2-D, so the
 # LayerNorms stay aten.layer_norm (no layer_norm_linear). TransformerEncoder: the packed in_proj stays float
-# (see test_transformer_encoder_in_proj_is_int8), so no sibling fusion on cuda either.
-_DEC = {"cpu": dict(rms=4, q=8, lin=2), "cuda": dict(rms=4, q=4, lin=2)}
+# (see test_transformer_encoder_in_proj_is_int8), so no sibling fusion either.
+_DEC = {"cpu": dict(rms=4, q=4, lin=2), "cuda": dict(rms=4, q=4, lin=2)}
 EXPECTED = {
     "mlp": {"cpu": dict(lin=2), "cuda": dict(lin=2)},
-    "minilm": {"cpu": dict(ln=12, q=24, lin=13), "cuda": dict(ln=12, q=12, lin=13)},
-    "bert": {"cpu": dict(ln=4, q=8, lin=5), "cuda": dict(ln=4, q=4, lin=5)},
-    "vit": {"cpu": dict(ln=4, q=8, lin=5), "cuda": dict(ln=4, q=4, lin=5)},
+    "minilm": {"cpu": dict(ln=12, q=12, lin=13), "cuda": dict(ln=12, q=12, lin=13)},
+    "bert": {"cpu": dict(ln=4, q=4, lin=5), "cuda": dict(ln=4, q=4, lin=5)},
+    "vit": {"cpu": dict(ln=4, q=4, lin=5), "cuda": dict(ln=4, q=4, lin=5)},
     "llama": _DEC, "qwen2": _DEC, "qwen3": _DEC, "mistral": _DEC,
     "gpt2": {"cpu": dict(lin=8), "cuda": dict(lin=8)},
     "transformer_encoder": {"cpu": dict(ln=2, q=2, lin=4), "cuda": dict(ln=2, q=2, lin=4)},

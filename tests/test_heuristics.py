@@ -247,14 +247,14 @@ def test_quant_config_skip_list_is_copied():
 @pytest.mark.parametrize(
     "kwargs, expected",
     [
-        (dict(), TargetSpec(96.0, 1, None)),
+        (dict(), TargetSpec(96.0, 1, None, 0, True)),
         (dict(target="cuda"), TargetSpec(512.0, 8, 127, 2048, True)),
         (dict(target="arm-sve2"), TargetSpec(96.0, 4, 127)),
-        (dict(min_ratio=0), TargetSpec(0.0, 1, None)),
-        (dict(min_ratio=12), TargetSpec(12.0, 1, None)),
+        (dict(min_ratio=0), TargetSpec(0.0, 1, None, 0, True)),
+        (dict(min_ratio=12), TargetSpec(12.0, 1, None, 0, True)),
         (dict(target="cuda", alignment=16), TargetSpec(512.0, 16, 127, 2048, True)),
         (dict(target="cuda", weight_qmax=63), TargetSpec(512.0, 8, 63, 2048, True)),
-        (dict(weight_qmax=127), TargetSpec(96.0, 1, 127)),
+        (dict(weight_qmax=127), TargetSpec(96.0, 1, 127, 0, True)),
         (dict(target="arm-sve2", min_ratio=1.5, alignment=2, weight_qmax=100), TargetSpec(1.5, 2, 100)),
         (dict(target="cuda", min_n_unfused=0), TargetSpec(512.0, 8, 127, 0, True)),
     ],
