@@ -90,6 +90,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import datetime
 import os
@@ -331,9 +332,11 @@ def _ov_inputs(ov_model: Any, enc: Encoding) -> dict[str, Any]:
     return {name: enc[name].numpy() for name in (i.get_any_name() for i in ov_model.inputs)}
 
 
-def build_openvino(ov_model: Any, precision: str | None) -> tuple[Runner, str]:
+def build_openvino(ov_model: Any, precision: str | None, enc: Encoding) -> tuple[Runner, str]:
     """Compile on CPU (latency hint, torch's thread count); returns the runner and the execution precision
-    that OpenVINO reports. ``precision=None`` leaves OpenVINO's default (bf16 on AMX, f32 on AVX2)."""
+    that OpenVINO reports, with the kernels of its integer GEMM layers (the runtime model's ``primitiveType``, which
+    names the ISA, e.g. ``brgemm_avx512_amx``; with dynamic shapes it is known after a first inference, on ``enc``).
+    ``precision=None`` leaves OpenVINO's default (bf16 on AMX, f32 on AVX2)."""
     import openvino as ov
 
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
@@ -346,7 +349,15 @@ def build_openvino(ov_model: Any, precision: str | None) -> tuple[Runner, str]:
     def run(enc: Encoding) -> torch.Tensor:
         return torch.from_numpy(request.infer(_ov_inputs(compiled, enc))[output])  # infer() copies the output
 
-    return run, compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    run(enc)
+    kernels = collections.Counter()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "runtimePrecision" in info and info["runtimePrecision"].astype(str) in ("i8", "u8") and \
+                "primitiveType" in info and info["layerType"].astype(str) in ("FullyConnected", "MatMul"):
+            kernels[info["primitiveType"].astype(str)] += 1
+    int8 = ", ".join(f"{k} x {n}" for k, n in kernels.most_common()) or "none"
+    return run, f"{compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name()} (int8 GEMM kernels: {int8})"
 
 
 def calibration_batches(tokenizer: Any, sentences: list[str], batch: int, seq: int) -> list[Encoding]:
@@ -577,7 +588,7 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path) -> tuple[R
                 t_nncf = time.perf_counter()
                 ov_model = quantize_nncf(ov_model, calibration)
                 result.notes.append(f"nncf.quantize {time.perf_counter() - t_nncf:.1f} s, {calib_note}")
-            run, precision = build_openvino(ov_model, "f32" if name == OV_FP32 else None)
+            run, precision = build_openvino(ov_model, "f32" if name == OV_FP32 else None, timing_enc)
             result.notes.append(f"OpenVINO execution precision {precision}")
         elif name in (FXQUANT_STATIC, ORT_FXQUANT_STATIC, OV_FXQUANT_STATIC):
             qm, run = build_fxquant_static(model, timing_enc, calibration, smoothquant)
@@ -595,7 +606,7 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path) -> tuple[R
                 else:
                     import openvino as ov
 
-                    run, precision = build_openvino(ov.Core().read_model(str(path)), None)
+                    run, precision = build_openvino(ov.Core().read_model(str(path)), None, timing_enc)
                     result.notes.append(f"OpenVINO execution precision {precision}")
         elif name in (FXQUANT_STATIC_BF16, FXQUANT_STATIC_BF16_COMPILE):
             qm, run = build_fxquant_static(model, timing_enc, calibration, smoothquant, compute_dtype=torch.bfloat16,
