@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
+import warnings
 import weakref
 from typing import Callable, NamedTuple, Optional
 
@@ -65,9 +67,28 @@ def onednn_available() -> bool:
     """True when this torch build has oneDNN's int8 Linear (``torch.ops.onednn.qlinear_pointwise``)."""
     try:
         _onednn_gemm(torch.ones(2, 8, dtype=torch.int8), torch.ones(4, 8, dtype=torch.int8), torch.ones(4, 1), shift=False)
-        return True
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
+    warn_if_isa_capped()
+    return True
+
+
+_ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")  # oneDNN's ISA cap, by its current and its former name
+
+
+def warn_if_isa_capped() -> None:
+    """Warn when oneDNN's ISA is capped below an AMX CPU's (``ONEDNN_MAX_CPU_ISA``, say ``AVX512_CORE_VNNI``): torch's
+    int8 weight prepacking (``onednn::qlinear_prepack``) still picks AMX's blocked layout there, and oneDNN then runs
+    that layout with its reference kernel (``ref_int8``). Measured on 2 cores of the H200 host's AMX Xeon, torch 2.11:
+    1.3 s for one 128 x 384 x 1152 GEMM, and ~30 s for one MiniLM forward at batch 1."""
+    for name in _ISA_CAPS:
+        cap = os.environ.get(name, "").strip().upper()
+        if cap and cap not in ("ALL", "DEFAULT") and "AMX" not in cap and "amx_int8" in cpu_flags():
+            warnings.warn(
+                f"{name}={os.environ[name]} caps oneDNN below this CPU's AMX, but torch's int8 weight prepacking still "
+                "picks AMX's layout, so oneDNN runs fxquant's int8 GEMMs with its reference kernel (about 1000x "
+                f"slower). Unset {name} to run fxquant's int8 Linears on this CPU.", RuntimeWarning, stacklevel=2)
+            return
 
 
 @functools.lru_cache(maxsize=None)
