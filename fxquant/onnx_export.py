@@ -194,9 +194,9 @@ def _per_linear_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of a static-scheme graph (sharing its tensors) in which every int8 Linear quantizes its own float
     input: a norm-quant op becomes the float norm, a shared ``quantize_per_token`` disappears, and each
     ``int8_linear_q`` reading them becomes ``int8_linear`` of the float value with the quantizer's static scale
-    and SmoothQuant factor; a gated GEMM becomes its gate and up Linears. Same numbers; the ONNX form then
-    gets one QuantizeLinear/DequantizeLinear pair per Linear, as TensorRT's explicit quantization requires (a
-    pair must not be shared between consumers)."""
+    and SmoothQuant factor; a gated GEMM becomes its gate and up Linears, a sibling GEMM its Linears. Same
+    numbers; the ONNX form then gets one QuantizeLinear/DequantizeLinear pair per Linear, as TensorRT's explicit
+    quantization requires (a pair must not be shared between consumers)."""
     g = torch.fx.Graph()
     g.output(g.graph_copy(gm.graph, {}))
     g._codegen = copy.deepcopy(gm.graph._codegen)
