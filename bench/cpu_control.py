@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                         "fp32 eager with --recipe default)")
     p.add_argument("--config", default=None, help="directory with a BERT config.json (default: the embedded MiniLM's)")
     args = p.parse_args(argv)
+    if args.onnx and args.recipe == "amx":
+        p.error("--onnx needs --recipe default: the AMX recipe's compute_dtype=bfloat16 models do not export")
     medians = measure(build(args), args.rounds, args.repeat)
     from cpu_minilm import isa_summary  # same directory
 
