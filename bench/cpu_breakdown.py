@@ -74,15 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--repeat", type=int, default=10, help="timed calls per contender and round (their mean counts)")
+    p.add_argument("--config", default=None, help="directory with a BERT config.json (default: the embedded MiniLM's)")
     args = p.parse_args(argv)
-    from cpu_control import random_batch  # same directory
+    from cpu_control import random_batch, random_minilm  # same directory
     from cpu_minilm import isa_summary
-    from transformers import BertConfig, BertModel
 
-    from fxquant.evaluation import default_model_dir
-
-    torch.manual_seed(0)
-    model = BertModel(BertConfig.from_pretrained(default_model_dir())).eval()
+    model = random_minilm(args.config)
     x = random_batch(args.batch, args.seq, 1)
     qm = fxquant.compile(copy.deepcopy(model), x, progress=False)
     runs = {("torch fp32 eager", d): (lambda: model(**x), d) for d in range(2)}

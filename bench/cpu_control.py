@@ -60,13 +60,18 @@ def random_batch(batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
 
 
-def build(args: argparse.Namespace) -> dict[str, Callable[[], torch.Tensor]]:
+def random_minilm(config_dir: str | None = None) -> torch.nn.Module:
+    """A BertModel of ``config_dir``'s config.json (default: the embedded MiniLM's) with seed-0 random weights."""
     from transformers import BertConfig, BertModel
 
     from fxquant.evaluation import default_model_dir
 
     torch.manual_seed(0)
-    model = BertModel(BertConfig.from_pretrained(args.config or default_model_dir())).eval()
+    return BertModel(BertConfig.from_pretrained(config_dir or default_model_dir())).eval()
+
+
+def build(args: argparse.Namespace) -> dict[str, Callable[[], torch.Tensor]]:
+    model = random_minilm(args.config)
     x = random_batch(args.batch, args.seq, 1)
     m16 = copy.deepcopy(model).to(torch.bfloat16)
     runs = {FP32: lambda: model(**x).last_hidden_state, BF16: lambda: m16(**x).last_hidden_state,

@@ -43,10 +43,10 @@ Every *contender* runs the same sentence-transformers model (all-MiniLM-L6-v2, t
                                  the module from 12 (static QDQ ONNX, u8 activations), run like 3.
 14. ``OpenVINO running fxquant's static export`` -- ``fxquant.export_onnx(..., qdq_dtype="int8")`` (TensorRT's
                                  form), ``openvino.Core().read_model`` and compiled like 10.
-15. ``fxquant W8A8 static, bf16 compute`` -- 12 with ``QuantConfig(compute_dtype=torch.bfloat16,
-                                 fuse_siblings=True)`` (the README's AMX recipe): norms, attention, residual adds
-                                 and the int8 GEMMs' outputs in bf16, fp32 in and out (the fast float form on CPUs
-                                 with AMX-BF16 / AVX512-BF16; emulated and slow elsewhere), q/k/v as one GEMM.
+15. ``fxquant W8A8 static, bf16 compute`` -- 12 with ``QuantConfig(compute_dtype=torch.bfloat16)`` (the README's
+                                 AMX recipe): norms, attention, residual adds and the int8 GEMMs' outputs in bf16,
+                                 fp32 in and out (the fast float form on CPUs with AMX-BF16 / AVX512-BF16; emulated
+                                 and slow elsewhere).
 16. ``fxquant W8A8 static, bf16 compute + torch.compile`` -- ``torch.compile`` of 15: Inductor fuses each
                                  LayerNorm / residual add with the quantization after it into one C++ loop.
 
@@ -609,8 +609,7 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path) -> tuple[R
                     run, precision = build_openvino(ov.Core().read_model(str(path)), None, timing_enc)
                     result.notes.append(f"OpenVINO execution precision {precision}")
         elif name in (FXQUANT_STATIC_BF16, FXQUANT_STATIC_BF16_COMPILE):
-            qm, run = build_fxquant_static(model, timing_enc, calibration, smoothquant, compute_dtype=torch.bfloat16,
-                                           fuse_siblings=True)
+            qm, run = build_fxquant_static(model, timing_enc, calibration, smoothquant, compute_dtype=torch.bfloat16)
             result.notes.append(f"static-per-tensor, smoothquant={smoothquant}, compute_dtype=bfloat16, {calib_note}")
             if name == FXQUANT_STATIC_BF16_COMPILE:
                 run = build_compiled(qm, timing_enc, calls=max(3, args.warmup))

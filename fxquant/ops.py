@@ -434,16 +434,11 @@ def _register_inductor_decompositions() -> bool:
     return True
 
 
-_REGISTERED: Optional[bool] = None
-
-
+@functools.cache
 def register_inductor_decompositions() -> bool:
     """Register the decompositions above once per process (``fxquant.compile`` calls it, so that any
     ``torch.compile`` of a QuantizedModel sees them); True when they are registered."""
-    global _REGISTERED
-    if _REGISTERED is None:
-        _REGISTERED = _register_inductor_decompositions()
-    return _REGISTERED
+    return _register_inductor_decompositions()
 
 
 # CUDA machines register at import, as they always did (torch.compile of the ops alone, outside a
