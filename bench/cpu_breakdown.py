@@ -27,7 +27,8 @@ from unittest import mock
 import torch
 
 import fxquant
-from fxquant import backends, reference
+from fxquant.ir import reference
+from fxquant.targets import backends
 
 STAGES = ("as is", "no GEMM", "- quantize", "- epilogue", "- norm")
 

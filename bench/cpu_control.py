@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 import fxquant
-from fxquant import backends
+from fxquant.targets import backends
 
 FP32, BF16, CONTROL, FXQ, FXQ_COMPILE = ("torch fp32 eager", "torch bf16 eager", "torch bf16 + torch.compile (control)",
                                          "fxquant W8A8 eager", "fxquant W8A8 + torch.compile")
@@ -64,7 +64,7 @@ def random_minilm(config_dir: str | None = None) -> torch.nn.Module:
     """A BertModel of ``config_dir``'s config.json (default: the embedded MiniLM's) with seed-0 random weights."""
     from transformers import BertConfig, BertModel
 
-    from fxquant.evaluation import default_model_dir
+    from fxquant.app.evaluation import default_model_dir
 
     torch.manual_seed(0)
     return BertModel(BertConfig.from_pretrained(config_dir or default_model_dir())).eval()

@@ -50,18 +50,18 @@ Every *contender* runs the same sentence-transformers model (all-MiniLM-L6-v2, t
 16. ``fxquant W8A8 static, bf16 compute + torch.compile`` -- ``torch.compile`` of 15: Inductor fuses each
                                  LayerNorm / residual add with the quantization after it into one C++ loop.
 
-Calibration set (11-16): the first 100 sentences of ``fxquant.evaluation.load_sentences()`` (which are also
+Calibration set (11-16): the first 100 sentences of ``fxquant.app.evaluation.load_sentences()`` (which are also
 in the accuracy set), tokenized padded/truncated to ``--seq`` tokens in batches of ``--batch`` (by default
 32 + 32 + 32 + 4 sentences; the last batch is not padded with repeats, so every sentence counts once).
 
 Speed: for each contender, one full forward pass (encoder only, up to ``last_hidden_state``) on the same
 batch of ``--batch`` sentences padded/truncated to ``--seq`` tokens. The figure is the median wall-clock
-time of ``--repeat`` calls after ``--warmup`` untimed calls (``fxquant.evaluation.median_ms``). ORT gets
+time of ``--repeat`` calls after ``--warmup`` untimed calls (``fxquant.app.evaluation.median_ms``). ORT gets
 ``intra_op_num_threads = torch.get_num_threads()`` so both runtimes use the same number of threads.
 Ratios: "speed-up vs torch fp32" = fp32 ms / contender ms; "vs ORT int8" = ORT int8 ms / contender ms
 (above 1 means faster than ORT's int8 model).
 
-Accuracy: every sentence of ``fxquant.evaluation.load_sentences()`` is encoded in chunks of ``--batch``
+Accuracy: every sentence of ``fxquant.app.evaluation.load_sentences()`` is encoded in chunks of ``--batch``
 (the last chunk is padded to a full batch with repeats and the extra rows dropped, so every contender only
 ever sees one input shape), mean-pooled and L2-normalized (``mean_pooled_embeddings``), and compared with
 torch fp32 via ``embedding_agreement``: mean / min per-sentence cosine and Spearman's rho of the pairwise
@@ -112,8 +112,8 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 
-from fxquant.backends import cpu_flags
-from fxquant.evaluation import (
+from fxquant.targets.backends import cpu_flags
+from fxquant.app.evaluation import (
     default_model_dir,
     embedding_agreement,
     encode,

@@ -9,7 +9,7 @@ medians of whole forward passes):
   separate per-token pass (``min_n_unfused=0``) and the gated MLPs' ``down_proj`` (``gated_output_int8``);
 * ``bf16 capture+compile`` (a control, not a contender): fxquant's capture with nothing quantized
   (``min_ratio=inf``) + ``torch.compile``: the bf16 model with fxquant's graph cleanups (shape-only attention
-  masks removed, ``fxquant.attention``), to separate their gain from int8's.
+  masks removed, ``fxquant.frontend.attention``), to separate their gain from int8's.
 
 Models:
 * ``vit``: HF ``ViTModel(ViTConfig())`` = ViT-B/16 at 224² (12 layers, hidden 768, MLP 3072), batch 64,

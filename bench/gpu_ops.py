@@ -5,7 +5,7 @@ medians (each call after an L2 flush).
 
 Columns:
 * ``bf16``: ``F.linear(x, w, b)``, cuBLAS.
-* ``_int_mm+eager``: ``fxquant.reference.quantize_per_token`` (eager torch ops) + ``torch._int_mm`` +
+* ``_int_mm+eager``: ``fxquant.ir.reference.quantize_per_token`` (eager torch ops) + ``torch._int_mm`` +
   an eager epilogue; cuBLAS int8 refuses M ≤ 16.
 * ``fxquant``: ``torch.ops.fxquant.int8_linear`` (custom-op dispatch included); ``fxquant graph``: the same
   replayed from a CUDA graph (no launch gaps), as under ``torch.compile(mode="reduce-overhead")``.
@@ -35,7 +35,8 @@ from tabulate import tabulate  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 import fxquant  # noqa: E402,F401
-from fxquant import heuristics, reference  # noqa: E402
+from fxquant.ir import reference
+from fxquant.plan import rules as heuristics  # noqa: E402
 from fxquant.config import TARGETS  # noqa: E402
 from fxquant.kernels import quantize as kq  # noqa: E402
 from fxquant.kernels import w8a8_gemm as kg  # noqa: E402

@@ -18,9 +18,12 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 import fxquant  # noqa: F401  (registers ops)
-from fxquant import backends, heuristics, passes, reference
+from fxquant.ir import reference
+from fxquant.plan import planner as passes
+from fxquant.plan import rules as heuristics
+from fxquant.targets import backends
 from fxquant.config import QuantConfig
-from fxquant.evaluation import median_ms
+from fxquant.app.evaluation import median_ms
 
 SHAPES = [(32, 32), (64, 64), (96, 96), (128, 128), (192, 192), (256, 256), (384, 384), (384, 1536), (1536, 384), (768, 768), (768, 3072)]
 

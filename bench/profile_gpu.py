@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxquant  # noqa: E402
 from bench.gpu_models import build  # noqa: E402
-from fxquant import reference  # noqa: E402
+from fxquant.ir import reference  # noqa: E402
 
 
 def kernel_table(fn, rows: int) -> str:

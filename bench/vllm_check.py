@@ -281,7 +281,7 @@ def main() -> int:
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()))
     print(f"cpu: {cpu} ({os.cpu_count()} logical cores); {isa}")
     print(f"prompts: {PROMPTS}; {args.new_tokens} new tokens each, greedy; dtype {DTYPE}; "
-          f"weight_qmax {WEIGHT_QMAX or fxquant.passes.resolve_weight_qmax(fxquant.QuantConfig())}")
+          f"weight_qmax {WEIGHT_QMAX or fxquant.plan.planner.resolve_weight_qmax(fxquant.QuantConfig())}")
     print()
     tables = [["model", "int8 Linears", "int8 Linears (reloaded)", "ignore", "vllm quantization", "vllm error"],
               ["model", "tokens equal fx/vLLM", "first divergence", "fx top1-top2 gap there", "max |Δ logprob|",

@@ -9,20 +9,18 @@ from pathlib import Path as _Path
 
 from ._layout import map_source_checkout as _map_source_checkout
 
-# No-ops when installed. kernels/ first: fxquant's own modules import it (and it imports nothing of
-# fxquant); patterns/ last, since its modules import fxquant.ops.
-_map_source_checkout(__name__, _Path(__file__).resolve().parent, ("kernels",))
+# No-ops when installed: a source checkout's kernels/ and patterns/ become fxquant.kernels and
+# fxquant.patterns before anything imports them (kernels/ imports nothing of fxquant; patterns/ imports
+# fxquant.ir, which is loaded on demand).
+_map_source_checkout(__name__, _Path(__file__).resolve().parent, ("kernels", "patterns"))
 
-from . import ops  # noqa: F401  (registers the fxquant:: custom ops)
-from .api import QuantizedModel, compile
-from .calibration import calibrate
-from .config import TARGETS, QuantConfig
-from .errors import CalibrationError, CheckpointError, FxquantError, InputError, TraceError
-from .onnx_export import export_onnx
+from .targets import backends as _backends  # noqa: F401,E402  (registers the kernels of the fxquant:: ops)
+from .api import QuantizedModel, calibrate, compile  # noqa: E402
+from .config import TARGETS, QuantConfig  # noqa: E402
+from .errors import CalibrationError, CheckpointError, FxquantError, InputError, TraceError  # noqa: E402
+from .export.onnx import export_onnx  # noqa: E402
 
 __version__ = "0.1.0"
-
-_map_source_checkout(__name__, _Path(__file__).resolve().parent, ("patterns",))
 
 __all__ = ["compile", "calibrate", "export_onnx", "CalibrationError", "QuantConfig", "QuantizedModel", "TraceError", "InputError", "CheckpointError", "FxquantError", "TARGETS",
            "__version__"]

@@ -12,23 +12,30 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree
 
-from . import calibration as calib
-from . import checkpoint, ops, passes, report
-from ._attrs import parent_for
-from .capture import capture
-from .config import QuantConfig
+from .config import QuantConfig, check_calibration
 from .errors import CalibrationError, InputError
+from .export import compressed_tensors
+from .frontend.capture import capture
+from .ir import ops
+from .ir.meta import collect_decisions
+from .ir.notes import NoteKind, Notes
+from .passes.base import CompileContext, debug_dir_from_env, dump_captured, run_pipeline
+from .passes.pipeline import analysis_passes, transform_passes
+from .plan.planner import QuantPlan, linear_name, linear_nodes, resolve_weight_qmax
+from .program import Method, Program
+from .tools import report
+from .tools.draw import draw_graph
+from .weights import calibration as calib
+from .weights import checkpoint
+from .weights.store import WeightStore
 
-__all__ = ["compile", "QuantizedModel", "InputError"]
+__all__ = ["compile", "calibrate", "QuantizedModel", "InputError"]
 
 
 # Buffers that keep fp32 whatever dtype the model moves to: per-channel weight scales (the kernels' contract)
 # and Gemma's 1 + weight (Gemma computes it in fp32).
 _FP32_BUFFERS = ("weight_scale", "input_scale", "input_smooth")
 _FP32_SUFFIXES = ("_plus_one",)
-
-
-_STATIC_NOTE = "static per-tensor activation scales"
 
 
 def _keeps_fp32(name: str) -> bool:
@@ -52,23 +59,24 @@ class QuantizedModel(torch.nn.Module):
       torch.export kept static, raises :class:`InputError` naming the input, the dimension, the captured
       value and what to do.
 
+    * Methods: ``qmodel(...)`` runs ``"forward"``; ``qmodel.method(name)(...)`` runs another method captured
+      with ``compile(..., methods={name: inputs})``. Every method's graph executes one plan and references one
+      weight store (``qmodel.program``): no tensor is held twice.
+
     Attributes:
-        graph_module: the fused ``torch.fx.GraphModule`` (canonical ATen graph with fxquant ops).
+        graph_module: the fused ``torch.fx.GraphModule`` of ``"forward"`` (canonical ATen graph with fxquant ops).
+        program: the :class:`fxquant.program.Program` (methods, plan, store).
         config: the :class:`QuantConfig` it was compiled with.
     """
 
-    def __init__(self, graph_module: fx.GraphModule, config: QuantConfig, rep: report.Report, fixed_kwargs: dict[str, Any],
-                 float_dtype: Optional[torch.dtype] = None):
+    def __init__(self, program: Program, rep: Optional[report.Report], float_dtype: Optional[torch.dtype] = None):
         super().__init__()
-        self.graph_module = graph_module
-        self.config = config
+        self.program = program
+        self.graph_module = program.forward.graph_module
+        self.config = program.config
         self._report = rep
-        self._fixed_kwargs = dict(fixed_kwargs)
-        self._signature = inspect.signature(graph_module.forward)
-        self._input_shapes = _captured_shapes(graph_module)
         self._float_dtype = float_dtype
-        self._source: Optional[checkpoint.SourceInfo] = None  # set by compile: what save_pretrained writes under
-        self._uncalibrated = config.activation_scheme == "static-per-tensor"  # cleared by fxquant.calibrate
+        self._uncalibrated = self.config is not None and self.config.activation_scheme == "static-per-tensor"  # cleared by fxquant.calibrate
         # the model's float dtype while the graph computes in QuantConfig.compute_dtype (set by compile; cleared by
         # any dtype move, so it is only ever set while the two differ)
         self._io_dtype: Optional[torch.dtype] = None
@@ -77,6 +85,27 @@ class QuantizedModel(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.check_calibrated("run")
         return self._run_unchecked(args, kwargs)
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The names of the captured methods, ``"forward"`` first."""
+        return tuple(self.program.methods)
+
+    def method(self, name: str):
+        """A callable running method ``name`` with the same checks as ``qmodel(...)``.
+
+        Raises:
+            KeyError: no method of that name (the message lists the captured ones).
+        """
+        if name not in self.program.methods:
+            raise KeyError(f"this QuantizedModel has no method {name!r}; it has {list(self.program.methods)} "
+                           "(compile with methods={name: example_inputs} to capture more)")
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            self.check_calibrated("run")
+            return self._run_unchecked(args, kwargs, name)
+
+        return run
 
     def check_calibrated(self, what: str) -> None:
         """Raise :class:`fxquant.CalibrationError` when the static scheme's scales are not calibrated yet."""
@@ -89,26 +118,28 @@ class QuantizedModel(torch.nn.Module):
     def _calibrated(self, note: str) -> None:
         self._uncalibrated = False
         if self._report is not None:
-            self._report.notes[:] = [n for n in self._report.notes if not n.startswith(_STATIC_NOTE)] + [note]
+            self._report.notes.drop([NoteKind.STATIC_UNCALIBRATED, NoteKind.STATIC_CALIBRATED])
+            self._report.notes.add(NoteKind.STATIC_CALIBRATED, note, "calibrate")
 
-    def _run_unchecked(self, args: tuple, kwargs: dict) -> Any:
-        """Bind and check the inputs, then run the graph (whatever its calibration)."""
-        kwargs = {**kwargs, **self._fixed_kwargs}
+    def _run_unchecked(self, args: tuple, kwargs: dict, method: str = "forward") -> Any:
+        """Bind and check the inputs, then run the method's graph (whatever its calibration)."""
+        m = self.program.methods[method]
+        kwargs = {**kwargs, **m.fixed_kwargs}
         try:
-            bound = self._signature.bind(*args, **kwargs)
+            bound = m.signature.bind(*args, **kwargs)
         except TypeError as e:
-            names = [p for p in self._signature.parameters if p not in self._fixed_kwargs]
+            names = [p for p in m.signature.parameters if p not in m.fixed_kwargs]
             raise TypeError(
                 f"this QuantizedModel takes the inputs it was captured with, {names} (by name or in that order): {e}. "
                 "Call it with those arguments, or compile again with example inputs that include the ones you need."
             ) from None
-        self._check_inputs(bound.arguments)
+        self._check_inputs(bound.arguments, m.input_shapes)
         cast = self._io_dtype is not None
         if cast:  # QuantConfig.compute_dtype: float inputs of the model's dtype in, its outputs back
             args, kwargs = _cast_floats((args, kwargs), self._io_dtype, self._float_dtype)
         with torch.no_grad():
             try:
-                out = self.graph_module(*args, **kwargs)
+                out = m.graph_module(*args, **kwargs)
                 return _cast_floats(out, self._float_dtype, self._io_dtype) if cast else out
             except AssertionError as e:  # a torch.export guard this check did not anticipate
                 if "Guard failed" not in str(e):
@@ -116,7 +147,7 @@ class QuantizedModel(torch.nn.Module):
                 raise InputError(f"the inputs do not fit the captured graph ({e}). Call it with inputs shaped like the "
                                  "example inputs, or compile again with example inputs of the shapes you need.") from None
 
-    def _check_inputs(self, arguments: dict[str, Any]) -> None:
+    def _check_inputs(self, arguments: dict[str, Any], input_shapes: dict[str, tuple]) -> None:
         grad = torch.is_grad_enabled()
         for name, value in arguments.items():
             if not isinstance(value, torch.Tensor):
@@ -126,7 +157,7 @@ class QuantizedModel(torch.nn.Module):
                     f"input {name!r} requires grad, but fxquant's int8 graph is inference-only (its fused ops have no "
                     "backward, so no gradient would reach it). Call it under torch.no_grad() or torch.inference_mode(), "
                     "or pass the input detached; to train, train the float model and compile it again.")
-            captured = self._input_shapes.get(name)
+            captured = input_shapes.get(name)
             if captured is None:
                 continue
             shape = tuple(value.shape)
@@ -152,26 +183,45 @@ class QuantizedModel(torch.nn.Module):
         return super().train(False)
 
     def _apply(self, fn, recurse: bool = True):
-        """Every ``.to()`` / ``.half()`` / ``.cuda()`` ... lands here: move and cast as ``nn.Module`` does, then
-        put the fp32 buffers back to fp32 and let the fused nodes' output dtype follow a float-dtype change."""
+        """Every ``.to()`` / ``.half()`` / ``.cuda()`` ... lands here: move and cast every tensor of every method's
+        graph once (a tensor two graphs share stays shared), keep the fp32 buffers fp32, and let the fused
+        nodes' output dtype follow a float-dtype change.
+
+        The graphs share the user's Parameter objects: they are replaced with new ones, never written through
+        ``param.data`` (nn.Module's default), which would cast or move the user's model too."""
         old = self._float_dtype
         new = fn(torch.empty(0, dtype=old)).dtype if old is not None else None  # what fn does to a float tensor
-        # The graph shares the user's Parameter objects: replace them with new ones instead of assigning
-        # ``param.data`` (nn.Module's default), which would cast or move the user's model too.
-        overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
-        torch.__future__.set_overwrite_module_params_on_conversion(True)
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
-        for name, buf in list(self.graph_module.named_buffers()):
-            if _keeps_fp32(name) and buf.dtype != torch.float32:
-                owner, leaf = parent_for(self.graph_module, name)
-                owner._buffers[leaf] = buf.to(torch.float32)
+        memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def convert(t: torch.Tensor, keep_fp32: bool) -> torch.Tensor:
+            if id(t) not in memo:
+                with torch.no_grad():
+                    out = fn(t)
+                if keep_fp32 and out.dtype != torch.float32:
+                    out = out.to(torch.float32)
+                if isinstance(t, torch.nn.Parameter):
+                    out = torch.nn.Parameter(out, requires_grad=t.requires_grad)
+                memo[id(t)] = (t, out)
+            return memo[id(t)][1]
+
+        seen: set[int] = set()
+        for m in self.program.methods.values():
+            for mod in m.graph_module.modules():
+                if id(mod) in seen:
+                    continue
+                seen.add(id(mod))
+                for name, param in mod._parameters.items():
+                    if param is not None:
+                        mod._parameters[name] = convert(param, False)
+                for name, buf in mod._buffers.items():
+                    if buf is not None:
+                        mod._buffers[name] = convert(buf, _keeps_fp32(name))
+        self.program.store.rebind(lambda t: memo[id(t)][1] if id(t) in memo else t)
         if new is not None and new != old:
             self._float_dtype = new
             if self.config.out_dtype is None:
-                _retarget_out_dtype(self.graph_module, old, new)
+                for m in self.program.methods.values():
+                    _retarget_out_dtype(m.graph_module, old, new)
             self._io_dtype = None  # the caller chose the dtype: inputs and outputs are theirs again
         return self
 
@@ -186,8 +236,8 @@ class QuantizedModel(torch.nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB",
                         int8_head: bool = False) -> list:
         """Write a compressed-tensors W8A8 checkpoint (config.json + safetensors) that transformers, vLLM and
-        ``fxquant.compile(model, inputs, weights=directory)`` load; see :func:`fxquant.checkpoint.save_pretrained`."""
-        return checkpoint.save_pretrained(self, directory, max_shard_size=max_shard_size, int8_head=int8_head)
+        ``fxquant.compile(model, inputs, weights=directory)`` load; see :func:`fxquant.export.compressed_tensors.save_pretrained`."""
+        return compressed_tensors.save_pretrained(self, directory, max_shard_size=max_shard_size, int8_head=int8_head)
 
     def report(self) -> report.Report:
         """Every Linear's decision, the pattern counts and the fused node counts (``print()`` it)."""
@@ -223,32 +273,11 @@ class QuantizedModel(torch.nn.Module):
             ValueError: ``block`` matches no node, or the format is neither svg nor png.
             OSError: ``path`` cannot be written.
         """
-        from .draw import draw_graph
-
         return draw_graph(self.graph_module, path, block=block, format=format)
 
     def to_networkx(self):
         """The fused graph as a ``networkx.DiGraph`` (see :func:`fxquant.report.to_networkx`)."""
         return report.to_networkx(self.graph_module)
-
-
-def _captured_shapes(gm: fx.GraphModule) -> dict[str, tuple]:
-    """Per placeholder: the captured shape, ``None`` for each dynamic dimension (torch.export's meta only)."""
-    shapes = {}
-    for node in gm.graph.nodes:
-        val = node.meta.get("val") if node.op == "placeholder" else None
-        if isinstance(val, torch.Tensor):
-            shapes[node.target] = tuple(_static_size(d) for d in val.shape)
-    return shapes
-
-
-def _static_size(d) -> Optional[int]:
-    """A dimension's size when the capture fixed it (an int, or a SymInt torch.export specialized to a
-    number), else None (dynamic)."""
-    if isinstance(d, int):
-        return d
-    expr = getattr(getattr(d, "node", None), "expr", None)
-    return int(expr) if expr is not None and getattr(expr, "is_number", False) else None
 
 
 def _fmt_shape(shape: tuple) -> str:
@@ -280,12 +309,17 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     config: Optional[QuantConfig] = None,
     weights: Optional[str | os.PathLike | Mapping[str, torch.Tensor]] = None,
     calibration: Optional[Iterable[Any]] = None,
+    methods: Optional[Mapping[str, tuple | Mapping[str, Any]]] = None,
     progress: bool = True,
+    debug_dir: Optional[str | os.PathLike] = None,
 ) -> QuantizedModel:
     """Quantize ``model``'s Linears to W8A8 by graph rewriting.
 
-    Steps: capture (``torch.export`` non-strict with example inputs, ``torch.fx.symbolic_trace``
-    without) → canonicalize → annotate (heuristics per Linear) → fuse (``fxquant.patterns``) → lower.
+    Steps: per method, capture (``torch.export`` non-strict with example inputs, ``torch.fx.symbolic_trace``
+    without) and the analysis passes (install a checkpoint, annotate); one plan for the program
+    (:class:`fxquant.plan.planner.QuantPlan`); per method, the target's pipeline (:mod:`fxquant.passes`):
+    apply the plan → SmoothQuant → fuse patterns (``fxquant.patterns``) → share input quantization → fuse
+    siblings → lower → install smoothing; then calibration of static scales.
 
     Args:
         model: the float ``nn.Module``. It is not modified: parameters, buffers, submodules and every
@@ -306,7 +340,13 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
             or a dict of keyword args; a list, or any iterable, which is read once). Used for
             ``QuantConfig.smoothquant`` (the float model's per-channel activation maxima) and, with
             ``activation_scheme="static-per-tensor"``, for the static scales (:func:`fxquant.calibrate`).
+        methods: more methods of the same model, ``{name: example_inputs}`` (e.g. the same decoder at another
+            input signature); each is captured into its own graph, and every graph executes the one plan and
+            references the one weight store (run with ``qmodel.method(name)(...)``). ``"forward"`` is
+            ``example_inputs``.
         progress: show tqdm progress bars while calibrating.
+        debug_dir: write the golden text of every method's graph after every pass there
+            (``<method>/<NN>-<pass>.txt``); default ``$FXQUANT_DEBUG_DIR``, else nothing is written.
 
     Returns:
         A :class:`QuantizedModel`.
@@ -347,82 +387,151 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
         raise CalibrationError("calibration data was given but nothing uses it: the dynamic per-token scheme computes its "
                                "scales at run time; set QuantConfig(activation_scheme='static-per-tensor') and/or "
                                "smoothquant=alpha, or drop calibration=")
+    if methods is not None:
+        if not isinstance(methods, Mapping) or "forward" in methods:
+            raise TypeError("methods must be a dict {name: example_inputs} of methods besides 'forward' "
+                            "(forward's inputs are example_inputs)")
+        for name, inputs in methods.items():
+            if not isinstance(name, str) or not name.isidentifier() or not isinstance(inputs, (tuple, Mapping)):
+                raise TypeError(f"methods[{name!r}]: give a name that is a Python identifier and a tuple or dict of "
+                                "example inputs")
     calls = calib.batches_of(calibration) if calibration is not None else None
     stored = checkpoint.read_checkpoint(weights) if weights is not None else None
-    notes = []
+    notes = Notes()
     if any(m.training for m in model.modules()):
-        notes.append("the model was in training mode: captured in eval semantics (dropout off); its flags are unchanged")
-    captured = capture(model, example_inputs)
+        notes.add(NoteKind.TRAINING_MODE, "the model was in training mode: captured in eval semantics (dropout off); "
+                  "its flags are unchanged", "capture")
+    dump_dir = debug_dir_from_env(debug_dir)
+    captured = {"forward": capture(model, example_inputs)}
+    for name, inputs in (methods or {}).items():
+        captured[name] = capture(model, inputs)
     ops.register_inductor_decompositions()
-    gm = captured.graph_module
     source = checkpoint.SourceInfo.of(model)
+    first = captured["forward"]
     if stored is not None:
-        config = _checkpoint_config(gm, stored, config, source)
-        notes.append(f"weights: {len(stored.int8)} int8 Linear(s) and {len(stored.floats)} float tensor(s) from "
-                     f"{stored.origin}, used as stored")
-    qmax = passes.resolve_weight_qmax(config)
-    passes.annotate(gm, config, qmax, model)
-    factors = {}
-    if config.smoothquant is not None:
-        float_model = QuantizedModel(gm, config, None, captured.fixed_kwargs)  # the annotated float graph, run as is
-        factors = calib.smoothquant(gm, float(config.smoothquant), calls, float_model._run_unchecked, progress)
-    stats = passes.fuse(gm, fuse_siblings=config.spec.fuse_siblings)
-    passes.lower(gm, config, qmax)
-    smoothed = calib.install_smoothing(gm, factors)
-    decisions = passes.collect_decisions(gm)
-    if config.smoothquant is not None:
-        n_lin = sum(1 for d in decisions if any(p.startswith("smoothquant") for p in d.patterns))
-        notes.append(f"SmoothQuant (alpha={config.smoothquant:g}) on {smoothed} quantized input(s), {n_lin} Linear(s): "
-                     "weights W*diag(s), the quantizer multiplies by 1/s (pattern column: smoothquant)")
+        config = _checkpoint_config(first.graph_module, stored, config)
+        notes.add(NoteKind.CHECKPOINT, f"weights: {len(stored.int8)} int8 Linear(s) and {len(stored.floats)} float "
+                  f"tensor(s) from {stored.origin}, used as stored", "install_checkpoint")
+    qmax = resolve_weight_qmax(config)
+    ctx = CompileContext(config, qmax, WeightStore(stored.int8 if stored is not None else None), notes=notes,
+                         model=model, calibration=calls, progress=progress)
+    ctx.runner = lambda gm: _float_runner(gm, captured[ctx.method].fixed_kwargs)
+    graphs = {}
+    for name, cap in captured.items():
+        dump_captured(dump_dir, name, cap.graph_module)
+        ctx.method = name
+        graphs[name] = run_pipeline(cap.graph_module, analysis_passes(ctx, stored, source), dump_dir, name)
+    ctx.plan = QuantPlan.merge(graphs, qmax)
+    first_transform = len(analysis_passes(ctx, stored, source)) + 1
+    for name in graphs:
+        ctx.method = name
+        graphs[name] = run_pipeline(graphs[name], transform_passes(ctx), dump_dir, name, first_transform)
+    gm = graphs["forward"]
+    decisions = collect_decisions(gm)
     if static:
-        notes.append(f"{_STATIC_NOTE}: not calibrated yet; call fxquant.calibrate(qmodel, batches)")
+        notes.add(NoteKind.STATIC_UNCALIBRATED, "static per-tensor activation scales: not calibrated yet; call "
+                  "fxquant.calibrate(qmodel, batches)", "compile")
     if config.target == "cpu" and qmax < 127 and config.weight_qmax is None:
-        notes.append(
-            f"this CPU has no VNNI: int8 weights use [-{qmax}, {qmax}] so oneDNN's u8*s8 int16 pair sums cannot saturate"
-        )
+        notes.add(NoteKind.WEIGHT_RANGE, f"this CPU has no VNNI: int8 weights use [-{qmax}, {qmax}] so oneDNN's u8*s8 "
+                  "int16 pair sums cannot saturate", "resolve_weight_qmax")
     tied = [d for d in decisions if d.quantize and d.extra_bytes]
     if tied:
-        notes.append(f"{len(tied)} Linear(s) tied to an embedding run int8 from their own int8 copy "
-                     f"(+{sum(d.extra_bytes for d in tied) / 2**20:.1f} MiB); the embeddings stay float")
-    if captured.fixed_kwargs:
-        notes.append(f"captured with {captured.fixed_kwargs} (no KV cache in the graph)")
-    masks = captured.attention_masks
+        notes.add(NoteKind.TIED_HEAD, f"{len(tied)} Linear(s) tied to an embedding run int8 from their own int8 copy "
+                  f"(+{sum(d.extra_bytes for d in tied) / 2**20:.1f} MiB); the embeddings stay float", "annotate")
+    if first.fixed_kwargs:
+        notes.add(NoteKind.FIXED_KWARGS, f"captured with {first.fixed_kwargs} (no KV cache in the graph)", "capture")
+    masks = first.attention_masks
     if any(masks.values()):
-        notes.append(f"attention: {masks['all-true']} all-true mask(s) removed and {masks['causal']} causal mask(s) "
-                     "replaced by is_causal=True, so SDPA keeps its FlashAttention kernels (fxquant.attention)")
-    if not captured.dynamic:
-        notes.append("torch.export could not keep input dims dynamic: call with the example inputs' shapes")
-    rep = report.Report(decisions, stats, report.node_counts(gm), config.target, captured.front_end, qmax, notes,
+        notes.add(NoteKind.ATTENTION_MASKS, f"attention: {masks['all-true']} all-true mask(s) removed and "
+                  f"{masks['causal']} causal mask(s) replaced by is_causal=True, so SDPA keeps its FlashAttention "
+                  "kernels (fxquant.frontend.attention)", "capture")
+    if not first.dynamic:
+        notes.add(NoteKind.STATIC_SHAPES, "torch.export could not keep input dims dynamic: call with the example "
+                  "inputs' shapes", "capture")
+    rep = report.Report(decisions, ctx.stats, report.node_counts(gm), config.target, first.front_end, qmax, notes,
                         report.gemm_rows(gm))
     dtypes = {d.out_dtype for d in decisions if d.quantize}
     float_dtype = dtypes.pop() if len(dtypes) == 1 and config.out_dtype is None else None
-    qm = QuantizedModel(gm, config, rep, captured.fixed_kwargs, float_dtype)
-    qm._source = source
+    program = Program({name: Method(g, captured[name].fixed_kwargs) for name, g in graphs.items()}, ctx.plan,
+                      ctx.store, config, source)
+    qm = QuantizedModel(program, rep, float_dtype)
     if config.compute_dtype is not None and config.compute_dtype != float_dtype:
         if float_dtype is None:
-            notes.append(f"QuantConfig.compute_dtype={config.compute_dtype} not applied: the fused Linears' output "
-                         "dtypes are mixed or fixed by QuantConfig.out_dtype, so the model has no one float dtype to replace")
+            notes.add(NoteKind.COMPUTE_DTYPE, f"QuantConfig.compute_dtype={config.compute_dtype} not applied: the fused "
+                      "Linears' output dtypes are mixed or fixed by QuantConfig.out_dtype, so the model has no one "
+                      "float dtype to replace", "compile")
         else:
             qm.to(config.compute_dtype)  # before calibration: the static scales are those of what runs
             qm._io_dtype = float_dtype
-            notes.append(f"float work in {str(config.compute_dtype).replace('torch.', '')} (QuantConfig.compute_dtype); "
-                         f"inputs and outputs stay {str(float_dtype).replace('torch.', '')}")
+            notes.add(NoteKind.COMPUTE_DTYPE, f"float work in {str(config.compute_dtype).replace('torch.', '')} "
+                      f"(QuantConfig.compute_dtype); inputs and outputs stay {str(float_dtype).replace('torch.', '')}",
+                      "compile")
     if static and calls is not None:
-        calib.calibrate_calls(qm, calls, config.calibration_method, float(config.percentile), progress)
+        _calibrate_calls(qm, calls, config.calibration_method, float(config.percentile), progress)
     return qm
 
 
-def _checkpoint_config(gm: fx.GraphModule, stored: "checkpoint.StoredWeights", config: QuantConfig,
-                       source: "checkpoint.SourceInfo") -> QuantConfig:
-    """Install a checkpoint into the captured graph and return the config that follows it: the checkpoint's
-    float Linears skipped, every speed rule lifted for its int8 ones (the checkpoint decided), and a weight
-    range that covers the stored weights (127, or 63 when every stored |W_q| ≤ 63, which keeps the CPU's
-    7-bit oneDNN path exact)."""
-    linears = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.aten.linear.default:
-            linears.setdefault(passes.linear_name(gm, node), node)
-    floats = checkpoint.install(gm, stored, linears, source)
+def _float_runner(gm: fx.GraphModule, fixed_kwargs: dict[str, Any]):
+    """Run an annotated float graph as the user calls the model (SmoothQuant's statistics pass)."""
+    program = Program({"forward": Method(gm, fixed_kwargs)}, None, WeightStore(), None)
+    return QuantizedModel(program, None)._run_unchecked
+
+
+def calibrate(qmodel: QuantizedModel, batches: Iterable[Any], *, method: Optional[str] = None,
+              percentile: Optional[float] = None, progress: bool = True) -> QuantizedModel:
+    """Compute and install the static per-tensor activation scales of a model compiled with
+    ``QuantConfig(activation_scheme="static-per-tensor")`` (formulas in :mod:`fxquant.weights.calibration`).
+
+    The model runs every batch in its dynamic per-token form (when recalibrating, with its current static
+    scales) while each quantizing node records the float value it quantizes; the scales are installed only
+    after the last batch ran, so on any error the model is as before. Calling it again recalibrates. Every
+    method of the program gets the same scales (observed on ``"forward"``).
+
+    Args:
+        qmodel: a :class:`fxquant.QuantizedModel` compiled with the static scheme.
+        batches: an iterable of batches, each as the model is called: a tensor, a tuple of positional args or
+            a dict of keyword args (shapes may differ between batches where the capture kept them dynamic).
+        method: ``"minmax"`` or ``"percentile"``; default ``qmodel.config.calibration_method``.
+        percentile: in (0, 100], for ``"percentile"``; default ``qmodel.config.percentile``.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``qmodel``, calibrated.
+
+    Raises:
+        TypeError: ``qmodel`` is not a QuantizedModel.
+        CalibrationError: the model was not compiled with the static scheme, ``batches`` is empty or not an
+            iterable of batches, a batch does not fit the model (the message names the batch), or a quantizing
+            node saw no finite value.
+        ValueError: an unknown method or a percentile outside (0, 100].
+    """
+    if not isinstance(qmodel, QuantizedModel):
+        raise TypeError(f"calibrate needs a fxquant.QuantizedModel, got {type(qmodel).__name__}: compile the model with "
+                        "fxquant.compile(model, example_inputs, config=QuantConfig(activation_scheme='static-per-tensor'))")
+    if qmodel.config.activation_scheme != "static-per-tensor":
+        raise CalibrationError(f"this model uses activation_scheme={qmodel.config.activation_scheme!r}, whose scales are "
+                               "computed at run time; compile with QuantConfig(activation_scheme='static-per-tensor') to "
+                               "calibrate static scales")
+    method = qmodel.config.calibration_method if method is None else method
+    percentile = qmodel.config.percentile if percentile is None else percentile
+    check_calibration(method, percentile, "calibrate: ")
+    return _calibrate_calls(qmodel, calib.batches_of(batches), method, float(percentile), progress)
+
+
+def _calibrate_calls(qmodel: QuantizedModel, calls: list, method: str, percentile: float, progress: bool) -> QuantizedModel:
+    graphs = [m.graph_module for m in qmodel.program.methods.values()]
+    n = calib.calibrate_graphs(graphs, qmodel._run_unchecked, calls, method, percentile, qmodel.program.store, progress)
+    qmodel._calibrated(f"static per-tensor activation scales of {n} quantizing node(s) calibrated "
+                       f"({method}{f' {percentile:g}' if method == 'percentile' else ''}) on {len(calls)} batch(es)")
+    return qmodel
+
+
+def _checkpoint_config(gm: fx.GraphModule, stored: "checkpoint.StoredWeights", config: QuantConfig) -> QuantConfig:
+    """The config that follows a checkpoint: its float Linears skipped, every speed rule lifted for its int8
+    ones (the checkpoint decided), and a weight range that covers the stored weights (127, or 63 when every
+    stored |W_q| ≤ 63, which keeps the CPU's 7-bit oneDNN path exact)."""
+    names = dict.fromkeys(linear_name(gm, node) for node in linear_nodes(gm))
+    floats = [n for n in names if n not in stored.int8]
     peak = max(int(w.abs().max()) if w.numel() else 0 for w, _ in stored.int8.values())
     return dataclasses.replace(config, skip=(*config.skip, *floats), min_ratio=0, min_n_unfused=0,
                                gated_output_int8=True, weight_qmax=63 if peak <= 63 else 127)

@@ -6,8 +6,9 @@ from typing import Sequence
 
 import torch.fx as fx
 
-from fxquant.heuristics import Verdict
-from fxquant.rewrite import Match, decision_of
+from fxquant.ir.meta import Verdict
+from fxquant.ir.meta import decision_of
+from fxquant.ir.rewrite import Match
 
 
 def linears_are_int8(linears: Sequence[fx.Node]) -> Verdict:

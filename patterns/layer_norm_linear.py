@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from fxquant import ops
-from fxquant.rewrite import InputQuant, Match, Pattern, fuse_norm_quant, fuses_int8_linear
+from fxquant.ir import ops
+from fxquant.ir.meta import InputQuant
+from fxquant.ir.rewrite import Match, Pattern, fuse_norm_quant, fuses_int8_linear
 
 aten = torch.ops.aten
 
@@ -38,7 +39,7 @@ def layer_norm_no_affine(x):
     return aten.layer_norm.default(x, [1], None, None, 1e-5)
 
 
-def replace(gm, match: Match):
+def replace(gm, match: Match, store):
     ln = match.anchor
     x, shape, w, b, eps = (list(ln.args) + [None, None, 1e-5])[:5]
     return fuse_norm_quant(gm, ln, ops.LAYER_NORM_QUANT_C, lambda return_float: (x, shape, w, b, eps, return_float),
@@ -66,7 +67,6 @@ LAYER_NORM_LINEAR = Pattern(
     filters=(fuses_int8_linear(InputQuant.LAYER_NORM, "LayerNorm"),),
     replace=replace,
     quantized_output=InputQuant.LAYER_NORM,
-    description="LayerNorm -> Linear(s): one per-token quantization shared by every int8 consumer",
     ignore_literals=True,  # any normalized_shape and eps
     example=lambda: (_Example(), (torch.randn(2, 5, 256),)),
 )

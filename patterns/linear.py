@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.rewrite import Match, Pattern, quantize_linears
+from fxquant.ir.rewrite import Match, Pattern, quantize_linears
 
 from .common import linear_is_int8
 
@@ -30,8 +30,8 @@ def linear_no_bias(x, w):
     return aten.linear.default(x, w)
 
 
-def replace(gm, match: Match):
-    return quantize_linears(gm, [match["linear"]], "none", anchor=match["linear"], pattern="linear")
+def replace(gm, match: Match, store):
+    return quantize_linears(gm, store, [match["linear"]], "none", anchor=match["linear"], pattern="linear")
 
 
 LINEAR = Pattern(
@@ -40,6 +40,5 @@ LINEAR = Pattern(
     filters=(linear_is_int8,),
     replace=replace,
     linears=lambda match: ((match["linear"],), "none"),
-    description="Linear -> int8 GEMM with per-token dynamic activation quantization",
     example=lambda: (torch.nn.Sequential(torch.nn.Linear(256, 192), torch.nn.Linear(192, 256, bias=False)), (torch.randn(4, 256),)),
 )

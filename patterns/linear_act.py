@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.rewrite import Match, Pattern, quantize_linears
+from fxquant.ir.rewrite import Match, Pattern, quantize_linears
 
 from .common import linear_is_int8
 
@@ -53,9 +53,9 @@ def _activation_of(node) -> str:
     return node.target.__name__.split(".")[0]
 
 
-def replace(gm, match: Match):
+def replace(gm, match: Match, store):
     act_node = match.anchor
-    return quantize_linears(gm, [match["linear"]], _activation_of(act_node), anchor=act_node, pattern="linear_act")
+    return quantize_linears(gm, store, [match["linear"]], _activation_of(act_node), anchor=act_node, pattern="linear_act")
 
 
 class _Example(torch.nn.Module):
@@ -80,6 +80,5 @@ LINEAR_ACT = Pattern(
     filters=(linear_is_int8,),
     replace=replace,
     linears=lambda match: ((match["linear"],), _activation_of(match.anchor)),
-    description="Linear -> ReLU/GELU/GELU-tanh/SiLU fused as the int8 GEMM's epilogue",
     example=lambda: (_Example(), (torch.randn(2, 3, 256),)),
 )

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import torch
 
-from fxquant import ops
-from fxquant._attrs import fetch_attr, parent_for
-from fxquant.heuristics import Rule, Verdict
-from fxquant.rewrite import InputQuant, Match, Pattern, fuse_norm_quant, fuses_int8_linear
+from fxquant.ir import ops
+from fxquant.ir.attrs import fetch_attr, parent_for
+from fxquant.ir.meta import Rule, Verdict
+from fxquant.ir.meta import InputQuant
+from fxquant.ir.rewrite import Match, Pattern, fuse_norm_quant, fuses_int8_linear
 
 aten = torch.ops.aten
 
@@ -131,17 +132,15 @@ def _ndim(node) -> int:
     return v.dim() if v is not None else -1
 
 
-def replace(gm, match: Match):
+def replace(gm, match: Match, store):
     x, w, eps, cast_before_weight, offset = _parts(match)
     if eps is None:  # F.rms_norm's default: the input dtype's machine epsilon
         eps = torch.finfo(_val(x).dtype).eps
     if offset and w is not None:  # Gemma: store 1 + weight in fp32 once, beside the weight
         path = f"{w.target}_plus_one"
-        try:
-            fetch_attr(gm, path)
-        except AttributeError:
-            parent, leaf = parent_for(gm, path)
-            parent.register_buffer(leaf, fetch_attr(gm, w.target).detach().float() + offset)
+        weight = fetch_attr(gm, w.target)
+        parent, leaf = parent_for(gm, path)
+        parent.register_buffer(leaf, store.derived(path, lambda: weight.detach().float() + offset))
         with gm.graph.inserting_before(match.anchor):
             w = gm.graph.get_attr(path)
     return fuse_norm_quant(gm, match.anchor, ops.RMS_NORM_QUANT_C,
@@ -175,7 +174,6 @@ RMS_NORM_LINEAR = Pattern(
     filters=(fuses_int8_linear(InputQuant.RMS_NORM, "RMSNorm"),),
     replace=replace,
     quantized_output=InputQuant.RMS_NORM,
-    description="RMSNorm -> Linear(s): one per-token quantization shared by every int8 consumer",
     ignore_literals=True,  # any eps, dtype and normalized_shape; checked by is_rms_norm
     example=lambda: (_Example(), (torch.randn(2, 5, 256),)),
 )

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.heuristics import Rule, Verdict
-from fxquant.rewrite import Match, Pattern, decision_of, quantize_linears
+from fxquant.ir.meta import Rule, Verdict
+from fxquant.ir.meta import decision_of
+from fxquant.ir.rewrite import Match, Pattern, quantize_linears
 
 from .common import linears_are_int8
 
@@ -94,12 +95,12 @@ def both_int8(match: Match):
     return linears_are_int8(gate_and_up(match))
 
 
-def replace(gm, match: Match):
+def replace(gm, match: Match, store):
     gate, up = gate_and_up(match)
     parent, _, g = decision_of(gate).name.rpartition(".")
     u = decision_of(up).name.rpartition(".")[2]
     leaf = "gate_up_proj" if (g, u) == ("gate_proj", "up_proj") else f"{g or 'root'}_{u or 'root'}"  # vLLM's name
-    return quantize_linears(gm, [gate, up], epilogue_of(match), anchor=match.anchor, pattern="swiglu",
+    return quantize_linears(gm, store, [gate, up], epilogue_of(match), anchor=match.anchor, pattern="swiglu",
                             path=(f"{parent}." if parent else "") + leaf)
 
 
@@ -124,6 +125,5 @@ SWIGLU = Pattern(
     filters=(both_int8,),
     replace=replace,
     linears=lambda match: (gate_and_up(match), epilogue_of(match)),
-    description="act(gate(x)) * up(x) -> one int8 GEMM over [gate; up] with the SwiGLU / GeGLU-tanh epilogue",
     example=lambda: (_Example(), (torch.randn(2, 5, 256),)),
 )

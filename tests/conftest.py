@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # ------------------------------------------------------------------------------------------ tolerances
-# Relative tolerance of a fused op's output against fxquant.reference, keyed by the *output* dtype.
+# Relative tolerance of a fused op's output against fxquant.ir.reference, keyed by the *output* dtype.
 # Both sides compute the same fp32 epilogue from the same exact int32 accumulator; they may differ only
 # in how the backend scales the accumulator (oneDNN applies s_w inside its kernel), i.e. by a few fp32
 # ulps before the final cast. fp32: 1e-5. bf16 / fp16: that fp32 difference can move the rounding to the

@@ -1,4 +1,4 @@
-"""``fxquant.attention``: shape-only SDPA masks are removed (exactly), data-dependent and windowed ones kept."""
+"""``fxquant.frontend.attention``: shape-only SDPA masks are removed (exactly), data-dependent and windowed ones kept."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fxquant
-from fxquant.capture import capture
+from fxquant.frontend.capture import capture
 
 
 def _sdpa_nodes(gm):

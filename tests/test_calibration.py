@@ -14,8 +14,12 @@ import torch
 import torch.nn.functional as F
 
 import fxquant
-from fxquant import calibration, passes, reference
-from fxquant.capture import capture
+from fxquant.ir import reference
+from fxquant.plan import planner as passes
+from fxquant.program import Method, Program
+from fxquant.weights import calibration
+from fxquant.weights.store import WeightStore
+from fxquant.frontend.capture import capture
 
 STATIC = "static-per-tensor"
 
@@ -102,8 +106,9 @@ def test_smoothquant_rewrite_is_exact_on_the_float_graph():
     user_weight = model.up.weight.detach().clone()
     gm = capture(model, batches[0]).graph_module
     passes.annotate(gm, config, 127, model)
-    probe = fxquant.QuantizedModel(gm, config, None, {})
-    factors = calibration.smoothquant(gm, 0.5, calibration.batches_of(batches), probe._run_unchecked, progress=False)
+    probe = fxquant.QuantizedModel(Program({"forward": Method(gm, {})}, None, WeightStore(), config), None)
+    factors = calibration.smoothquant(gm, 0.5, calibration.batches_of(batches), probe._run_unchecked, WeightStore(),
+                                      progress=False)
     assert len(factors) == 2  # the norm's group (up, gate) and down's
     # apply each factor to its group's input, as the quantizers do, and run the float graph
     g = gm.graph
@@ -204,13 +209,13 @@ def test_calibration_errors_leave_the_model_as_it_was(tmp_path):
         fxquant.QuantConfig(activation_scheme="static")
 
 
-@pytest.mark.skipif(not fxquant.backends.onednn_available(), reason="this torch build has no oneDNN int8 Linear")
+@pytest.mark.skipif(not fxquant.targets.backends.onednn_available(), reason="this torch build has no oneDNN int8 Linear")
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu", "gelu_tanh", "silu"])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 def test_static_scale_runs_in_onednns_own_epilogue(activation, out_dtype):
     """A static scale reaches oneDNN as its src scale, with bias and activation as its post-op (silu is not one
     of them: the torch epilogue runs); the result is the reference epilogue's up to rounding order."""
-    from fxquant import backends
+    from fxquant.targets import backends
 
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(37, 96, generator=g), torch.randn(80, 96, generator=g) * 0.05, torch.randn(80, generator=g)

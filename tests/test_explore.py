@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant import QuantConfig, cli
+from fxquant import QuantConfig
+from fxquant.app import cli
 
 pytest.importorskip("matplotlib")
 

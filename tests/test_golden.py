@@ -1,4 +1,4 @@
-"""Golden-graph snapshots of the fused graph, in the compact form of ``fxquant.report.golden_text``.
+"""Golden-graph snapshots of the fused graph, in the compact form of ``fxquant.tools.report.golden_text``.
 
 One snapshot per registered pattern (its ``example()``) and front end, plus a small-config BERT.
 Update after an intended change with:
@@ -45,7 +45,7 @@ def test_pattern_golden(pattern, front_end, snapshot, sqnr):
     stats = qm.report().pattern_stats
     expected = EXPECTED_MATCHES[pattern.name]
     expected = expected.get(front_end, expected["export"])
-    assert {name: s["matched"] for name, s in stats.items() if s["matched"]} == expected
+    assert {name: s.matched for name, s in stats.items() if s.matched} == expected
     with torch.no_grad():
         ref, out = model(*inputs), qm(*inputs)
     assert sqnr(ref, out) > 25, f"{pattern.name}/{front_end}: SQNR {sqnr(ref, out):.1f} dB"

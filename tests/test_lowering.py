@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxquant
-from fxquant import backends
+from fxquant.targets import backends
 from fxquant.kernels import common
 
 needs_triton = pytest.mark.skipif(
@@ -38,8 +38,8 @@ def test_sibling_linears_share_one_quantization(sqnr):
     model, x = SwiGLUBlock().eval(), torch.randn(2, 8, 256)
     qm = fxquant.compile(model, (x,), config=fxquant.QuantConfig(fuse_siblings=False))  # q, k, v as three GEMMs
     rep = qm.report()
-    assert rep.pattern_stats["shared_input_quant"]["matched"] == 1  # {q, k, v}
-    assert rep.pattern_stats["swiglu"]["matched"] == 1  # gate and up are one GEMM: nothing left to share
+    assert rep.pattern_stats["shared_input_quant"].matched == 1  # {q, k, v}
+    assert rep.pattern_stats["swiglu"].matched == 1  # gate and up are one GEMM: nothing left to share
     counts = rep.node_counts
     assert counts["fxquant.quantize_per_token"] == 1
     assert counts["fxquant.int8_linear_q"] == 3 and counts["fxquant.int8_linear"] == 2  # gate+up, o
@@ -58,7 +58,7 @@ def test_sharing_changes_no_number():
     shared = fxquant.compile(model, (x,))
     unshared = fxquant.compile(model, (x,))
     # undo the sharing in the second copy: every Linear quantizes the float input again, in its own node
-    from fxquant import ops
+    from fxquant.ir import ops
 
     g = unshared.graph_module.graph
     for node in list(g.nodes):
@@ -145,7 +145,7 @@ def test_sibling_linears_run_as_one_gemm_on_cuda_target():
     model, x = LNAttentionInput().eval(), torch.randn(2, 5, 768)
     qm = fxquant.compile(model, (x,), config=fxquant.QuantConfig(target="cuda"))
     rep = qm.report()
-    assert rep.pattern_stats["sibling_fusion"]["matched"] == 1
+    assert rep.pattern_stats["sibling_fusion"].matched == 1
     assert rep.node_counts["fxquant.int8_linear_q"] == 1 and rep.node_counts["fxquant.layer_norm_quant"] == 1
     for d in rep.decisions:
         assert d.quantize and "as one GEMM with its siblings (K=768, N=2304)" in d.reason, d

@@ -211,7 +211,7 @@ def test_int8_linear_count(compiled):
     assert len(floats) == c.spec.n_float, [(d.name, d.reason) for d in floats]
     expected_int8 = n_linear - len(floats)
     assert rep.num_int8 == expected_int8
-    from fxquant.rewrite import members_of
+    from fxquant.ir.meta import members_of
 
     computed = [d for n in c.qm.graph_module.graph.nodes for d in members_of(n)]  # SwiGLU: 2 Linears, 1 node
     assert len(computed) == expected_int8
@@ -239,21 +239,21 @@ def test_layer_norm_fusion(compiled):
         # ln_1 / ln_2 reach c_attn / c_fc through an aten.view: no int8 Linear reads a LayerNorm directly
         # and layer_norm_linear rejects all 5 LayerNorms (ln_1, ln_2 per layer, ln_f).
         stats = rep.pattern_stats["layer_norm_linear"]
-        assert stats["matched"] == 0
-        assert stats["rejected"] == 5
-        assert stats["no int8 Linear reads this LayerNorm"] == 5
+        assert stats.matched == 0
+        assert stats.rejected == 5
+        assert stats.reasons["no int8 Linear reads this LayerNorm"] == 5
         assert "fxquant.layer_norm_quant" not in rep.node_counts
         assert rep.num_int8 == 8
         assert not any(d.input_quant == "shared-layernorm" for d in rep.decisions)
         return
     if _name(c) not in ("BertModel", "ViTModel"):
         # RMSNorm decoders have no LayerNorm to fuse
-        assert rep.pattern_stats["layer_norm_linear"]["matched"] == 0
+        assert rep.pattern_stats["layer_norm_linear"].matched == 0
         assert "fxquant.layer_norm_quant" not in rep.node_counts
         return
     # BERT: embeddings LN + (attention-output LN, output LN) of layer 0 feed int8 Linears; the last
     # output LN feeds only the pooler's slice. ViT: (layernorm_before, layernorm_after) x 2 layers.
-    assert rep.pattern_stats["layer_norm_linear"]["matched"] == 4
+    assert rep.pattern_stats["layer_norm_linear"].matched == 4
     assert rep.node_counts["fxquant.layer_norm_quant"] == 4
     assert rep.node_counts["fxquant.int8_linear_q"] == 4  # q/k/v (one GEMM) and intermediate per layer
     shared = [d.name for d in rep.decisions if d.input_quant == "shared-layernorm"]
@@ -403,10 +403,10 @@ def test_llm_rms_norm_and_gated_mlp_fusion(name, down_int8, sqnr):
     rep = qm.report()
     stats = rep.pattern_stats
     # rejected: the final norm, and Qwen3's per-head q_norm / k_norm (they feed attention, not a Linear)
-    assert stats["rms_norm_linear"]["matched"] == 4
-    assert stats["rms_norm_linear"]["rejected"] == (5 if name == "qwen3" else 1)
-    assert stats["swiglu"]["matched"] == 2
-    assert stats["layer_norm_linear"]["matched"] == 0
+    assert stats["rms_norm_linear"].matched == 4
+    assert stats["rms_norm_linear"].rejected == (5 if name == "qwen3" else 1)
+    assert stats["swiglu"].matched == 2
+    assert stats["layer_norm_linear"].matched == 0
     by_name = {d.name: d for d in rep.decisions}
     for layer in range(2):
         gate, up = by_name[f"layers.{layer}.mlp.gate_proj"], by_name[f"layers.{layer}.mlp.up_proj"]

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxquant  # noqa: F401  (registers torch.ops.fxquant)
-from fxquant import backends, reference
+from fxquant.ir import reference
+from fxquant.targets import backends
 
 OPS = torch.ops.fxquant
 EPS = torch.finfo(torch.float32).eps
@@ -357,7 +358,8 @@ def test_layer_norm_quant_op_then_linear_q_equals_int8_linear_on_layer_norm():
 
 def test_quantize_workspace_across_inference_mode():
     """The CPU quantizer's reused workspace must serve calls inside and outside inference_mode alike."""
-    from fxquant import backends, reference
+    from fxquant.ir import reference
+    from fxquant.targets import backends
 
     x = torch.randn(33, 70, generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():

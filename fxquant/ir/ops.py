@@ -41,7 +41,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.fx as fx
 
-from . import backends
+from ..kernels.common import GATED_ACTIVATIONS
 
 __all__ = ["quantize_per_token", "int8_linear", "int8_linear_q", "layer_norm_quant", "rms_norm_quant", "FusedLinear",
            "contract_of", "CONTRACTS", "out_features", "quantized_value"]
@@ -51,7 +51,7 @@ _NS = "fxquant"
 # Registered through ``torch.library.Library`` rather than ``@torch.library.custom_op``: the latter wraps
 # every call in Python that checks outputs for aliasing, 40-80 µs per call on an H200 host (cProfile of
 # bench/profile_gpu.py), more than the GPU time of a mid-sized int8 GEMM.
-_LIB = torch.library.Library(_NS, "DEF")
+LIBRARY = torch.library.Library(_NS, "DEF")  # fxquant.targets.backends registers the kernels
 
 _SCHEMA_ARG = re.compile(r"^\s*(?P<type>[\w\[\]?]+)\s+(?P<name>\w+)(?:\s*=\s*(?P<default>\w+))?\s*$")
 
@@ -66,7 +66,7 @@ class _Contract:
     """
 
     def __init__(self, name: str, params: str, returns: str):
-        _LIB.define(f"{name}({params}) -> {returns}")
+        LIBRARY.define(f"{name}({params}) -> {returns}")
         fields, defaults = [], {}
         for p in params.split(","):
             m = _SCHEMA_ARG.match(p)
@@ -139,30 +139,8 @@ NORM_QUANT_CONTRACTS = (LAYER_NORM_QUANT_C, RMS_NORM_QUANT_C)
 NORM_QUANT_FLOAT, NORM_QUANT_Q, NORM_QUANT_SCALE = 0, 1, 2  # output indices of the norm-quant ops
 
 
-def _impl(name):
-    """Register ``fn`` as the op's kernel for every backend. Inference ops: run without autograd recording
-    (a caller's tensors may require grad; the fused ops have no backward)."""
-
-    def register(fn):
-        @functools.wraps(fn)
-        def no_grad_fn(*args, **kwargs):
-            if not torch.is_grad_enabled():  # the usual inference case; entering no_grad costs ~1 µs
-                return fn(*args, **kwargs)
-            with torch.no_grad():
-                return fn(*args, **kwargs)
-
-        _LIB.impl(name, no_grad_fn, "CompositeExplicitAutograd")
-        return fn
-
-    return register
-
-
-@_impl("quantize_per_token")
-def quantize_per_token(x: torch.Tensor, act_scale: Optional[torch.Tensor] = None,
-                       act_smooth: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return backends.quantize_per_token(x, act_scale, act_smooth)
-
-
+# ------------------------------------------------------------------ fake (meta) implementations
+# The kernels behind each op are registered by fxquant.targets.backends (imported by ``import fxquant``).
 @torch.library.register_fake(f"{_NS}::quantize_per_token")
 def _(x, act_scale=None, act_smooth=None):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
@@ -171,33 +149,7 @@ def _(x, act_scale=None, act_smooth=None):
 def out_features(w_q: torch.Tensor, activation: str) -> int:
     """N of a fused Linear's output: the weight's rows, or half of them for a gated epilogue (SwiGLU:
     gate and up projections stacked as one [2I, K] weight, output [..., I])."""
-    return w_q.shape[0] // 2 if activation in backends.GATED else w_q.shape[0]
-
-
-def _linear_2d(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype):
-    if x_q.dim() == 2 and x_scale.dim() == 2:  # decode and flattened inputs: no reshapes (each is host time on a host-bound call)
-        return backends.run_linear(x_q, x_scale, w_q, w_scale, bias, activation, backend, out_dtype, w_qmax)
-    lead = x_q.shape[:-1]
-    y = backends.run_linear(
-        x_q.reshape(-1, x_q.shape[-1]), x_scale.reshape(-1, 1), w_q, w_scale, bias,
-        activation, backend, out_dtype, w_qmax,
-    )
-    return y.reshape(*lead, y.shape[-1])
-
-
-@_impl("int8_linear_q")
-def int8_linear_q(
-    x_q: torch.Tensor,
-    x_scale: torch.Tensor,
-    w_q: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    activation: str,
-    backend: str,
-    w_qmax: int,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    return _linear_2d(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype)
+    return w_q.shape[0] // 2 if activation in GATED_ACTIVATIONS else w_q.shape[0]
 
 
 @torch.library.register_fake(f"{_NS}::int8_linear_q")
@@ -205,55 +157,9 @@ def _(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype):
     return x_q.new_empty((*x_q.shape[:-1], out_features(w_q, activation)), dtype=out_dtype)
 
 
-@_impl("int8_linear")
-def int8_linear(
-    x: torch.Tensor,
-    w_q: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    activation: str,
-    backend: str,
-    w_qmax: int,
-    out_dtype: Optional[torch.dtype] = None,
-    act_scale: Optional[torch.Tensor] = None,
-    act_smooth: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    # flatten once: quantization and GEMM both work on [M, K] (every reshape is host time on a host-bound call)
-    x_q, x_scale = backends.quantize_per_token(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), act_scale, act_smooth)
-    y = _linear_2d(x_q, x_scale, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype or x.dtype)
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
-
-
 @torch.library.register_fake(f"{_NS}::int8_linear")
 def _(x, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype=None, act_scale=None, act_smooth=None):
     return x.new_empty((*x.shape[:-1], out_features(w_q, activation)), dtype=out_dtype or x.dtype)
-
-
-@_impl("layer_norm_quant")
-def layer_norm_quant(
-    x: torch.Tensor,
-    normalized_shape: list[int],
-    weight: Optional[torch.Tensor],
-    bias: Optional[torch.Tensor],
-    eps: float,
-    return_float: bool,
-    act_scale: Optional[torch.Tensor] = None,
-    act_smooth: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backends.layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float, act_scale, act_smooth)
-
-
-@_impl("rms_norm_quant")
-def rms_norm_quant(
-    x: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    eps: float,
-    cast_before_weight: bool,
-    return_float: bool,
-    act_scale: Optional[torch.Tensor] = None,
-    act_smooth: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backends.rms_norm_quant(x, weight, eps, cast_before_weight, return_float, act_scale, act_smooth)
 
 
 def _layer_norm_quant_fake(x, normalized_shape, weight, bias, eps, return_float, act_scale=None, act_smooth=None):

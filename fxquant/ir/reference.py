@@ -22,10 +22,10 @@ from typing import Optional
 
 import torch
 
-from .kernels import common as _kc
-from .kernels import layer_norm_quant as _kln
-from .kernels import quantize as _kq
-from .kernels import w8a8_gemm as _kg
+from ..kernels import common as _kc
+from ..kernels import layer_norm_quant as _kln
+from ..kernels import quantize as _kq
+from ..kernels import w8a8_gemm as _kg
 
 __all__ = [
     "EPS",

@@ -1,30 +1,34 @@
-"""The passes of ``fxquant.compile``: annotate (with the planning analysis) → fuse → lower. GraphModule in,
-GraphModule out; all state lives in ``node.meta["fxquant"]`` (an immutable
-:class:`~fxquant.rewrite.LinearDecision` per Linear call) and, on fused Linear nodes, in
-``node.meta["fxquant_members"]``."""
+"""The planner: which Linears go int8 and why, which share one quantized input and which run as one GEMM.
+
+:func:`annotate` analyses one captured graph (rules per Linear, then :func:`plan_input_groups` per input
+group) and records each Linear call's :class:`~fxquant.ir.meta.LinearDecision` on its node;
+:class:`QuantPlan` merges what every method of a program decided into one immutable mapping keyed by the
+Linear's FQN, which :meth:`QuantPlan.apply` writes back into each method's graph, so every graph of the
+program executes the same decisions."""
 
 from __future__ import annotations
 
-import operator
-from typing import Optional
+import types
+from dataclasses import dataclass
+from typing import Mapping, Optional, Sequence
 
 import torch
 import torch.fx as fx
 
-from . import backends, heuristics, ops
-from ._attrs import fetch_attr
-from .config import QuantConfig
-from .heuristics import Rule, Verdict
-from .rewrite import (META_KEY, InputQuant, LinearDecision, decision_of, fuse_sibling_linears, members_of,
-                      read_quantized_input, run_patterns, _set_members)
+from ..ir.attrs import fetch_attr
+from ..ir.meta import InputQuant, LinearDecision, Rule, Verdict, decision_of, set_decision
+from ..ir.views import AtenLinear, attr_target
+from ..kernels.common import GATED_ACTIVATIONS
+from ..targets import backends
+from ..patterns import REGISTRY
+from . import rules as heuristics
 
-__all__ = ["annotate", "plan_input_groups", "fuse", "share_input_quantization", "lower", "resolve_weight_qmax",
-           "linear_name", "collect_decisions"]
+__all__ = ["annotate", "plan_input_groups", "resolve_weight_qmax", "linear_name", "linear_nodes", "QuantPlan"]
 
 aten = torch.ops.aten
 
 
-def resolve_weight_qmax(config: QuantConfig) -> int:
+def resolve_weight_qmax(config) -> int:
     """The int8 weight range: the config's or the target's value; for ``cpu`` with neither, 127 when the
     CPU's oneDNN int8 GEMM is exact at full range (VNNI/AMX), else 63 (see ``fxquant.backends``)."""
     qmax = config.spec.weight_qmax
@@ -44,20 +48,20 @@ def linear_name(gm: fx.GraphModule, node: fx.Node) -> str:
         kind = kind if isinstance(kind, str) else f"{kind.__module__}.{kind.__qualname__}"
         if kind.endswith("Linear"):
             return path  # "" when the model itself is the Linear
-    w = node.args[1]
-    if isinstance(w, fx.Node) and w.op == "get_attr" and (w.target == "weight" or w.target.endswith(".weight")):
-        return w.target[: -len("weight")].rstrip(".")
+    w = attr_target(AtenLinear.of(node).weight)
+    if w is not None and (w == "weight" or w.endswith(".weight")):
+        return w[: -len("weight")].rstrip(".")
     if stack:
         return stack[-1][0]
     return node.name
 
 
 def _weight_of(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.Tensor]:
-    w = node.args[1]
-    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+    w = attr_target(AtenLinear.of(node).weight)
+    if w is None:
         return None
     try:
-        obj = fetch_attr(gm, w.target)
+        obj = fetch_attr(gm, w)
     except AttributeError:
         return None
     return obj if isinstance(obj, torch.Tensor) else None
@@ -76,14 +80,17 @@ def _tied(gm: fx.GraphModule, attrs: list[fx.Node], node: fx.Node, name: str) ->
     not tied: each call is quantized against the one set of int8 weights); ``"embedding"`` when the only other
     readers are embedding lookups of the weight (a tied LM head); ``"other"`` when any other op reads them,
     another Linear module too (``b.weight = a.weight``: one float weight, two modules)."""
-    read = {a.target for a in node.args[1:3] if isinstance(a, fx.Node) and a.op == "get_attr"}
-    weight = node.args[1].target if isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr" else None
+    lin = AtenLinear.of(node)
+    read = {t for t in (attr_target(lin.weight), attr_target(lin.bias)) if t is not None}
+    weight = attr_target(lin.weight)
 
     def same_linear(user: fx.Node, attr: fx.Node) -> bool:  # a call of this Linear (or of its module again)
-        return (user.op == "call_function" and user.target is aten.linear.default and linear_name(gm, user) == name
-                and attr in user.args[1:3] and attr is not user.args[0])
+        if not AtenLinear.matches(user) or linear_name(gm, user) != name:
+            return False
+        u = AtenLinear.of(user)
+        return attr in (u.weight, u.bias) and attr is not u.input
 
-    def embedding_lookup(user: fx.Node, attr: fx.Node) -> bool:
+    def embedding_lookup(user: fx.Node, attr: fx.Node) -> bool:  # aten.embedding(weight, indices, ...)
         return (user.op == "call_function" and user.target is aten.embedding.default and user.args[0] is attr
                 and attr.target == weight)
 
@@ -100,7 +107,7 @@ def _tied(gm: fx.GraphModule, attrs: list[fx.Node], node: fx.Node, name: str) ->
     return kind
 
 
-def annotate(gm: fx.GraphModule, config: QuantConfig, weight_qmax: int, model: Optional[torch.nn.Module] = None,
+def annotate(gm: fx.GraphModule, config, weight_qmax: int, model: Optional[torch.nn.Module] = None,
              patterns=None) -> list[LinearDecision]:
     """Decide int8 or float for every ``aten.linear`` node and plan its input; store the decision in
     ``node.meta``.
@@ -111,18 +118,16 @@ def annotate(gm: fx.GraphModule, config: QuantConfig, weight_qmax: int, model: O
     ``weight_qmax`` is :func:`resolve_weight_qmax` of the config (resolved once by the caller). Returns the
     decisions in graph order.
     """
-    from .patterns import REGISTRY
-
     spec = config.spec
     attrs = [n for n in gm.graph.nodes if n.op == "get_attr"]
-    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default]
+    linears = linear_nodes(gm)
     for index, node in enumerate(linears):
         name = linear_name(gm, node)
         w = _weight_of(gm, node)
         if w is None or w.dim() != 2:
-            node.meta[META_KEY] = LinearDecision(name, -1, -1, None, 0.0, False, False,
+            set_decision(node, LinearDecision(name, -1, -1, None, 0.0, False, False,
                                                  "weight is not a constant 2-D parameter: kept float",
-                                                 rule=Rule.CONSTANT_WEIGHT, index=index)
+                                              rule=Rule.CONSTANT_WEIGHT, index=index))
             continue
         n, k = w.shape
         aligned = heuristics.is_aligned(k, n, spec.alignment)
@@ -133,11 +138,11 @@ def annotate(gm: fx.GraphModule, config: QuantConfig, weight_qmax: int, model: O
         reason = verdict.reason
         if extra and verdict.ok:
             reason += f"; weight tied to an embedding: int8 copy adds {extra / 2**20:.1f} MiB, the embedding stays float"
-        node.meta[META_KEY] = LinearDecision(
+        set_decision(node, LinearDecision(
             name, k, n, w.dtype, heuristics.beneficial_ratio(k, n), aligned.ok, verdict.ok, reason,
             rule=None if verdict.ok else verdict.rule, weight_qmax=weight_qmax, out_dtype=config.out_dtype or w.dtype,
             index=index, extra_bytes=extra,
-        )
+        ))
     plan_input_groups(gm, spec, REGISTRY if patterns is None else patterns)
     return [decision_of(n) for n in linears]
 
@@ -176,7 +181,7 @@ def plan_input_groups(gm: fx.GraphModule, spec, patterns) -> None:
                 continue
             lins, epilogue = pat.linears(m)
             lins = tuple(lins)
-            if epilogue in backends.GATED:
+            if epilogue in GATED_ACTIVATIONS:
                 gated_products.add(m.anchor)
             if any(lin in claims for lin in lins):
                 continue
@@ -188,7 +193,7 @@ def plan_input_groups(gm: fx.GraphModule, spec, patterns) -> None:
     units: dict[fx.Node, dict[tuple[fx.Node, ...], str]] = {}  # input -> {unit: epilogue}, graph order
     for lin, (unit, epilogue) in claims.items():
         if decision_of(lin).k >= 0:
-            units.setdefault(unit[0].args[0], {})[unit] = epilogue
+            units.setdefault(AtenLinear.of(unit[0]).input, {})[unit] = epilogue
     gemm_ids = iter(range(1 << 30))
     for group_id, (x, group) in enumerate(units.items()):
         gemms = _plan_gemms(group, spec)
@@ -251,7 +256,7 @@ def _judge_ratio(unit: tuple[fx.Node, ...], gemm: tuple, min_ratio: float) -> No
 
 def _update(unit, **changes) -> None:
     for lin in unit:
-        lin.meta[META_KEY] = decision_of(lin).replace(**changes)
+        set_decision(lin, decision_of(lin).replace(**changes))
 
 
 def _first_failure(tied, name, w, config, spec, model, aligned, k, n) -> Verdict:
@@ -277,79 +282,68 @@ def _first_failure(tied, name, w, config, spec, model, aligned, k, n) -> Verdict
     return heuristics.int8_pays_off(k, n, spec.min_ratio)
 
 
-def fuse(gm: fx.GraphModule, patterns=None, fuse_siblings: bool = False) -> dict[str, dict[str, int]]:
-    """Apply the registered patterns (``fxquant.patterns.REGISTRY``), then :func:`share_input_quantization`
-    and, where the target asks for it, :func:`fxquant.rewrite.fuse_sibling_linears`; returns match/reject
-    counts per pattern (the passes under ``"shared_input_quant"`` and ``"sibling_fusion"``)."""
-    from .patterns import REGISTRY
-
-    stats = run_patterns(gm, REGISTRY if patterns is None else patterns)
-    stats["shared_input_quant"] = {"matched": share_input_quantization(gm), "rejected": 0}
-    if fuse_siblings:
-        stats["sibling_fusion"] = {"matched": fuse_sibling_linears(gm), "rejected": 0}
-    return stats
+def linear_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """The ``aten.linear`` calls of a graph, in order."""
+    return [n for n in gm.graph.nodes if AtenLinear.matches(n)]
 
 
-def share_input_quantization(gm: fx.GraphModule) -> int:
-    """Execute the planned shared quantizations (``InputQuant.SHARED_PER_TOKEN`` groups): quantize once what
-    several int8 Linears read (q/k/v of a block without a fused norm, say).
+@dataclass(frozen=True)
+class QuantPlan:
+    """The decisions of one program, made once from what every method captured: per Linear FQN, its
+    :class:`~fxquant.ir.meta.LinearDecision` (int8 or float, the rule and the reason).
 
-    Before::
+    Merging (:meth:`merge`): the first method's analysis decides; where another method's analysis of the
+    same Linear came out otherwise (a different M cannot change a rule today, but a different graph shape
+    can change a group), that method follows the plan and the difference is listed in ``overrides``.
 
-        %q = fxquant.int8_linear(%h, @q.weight, ...)
-        %k = fxquant.int8_linear(%h, @k.weight, ...)
-
-    After::
-
-        %hq = fxquant.quantize_per_token(%h)
-        %q = fxquant.int8_linear_q(%hq[0], %hq[1], @q.weight, ...)
-        %k = fxquant.int8_linear_q(%hq[0], %hq[1], @k.weight, ...)
-
-    Same numerics (per-token quantization depends on the input alone), one quantization kernel instead of
-    one per consumer. Returns the number of shared quantizations inserted.
+    Attributes:
+        decisions: read-only ``{Linear FQN: LinearDecision}``.
+        weight_qmax: the int8 weight range of every int8 Linear (127, or 63 on CPUs without VNNI).
+        overrides: ``(method, Linear FQN, what that method's own analysis said)`` for each override.
     """
-    groups: dict[int, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is ops.INT8_LINEAR:
-            d = members_of(node)[0]
-            if d.input_quant is InputQuant.SHARED_PER_TOKEN:
-                groups.setdefault(d.group, []).append(node)
-    g = gm.graph
-    for lins in groups.values():
-        x = ops.FusedLinear.of(lins[0]).x
-        assert len(lins) > 1 and all(ops.FusedLinear.of(n).x is x for n in lins), "planned group must share one input"
-        with g.inserting_before(lins[0]):
-            quant = ops.QUANTIZE_PER_TOKEN_C.call(g, ops.QUANTIZE_PER_TOKEN_C.record(x))
-            x_q = g.call_function(operator.getitem, (quant, 0))
-            x_scale = g.call_function(operator.getitem, (quant, 1))
-        for lin in lins:
-            read_quantized_input(g, lin, x_q, x_scale, InputQuant.SHARED_PER_TOKEN, "shared_input_quant")
-    if groups:
-        g.lint()
-        gm.recompile()
-    return len(groups)
+
+    decisions: Mapping[str, LinearDecision]
+    weight_qmax: int
+    overrides: tuple[tuple[str, str, str], ...] = ()
+
+    @staticmethod
+    def merge(analyses: Mapping[str, fx.GraphModule], weight_qmax: int) -> "QuantPlan":
+        """One plan from the annotated graphs of every method (``{method: graph}``, first method first)."""
+        decisions: dict[str, LinearDecision] = {}
+        overrides = []
+        for method, gm in analyses.items():
+            for node in linear_nodes(gm):
+                d = decision_of(node)
+                first = decisions.setdefault(d.name, d)
+                if first is not d and first.quantize != d.quantize:
+                    overrides.append((method, d.name, d.reason))
+        return QuantPlan(types.MappingProxyType(decisions), weight_qmax, tuple(overrides))
+
+    def apply(self, gm: fx.GraphModule) -> int:
+        """Make ``gm``'s decisions follow the plan (the verdict, rule and reason per Linear FQN; the graph's own
+        grouping stays). Returns the number of decisions changed."""
+        changed = 0
+        for node in linear_nodes(gm):
+            d = decision_of(node)
+            want = self.decisions.get(d.name)
+            if want is None or want.quantize == d.quantize:
+                continue
+            source = (d.input_quant or InputQuant.PER_TOKEN) if want.quantize else None
+            set_decision(node, d.replace(quantize=want.quantize, reason=want.reason, rule=want.rule, input_quant=source))
+            changed += 1
+        return changed
+
+    def __len__(self) -> int:
+        return len(self.decisions)
+
+    def __reduce__(self):  # copy.deepcopy and pickle: the read-only view is rebuilt over a plain dict
+        return (_plan, (dict(self.decisions), self.weight_qmax, self.overrides))
+
+    def int8(self) -> list[str]:
+        """FQNs of the Linears the plan runs in int8."""
+        return [name for name, d in self.decisions.items() if d.quantize]
 
 
-def lower(gm: fx.GraphModule, config: QuantConfig, weight_qmax: int) -> fx.GraphModule:
-    """Write the kernel backend of the target (:func:`fxquant.backends.backend_for_target`, the one place it
-    is chosen) into every fused Linear and its decisions."""
-    backend = backends.backend_for_target(config.target, weight_qmax, config.backend)
-    for node in gm.graph.nodes:
-        if ops.FusedLinear.is_fused_linear(node):
-            ops.FusedLinear.of(node)._replace(backend=backend).set(node)
-            _set_members(node, [d.replace(backend=backend) for d in members_of(node)])
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+def _plan(decisions: dict, weight_qmax: int, overrides: tuple) -> QuantPlan:
+    return QuantPlan(types.MappingProxyType(decisions), weight_qmax, overrides)
 
-
-def collect_decisions(gm: fx.GraphModule) -> list[LinearDecision]:
-    """Every Linear call's final decision, in the order of the captured graph: from the fused Linears'
-    members and the Linears left float."""
-    found = []
-    for node in gm.graph.nodes:
-        if ops.FusedLinear.is_fused_linear(node):
-            found.extend(members_of(node))
-        elif node.op == "call_function" and node.target is aten.linear.default and decision_of(node) is not None:
-            found.append(decision_of(node))
-    return sorted(found, key=lambda d: d.index)

@@ -13,9 +13,9 @@ from typing import Optional
 
 import torch.fx as fx
 
-from . import ops
+from ..ir import ops
+from ..ir.meta import META_KEY, LinearDecision, members_of
 from .report import node_module, node_pattern, op_name
-from .rewrite import META_KEY, LinearDecision, members_of
 
 __all__ = ["Drawing", "draw_graph", "FORMATS"]
 

@@ -1,25 +1,13 @@
-"""compressed-tensors W8A8 checkpoints: write a compiled model, read one into :func:`fxquant.compile`.
+"""Read compressed-tensors W8A8 checkpoints into :func:`fxquant.compile` (``weights=``): the format fxquant
+writes (:mod:`fxquant.export.compressed_tensors`, whose docstring gives it field by field), llm-compressor's
+W8A8 output and any "int-quantized" checkpoint with per-channel or per-tensor int8 weights and dynamic
+per-token int8 activations. Dequantized W = W_q · s (compressed-tensors' ``IntQuantizationCompressor``,
+zero point 0 when symmetric).
 
-The format ("int-quantized", compressed-tensors' ``QuantizationScheme`` W8A8; what llm-compressor writes,
-vLLM's ``CompressedTensorsW8A8Int8`` and transformers read)::
-
-    config.json    the model's config + "quantization_config": {quant_method "compressed-tensors",
-                   format "int-quantized", quantization_status "compressed", config_groups {group_0:
-                   {targets ["Linear"], weights {num_bits 8, type int, symmetric, strategy channel, dynamic
-                   false}, input_activations {num_bits 8, type int, symmetric, strategy token, dynamic true}}},
-                   ignore [the Linears kept float]}
-    model.safetensors   (or model-0000i-of-0000n.safetensors + model.safetensors.index.json)
-                   <linear>.weight        int8 [N, K]   W ≈ weight · weight_scale (per output channel)
-                   <linear>.weight_scale  [N, 1]        fxquant writes fp32 (its own scales, exactly)
-                   <linear>.bias          float [N]     when the Linear has one
-                   every other tensor of the model's state dict, float, under its own name
-
-Source: compressed-tensors (github.com/neuralmagic/compressed-tensors), ``QuantizationConfig``,
-``QuantizationArgs`` and the ``int-quantized`` compressor (``IntQuantizationCompressor``: W_q =
-clamp(round(W / s)), W = W_q · s, zero point 0 when symmetric).
-
-Only safetensors files are read (never pickle). Every problem found while reading raises
-:class:`fxquant.CheckpointError` naming the file, the layer or the scheme field, before anything is used.
+A checkpoint is untrusted input: only safetensors files are read (never pickle), every shard an index names
+must lie inside the checkpoint's directory, scales must be finite and positive, and every problem raises
+:class:`fxquant.CheckpointError` naming the file, the entry, the layer or the scheme field, before anything
+is used.
 """
 
 from __future__ import annotations
@@ -27,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -35,35 +22,14 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.fx as fx
 
-from ._attrs import fetch_attr, parent_for
-from .errors import CheckpointError
+from ..errors import CheckpointError
+from ..ir.attrs import fetch_attr, parent_for
+from ..ir.views import AtenLinear
 
-__all__ = ["save_pretrained", "read_checkpoint", "StoredWeights", "SourceInfo", "quantization_config",
-           "SAFE_NAME", "INDEX_NAME", "STORED_KEY"]
+__all__ = ["read_checkpoint", "install", "StoredWeights", "SourceInfo", "SAFE_NAME", "INDEX_NAME"]
 
 SAFE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-STORED_KEY = "fxquant_stored_weights"  # gm.meta: {linear name: (w_q int8 [N, K], scale fp32 [N, 1])}
-_WEIGHTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False,
-            "group_size": None, "block_structure": None, "observer": "minmax"}
-_INPUTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True,
-           "group_size": None, "block_structure": None, "observer": None}
-
-
-def quantization_config(ignore: list[str]) -> dict[str, Any]:
-    """The ``quantization_config`` of an fxquant W8A8 checkpoint (see the module docstring)."""
-    return {
-        "quant_method": "compressed-tensors",
-        "format": "int-quantized",
-        "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": dict(_WEIGHTS),
-                                      "input_activations": dict(_INPUTS), "output_activations": None}},
-        "ignore": sorted(ignore),
-        "kv_cache_scheme": None,
-    }
-
-
-# ------------------------------------------------------------------------------------------------ save
 @dataclass(frozen=True)
 class SourceInfo:
     """What :func:`save_pretrained` needs from the float model, recorded by ``compile`` without keeping the
@@ -100,140 +66,6 @@ class SourceInfo:
         return SourceInfo(tuple(keys), aliases, config if hasattr(config, "to_dict") else None, type(model).__name__, head)
 
 
-def _int8_tensors(gm: fx.GraphModule) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]], set[str]]:
-    """Per original Linear name: (w_q [N, K], scale [N, 1], bias [N] or None), split from the fused GEMMs
-    (siblings, SwiGLU's gate/up) in the order they were stacked; and the int8 Linears that read a tied copy."""
-    from . import ops
-    from .rewrite import members_of
-
-    out: dict[str, tuple] = {}
-    tied: set[str] = set()
-    for node in gm.graph.nodes:
-        if not ops.FusedLinear.is_fused_linear(node):
-            continue
-        f = ops.FusedLinear.of(node)
-        w, s = fetch_attr(gm, f.w_q.target), fetch_attr(gm, f.w_scale.target)
-        b = fetch_attr(gm, f.bias.target) if f.bias is not None else None
-        start = 0
-        for d in members_of(node):
-            rows = slice(start, start + d.n)
-            start += d.n
-            if d.extra_bytes:
-                tied.add(d.name)
-                continue
-            out.setdefault(d.name, (w[rows], s.reshape(-1, 1)[rows], b[rows] if b is not None else None))
-        assert start == w.shape[0], f"fused GEMM {node.name}: members cover {start} of {w.shape[0]} rows"
-    return out, tied
-
-
-def save_pretrained(qmodel, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB",
-                    int8_head: bool = False) -> list[Path]:
-    """Write ``qmodel`` as a compressed-tensors W8A8 checkpoint (format in the module docstring).
-
-    Every int8 Linear is written under its own name, also those fxquant runs as one GEMM (sibling fusion,
-    SwiGLU's gate/up): their rows are split back per Linear. Linears kept float, and a Linear that runs int8
-    from its own copy of a weight tied to an embedding (the format has no int8 copy beside a float table;
-    loaders re-tie), are written float and listed in ``ignore``. Other tensors: the model's state dict, float.
-    Files are written under temporary names and renamed, so an interrupted save leaves no half-written file.
-    Tokenizer and generation files are the user's to copy.
-
-    Args:
-        qmodel: a :class:`fxquant.QuantizedModel` (from ``fxquant.compile``).
-        directory: created if missing; existing files of the same names are replaced.
-        max_shard_size: bytes or a string like ``"5GB"``; above it the weights are sharded with an index
-            (``huggingface_hub.split_torch_state_dict_into_shards``, as transformers does).
-        int8_head: write an int8 output head (``lm_head``) as int8. Default False: it is written as its
-            dequantized weight W_q · s in the model's dtype and listed in ``ignore``, as llm-compressor's
-            recipes do, since vLLM does not quantize the head (vLLM 0.32 refused an int8 ``lm_head``:
-            "no module or parameter named 'lm_head.weight_scale'"). transformers and fxquant load either.
-
-    Returns:
-        The paths written (config.json, the safetensors files, the index when sharded).
-
-    Raises:
-        CheckpointError: a tensor of the model's state dict is not in the compiled graph, or the model uses the
-            static scheme or SmoothQuant, which the dynamic W8A8 format cannot carry (nothing is written).
-        TypeError: ``qmodel`` is not a QuantizedModel.
-        ValueError: the model holds rounded float parameters (``QuantConfig.compute_dtype``; nothing is written).
-    """
-    from safetensors.torch import save_file
-
-    from .api import QuantizedModel
-
-    if not isinstance(qmodel, QuantizedModel):
-        raise TypeError(f"save_pretrained needs a fxquant.QuantizedModel (from fxquant.compile), got {type(qmodel).__name__}")
-    qmodel.check_exportable("save_pretrained")
-    config = qmodel.config
-    if config.activation_scheme != "dynamic-per-token" or config.smoothquant is not None:
-        raise CheckpointError(
-            f"save_pretrained writes compressed-tensors' dynamic per-token W8A8; this model uses "
-            f"activation_scheme={config.activation_scheme!r}, smoothquant={config.smoothquant!r}, whose static scales or "
-            "SmoothQuant factors (applied in fxquant's quantizers, not folded into the weights) that form cannot carry. "
-            "Export it with fxquant.export_onnx, or compile a dynamic model without SmoothQuant to save a checkpoint")
-    gm, source = qmodel.graph_module, qmodel._source
-    int8, tied = _int8_tensors(gm)
-    decisions = {d.name: d for d in qmodel.report().decisions}
-    linears = set(decisions)
-    head = None  # (dequantized weight, bias) of an int8 head written float
-    if not int8_head and source.head in int8:
-        w_q, scale, bias = int8.pop(source.head)
-        head = ((w_q.to(torch.float32) * scale).to(decisions[source.head].dtype or torch.float32), bias)
-    tensors: dict[str, torch.Tensor] = {}
-    missing = []
-    for key in source.keys:
-        if key in source.aliases:
-            continue  # one tensor, one name (safetensors stores no aliases); loaders re-tie
-        owner, _, leaf = key.rpartition(".")
-        if head is not None and owner == source.head and leaf in ("weight", "bias"):
-            value = head[0] if leaf == "weight" else head[1]
-            if value is not None:
-                tensors[key] = value
-            continue
-        if owner in int8 and leaf in ("weight", "bias"):
-            w_q, scale, bias = int8[owner]
-            if leaf == "weight":
-                tensors[key], tensors[f"{owner}.weight_scale"] = w_q, scale.to(torch.float32)
-            elif bias is not None:
-                tensors[key] = bias
-            continue
-        found = _fetch_any(gm, source.names_of(key))
-        if found is None:
-            missing.append(key)
-            continue
-        tensors[key] = found[1].detach()
-    if missing:
-        raise CheckpointError(f"save_pretrained: {len(missing)} tensor(s) of the model's state dict are not in the "
-                              f"compiled graph (e.g. {missing[:3]}); nothing was written. They are unused by the "
-                              f"captured forward; compile with example inputs that use them")
-    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
-    ignore = sorted((linears - set(int8)) | tied)
-    config = _config_dict(source, ignore, tensors)
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    shards = _split(tensors, max_shard_size)
-    staged: list[tuple[Path, Path]] = []
-    try:
-        for filename, names in shards.items():
-            tmp = _temp_path(directory, filename)
-            staged.append((tmp, directory / filename))
-            save_file({n: tensors[n] for n in names}, str(tmp), metadata={"format": "pt"})
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                     "weight_map": {n: f for f, names in shards.items() for n in sorted(names)}}
-            _write_staged(staged, directory, INDEX_NAME, json.dumps(index, indent=2))
-        _write_staged(staged, directory, "config.json", json.dumps(config, indent=2, sort_keys=True))
-    except BaseException:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
-        raise
-    for tmp, final in staged:
-        os.replace(tmp, final)
-    # a previous save of the other layout must not shadow this one
-    (directory / (SAFE_NAME if len(shards) > 1 else INDEX_NAME)).unlink(missing_ok=True)
-    return [final for _, final in staged]
-
-
 def _fetch_any(gm: fx.GraphModule, names: list[str]) -> Optional[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` for the first of ``names`` the graph has (torch.export keeps one name for a tied
     tensor), or None."""
@@ -243,53 +75,6 @@ def _fetch_any(gm: fx.GraphModule, names: list[str]) -> Optional[tuple[str, torc
         except AttributeError:
             continue
     return None
-
-
-def _config_dict(source: SourceInfo, ignore: list[str], tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    if source.config is not None:
-        config = source.config.to_dict()
-        config["architectures"] = config.get("architectures") or [source.architecture]
-    else:
-        config = {"architectures": [source.architecture]}
-    floats = {t.dtype for t in tensors.values() if t.is_floating_point() and t.dtype != torch.float32} or {torch.float32}
-    if len(floats) == 1:
-        config["torch_dtype"] = config["dtype"] = str(floats.pop()).removeprefix("torch.")
-    config["quantization_config"] = quantization_config(ignore)
-    return json.loads(json.dumps(config, default=str))
-
-
-def _split(tensors: Mapping[str, torch.Tensor], max_shard_size: int | str) -> dict[str, list[str]]:
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
-    limit = _parse_size(max_shard_size)
-    if size <= limit:
-        return {SAFE_NAME: list(tensors)}
-    from huggingface_hub import split_torch_state_dict_into_shards
-
-    split = split_torch_state_dict_into_shards(dict(tensors), filename_pattern="model{suffix}.safetensors", max_shard_size=limit)
-    return {f: list(names) for f, names in split.filename_to_tensors.items()}
-
-
-def _parse_size(value: int | str) -> int:
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", value, flags=re.I)
-    if not m:
-        raise ValueError(f"max_shard_size={value!r}: give bytes or a size like '5GB' / '500MiB'")
-    unit = m.group(2).upper()
-    scale = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
-    return int(float(m.group(1)) * scale)
-
-
-def _temp_path(directory: Path, filename: str) -> Path:
-    fd, name = tempfile.mkstemp(dir=directory, prefix=f".{filename}.", suffix=".tmp")
-    os.close(fd)
-    return Path(name)
-
-
-def _write_staged(staged: list[tuple[Path, Path]], directory: Path, filename: str, text: str) -> None:
-    tmp = _temp_path(directory, filename)
-    staged.append((tmp, directory / filename))
-    tmp.write_text(text + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -479,7 +264,7 @@ def install(gm: fx.GraphModule, stored: StoredWeights, linears: Mapping[str, fx.
     * float tensors replace the graph's attributes of the same name, or of a name tied to it (cast to the
       attribute's dtype);
     * each int8 Linear's float weight becomes its dequantized value W_q · s (what a Linear that fxquant keeps
-      float computes with), and ``gm.meta[STORED_KEY]`` holds its W_q and s for the rewrite to use as they are.
+      float computes with); the program's weight store holds its W_q and s to use as they are.
 
     Returns the Linears the checkpoint keeps float (for ``QuantConfig.skip``).
 
@@ -499,7 +284,7 @@ def install(gm: fx.GraphModule, stored: StoredWeights, linears: Mapping[str, fx.
         raise CheckpointError(f"{origin}: tensors the model does not have: {extra[:3]} (a checkpoint for another model?)")
     plan: dict[str, torch.Tensor] = {}
     for name, (w_q, scale) in stored.int8.items():
-        target = linears[name].args[1].target
+        target = AtenLinear.of(linears[name]).weight.target
         current = fetch_attr(gm, target)
         if tuple(current.shape) != tuple(w_q.shape):
             raise CheckpointError(f"{origin}: {name}.weight is {tuple(w_q.shape)} but the model's {name} is "
@@ -526,5 +311,4 @@ def install(gm: fx.GraphModule, stored: StoredWeights, linears: Mapping[str, fx.
             parent.register_parameter(leaf, torch.nn.Parameter(value.to(current.device), requires_grad=False))
         else:
             parent.register_buffer(leaf, value.to(current.device))
-    gm.meta[STORED_KEY] = {n: (w_q, s) for n, (w_q, s) in stored.int8.items()}
     return [n for n in linears if n not in stored.int8]

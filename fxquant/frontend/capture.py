@@ -23,9 +23,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..errors import TraceError
+from ..ir.attrs import fetch_attr, parent_for
 from .attention import simplify_attention_masks
-from ._attrs import fetch_attr, parent_for
-from .errors import TraceError
 
 __all__ = ["capture", "canonicalize", "CapturedGraph"]
 

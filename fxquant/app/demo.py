@@ -14,8 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import evaluation as ev
-from .api import QuantizedModel, compile
-from .config import QuantConfig
+from ..api import QuantizedModel, compile
+from ..config import QuantConfig
 
 __all__ = ["DemoResult", "run_demo"]
 

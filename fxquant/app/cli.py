@@ -43,8 +43,8 @@ class _UsageError(ValueError):
 
 
 def _check_inspect_args(args: argparse.Namespace) -> None:
-    from .config import TARGETS
-    from .draw import format_for
+    from ..config import TARGETS
+    from ..tools.draw import format_for
 
     if args.target not in TARGETS:
         raise _UsageError(f"--target must be one of {', '.join(TARGETS)}, got {args.target!r}")
@@ -90,8 +90,8 @@ def load_for_inspect(model_dir: str):
 def run_inspect(args: argparse.Namespace) -> None:
     """``fxquant inspect``: load, compile (capture only, the model never runs on data), print, draw."""
     from . import evaluation
-    from .api import compile
-    from .config import QuantConfig
+    from ..api import compile
+    from ..config import QuantConfig
 
     _check_inspect_args(args)
     model_dir = args.model_dir or evaluation.default_model_dir()
@@ -118,7 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"fxquant: error: {e}", file=sys.stderr)
             return 2
         return 0
-    from .config import QuantConfig
+    from ..config import QuantConfig
     from .demo import run_demo
 
     try:

@@ -28,6 +28,8 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from ..ir.views import AtenSDPA
+
 __all__ = ["simplify_attention_masks"]
 
 aten = torch.ops.aten
@@ -42,12 +44,12 @@ _MAX_ELEMENTS = 1 << 28  # largest mask evaluated (a bool each); larger masks ar
 
 
 def _mask_arg(node: fx.Node) -> Optional[fx.Node]:
-    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    mask = AtenSDPA.of(node).attn_mask
     return mask if isinstance(mask, fx.Node) else None
 
 
 def _is_causal(node: fx.Node) -> bool:
-    return bool(node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False))
+    return bool(AtenSDPA.of(node).is_causal)
 
 
 def _subgraph(mask: fx.Node) -> Optional[list[fx.Node]]:
@@ -158,17 +160,7 @@ def simplify_attention_masks(gm: fx.GraphModule) -> dict[str, int]:
         if len(kinds) != 1 or kinds & {"other", "too-large"}:
             continue
         kind = kinds.pop()
-        args = list(node.args)
-        kwargs = dict(node.kwargs)
-        if len(args) > 3:
-            args[3] = None
-        kwargs.pop("attn_mask", None)
-        if kind == "causal":
-            if len(args) > 5:
-                args[5] = True
-            else:
-                kwargs["is_causal"] = True
-        node.args, node.kwargs = tuple(args), kwargs
+        AtenSDPA.update(node, attn_mask=None, **({"is_causal": True} if kind == "causal" else {}))
         counts[kind] += 1
     if any(counts.values()):
         gm.graph.eliminate_dead_code()

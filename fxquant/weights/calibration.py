@@ -39,13 +39,13 @@ from typing import Any, Callable, Optional
 import torch
 import torch.fx as fx
 
-from . import ops, reference
-from .config import check_calibration
-from ._attrs import fetch_attr, parent_for
-from .errors import CalibrationError, InputError
-from .rewrite import META_KEY, decision_of, members_of
+from ..errors import CalibrationError, InputError
+from ..ir import ops, reference
+from ..ir.attrs import fetch_attr, parent_for
+from ..ir.meta import decision_of, members_of, set_decision
+from ..ir.views import AtenLinear
 
-__all__ = ["calibrate", "calibrate_calls", "batches_of", "quantizing_nodes", "smoothquant", "install_smoothing", "static_scale"]
+__all__ = ["calibrate_graphs", "batches_of", "quantizing_nodes", "smoothquant", "install_smoothing", "static_scale"]
 
 aten = torch.ops.aten
 _SCALE_FLOOR = reference.EPS  # the per-token scale's floor, for a tensor that is zero on every batch
@@ -183,8 +183,15 @@ def _scale_owner(node: fx.Node) -> str:
     return node.name
 
 
-def _set_tensor_arg(gm: fx.GraphModule, node: fx.Node, field: str, leaf: str, value: torch.Tensor) -> None:
-    """Store ``value`` as the buffer ``<owner>.<leaf>`` and make it the node's ``field`` argument."""
+def _buffer_path(node: fx.Node, leaf: str) -> str:
+    """FQN of a quantizing node's ``leaf`` tensor (``input_scale``, ``input_smooth``): under its first int8
+    Linear's module path, the same in every graph of the program."""
+    owner = _scale_owner(node)
+    return f"{owner}.{leaf}" if owner else leaf
+
+
+def _set_tensor_arg(gm: fx.GraphModule, node: fx.Node, field: str, path: str, value: torch.Tensor) -> None:
+    """Make ``value`` the buffer at ``path`` of ``gm`` and the node's ``field`` argument."""
     c = ops.CONTRACTS[node.target]
     record = c.record_of(node)
     current = getattr(record, field)
@@ -192,8 +199,6 @@ def _set_tensor_arg(gm: fx.GraphModule, node: fx.Node, field: str, leaf: str, va
         owner, name = parent_for(gm, current.target)
         owner._buffers[name] = value
         return
-    owner_path = _scale_owner(node)
-    path = f"{owner_path}.{leaf}" if owner_path else leaf
     owner, name = parent_for(gm, path)
     owner.register_buffer(name, value)
     with gm.graph.inserting_before(node):
@@ -201,120 +206,102 @@ def _set_tensor_arg(gm: fx.GraphModule, node: fx.Node, field: str, leaf: str, va
     c.set(node, record._replace(**{field: attr}))
 
 
-def calibrate(qmodel, batches: Iterable[Any], *, method: Optional[str] = None, percentile: Optional[float] = None,
-              progress: bool = True):
-    """Compute and install the static per-tensor activation scales of a model compiled with
-    ``QuantConfig(activation_scheme="static-per-tensor")`` (formulas in the module docstring).
-
-    The model runs every batch in its dynamic per-token form (when recalibrating, with its current static
-    scales) while each quantizing node records the float value it quantizes; the scales are installed only
-    after the last batch ran, so on any error the model is as before. Calling it again recalibrates.
-
-    Args:
-        qmodel: a :class:`fxquant.QuantizedModel` compiled with the static scheme.
-        batches: an iterable of batches, each as the model is called: a tensor, a tuple of positional args or
-            a dict of keyword args (shapes may differ between batches where the capture kept them dynamic).
-        method: ``"minmax"`` or ``"percentile"``; default ``qmodel.config.calibration_method``.
-        percentile: in (0, 100], for ``"percentile"``; default ``qmodel.config.percentile``.
-        progress: show a tqdm progress bar.
-
-    Returns:
-        ``qmodel``, calibrated.
+def calibrate_graphs(graphs: list[fx.GraphModule], run: Callable[[tuple, dict], Any], calls: list[tuple[tuple, dict]],
+                     method: str, percentile: float, store, progress: bool = True) -> int:
+    """Static scales of every quantizing node, observed while ``run`` (which runs ``graphs[0]``, the first
+    method) computes each batch; installed in every graph of ``graphs`` (the program's methods) as the store's
+    ``<owner FQN>.input_scale`` tensors, one per quantizer, shared. Scales are installed only after the last
+    batch ran, so on any error every graph is as before. Returns the number of quantizing nodes calibrated.
 
     Raises:
-        TypeError: ``qmodel`` is not a QuantizedModel.
-        CalibrationError: the model was not compiled with the static scheme, ``batches`` is empty or not an
-            iterable of batches, a batch does not fit the model (the message names the batch), or a quantizing
-            node saw no finite value.
-        ValueError: an unknown method or a percentile outside (0, 100].
+        CalibrationError: a batch does not fit the model (named), or a quantizing node saw no finite value.
     """
-    from .api import QuantizedModel
-
-    if not isinstance(qmodel, QuantizedModel):
-        raise TypeError(f"calibrate needs a fxquant.QuantizedModel, got {type(qmodel).__name__}: compile the model with "
-                        "fxquant.compile(model, example_inputs, config=QuantConfig(activation_scheme='static-per-tensor'))")
-    if qmodel.config.activation_scheme != "static-per-tensor":
-        raise CalibrationError(f"this model uses activation_scheme={qmodel.config.activation_scheme!r}, whose scales are "
-                               "computed at run time; compile with QuantConfig(activation_scheme='static-per-tensor') to "
-                               "calibrate static scales")
-    method = qmodel.config.calibration_method if method is None else method
-    percentile = qmodel.config.percentile if percentile is None else percentile
-    check_calibration(method, percentile, "calibrate: ")
-    return calibrate_calls(qmodel, batches_of(batches), method, float(percentile), progress)
-
-
-def calibrate_calls(qmodel, calls: list[tuple[tuple, dict]], method: str, percentile: float, progress: bool = True):
-    """:func:`calibrate` on batches already read by :func:`batches_of` (the arguments checked)."""
-    gm = qmodel.graph_module
+    gm = graphs[0]
     nodes = quantizing_nodes(gm)
     probes = [(n, _observe_quantized, (n.name, n.target, *n.args)) for n in nodes]
     observers = _Observers(method, percentile)
-    _run_instrumented(gm, probes, observers, qmodel._run_unchecked, calls, "calibration", progress)
+    _run_instrumented(gm, probes, observers, run, calls, "calibration", progress)
     scales = {}
     for n in nodes:
         v = observers.value(n.name)
         if v is None:
             raise CalibrationError(f"calibration: the quantizing node {n.name} ({_scale_owner(n)}) saw no finite value "
                                    "in any batch; check the batches for NaN / Inf")
-        scales[n] = static_scale(v)
-    for n, s in scales.items():
-        _set_tensor_arg(gm, n, "act_scale", "input_scale", s)
-    gm.graph.lint()
-    gm.recompile()
-    qmodel._calibrated(f"static per-tensor activation scales of {len(scales)} quantizing node(s) calibrated "
-                       f"({method}{f' {percentile:g}' if method == 'percentile' else ''}) on {len(calls)} batch(es)")
-    return qmodel
+        scales[_buffer_path(n, "input_scale")] = static_scale(v)
+    for path, s in scales.items():
+        store.set_derived(path, s)
+    for g in graphs:
+        for n in quantizing_nodes(g):
+            path = _buffer_path(n, "input_scale")
+            if path in scales:
+                _set_tensor_arg(g, n, "act_scale", path, scales[path])
+        g.graph.lint()
+        g.recompile()
+    return len(scales)
 
 
 # ------------------------------------------------------------------------------------------ SmoothQuant
 def smoothquant(gm: fx.GraphModule, alpha: float, calls: list[tuple[tuple, dict]], run: Callable[[tuple, dict], Any],
-                progress: bool = True) -> dict[int, torch.Tensor]:
-    """SmoothQuant on an annotated float graph (after :func:`fxquant.passes.annotate`, before fusion): measure
-    each int8 group's per-channel max|X| over ``calls``, replace its Linears' weights by W · diag(s) in the
-    graph's own module tree, and mark their decisions. Returns ``{group id: diag(s)⁻¹ as fp32 [K]}`` for
+                store, progress: bool = True) -> dict[int, torch.Tensor]:
+    """SmoothQuant on an annotated float graph (after the planner's ``annotate``, before fusion): measure each int8
+    group's per-channel max|X| over ``calls`` (``run`` runs ``gm``), replace its Linears' weights by W · diag(s)
+    in the graph's own module tree, and mark their decisions. The factors and smoothed weights are kept in
+    ``store`` by FQN (``<first Linear>.input_smooth``, the weight's own FQN), so a second graph of the same
+    program reuses them without measuring. Returns ``{group id: diag(s)⁻¹ as fp32 [K]}`` for
     :func:`install_smoothing`."""
     groups: dict[int, list[fx.Node]] = {}
     for node in gm.graph.nodes:
-        d = decision_of(node) if node.op == "call_function" and node.target is aten.linear.default else None
+        d = decision_of(node) if AtenLinear.matches(node) else None
         if d is not None and d.quantize and d.group is not None:
             groups.setdefault(d.group, []).append(node)
     groups = {g: lins for g, lins in groups.items() if _smoothable(gm, lins)}
     if not groups:
         return {}
-    probes = [(lins[0], _observe_channels, (g, lins[0].args[0])) for g, lins in groups.items()]
+    key = {g: f"{decision_of(lins[0]).name}.input_smooth" for g, lins in groups.items()}
+    measure = {g: lins for g, lins in groups.items() if store.get_derived(key[g]) is None}
     observers = _Observers("minmax", 100.0)
-    _run_instrumented(gm, probes, observers, run, calls, "SmoothQuant statistics", progress)
+    if measure:
+        probes = [(lins[0], _observe_channels, (g, AtenLinear.of(lins[0]).input)) for g, lins in measure.items()]
+        _run_instrumented(gm, probes, observers, run, calls, "SmoothQuant statistics", progress)
     factors = {}
     for g, lins in groups.items():
-        x_max = observers.channels.get(g)
-        if x_max is None:
-            continue
-        weights = [fetch_attr(gm, lin.args[1].target) for lin in lins]
-        w_max = torch.stack([w.detach().abs().to(torch.float32).amax(dim=0) for w in weights]).amax(dim=0)
-        x_max = x_max.to(w_max.device)
-        s = (x_max.pow(alpha) / w_max.pow(1.0 - alpha)).clamp_min(1e-5)
-        s = torch.where((x_max > 0) & (w_max > 0) & torch.isfinite(s), s, torch.ones_like(s))
-        for lin, w in zip(lins, weights):
-            owner, leaf = parent_for(gm, lin.args[1].target)
-            scaled = (w.detach().to(torch.float32) * s).to(w.dtype)
+        targets = [AtenLinear.of(lin).weight.target for lin in lins]
+        inverse = store.get_derived(key[g])
+        if inverse is None:
+            x_max = observers.channels.get(g)
+            if x_max is None:
+                continue
+            weights = [fetch_attr(gm, target) for target in targets]
+            w_max = torch.stack([w.detach().abs().to(torch.float32).amax(dim=0) for w in weights]).amax(dim=0)
+            x_max = x_max.to(w_max.device)
+            s = (x_max.pow(alpha) / w_max.pow(1.0 - alpha)).clamp_min(1e-5)
+            s = torch.where((x_max > 0) & (w_max > 0) & torch.isfinite(s), s, torch.ones_like(s))
+            for target, w in zip(targets, weights):
+                store.set_derived(target, (w.detach().to(torch.float32) * s).to(w.dtype))
+            inverse = s.reciprocal()
+            store.set_derived(key[g], inverse)
+        for lin, target in zip(lins, targets):
+            owner, leaf = parent_for(gm, target)
+            scaled = store.get_derived(target)
             if leaf in owner._parameters:
                 owner._parameters[leaf] = torch.nn.Parameter(scaled, requires_grad=False)
             else:
                 owner._buffers[leaf] = scaled
             d = decision_of(lin)
-            lin.meta[META_KEY] = d.replace(patterns=(*d.patterns, f"smoothquant(α={alpha:g})"))
-        factors[g] = s.reciprocal()
+            set_decision(lin, d.replace(patterns=(*d.patterns, f"smoothquant(α={alpha:g})")))
+        factors[g] = inverse
     return factors
 
 
 def _smoothable(gm: fx.GraphModule, lins: list[fx.Node]) -> bool:
     """Every Linear reads one input and a get_attr weight that only this group's Linears read."""
-    x = lins[0].args[0]
-    if any(lin.args[0] is not x for lin in lins):
+    views = [AtenLinear.of(lin) for lin in lins]
+    x = views[0].input
+    if any(v.input is not x for v in views):
         return False
     targets = set()
-    for lin in lins:
-        w = lin.args[1]
+    for v in views:
+        w = v.weight
         if not (isinstance(w, fx.Node) and w.op == "get_attr"):
             return False
         targets.add(w.target)
@@ -324,7 +311,7 @@ def _smoothable(gm: fx.GraphModule, lins: list[fx.Node]) -> bool:
     return True
 
 
-def install_smoothing(gm: fx.GraphModule, factors: dict[int, torch.Tensor]) -> int:
+def install_smoothing(gm: fx.GraphModule, factors: dict[int, torch.Tensor], store=None) -> int:
     """After fusion: give each smoothed group's quantizing node its factor (``act_smooth``, the buffer
     ``<first Linear>.input_smooth``). Returns the number of quantizing nodes smoothed."""
     done = set()
@@ -340,7 +327,7 @@ def install_smoothing(gm: fx.GraphModule, factors: dict[int, torch.Tensor]) -> i
         assert args.x is not None or args.x_q.target is operator.getitem
         if quant in done:
             continue
-        _set_tensor_arg(gm, quant, "act_smooth", "input_smooth", factors[group])
+        _set_tensor_arg(gm, quant, "act_smooth", _buffer_path(quant, "input_smooth"), factors[group])
         done.add(quant)
     if done:
         gm.graph.lint()

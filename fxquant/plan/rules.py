@@ -6,44 +6,17 @@ float (or quantized) silently.
 
 from __future__ import annotations
 
-import enum
 import re
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+
+from ..ir.meta import Rule, Verdict
 
 __all__ = [
     "Rule", "Verdict", "beneficial_ratio", "int8_pays_off", "quantize_pass_pays_off", "gated_output_int8", "is_aligned", "is_skipped",
     "dtype_supported",
 ]
-
-
-class Rule(str, enum.Enum):
-    """The rule behind a verdict: what code branches on (never the reason's words)."""
-
-    CONSTANT_WEIGHT = "constant_weight"  # the weight is not a constant 2-D parameter
-    DTYPE = "dtype"
-    TIED = "tied"                        # the weight is read by another op
-    SKIP = "skip"                        # QuantConfig.skip
-    FILTER_FN = "filter_fn"              # QuantConfig.filter_fn
-    ALIGNMENT = "alignment"
-    RATIO = "ratio"                      # beneficial ratio K*N/(K+N)
-    QUANTIZE_PASS = "quantize_pass"      # a separate per-token quantization pass would not pay
-    GATED_OUTPUT = "gated_output"        # reads a gated MLP's product (down_proj): kept float for accuracy
-    PATTERN = "pattern"                  # a pattern's own filter
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """``ok`` is the decision; ``reason`` says why in words a user can act on; ``rule`` names the rule."""
-
-    ok: bool
-    reason: str
-    rule: Optional[Rule] = None
-
-    def __bool__(self) -> bool:
-        return self.ok
 
 
 def beneficial_ratio(k: int, n: int) -> float:

@@ -36,14 +36,14 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import reference
-from .kernels import common as _kc
-from .kernels.layer_norm_quant import MAX_K as _LN_MAX_K
-from .kernels.layer_norm_quant import layer_norm_quant as _triton_layer_norm_quant
-from .kernels.layer_norm_quant import norm_outputs as _norm_outputs
-from .kernels.layer_norm_quant import rms_norm_quant as _triton_rms_norm_quant
-from .kernels.quantize import quantize_per_token as _triton_quantize
-from .kernels.w8a8_gemm import w8a8_linear as _triton_w8a8_linear
+from ..ir import ops, reference
+from ..kernels import common as _kc
+from ..kernels.layer_norm_quant import MAX_K as _LN_MAX_K
+from ..kernels.layer_norm_quant import layer_norm_quant as _triton_layer_norm_quant
+from ..kernels.layer_norm_quant import norm_outputs as _norm_outputs
+from ..kernels.layer_norm_quant import rms_norm_quant as _triton_rms_norm_quant
+from ..kernels.quantize import quantize_per_token as _triton_quantize
+from ..kernels.w8a8_gemm import w8a8_linear as _triton_w8a8_linear
 
 __all__ = [
     "BACKENDS", "BACKEND_NAMES", "GATED", "quantize_per_token", "layer_norm_quant", "rms_norm_quant",
@@ -419,3 +419,56 @@ def run_linear(
             return _onednn_static_linear(x_q, scale, w_q, w_scale, bias, activation, out_dtype)
     y = BACKENDS[name](x_q, w_q, w_scale)
     return reference.apply_epilogue(y, x_scale, bias, activation, out_dtype)
+
+
+# ------------------------------------------------------------------ the kernels behind fxquant's ops
+# ``fxquant.ir.ops`` defines each op's schema and fake implementation; its CPU/CUDA implementation is this
+# module's dispatch (registered for every dispatch key through CompositeExplicitAutograd).
+def _impl(name):
+    """Register ``fn`` as the op's kernel for every backend. Inference ops: run without autograd recording
+    (a caller's tensors may require grad; the fused ops have no backward)."""
+
+    def register(fn):
+        @functools.wraps(fn)
+        def no_grad_fn(*args, **kwargs):
+            if not torch.is_grad_enabled():  # the usual inference case; entering no_grad costs ~1 µs
+                return fn(*args, **kwargs)
+            with torch.no_grad():
+                return fn(*args, **kwargs)
+
+        ops.LIBRARY.impl(name, no_grad_fn, "CompositeExplicitAutograd")
+        return fn
+
+    return register
+
+
+# quantize_per_token and the norm-quant ops take their schema's arguments as they are
+_impl("quantize_per_token")(quantize_per_token)
+_impl("layer_norm_quant")(layer_norm_quant)
+_impl("rms_norm_quant")(rms_norm_quant)
+
+
+def _linear_2d(x_q, x_scale, r, out_dtype):
+    """``run_linear`` of a Linear op's record ``r`` on the quantized input, flattened to [M, K] and back."""
+    if x_q.dim() == 2 and x_scale.dim() == 2:  # decode and flattened inputs: no reshapes (each is host time on a host-bound call)
+        return run_linear(x_q, x_scale, r.w_q, r.w_scale, r.bias, r.activation, r.backend, out_dtype, r.w_qmax)
+    lead = x_q.shape[:-1]
+    y = run_linear(x_q.reshape(-1, x_q.shape[-1]), x_scale.reshape(-1, 1), r.w_q, r.w_scale, r.bias, r.activation,
+                   r.backend, out_dtype, r.w_qmax)
+    return y.reshape(*lead, y.shape[-1])
+
+
+@_impl("int8_linear_q")
+def _op_int8_linear_q(*args, **kwargs) -> torch.Tensor:
+    r = ops.INT8_LINEAR_Q_C.record(*args, **kwargs)  # the signature is the op's schema (fxquant.ir.ops)
+    return _linear_2d(r.x_q, r.x_scale, r, r.out_dtype)
+
+
+@_impl("int8_linear")
+def _op_int8_linear(*args, **kwargs) -> torch.Tensor:
+    r = ops.INT8_LINEAR_C.record(*args, **kwargs)
+    x = r.x
+    # flatten once: quantization and GEMM both work on [M, K] (every reshape is host time on a host-bound call)
+    x_q, x_scale = quantize_per_token(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), r.act_scale, r.act_smooth)
+    y = _linear_2d(x_q, x_scale, r, r.out_dtype or x.dtype)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])

@@ -52,10 +52,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import ops
-from ._attrs import fetch_attr
-from .rewrite import members_of
-from .kernels.common import GATED_ACTIVATIONS, SCALE_EPS
+from ..ir import ops
+from ..ir.attrs import fetch_attr
+from ..ir.meta import members_of
+from ..kernels.common import GATED_ACTIVATIONS, SCALE_EPS
+from ..program import program_of
 
 __all__ = ["export_onnx", "integer_ops", "MIN_OPSET"]
 
@@ -316,11 +317,7 @@ def export_onnx(qmodel, path: str | os.PathLike, example_inputs: tuple | Mapping
         fxquant.CalibrationError: a static-scheme model that is not calibrated (:func:`fxquant.calibrate`).
         ModuleNotFoundError: onnx / onnxscript missing (``pip install 'fxquant[export]'``).
     """
-    from .api import QuantizedModel
-
-    if not isinstance(qmodel, QuantizedModel):
-        raise TypeError(f"export_onnx needs a fxquant.QuantizedModel, got {type(qmodel).__name__}: compile the model "
-                        f"with fxquant.compile(model, example_inputs) first")
+    program = program_of(qmodel, "export_onnx")
     if qmodel.report().num_int8 == 0:
         raise ValueError("export_onnx: no Linear of this model runs int8 (see qmodel.report() for why), so there is "
                          "no W8A8 graph to export; lower min_ratio or export the float model with torch.onnx")
@@ -346,7 +343,7 @@ def export_onnx(qmodel, path: str | os.PathLike, example_inputs: tuple | Mapping
         raise ModuleNotFoundError(f"export_onnx needs onnx and onnxscript: pip install 'fxquant[export]' ({e})") from e
 
     args, kwargs = (tuple(example_inputs), {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
-    kwargs.update(qmodel._fixed_kwargs)
+    kwargs.update(program.forward.fixed_kwargs)
     shapes = None
     if dynamic:
         auto = torch.export.Dim.AUTO

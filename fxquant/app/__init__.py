@@ -1,0 +1,2 @@
+"""The shell and the demo: ``fxquant`` / ``python -m fxquant`` (above the API).
+"""

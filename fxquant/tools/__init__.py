@@ -1,0 +1,2 @@
+"""Inspecting a compiled program: the report, the golden text, networkx, drawings.
+"""

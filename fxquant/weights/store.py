@@ -1,0 +1,172 @@
+"""The weight store of a program: every tensor fxquant makes from the model's weights, made once and keyed
+by its fully qualified name (FQN), shared by every graph (method) of the program.
+
+What it holds:
+
+* **GEMM weights** (:meth:`WeightStore.gemm`, :meth:`WeightStore.stack`): per GEMM path, one
+  :class:`~fxquant.ir.rewrite.QuantizedLinearParams` — int8 weight [N, K], fp32 per-channel scale [N, 1],
+  bias [N] — for a Linear (path = its FQN), a tied head's own copy (``<fqn>.int8``), SwiGLU's stacked
+  gate/up (the gate's FQN) or sibling Linears run as one GEMM (``<parent>.fused_q_k_v``). Graphs install
+  the same module objects, so two graphs of one model hold no second copy of any tensor.
+* **rows**: per Linear FQN, where its rows sit in the GEMM it runs in; :meth:`WeightStore.linear` returns
+  its ``(w_q, scale, bias)`` as views, which ``save_pretrained`` and the exporters read.
+* **checkpoint** int8 weights and scales (``fxquant.compile(..., weights=)``), used as stored.
+* **derived** tensors by FQN: SmoothQuant factors (``<fqn>.input_smooth``), calibrated static scales
+  (``<fqn>.input_scale``), Gemma's ``<norm>.weight_plus_one``.
+
+Numerics: per-output-channel symmetric int8, scale = amax / qmax (:func:`fxquant.ir.reference.
+quantize_weight_per_channel`; compressed-tensors' "int-quantized" scheme).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+import torch.fx as fx
+
+from ..ir import reference
+from ..ir.attrs import fetch_attr
+from ..ir.rewrite import QuantizedLinearParams
+
+__all__ = ["WeightStore", "Rows"]
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Where one Linear's int8 rows sit: GEMM path, first row, end row, whether the Linear has a bias."""
+
+    gemm: str
+    start: int
+    stop: int
+    has_bias: bool
+
+
+class WeightStore:
+    """Tensors made once per program, keyed by FQN (see the module docstring).
+
+    Args:
+        checkpoint: ``{Linear FQN: (w_q int8 [N, K], scale fp32 [N, 1])}`` read from a checkpoint; those
+            Linears' int8 weights are used as stored instead of quantizing.
+    """
+
+    def __init__(self, checkpoint: Optional[Mapping[str, tuple[torch.Tensor, torch.Tensor]]] = None):
+        self.checkpoint = dict(checkpoint or {})
+        self._gemms: dict[str, QuantizedLinearParams] = {}
+        self._rows: dict[str, Rows] = {}
+        self._retired: dict[str, str] = {}  # GEMM path -> the stacked GEMM its rows moved into
+        self._derived: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------ GEMM weights
+    def gemm(self, gm: fx.GraphModule, path: str, members: Sequence[tuple[str, str, Optional[str]]],
+             weight_qmax: int) -> QuantizedLinearParams:
+        """The int8 GEMM at ``path`` computing ``members`` — ``(Linear FQN, weight attribute, bias attribute
+        or None)`` in row order — made on first use from ``gm``'s float weights (or the checkpoint's int8
+        ones), the same object afterwards. A path whose rows moved into a stacked GEMM (:meth:`stack`) is
+        served as views of those rows."""
+        found = self._gemms.get(path)
+        if found is not None:
+            return found
+        if path in self._retired:
+            return self._view(members)
+        weights, scales, biases = [], [], []
+        for name, w_attr, b_attr in members:
+            w_q, scale = self.checkpoint.get(name) or reference.quantize_weight_per_channel(fetch_attr(gm, w_attr),
+                                                                                            weight_qmax)
+            weights.append(w_q)
+            scales.append(scale)
+            biases.append(fetch_attr(gm, b_attr) if b_attr is not None else None)
+        params = _stacked(weights, scales, biases)
+        start = 0
+        for (name, _, b_attr), w in zip(members, weights):
+            self._rows[name] = Rows(path, start, start + w.shape[0], b_attr is not None)
+            start += w.shape[0]
+        self._gemms[path] = params
+        return params
+
+    def stack(self, path: str, parts: Sequence[str]) -> QuantizedLinearParams:
+        """One GEMM at ``path`` over the rows of the GEMMs ``parts`` (sibling Linears reading one input),
+        made once; the parts' Linears now live in its rows, and the parts are dropped from the store."""
+        found = self._gemms.get(path)
+        if found is not None:
+            return found
+        pieces = [self._gemms[p] for p in parts]
+        params = _stacked([p.weight for p in pieces], [p.weight_scale for p in pieces],
+                          [getattr(p, "bias", None) for p in pieces])
+        offset = 0
+        for part, piece in zip(parts, pieces):
+            for name, rows in list(self._rows.items()):
+                if rows.gemm == part:
+                    self._rows[name] = Rows(path, offset + rows.start, offset + rows.stop, rows.has_bias)
+            offset += piece.weight.shape[0]
+            self._retired[part] = path
+            del self._gemms[part]
+        self._gemms[path] = params
+        return params
+
+    def _view(self, members: Sequence[tuple[str, str, Optional[str]]]) -> QuantizedLinearParams:
+        rows = [self._rows[name] for name, _, _ in members]
+        gemm = self._gemms[rows[0].gemm]
+        assert all(r.gemm == rows[0].gemm for r in rows) and all(a.stop == b.start for a, b in zip(rows, rows[1:]))
+        sl = slice(rows[0].start, rows[-1].stop)
+        bias = getattr(gemm, "bias", None)
+        return QuantizedLinearParams(gemm.weight[sl], gemm.weight_scale[sl],
+                                     bias[sl] if bias is not None and any(r.has_bias for r in rows) else None)
+
+    def linear(self, name: str) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """One int8 Linear's ``(w_q int8 [N, K], scale fp32 [N, 1], bias [N] or None)``, views of the GEMM it
+        runs in. Raises KeyError for a Linear that is not int8."""
+        rows = self._rows[name]
+        gemm = self._gemms[rows.gemm]
+        sl = slice(rows.start, rows.stop)
+        bias = getattr(gemm, "bias", None)
+        return gemm.weight[sl], gemm.weight_scale.reshape(-1, 1)[sl], bias[sl] if rows.has_bias and bias is not None else None
+
+    def int8_linears(self) -> list[str]:
+        """FQNs of the Linears that have int8 rows in the store."""
+        return list(self._rows)
+
+    # ------------------------------------------------------------------------------------ derived tensors
+    def derived(self, fqn: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The tensor at ``fqn``, made by ``make()`` on first use."""
+        found = self._derived.get(fqn)
+        if found is None:
+            found = self._derived[fqn] = make()
+        return found
+
+    def set_derived(self, fqn: str, value: torch.Tensor) -> None:
+        """Put (or replace, e.g. when recalibrating) the tensor at ``fqn``."""
+        self._derived[fqn] = value
+
+    def get_derived(self, fqn: str) -> Optional[torch.Tensor]:
+        return self._derived.get(fqn)
+
+    # ------------------------------------------------------------------------------------ inspection
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor the store owns, by FQN (GEMM buffers as ``<path>.<buffer>``)."""
+        for path, params in self._gemms.items():
+            for leaf, buf in params.named_buffers():
+                yield (f"{path}.{leaf}" if path else leaf), buf
+        yield from self._derived.items()
+
+    def rebind(self, convert: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every derived tensor by ``convert(tensor)`` (after a device or dtype move of the program,
+        whose GEMM modules move with the graphs that hold them)."""
+        self._derived = {k: convert(v) for k, v in self._derived.items()}
+        self.checkpoint = {}  # only read while compiling
+
+
+def _stacked(weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
+             biases: Sequence[Optional[torch.Tensor]]) -> QuantizedLinearParams:
+    """The int8 rows of one or several Linears as one :class:`QuantizedLinearParams` (exact: every row keeps its
+    own scale); a Linear without bias contributes zeros where the others have one."""
+    def cat(ts):
+        return ts[0] if len(ts) == 1 else torch.cat(list(ts))
+
+    bias = None
+    if any(b is not None for b in biases):
+        dt = next(b.dtype for b in biases if b is not None)
+        bias = cat([b.detach() if b is not None else torch.zeros(w.shape[0], dtype=dt, device=w.device)
+                    for b, w in zip(biases, weights)])
+    return QuantizedLinearParams(cat(weights), cat([s.reshape(-1, 1) for s in scales]), bias)
