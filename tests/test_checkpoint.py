@@ -4,6 +4,8 @@ consumers (compressed-tensors' parser, transformers' loader, an llm-compressor c
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -206,6 +208,26 @@ BAD = {
 }
 
 
+def _scale_rows(rows, value):
+    """An edit setting rows of q_proj's stored scale [64, 1] to ``value``."""
+    def edit(t):
+        t[f"{Q}.weight_scale"][rows] = value
+    return dict(tensors=edit)
+
+
+# W = W_q · s: a scale that is NaN, inf, zero or negative is refused, naming the tensor, the kind, the count, the first row
+BAD.update({
+    "scale NaN": (_scale_rows([5, 9], float("nan")), re.escape(f"{Q}.weight_scale has 2 NaN (first at row 5) of 64 rows")),
+    "scale inf": (_scale_rows(3, float("inf")), re.escape(f"{Q}.weight_scale has 1 infinite (first at row 3) of 64 rows")),
+    "scale -inf": (_scale_rows(4, float("-inf")), re.escape(f"{Q}.weight_scale has 1 infinite (first at row 4)")),
+    "scale zero": (_scale_rows(slice(10, 13), 0.0), re.escape(f"{Q}.weight_scale has 3 zero (first at row 10) of 64 rows")),
+    "scale negative": (_scale_rows(7, -0.01), re.escape(f"{Q}.weight_scale has 1 negative (first at row 7) of 64 rows")),
+    "scale per-tensor zero": (dict(tensors=lambda t: t.__setitem__(f"{Q}.weight_scale", torch.zeros(1))),
+                              re.escape(f"{Q}.weight_scale has 64 zero (first at row 0) (one per-tensor value, expanded "
+                                        f"to the weight's 64 rows)")),
+})
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_checkpoint_is_refused_by_name_and_the_model_untouched(case, saved, tmp_path, untouched):
     name, _, directory = saved
@@ -216,6 +238,99 @@ def test_bad_checkpoint_is_refused_by_name_and_the_model_untouched(case, saved, 
     model = tiny_llama(seed=4)
     with pytest.raises(fxquant.CheckpointError, match=message):
         untouched(model, lambda: fxquant.compile(model, {"input_ids": IDS}, config=CONFIGS[name], weights=bad))
+
+
+def test_scale_must_be_positive_also_for_an_all_zero_row():
+    """An all-zero weight row is exact with any positive scale, but a zero scale is refused there too."""
+    w = torch.ones(4, 8, dtype=torch.int8)
+    w[2] = 0
+    ok = checkpoint.read_checkpoint({"fc.weight": w, "fc.weight_scale": torch.tensor([0.1, 0.2, 123.0, 0.3])})
+    assert torch.equal(ok.int8["fc"][1], torch.tensor([[0.1], [0.2], [123.0], [0.3]]))
+    with pytest.raises(fxquant.CheckpointError, match=re.escape("fc.weight_scale has 1 zero (first at row 2) of 4 rows")):
+        checkpoint.read_checkpoint({"fc.weight": w, "fc.weight_scale": torch.tensor([0.1, 0.2, 0.0, 0.3])})
+    # a float64 scale too small for the float32 it is used in is zero there
+    with pytest.raises(fxquant.CheckpointError, match=re.escape("state dict: fc.weight_scale has 1 zero (first at row 0)")):
+        checkpoint.read_checkpoint({"fc.weight": w,
+                                    "fc.weight_scale": torch.tensor([1e-60, 0.2, 0.1, 0.3], dtype=torch.float64)})
+
+
+SHARD_IN, SHARD_OUT = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+
+
+def _sharded(src: Path, root: Path, entry: str) -> tuple[Path, dict]:
+    """A two-shard copy of the checkpoint ``src`` at ``root / "ckpt"``: q_proj's tensors in ``root / "other" /
+    SHARD_OUT``, outside it, which the index names ``entry``; everything else in SHARD_IN, inside. Returns the
+    directory and the weight map."""
+    tensors = load_file(str(src / "model.safetensors"))
+    outside = {k: v for k, v in tensors.items() if k.startswith(Q + ".")}
+    (root / "other").mkdir()
+    (root / "ckpt").mkdir()
+    save_file(outside, str(root / "other" / SHARD_OUT))
+    save_file({k: v for k, v in tensors.items() if k not in outside}, str(root / "ckpt" / SHARD_IN))
+    (root / "ckpt" / "config.json").write_bytes((src / "config.json").read_bytes())
+    weight_map = {k: (entry if k in outside else SHARD_IN) for k in sorted(tensors)}
+    (root / "ckpt" / checkpoint.INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return root / "ckpt", weight_map
+
+
+@pytest.mark.parametrize("case", ["parent", "absolute", "symlink"])
+def test_index_entry_outside_the_directory_is_refused_by_name_and_the_model_untouched(case, saved, tmp_path, untouched):
+    """The index is untrusted input: a shard it names must be a file inside the checkpoint directory, even though
+    the file it points at exists (here, a valid shard of the same checkpoint: only where it lies is at fault)."""
+    name, _, directory = saved
+    if name != "cpu":
+        pytest.skip("one layout is enough")
+    entry = {"parent": f"../other/{SHARD_OUT}", "absolute": str(tmp_path / "other" / SHARD_OUT), "symlink": SHARD_OUT}[case]
+    ckpt, weight_map = _sharded(directory, tmp_path, entry)
+    if case == "symlink":
+        try:
+            os.symlink(tmp_path / "other" / SHARD_OUT, ckpt / SHARD_OUT)
+        except OSError as e:
+            pytest.skip(f"no symlinks here: {e}")
+    reason = {"parent": "has a '..' component, which leaves the checkpoint directory", "absolute": "is an absolute path",
+              "symlink": "outside the checkpoint directory"}[case]
+    tensor = next(k for k, v in weight_map.items() if v == entry)
+    assert tensor == f"{Q}.weight"
+    model = tiny_llama(seed=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(fxquant.CheckpointError) as e:
+        untouched(model, lambda: fxquant.compile(model, {"input_ids": IDS}, config=CONFIGS[name], weights=ckpt))
+    for part in (str(ckpt / checkpoint.INDEX_NAME), f"weight_map entry {tensor!r}: {entry!r}", reason,
+                 "fix the index or copy the shard files into the directory"):
+        assert part in str(e.value), (part, str(e.value))
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():  # bit-identical, NaN-safe
+        assert after[k].dtype == v.dtype and torch.equal(after[k].view(torch.uint8), v.view(torch.uint8)), k
+
+
+def test_index_symlink_inside_the_directory_is_read(saved, tmp_path):
+    """A shard that is a symlink to another file inside the directory stays inside: read as before."""
+    _, _, directory = saved
+    ckpt, _ = _sharded(directory, tmp_path, "alias.safetensors")
+    (tmp_path / "other" / SHARD_OUT).rename(ckpt / SHARD_OUT)
+    try:
+        os.symlink(SHARD_OUT, ckpt / "alias.safetensors")
+    except OSError as e:
+        pytest.skip(f"no symlinks here: {e}")
+    stored = checkpoint.read_checkpoint(ckpt)
+    assert torch.equal(stored.int8[Q][0], load_file(str(directory / "model.safetensors"))[f"{Q}.weight"])
+
+
+@pytest.mark.parametrize("index, message", [
+    ([1, 2], "the file holds a JSON list"),
+    ({"metadata": {}}, "weight_map is null"),
+    ({"weight_map": ["model.safetensors"]}, 'weight_map is ["model.safetensors"]'),
+    ({"weight_map": {}}, "weight_map is {}"),
+    ({"weight_map": {"lm_head.weight": 3}}, "weight_map entry 'lm_head.weight': 3 is not a shard file name (a string)"),
+    ({"weight_map": {"lm_head.weight": ""}}, "weight_map entry 'lm_head.weight': '' is empty"),
+])
+def test_malformed_index_is_refused_by_name(index, message, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": checkpoint.quantization_config([])}))
+    (tmp_path / checkpoint.INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(fxquant.CheckpointError) as e:
+        checkpoint.read_checkpoint(tmp_path)
+    assert str(tmp_path / checkpoint.INDEX_NAME) in str(e.value) and message in str(e.value), str(e.value)
 
 
 def test_unreadable_checkpoints(saved, tmp_path):

@@ -89,9 +89,6 @@ class StoredWeights:
     ignore: list[str] = field(default_factory=list)
     origin: str = "state dict"
 
-    def ignored(self, name: str) -> bool:
-        return any(re.fullmatch(p[3:], name) if p.startswith("re:") else p == name for p in self.ignore)
-
 
 def read_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> StoredWeights:
     """Read a compressed-tensors W8A8 checkpoint: a directory (config.json + safetensors, sharded or not), a
@@ -100,8 +97,13 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> S
     Raises:
         CheckpointError: no safetensors file (pickled ``.bin`` checkpoints are refused), a truncated or corrupt
             file, a scheme fxquant does not run (named: 4-bit, fp8, group/block strategies, asymmetric,
-            static or weight-only activations, KV-cache quantization), an int8 weight without its scale, or a
-            scale whose shape does not fit its weight.
+            static or weight-only activations, KV-cache quantization), an int8 weight without its scale, a
+            scale whose shape does not fit its weight, a scale value that is not finite and > 0 (NaN, inf, zero
+            or negative: named with the tensor, the count and the first row), a ``model.safetensors.index.json``
+            that is not a {tensor name: shard file name} map, or an index entry naming a shard outside the
+            checkpoint directory (an absolute path, a ``..`` component, a symlink out of it: named with the
+            tensor and the shard). Raised while reading, before ``fxquant.compile`` captures the model, which is
+            untouched.
     """
     if isinstance(source, Mapping):
         return _stored(dict(source), [], "state dict")
@@ -191,10 +193,24 @@ def _shard_files(directory: Path) -> list[Path]:
     index = directory / INDEX_NAME
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a safetensors index ({e})") from e
-        files = [directory / f for f in dict.fromkeys(weight_map.values())]
+            data = json.loads(index.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index, not readable JSON ({e})") from e
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            got = (f"weight_map is {json.dumps(weight_map)[:60]}" if isinstance(data, dict)
+                   else f"the file holds a JSON {type(data).__name__}")
+            raise CheckpointError(f"{index}: not a safetensors index: it needs a non-empty \"weight_map\" object "
+                                  f"{{tensor name: shard file name}}, but {got}; re-save the checkpoint, or delete the "
+                                  f"index if the directory holds a single {SAFE_NAME}")
+        paths: dict[str, Path] = {}
+        for tensor, shard in weight_map.items():
+            if not isinstance(shard, str):
+                raise CheckpointError(f"{index}: weight_map entry {tensor!r}: {json.dumps(shard)[:60]} is not a shard file "
+                                      f"name (a string); each entry maps a tensor name to a shard file; re-save the checkpoint")
+            if shard not in paths:
+                paths[shard] = _shard_path(directory, index, tensor, shard)
+        files = list(paths.values())
         absent = [str(f) for f in files if not f.is_file()]
         if absent:
             raise CheckpointError(f"{index} names shard(s) that are missing: {absent[:3]}")
@@ -205,6 +221,30 @@ def _shard_files(directory: Path) -> list[Path]:
     pickled = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
     hint = f" ({', '.join(pickled[:3])} are pickle files, which fxquant never loads)" if pickled else ""
     raise CheckpointError(f"{directory}: no {SAFE_NAME} or {INDEX_NAME}{hint}")
+
+
+def _shard_path(directory: Path, index: Path, tensor: str, shard: str) -> Path:
+    """``directory / shard`` for an index's weight_map entry ``tensor: shard``, refused unless it is a file name
+    inside the checkpoint directory: no absolute path, no ``..`` component, and, once symlinks are resolved, a
+    location inside the resolved directory (the index is untrusted input: it must not make fxquant read
+    elsewhere)."""
+    entry = f"weight_map entry {tensor!r}: {shard!r}"
+    what_to_do = (f"a shard must be a file inside {directory} named relative to it (e.g. "
+                  f"'model-00001-of-00002.safetensors'); fix the index or copy the shard files into the directory")
+    if not shard or Path(shard).is_absolute():
+        raise CheckpointError(f"{index}: {entry} is {'empty' if not shard else 'an absolute path'}; {what_to_do}")
+    if ".." in Path(shard).parts:
+        raise CheckpointError(f"{index}: {entry} has a '..' component, which leaves the checkpoint directory; {what_to_do}")
+    path = directory / shard
+    try:
+        root, resolved = directory.resolve(), path.resolve()
+    except (OSError, RuntimeError, ValueError) as e:  # a symlink loop, a NUL byte
+        raise CheckpointError(f"{index}: {entry} cannot be resolved ({e}); {what_to_do}") from e
+    if resolved == root or not resolved.is_relative_to(root):
+        raise CheckpointError(f"{index}: {entry} resolves to {str(resolved)!r}, outside the checkpoint directory "
+                              f"{str(root)!r} (a symlink out of it?); {what_to_do} (real files, not symlinks to "
+                              f"elsewhere: e.g. huggingface_hub.snapshot_download(local_dir=...))")
+    return path
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -228,15 +268,17 @@ def _stored(tensors: dict[str, torch.Tensor], ignore: list[str], origin: str) ->
             scale = tensors.get(f"{owner}.weight_scale")
             if scale is None:
                 raise CheckpointError(f"{origin}: {key} is int8 but {owner}.weight_scale is missing")
-            n = t.shape[0]
-            if scale.numel() == 1:
+            n, per_tensor = t.shape[0], scale.numel() == 1
+            if per_tensor:
                 scale = scale.reshape(1, 1).expand(n, 1)
             elif scale.numel() != n or scale.dim() > 2 or (scale.dim() == 2 and scale.shape[1] != 1):
                 raise CheckpointError(f"{origin}: {owner}.weight_scale has shape {tuple(scale.shape)}; the weight "
                                       f"{tuple(t.shape)} needs [{n}, 1], [{n}] or one value (per-channel or per-tensor)")
             if not scale.is_floating_point():
                 raise CheckpointError(f"{origin}: {owner}.weight_scale is {scale.dtype}; scales are floating point")
-            int8[owner] = (t.contiguous(), scale.reshape(n, 1).to(torch.float32).contiguous())
+            scale = scale.reshape(n, 1).to(torch.float32).contiguous()
+            _check_scale(scale, f"{origin}: {owner}.weight_scale", per_tensor)
+            int8[owner] = (t.contiguous(), scale)
         elif leaf in ("weight_zero_point", "input_scale", "input_zero_point"):
             if leaf != "weight_zero_point" or bool(t.ne(0).any()):
                 raise CheckpointError(f"{origin}: {key}: {'static input scales' if 'input' in leaf else 'asymmetric weights'} "
@@ -254,6 +296,24 @@ def _stored(tensors: dict[str, torch.Tensor], ignore: list[str], origin: str) ->
     if not int8:
         raise CheckpointError(f"{origin}: no int8 Linear weights (<name>.weight int8 with <name>.weight_scale)")
     return StoredWeights(int8, floats, ignore, origin)
+
+
+def _check_scale(scale: torch.Tensor, what: str, per_tensor: bool) -> None:
+    """Refuse a weight scale [N, 1] (fp32, as it will be used) with a value that is not finite and > 0: W ≈ W_q · s
+    would be NaN, inf, all zeros or sign-flipped. An all-zero weight row still needs a positive scale (any)."""
+    s = scale.reshape(-1)
+    kinds = {"NaN": s.isnan(), "infinite": s.isinf(), "zero": s == 0, "negative": (s < 0) & s.isfinite()}
+    found = []
+    for kind, mask in kinds.items():
+        rows = mask.nonzero().reshape(-1)
+        if rows.numel():
+            found.append(f"{rows.numel()} {kind} (first at row {int(rows[0])})")
+    if found:
+        scope = (f" (one per-tensor value, expanded to the weight's {s.numel()} rows)" if per_tensor
+                 else f" of {s.numel()} rows")
+        raise CheckpointError(f"{what} has {', '.join(found)}{scope} after the cast to float32; weight scales must be "
+                              f"finite and > 0 (W = weight · weight_scale, an all-zero row too takes a positive scale): "
+                              f"the checkpoint is corrupt or was not made by an int8 quantizer; re-export it")
 
 
 def install(gm: fx.GraphModule, stored: StoredWeights, linears: Mapping[str, fx.Node], source: SourceInfo) -> list[str]:
