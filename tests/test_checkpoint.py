@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fxquant
+from fxquant.export import compressed_tensors
 from fxquant.weights import checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -326,7 +327,7 @@ def test_index_symlink_inside_the_directory_is_read(saved, tmp_path):
     ({"weight_map": {"lm_head.weight": ""}}, "weight_map entry 'lm_head.weight': '' is empty"),
 ])
 def test_malformed_index_is_refused_by_name(index, message, tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": checkpoint.quantization_config([])}))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": compressed_tensors.quantization_config([])}))
     (tmp_path / checkpoint.INDEX_NAME).write_text(json.dumps(index))
     with pytest.raises(fxquant.CheckpointError) as e:
         checkpoint.read_checkpoint(tmp_path)
