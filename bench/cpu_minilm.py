@@ -112,6 +112,7 @@ from tabulate import tabulate
 from tqdm import tqdm
 
 
+from fxquant.targets import backends
 from fxquant.targets.backends import cpu_flags
 from fxquant.app.evaluation import (
     default_model_dir,
@@ -185,7 +186,13 @@ def _version(module_name: str) -> str:
 
 
 def isa_summary(flags: set[str]) -> str:
-    """The widest int8/bf16 matrix ISA of this CPU, from /proc/cpuinfo flags."""
+    """The widest int8/bf16 matrix ISA of this CPU, from /proc/cpuinfo flags, and FXQUANT_CPU_ISA when it forces
+    fxquant's per-CPU choices (fxquant.backends)."""
+    forced = backends.forced_cpu_isa()
+    return _widest_isa(flags) + (f"; fxquant's choices forced: {backends.CPU_ISA_ENV}={forced}" if forced else "")
+
+
+def _widest_isa(flags: set[str]) -> str:
     if {"amx_int8", "amx_bf16"} <= flags:
         return "AMX (int8, bf16)"
     if "avx512_vnni" in flags:

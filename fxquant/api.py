@@ -23,6 +23,7 @@ from .passes.base import CompileContext, debug_dir_from_env, dump_captured, run_
 from .passes.pipeline import analysis_passes, transform_passes
 from .plan.planner import QuantPlan, linear_name, linear_nodes, resolve_weight_qmax
 from .program import Method, Program
+from .targets import backends
 from .tools import report
 from .tools.draw import draw_graph
 from .weights import calibration as calib
@@ -432,8 +433,10 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
         notes.add(NoteKind.STATIC_UNCALIBRATED, "static per-tensor activation scales: not calibrated yet; call "
                   "fxquant.calibrate(qmodel, batches)", "compile")
     if config.target == "cpu" and qmax < 127 and config.weight_qmax is None:
-        notes.add(NoteKind.WEIGHT_RANGE, f"this CPU has no VNNI: int8 weights use [-{qmax}, {qmax}] so oneDNN's u8*s8 "
-                  "int16 pair sums cannot saturate", "resolve_weight_qmax")
+        why = (f"{backends.CPU_ISA_ENV}=avx2 (as on a CPU without VNNI)" if backends.forced_cpu_isa() == "avx2"
+               else "this CPU has no VNNI")
+        notes.add(NoteKind.WEIGHT_RANGE, f"{why}: int8 weights use [-{qmax}, {qmax}] so oneDNN's u8*s8 int16 pair sums "
+                  "cannot saturate", "resolve_weight_qmax")
     tied = [d for d in decisions if d.quantize and d.extra_bytes]
     if tied:
         notes.add(NoteKind.TIED_HEAD, f"{len(tied)} Linear(s) tied to an embedding run int8 from their own int8 copy "

@@ -30,7 +30,8 @@ aten = torch.ops.aten
 
 def resolve_weight_qmax(config) -> int:
     """The int8 weight range: the config's or the target's value; for ``cpu`` with neither, 127 when the
-    CPU's oneDNN int8 GEMM is exact at full range (VNNI/AMX), else 63 (see ``fxquant.backends``)."""
+    CPU's oneDNN int8 GEMM is exact at full range (VNNI/AMX), else 63 (see ``fxquant.backends``;
+    ``FXQUANT_CPU_ISA=avx2`` forces 63)."""
     qmax = config.spec.weight_qmax
     if qmax is not None:
         return qmax

@@ -22,6 +22,25 @@ Why |W_q| <= 63 on CPUs without VNNI: oneDNN's AVX2 int8 kernels multiply u8 × 
 computations"). With s8 activations shifted to u8 (≤ 255) and |W_q| ≤ 63 the worst pair is
 2·255·63 = 32130 < 32767, so the int32 accumulation is exact. Measured on AMD EPYC (Zen 3, AVX2):
 full-range weights give 2.6 % relative error on Gaussian data; 7-bit weights give bit-exact results.
+
+What fxquant decides per CPU kind (x86): the int8 weight range (:func:`fxquant.passes.resolve_weight_qmax`: 127
+where :func:`cpu_int8_full_range_exact`, else 63), oneDNN's src form below ``_U8_SRC_MAX_M`` rows (uint8 with zero
+point 128 without VNNI, :func:`_src`) and whether oneDNN's epilogue writes bf16 (:func:`cpu_native_bf16`). They
+are probed once per process; the environment variable ``FXQUANT_CPU_ISA`` (read at the first probe; clear the
+caches with :func:`clear_cpu_isa_caches` after changing it) forces them, so one machine can run the choices of
+another (the test suite runs its key numerics both ways, tests/test_cpu_isa.py):
+
+* ``avx2``: a CPU without VNNI and without native bf16: weights in [-63, 63], uint8 src below the row threshold,
+  no bf16 epilogue (exact and correct on every x86 CPU);
+* ``vnni``: an AVX-512 VNNI CPU without native bf16: full-range weights, int8 src, no bf16 epilogue;
+* ``amx``: an AMX (or AVX512-BF16 + VNNI) CPU: full-range weights, int8 src, oneDNN's bf16 epilogue;
+* unset or empty: probe the CPU.
+
+``vnni`` and ``amx`` are refused (RuntimeError at the first probe) on a CPU whose oneDNN int8 GEMM is not exact at
+full range (no VNNI: forcing 127 would give wrong results), and ``amx`` on a CPU without native bf16 (oneDNN's
+bf16 epilogue is a reference kernel there, seconds per GEMM). Any other value raises ValueError. The variable
+changes fxquant's choices only; :func:`cpu_flags` and oneDNN's own kernel choice still follow the real CPU
+(``ONEDNN_MAX_CPU_ISA`` caps oneDNN, see :func:`warn_if_isa_capped`).
 """
 
 from __future__ import annotations
@@ -48,7 +67,8 @@ from ..kernels.w8a8_gemm import w8a8_linear as _triton_w8a8_linear
 __all__ = [
     "BACKENDS", "BACKEND_NAMES", "GATED", "quantize_per_token", "layer_norm_quant", "rms_norm_quant",
     "cpu_int8_full_range_exact", "onednn_available", "cpu_backend", "triton_serves", "backend_for_target",
-    "pick_backend", "run_linear", "cpu_flags", "cpu_native_bf16",
+    "pick_backend", "run_linear", "cpu_flags", "cpu_native_bf16", "CPU_ISA_ENV", "CPU_ISA_CHOICES", "forced_cpu_isa",
+    "clear_cpu_isa_caches",
 ]
 
 GATED = _kc.GATED_ACTIVATIONS  # epilogues whose weight stacks two projections ([2I, K] -> output [..., I])
@@ -91,13 +111,26 @@ def warn_if_isa_capped() -> None:
             return
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_int8_full_range_exact() -> bool:
-    """Probe: does oneDNN's CPU int8 GEMM stay exact with full-range [-127, 127] weights on this CPU?
+CPU_ISA_ENV = "FXQUANT_CPU_ISA"
+CPU_ISA_CHOICES = ("avx2", "vnni", "amx")  # the CPU kinds fxquant's choices can be forced to (module docstring)
 
-    True on CPUs with VNNI / AMX (int32 accumulation in one instruction); False on AVX2-only CPUs, where
-    int16 pair sums saturate (see the module docstring). Runs one 64×256×64 GEMM with worst-case values.
-    """
+
+def forced_cpu_isa() -> Optional[str]:
+    """The CPU kind ``FXQUANT_CPU_ISA`` forces (``avx2``, ``vnni`` or ``amx``; case and surrounding blanks
+    ignored), or None when it is unset or empty (probe the CPU). Raises ValueError on any other value."""
+    raw = os.environ.get(CPU_ISA_ENV, "")
+    value = raw.strip().lower()
+    if not value:
+        return None
+    if value not in CPU_ISA_CHOICES:
+        raise ValueError(f"{CPU_ISA_ENV}={raw!r} is not one of {', '.join(CPU_ISA_CHOICES)} (or unset / empty: probe "
+                         "the CPU)")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_int8_full_range_exact() -> bool:
+    """The CPU's own answer to :func:`cpu_int8_full_range_exact`, whatever ``FXQUANT_CPU_ISA`` says."""
     if not onednn_available():
         return False
     g = torch.Generator().manual_seed(0)
@@ -108,8 +141,30 @@ def cpu_int8_full_range_exact() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+def cpu_int8_full_range_exact() -> bool:
+    """Probe: does oneDNN's CPU int8 GEMM stay exact with full-range [-127, 127] weights on this CPU?
+
+    True on CPUs with VNNI / AMX (int32 accumulation in one instruction); False on AVX2-only CPUs, where
+    int16 pair sums saturate (see the module docstring). Runs one 64×256×64 GEMM with worst-case values.
+    ``FXQUANT_CPU_ISA=avx2`` makes it False on any CPU; ``vnni`` / ``amx`` raise RuntimeError where the probe
+    says False (full-range weights would be inexact there), else it is True.
+    """
+    isa = forced_cpu_isa()
+    if isa == "avx2":
+        return False
+    exact = _probe_int8_full_range_exact()
+    if isa is not None and not exact:
+        raise RuntimeError(
+            f"{CPU_ISA_ENV}={isa} forces full-range int8 weights (|W_q| <= 127), but oneDNN's int8 GEMM is not exact at "
+            "full range on this CPU (no VNNI: u8*s8 int16 pair sums saturate)" + ("" if onednn_available() else
+            ", or this torch has no oneDNN int8 Linear") + f"; refusing. Use {CPU_ISA_ENV}=avx2 or unset it.")
+    return exact
+
+
+@functools.lru_cache(maxsize=None)
 def cpu_flags() -> frozenset:
-    """The CPU's feature flags as Linux reports them (``/proc/cpuinfo``), empty elsewhere."""
+    """The CPU's feature flags as Linux reports them (``/proc/cpuinfo``), empty elsewhere (the real CPU's, whatever
+    ``FXQUANT_CPU_ISA`` says)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -120,10 +175,34 @@ def cpu_flags() -> frozenset:
     return frozenset()
 
 
+_NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+@functools.lru_cache(maxsize=None)
 def cpu_native_bf16() -> bool:
     """True when the CPU has bf16 arithmetic of its own (AMX-BF16 tiles or AVX512-BF16 dot products), so
-    oneDNN's bf16 kernels do not emulate it."""
-    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    oneDNN's bf16 kernels do not emulate it. ``FXQUANT_CPU_ISA=avx2`` / ``vnni`` make it False on any CPU; ``amx``
+    raises RuntimeError on a CPU without native bf16 (or without exact full-range int8), else it is True."""
+    isa = forced_cpu_isa()
+    if isa in ("avx2", "vnni"):
+        return False
+    native = bool(cpu_flags() & _NATIVE_BF16_FLAGS)
+    if isa == "amx":
+        cpu_int8_full_range_exact()  # refuses a CPU without VNNI
+        if not native:
+            raise RuntimeError(
+                f"{CPU_ISA_ENV}=amx forces oneDNN's bf16 epilogue, but this CPU has no native bf16 (amx_bf16 or "
+                "avx512_bf16): oneDNN would run it with a reference kernel (seconds per GEMM); refusing. Use "
+                f"{CPU_ISA_ENV}=vnni or avx2, or unset it.")
+    return native
+
+
+def clear_cpu_isa_caches() -> None:
+    """Forget the cached per-CPU choices (:func:`cpu_int8_full_range_exact`, :func:`cpu_native_bf16`) so that the
+    next call reads ``FXQUANT_CPU_ISA`` again (the hardware probe itself stays cached). Models compiled before keep
+    the weight range they were compiled with."""
+    cpu_int8_full_range_exact.cache_clear()
+    cpu_native_bf16.cache_clear()
 
 
 def _version(t: torch.Tensor) -> int:

@@ -18,7 +18,8 @@ class TargetSpec:
         alignment: K and N must be multiples of this for the target's int8 kernels.
         weight_qmax: largest |int8 weight| (127 = full narrow range; 63 = 7-bit, for x86 CPUs without VNNI
             whose u8·s8 int16 pair sums would otherwise saturate). ``None``: decided at compile time by
-            probing the CPU backend (:func:`fxquant.backends.cpu_int8_full_range_exact`).
+            probing the CPU backend (:func:`fxquant.targets.backends.cpu_int8_full_range_exact`; the environment
+            variable ``FXQUANT_CPU_ISA`` forces it, see :mod:`fxquant.targets.backends`).
         min_n_unfused: a Linear whose input is not a LayerNorm output (so it needs a quantization pass of
             its own) goes int8 only when the int8 Linears reading that input have N >= this in total
             (``heuristics.quantize_pass_pays_off``); 0 disables the rule.
