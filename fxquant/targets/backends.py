@@ -415,7 +415,11 @@ def rms_norm_quant(x, weight, eps, cast_before_weight, return_float, act_scale=N
 # --------------------------------------------------------------------------------------------- aten
 def _aten_gemm(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
     # w_q.t() of the [N, K] tensor: a row-major [K, N] right operand falls onto a 6-7x slower cuBLAS kernel.
-    return torch._int_mm(x_q, w_q.t()).to(torch.float32).mul_(w_scale.reshape(1, -1))
+    # K = 1: w_q.t() is [1, N] with strides (1, 1), and torch 2.13's CPU _int_mm on a VNNI / AMX CPU (oneDNN's
+    # s8s8s32 gemm) returned uninitialized memory for it (every call, measured on the AMX Xeon; reached there under
+    # FXQUANT_CPU_ISA=avx2, which sends full-range weights here); the [1, N] row-major view has strides (N, 1).
+    w_t = w_q.reshape(1, -1).contiguous() if w_q.shape[1] == 1 else w_q.t()
+    return torch._int_mm(x_q, w_t).to(torch.float32).mul_(w_scale.reshape(1, -1))
 
 
 def _reference_gemm(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
