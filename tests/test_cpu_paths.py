@@ -111,8 +111,18 @@ def test_compute_dtype_bf16_keeps_fp32_in_and_out(small_bert, sqnr, untouched, t
         ref = model(**enc).last_hidden_state
         out32, out16 = qm32(**enc), qm16(**enc)
     assert out16.last_hidden_state.dtype == torch.float32 and out16.pooler_output.dtype == torch.float32
-    assert sqnr(ref, out32.last_hidden_state) - sqnr(ref, out16.last_hidden_state) < 6  # measured: 32.6 vs 31.8 dB
-    assert sqnr(ref, out16.last_hidden_state) > 25
+    # The bf16 float work adds noise of its own (~45 dB SQNR on the AMX Xeon in both weight ranges, the fp32 path's
+    # noise power subtracted), so it costs more dB the cleaner the fp32 path is: the bound on the loss depends on the
+    # weight range this CPU gets (127 with VNNI / AMX, 63 without; FXQUANT_CPU_ISA forces it), the floor holds for
+    # both. Measured fp32 / bf16 path:
+    #   qmax 63:  32.6 / 31.8 dB on the AVX2 EPYC (no VNNI); 47.1 / 42.9 dB on the AMX Xeon with FXQUANT_CPU_ISA=avx2
+    #   qmax 127: 50.8 / 44.1 dB on the AMX Xeon (unset, and FXQUANT_CPU_ISA=vnni: fp32 out of oneDNN + a cast)
+    # (seeds 0-5 of this model: losses 4.15-4.32 dB with qmax 63, 6.55-6.92 dB with qmax 127, on the AMX Xeon)
+    db32, db16 = sqnr(ref, out32.last_hidden_state), sqnr(ref, out16.last_hidden_state)
+    qmax = qm32.report().weight_qmax
+    assert qm16.report().weight_qmax == qmax
+    assert db16 > 25, (qmax, db32, db16)
+    assert db32 - db16 < {63: 6, 127: 9}[qmax], (qmax, db32, db16)
     assert any("float work in bfloat16" in n for n in qm16.report().notes)
     assert {p.dtype for n, p in qm16.named_parameters() if p.is_floating_point()} == {torch.bfloat16}
     with pytest.raises(ValueError, match="compute_dtype"):
