@@ -23,7 +23,6 @@ from .passes.base import CompileContext, debug_dir_from_env, dump_captured, run_
 from .passes.pipeline import analysis_passes, transform_passes
 from .plan.planner import QuantPlan, linear_name, linear_nodes, resolve_weight_qmax
 from .program import Method, Program
-from .targets import backends
 from .tools import report
 from .tools.draw import draw_graph
 from .weights import calibration as calib
@@ -226,6 +225,21 @@ class QuantizedModel(torch.nn.Module):
             self._io_dtype = None  # the caller chose the dtype: inputs and outputs are theirs again
         return self
 
+    def _apply_compute_dtype(self) -> None:
+        """``QuantConfig.compute_dtype``: hold the float work in that dtype, inputs and outputs in the model's."""
+        want, have, notes = self.config.compute_dtype, self._float_dtype, self._report.notes
+        if want is None or want == have:
+            return
+        if have is None:
+            notes.add(NoteKind.COMPUTE_DTYPE, f"QuantConfig.compute_dtype={want} not applied: the fused Linears' output "
+                      "dtypes are mixed or fixed by QuantConfig.out_dtype, so the model has no one float dtype to replace",
+                      "compile")
+            return
+        self.to(want)  # before calibration: the static scales are those of what runs
+        self._io_dtype = have
+        notes.add(NoteKind.COMPUTE_DTYPE, f"float work in {str(want).replace('torch.', '')} (QuantConfig.compute_dtype); "
+                  f"inputs and outputs stay {str(have).replace('torch.', '')}", "compile")
+
     def check_exportable(self, what: str) -> None:
         """Raise ValueError when ``QuantConfig.compute_dtype`` rounded the float parameters (see there)."""
         if self._io_dtype is not None:
@@ -399,9 +413,6 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     calls = calib.batches_of(calibration) if calibration is not None else None
     stored = checkpoint.read_checkpoint(weights) if weights is not None else None
     notes = Notes()
-    if any(m.training for m in model.modules()):
-        notes.add(NoteKind.TRAINING_MODE, "the model was in training mode: captured in eval semantics (dropout off); "
-                  "its flags are unchanged", "capture")
     dump_dir = debug_dir_from_env(debug_dir)
     captured = {"forward": capture(model, example_inputs)}
     for name, inputs in (methods or {}).items():
@@ -409,10 +420,9 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     ops.register_inductor_decompositions()
     source = checkpoint.SourceInfo.of(model)
     first = captured["forward"]
+    notes.extend(first.notes())
     if stored is not None:
-        config = _checkpoint_config(first.graph_module, stored, config)
-        notes.add(NoteKind.CHECKPOINT, f"weights: {len(stored.int8)} int8 Linear(s) and {len(stored.floats)} float "
-                  f"tensor(s) from {stored.origin}, used as stored", "install_checkpoint")
+        config = stored.config_following(config, [linear_name(first.graph_module, n) for n in linear_nodes(first.graph_module)])
     qmax = resolve_weight_qmax(config)
     ctx = CompileContext(config, qmax, WeightStore(stored.int8 if stored is not None else None), notes=notes,
                          model=model, calibration=calls, progress=progress)
@@ -432,25 +442,6 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     if static:
         notes.add(NoteKind.STATIC_UNCALIBRATED, "static per-tensor activation scales: not calibrated yet; call "
                   "fxquant.calibrate(qmodel, batches)", "compile")
-    if config.target == "cpu" and qmax < 127 and config.weight_qmax is None:
-        why = (f"{backends.CPU_ISA_ENV}=avx2 (as on a CPU without VNNI)" if backends.forced_cpu_isa() == "avx2"
-               else "this CPU has no VNNI")
-        notes.add(NoteKind.WEIGHT_RANGE, f"{why}: int8 weights use [-{qmax}, {qmax}] so oneDNN's u8*s8 int16 pair sums "
-                  "cannot saturate", "resolve_weight_qmax")
-    tied = [d for d in decisions if d.quantize and d.extra_bytes]
-    if tied:
-        notes.add(NoteKind.TIED_HEAD, f"{len(tied)} Linear(s) tied to an embedding run int8 from their own int8 copy "
-                  f"(+{sum(d.extra_bytes for d in tied) / 2**20:.1f} MiB); the embeddings stay float", "annotate")
-    if first.fixed_kwargs:
-        notes.add(NoteKind.FIXED_KWARGS, f"captured with {first.fixed_kwargs} (no KV cache in the graph)", "capture")
-    masks = first.attention_masks
-    if any(masks.values()):
-        notes.add(NoteKind.ATTENTION_MASKS, f"attention: {masks['all-true']} all-true mask(s) removed and "
-                  f"{masks['causal']} causal mask(s) replaced by is_causal=True, so SDPA keeps its FlashAttention "
-                  "kernels (fxquant.frontend.attention)", "capture")
-    if not first.dynamic:
-        notes.add(NoteKind.STATIC_SHAPES, "torch.export could not keep input dims dynamic: call with the example "
-                  "inputs' shapes", "capture")
     rep = report.Report(decisions, ctx.stats, report.node_counts(gm), config.target, first.front_end, qmax, notes,
                         report.gemm_rows(gm))
     dtypes = {d.out_dtype for d in decisions if d.quantize}
@@ -458,17 +449,7 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     program = Program({name: Method(g, captured[name].fixed_kwargs) for name, g in graphs.items()}, ctx.plan,
                       ctx.store, config, source)
     qm = QuantizedModel(program, rep, float_dtype)
-    if config.compute_dtype is not None and config.compute_dtype != float_dtype:
-        if float_dtype is None:
-            notes.add(NoteKind.COMPUTE_DTYPE, f"QuantConfig.compute_dtype={config.compute_dtype} not applied: the fused "
-                      "Linears' output dtypes are mixed or fixed by QuantConfig.out_dtype, so the model has no one "
-                      "float dtype to replace", "compile")
-        else:
-            qm.to(config.compute_dtype)  # before calibration: the static scales are those of what runs
-            qm._io_dtype = float_dtype
-            notes.add(NoteKind.COMPUTE_DTYPE, f"float work in {str(config.compute_dtype).replace('torch.', '')} "
-                      f"(QuantConfig.compute_dtype); inputs and outputs stay {str(float_dtype).replace('torch.', '')}",
-                      "compile")
+    qm._apply_compute_dtype()
     if static and calls is not None:
         _calibrate_calls(qm, calls, config.calibration_method, float(config.percentile), progress)
     return qm
@@ -527,14 +508,3 @@ def _calibrate_calls(qmodel: QuantizedModel, calls: list, method: str, percentil
     qmodel._calibrated(f"static per-tensor activation scales of {n} quantizing node(s) calibrated "
                        f"({method}{f' {percentile:g}' if method == 'percentile' else ''}) on {len(calls)} batch(es)")
     return qmodel
-
-
-def _checkpoint_config(gm: fx.GraphModule, stored: "checkpoint.StoredWeights", config: QuantConfig) -> QuantConfig:
-    """The config that follows a checkpoint: its float Linears skipped, every speed rule lifted for its int8
-    ones (the checkpoint decided), and a weight range that covers the stored weights (127, or 63 when every
-    stored |W_q| ≤ 63, which keeps the CPU's 7-bit oneDNN path exact)."""
-    names = dict.fromkeys(linear_name(gm, node) for node in linear_nodes(gm))
-    floats = [n for n in names if n not in stored.int8]
-    peak = max(int(w.abs().max()) if w.numel() else 0 for w, _ in stored.int8.values())
-    return dataclasses.replace(config, skip=(*config.skip, *floats), min_ratio=0, min_n_unfused=0,
-                               gated_output_int8=True, weight_qmax=63 if peak <= 63 else 127)

@@ -1,4 +1,4 @@
-"""``FXQUANT_CPU_ISA`` (fxquant.backends): forcing the choices fxquant makes per x86 CPU kind (int8 weight range,
+"""``FXQUANT_CPU_ISA`` (fxquant.targets.backends): forcing the choices fxquant makes per x86 CPU kind (int8 weight range,
 oneDNN's src form, oneDNN's bf16 epilogue), and the key numerics run once more with the 7-bit range forced, so
 that a run on a VNNI / AMX CPU also covers what a CPU without VNNI runs."""
 
@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import fxquant
-from fxquant import backends, passes
+from fxquant.plan import planner as passes
+from fxquant.targets import backends
 
 NATIVE_BF16 = {"amx_bf16", "avx512_bf16"}
 

@@ -55,6 +55,7 @@ import torch
 from ..ir import ops
 from ..ir.attrs import fetch_attr
 from ..ir.meta import members_of
+from ..ir.views import AtenSlice
 from ..kernels.common import GATED_ACTIVATIONS, SCALE_EPS
 from ..program import program_of
 
@@ -276,10 +277,11 @@ def _split_siblings(module: torch.fx.GraphModule, node: torch.fx.Node) -> None:
             pieces[(start, start + member.n)] = part.call(g)
         start += member.n
     for user in list(node.users):
-        if user.target is not torch.ops.aten.slice.Tensor or tuple(user.args[2:4]) not in pieces:
+        rows = (AtenSlice.of(user).start, AtenSlice.of(user).end) if AtenSlice.matches(user) else None
+        if rows not in pieces:
             raise ValueError(f"export_onnx: {user.format_node()} reads the sibling GEMM {node.name} other than as "
                              "one Linear's slice (a bug in fxquant)")
-        user.replace_all_uses_with(pieces[tuple(user.args[2:4])])
+        user.replace_all_uses_with(pieces[rows])
         g.erase_node(user)
     g.erase_node(node)
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import TraceError
 from ..ir.attrs import fetch_attr, parent_for
+from ..ir.notes import Note, NoteKind
 from .attention import simplify_attention_masks
 
 __all__ = ["capture", "canonicalize", "CapturedGraph"]
@@ -45,12 +46,31 @@ class CapturedGraph:
     """
 
     def __init__(self, graph_module: fx.GraphModule, front_end: str, fixed_kwargs: dict[str, Any], dynamic: bool,
-                 attention_masks: Optional[dict[str, int]] = None):
+                 attention_masks: Optional[dict[str, int]] = None, was_training: bool = False):
         self.graph_module = graph_module
         self.attention_masks = attention_masks or {}
         self.front_end = front_end
         self.fixed_kwargs = fixed_kwargs
         self.dynamic = dynamic
+        self.was_training = was_training
+
+    def notes(self) -> list[Note]:
+        """What the capture learned that the report should say, as typed notes."""
+        out = []
+        if self.was_training:
+            out.append(Note(NoteKind.TRAINING_MODE, "the model was in training mode: captured in eval semantics (dropout "
+                            "off); its flags are unchanged", "capture"))
+        if self.fixed_kwargs:
+            out.append(Note(NoteKind.FIXED_KWARGS, f"captured with {self.fixed_kwargs} (no KV cache in the graph)", "capture"))
+        masks = self.attention_masks
+        if any(masks.values()):
+            out.append(Note(NoteKind.ATTENTION_MASKS, f"attention: {masks['all-true']} all-true mask(s) removed and "
+                            f"{masks['causal']} causal mask(s) replaced by is_causal=True, so SDPA keeps its "
+                            "FlashAttention kernels (fxquant.frontend.attention)", "capture"))
+        if not self.dynamic:
+            out.append(Note(NoteKind.STATIC_SHAPES, "torch.export could not keep input dims dynamic: call with the "
+                            "example inputs' shapes", "capture"))
+        return out
 
 
 @contextmanager
@@ -115,6 +135,7 @@ def capture(model: torch.nn.Module, example_inputs: Optional[tuple | Mapping[str
     elif isinstance(example_inputs, tuple):
         args = example_inputs
     fixed = _fixed_kwargs(model, kwargs) if example_inputs is not None else {}
+    was_training = any(m.training for m in model.modules())
 
     with _eval_mode(model):
         if example_inputs is None:
@@ -142,7 +163,7 @@ def capture(model: torch.nn.Module, example_inputs: Optional[tuple | Mapping[str
     gm = _own_module_tree(gm)
     canonicalize(gm)
     masks = simplify_attention_masks(gm) if front_end == "torch.export" else {}
-    return CapturedGraph(gm, front_end, fixed, dynamic, masks)
+    return CapturedGraph(gm, front_end, fixed, dynamic, masks, was_training)
 
 
 def _own_module_tree(gm: fx.GraphModule) -> fx.GraphModule:

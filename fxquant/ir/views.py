@@ -1,5 +1,5 @@
-"""Typed views of the ATen nodes fxquant reads: ``aten.linear``, ``aten.layer_norm`` and
-``aten.scaled_dot_product_attention``, the way :class:`fxquant.ir.ops.FusedLinear` views fxquant's own.
+"""Typed views of the ATen nodes fxquant reads: ``aten.linear``, ``aten.layer_norm``,
+``aten.scaled_dot_product_attention``, ``aten.slice`` and ``aten.embedding``, the way :class:`fxquant.ir.ops.FusedLinear` views fxquant's own.
 
 Each view is a NamedTuple whose fields are the op's argument names, taken from the op's own schema
 (``OpOverload._schema``), so a pass reads ``AtenLinear.of(node).weight`` instead of ``node.args[1]`` and a
@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-__all__ = ["AtenView", "AtenLinear", "AtenLayerNorm", "AtenSDPA", "attr_target"]
+__all__ = ["AtenView", "AtenLinear", "AtenLayerNorm", "AtenSDPA", "AtenSlice", "AtenEmbedding", "attr_target"]
 
 aten = torch.ops.aten
 
@@ -74,6 +74,8 @@ class AtenView:
 AtenLinear = AtenView(aten.linear.default)                       # (input, weight, bias=None)
 AtenLayerNorm = AtenView(aten.layer_norm.default)                # (input, normalized_shape, weight, bias, eps, ...)
 AtenSDPA = AtenView(aten.scaled_dot_product_attention.default)   # (query, key, value, attn_mask, ..., is_causal, ...)
+AtenSlice = AtenView(aten.slice.Tensor)                          # (self, dim, start, end, step)
+AtenEmbedding = AtenView(aten.embedding.default)                 # (weight, indices, padding_idx, ...)
 
 
 def attr_target(value: Any) -> Optional[str]:

@@ -13,6 +13,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ir.notes import NoteKind
 from ..plan.planner import annotate
+from ..targets import backends
 from .base import FxquantPass
 
 
@@ -20,7 +21,13 @@ class Annotate(FxquantPass):
     name = "annotate"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        annotate(gm, self.ctx.config, self.ctx.weight_qmax, self.ctx.model)
+        ctx = self.ctx
+        annotate(gm, ctx.config, ctx.weight_qmax, ctx.model)
+        if ctx.spec.weight_qmax is None and ctx.weight_qmax < 127 and not ctx.notes.of(NoteKind.WEIGHT_RANGE):
+            why = (f"{backends.CPU_ISA_ENV}=avx2 (as on a CPU without VNNI)" if backends.forced_cpu_isa() == "avx2"
+                   else "this CPU has no VNNI")
+            ctx.note(NoteKind.WEIGHT_RANGE, f"{why}: int8 weights use [-{ctx.weight_qmax}, {ctx.weight_qmax}] so oneDNN's "
+                     "u8*s8 int16 pair sums cannot saturate", self.name)
         return PassResult(gm, False)
 
 
@@ -30,6 +37,10 @@ class ApplyPlan(FxquantPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         plan = self.ctx.plan
         changed = plan.apply(gm)
+        tied = [d for d in plan.decisions.values() if d.quantize and d.extra_bytes]
+        if tied and not self.ctx.notes.of(NoteKind.TIED_HEAD):
+            self.ctx.note(NoteKind.TIED_HEAD, f"{len(tied)} Linear(s) tied to an embedding run int8 from their own int8 "
+                          f"copy (+{sum(d.extra_bytes for d in tied) / 2**20:.1f} MiB); the embeddings stay float", self.name)
         for method, name, own in plan.overrides:
             if method == self.ctx.method:
                 self.ctx.note(NoteKind.PLAN, f"{name}: method {method!r} follows the plan ({plan.decisions[name].reason}); "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from ..ir.notes import NoteKind
 from ..plan.planner import linear_name, linear_nodes
 from ..weights import checkpoint
 from .base import FxquantPass
@@ -27,4 +28,7 @@ class InstallCheckpoint(FxquantPass):
         for node in linear_nodes(gm):
             linears.setdefault(linear_name(gm, node), node)
         checkpoint.install(gm, self.stored, linears, self.source)
+        if not self.ctx.notes.of(NoteKind.CHECKPOINT):
+            self.ctx.note(NoteKind.CHECKPOINT, f"weights: {len(self.stored.int8)} int8 Linear(s) and "
+                          f"{len(self.stored.floats)} float tensor(s) from {self.stored.origin}, used as stored", self.name)
         return PassResult(gm, True)

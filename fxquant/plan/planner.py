@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from ..ir.attrs import fetch_attr
 from ..ir.meta import InputQuant, LinearDecision, Rule, Verdict, decision_of, set_decision
-from ..ir.views import AtenLinear, attr_target
+from ..ir.views import AtenEmbedding, AtenLinear, attr_target
 from ..kernels.common import GATED_ACTIVATIONS
 from ..targets import backends
 from ..patterns import REGISTRY
@@ -91,9 +91,8 @@ def _tied(gm: fx.GraphModule, attrs: list[fx.Node], node: fx.Node, name: str) ->
         u = AtenLinear.of(user)
         return attr in (u.weight, u.bias) and attr is not u.input
 
-    def embedding_lookup(user: fx.Node, attr: fx.Node) -> bool:  # aten.embedding(weight, indices, ...)
-        return (user.op == "call_function" and user.target is aten.embedding.default and user.args[0] is attr
-                and attr.target == weight)
+    def embedding_lookup(user: fx.Node, attr: fx.Node) -> bool:
+        return AtenEmbedding.matches(user) and AtenEmbedding.of(user).weight is attr and attr.target == weight
 
     kind = None
     for n in attrs:

@@ -18,6 +18,7 @@ from ..ir import ops
 from ..ir.attrs import fetch_attr
 from ..ir.meta import META_KEY, LinearDecision, members_of
 from ..ir.printer import golden_text, op_name
+from ..ir.views import AtenLinear
 from ..ir.rewrite import PatternStats
 from ..plan.rules import beneficial_ratio
 
@@ -234,8 +235,9 @@ def _leading_dims(node: Any, depth: int = 0) -> Optional[tuple[int, ...]]:
     if ops.FusedLinear.is_fused_linear(node):
         a = ops.FusedLinear.of(node)
         return _leading_dims(a.x if a.x is not None else a.x_q, depth + 1)
-    if ops.contract_of(node) is not None:
-        return _leading_dims(node.args[0], depth + 1)
+    contract = ops.contract_of(node)
+    if contract is not None:  # every fused op's first argument is the activation it reads
+        return _leading_dims(getattr(contract.record_of(node), contract.fields[0]), depth + 1)
     return None
 
 
@@ -249,8 +251,8 @@ def gemm_rows(gm: fx.GraphModule) -> dict[int, Optional[int]]:
             a = ops.FusedLinear.of(node)
             lead = _leading_dims(a.x if a.x is not None else a.x_q)
             decisions = members_of(node)
-        elif node.op == "call_function" and node.target is torch.ops.aten.linear.default and node.meta.get(META_KEY):
-            lead = _leading_dims(node.args[0])
+        elif AtenLinear.matches(node) and node.meta.get(META_KEY):
+            lead = _leading_dims(AtenLinear.of(node).input)
             decisions = (node.meta[META_KEY],)
         else:
             continue

@@ -12,6 +12,7 @@ is used.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -88,6 +89,15 @@ class StoredWeights:
     floats: dict[str, torch.Tensor]
     ignore: list[str] = field(default_factory=list)
     origin: str = "state dict"
+
+    def config_following(self, config, linear_names: list[str]):
+        """The config that follows this checkpoint: its float Linears skipped (``linear_names`` are the model's), every
+        speed rule lifted for its int8 ones (the checkpoint decided), and a weight range that covers the stored weights
+        (127, or 63 when every stored |W_q| <= 63, which keeps the CPU's 7-bit oneDNN path exact)."""
+        floats = [n for n in dict.fromkeys(linear_names) if n not in self.int8]
+        peak = max(int(w.abs().max()) if w.numel() else 0 for w, _ in self.int8.values())
+        return dataclasses.replace(config, skip=(*config.skip, *floats), min_ratio=0, min_n_unfused=0,
+                                   gated_output_int8=True, weight_qmax=63 if peak <= 63 else 127)
 
 
 def read_checkpoint(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> StoredWeights:
