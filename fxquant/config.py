@@ -11,6 +11,7 @@ from typing import Callable, Literal, Optional, Sequence
 
 import torch
 
+from .targets.backends import BACKEND_NAMES
 from .targets.spec import TARGETS, TargetSpec
 
 __all__ = ["QuantConfig", "TargetSpec", "TARGETS", "check_calibration"]
@@ -19,7 +20,7 @@ __all__ = ["QuantConfig", "TargetSpec", "TARGETS", "check_calibration"]
 _ACTIVATION_SCHEMES = ("dynamic-per-token", "static-per-tensor")
 _CALIBRATION_METHODS = ("minmax", "percentile")
 _OUT_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16)
-_BACKENDS = (None, "triton", "onednn", "aten", "reference")  # fxquant.backends.BACKEND_NAMES
+_BACKENDS = (None, *BACKEND_NAMES)
 
 
 def check_calibration(method, percentile, where: str) -> None:
@@ -150,4 +151,5 @@ class QuantConfig:
             min_n_unfused=base.min_n_unfused if self.min_n_unfused is None else self.min_n_unfused,
             fuse_siblings=base.fuse_siblings if self.fuse_siblings is None else self.fuse_siblings,
             gated_output_int8=base.gated_output_int8 if self.gated_output_int8 is None else self.gated_output_int8,
+            device=base.device, backends=base.backends,
         )

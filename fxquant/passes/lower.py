@@ -22,8 +22,8 @@ from ..targets import backends
 from .base import FxquantPass
 
 
-def lower(gm: fx.GraphModule, target: str, weight_qmax: int, requested=None) -> fx.GraphModule:
-    backend = backends.backend_for_target(target, weight_qmax, requested)
+def lower(gm: fx.GraphModule, spec, weight_qmax: int, requested=None) -> fx.GraphModule:
+    backend = backends.backend_for_target(spec, weight_qmax, requested)
     for node in gm.graph.nodes:
         if ops.FusedLinear.is_fused_linear(node):
             ops.FusedLinear.of(node)._replace(backend=backend).set(node)
@@ -37,4 +37,4 @@ class Lower(FxquantPass):
     name = "lower"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        return PassResult(lower(gm, self.ctx.config.target, self.ctx.weight_qmax, self.ctx.config.backend), True)
+        return PassResult(lower(gm, self.ctx.spec, self.ctx.weight_qmax, self.ctx.config.backend), True)

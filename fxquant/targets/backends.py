@@ -56,6 +56,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from ..ir import ops, reference
+from .spec import TARGETS, TargetSpec  # noqa: F401 (TargetSpec: annotations)
 from ..kernels import common as _kc
 from ..kernels.layer_norm_quant import MAX_K as _LN_MAX_K
 from ..kernels.layer_norm_quant import layer_norm_quant as _triton_layer_norm_quant
@@ -66,7 +67,7 @@ from ..kernels.w8a8_gemm import w8a8_linear as _triton_w8a8_linear
 
 __all__ = [
     "BACKENDS", "BACKEND_NAMES", "GATED", "quantize_per_token", "layer_norm_quant", "rms_norm_quant",
-    "cpu_int8_full_range_exact", "onednn_available", "cpu_backend", "triton_serves", "backend_for_target",
+    "cpu_int8_full_range_exact", "onednn_available", "cpu_backend", "triton_serves", "backend_for_target", "available",
     "pick_backend", "run_linear", "cpu_flags", "cpu_native_bf16", "CPU_ISA_ENV", "CPU_ISA_CHOICES", "forced_cpu_isa",
     "clear_cpu_isa_caches",
 ]
@@ -439,18 +440,30 @@ def cpu_backend(w_qmax: int) -> str:
     return "aten"
 
 
-def backend_for_target(target: str, weight_qmax: int, requested: Optional[str] = None) -> str:
+def available(backend: str, device: torch.device, weight_qmax: int) -> bool:
+    """Can ``backend`` run int8 GEMMs of this weight range on ``device`` on this machine (whatever M, K, N)?
+    ``triton``: a Triton backend serves the device; ``onednn``: a CPU whose oneDNN int8 GEMM is exact for the
+    range (:func:`cpu_backend`); ``aten`` and ``reference``: always (``aten`` re-checks cuBLAS's shape limits
+    per call, :func:`pick_backend`)."""
+    if backend == "triton":
+        return triton_serves(device)
+    if backend == "onednn":
+        return device.type == "cpu" and cpu_backend(weight_qmax) == "onednn"
+    return backend in ("aten", "reference")
+
+
+def backend_for_target(spec: "TargetSpec | str", weight_qmax: int, requested: Optional[str] = None) -> str:
     """The one choice of the int8 GEMM backend a target's fused Linears are lowered to: ``requested``
-    (``QuantConfig.backend``) when given, else ``triton`` on CUDA when Triton is installed (else cuBLAS
-    through ``aten``); on CPU targets ``triton`` only under a Triton CPU backend, else oneDNN / ``aten``
-    (:func:`cpu_backend`). :func:`pick_backend` re-checks it per call (device moves, cuBLAS's M > 16)."""
+    (``QuantConfig.backend``) when given, else the first of the target's ``spec.backends`` that is
+    :func:`available` on its ``spec.device`` (cuda: ``triton``, else cuBLAS through ``aten``; cpu: ``triton``
+    under a Triton CPU backend, else oneDNN, else ``aten``). :func:`pick_backend` re-checks it per call
+    (device moves, cuBLAS's M > 16)."""
     if requested is not None:
         return requested
-    if target == "cuda":
-        return "triton" if triton_serves(torch.device("cuda")) else "aten"
-    if triton_serves(torch.device("cpu")):
-        return "triton"
-    return cpu_backend(weight_qmax) if target == "cpu" else "aten"
+    if isinstance(spec, str):
+        spec = TARGETS[spec]
+    device = torch.device(spec.device)
+    return next((b for b in spec.backends if available(b, device, weight_qmax)), "reference")
 
 
 def pick_backend(requested: str, device: torch.device, m: int, k: int, n: int, w_qmax: int) -> str:

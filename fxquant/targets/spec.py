@@ -27,6 +27,9 @@ class TargetSpec:
             weights (``rewrite.fuse_sibling_linears``), and the ratio rule is judged on that GEMM.
         gated_output_int8: Linears reading a gated MLP's product (``down_proj`` after SwiGLU / GeGLU) go
             int8 too; off by default, for accuracy (``heuristics.gated_output_int8``).
+        device: the device type its kernels run on (``"cpu"`` or ``"cuda"``).
+        backends: the GEMM backends it lowers to, in order of preference; the lowering pass takes the first
+            that can run on this machine (``fxquant.targets.backends.backend_for_target``).
     """
 
     min_ratio: float
@@ -35,6 +38,8 @@ class TargetSpec:
     min_n_unfused: int = 0
     fuse_siblings: bool = False
     gated_output_int8: bool = False
+    device: str = "cpu"
+    backends: tuple[str, ...] = ("triton", "aten")
 
 
 TARGETS: dict[str, TargetSpec] = {
@@ -51,7 +56,8 @@ TARGETS: dict[str, TargetSpec] = {
     # of the H200 host (2 cores, bf16 compute + torch.compile, torch 2.11) batch 1 6.46 vs 7.46 ms, batch 32
     # 108.2 vs 107.7: oneDNN's own time for three N = 384 GEMMs equals one N = 1152 GEMM's (2.45 vs 2.49 ms at
     # M = 4096), so what goes is two calls' host time. The static QDQ export splits the GEMM into its Linears.
-    "cpu": TargetSpec(min_ratio=96.0, alignment=1, weight_qmax=None, fuse_siblings=True),
+    "cpu": TargetSpec(min_ratio=96.0, alignment=1, weight_qmax=None, fuse_siblings=True,
+                      backends=("triton", "onednn", "aten")),
     # ARM SDOT / i8mm kernels consume K in groups of 4 and N in tiles of 4 (Arm ARM, SDOT/SMMLA). Ratio:
     # the x86 CPU figure, not yet measured on ARM.
     "arm-sve2": TargetSpec(min_ratio=96.0, alignment=4, weight_qmax=127),
@@ -64,5 +70,6 @@ TARGETS: dict[str, TargetSpec] = {
     # (0.77-1.08x eager).
     # Alignment 8: 16-byte rows for the TMA kernel need K % 16, and the pointer kernel takes any K, so 8
     # only keeps fp16/bf16 outputs 16-byte aligned.
-    "cuda": TargetSpec(min_ratio=512.0, alignment=8, weight_qmax=127, min_n_unfused=2048, fuse_siblings=True),
+    "cuda": TargetSpec(min_ratio=512.0, alignment=8, weight_qmax=127, min_n_unfused=2048, fuse_siblings=True,
+                       device="cuda"),
 }
