@@ -259,7 +259,7 @@ class QuantizedModel(torch.nn.Module):
         return self._report
 
     def golden(self, only_fused: bool = False) -> str:
-        """Deterministic text of the fused graph (see :func:`fxquant.report.golden_text`)."""
+        """Deterministic text of the fused graph (see :func:`fxquant.ir.printer.golden_text`)."""
         return report.golden_text(self.graph_module, only_fused=only_fused)
 
     def draw(self, path: Optional[str | os.PathLike] = None, *, block: Optional[str] = None,
@@ -291,7 +291,7 @@ class QuantizedModel(torch.nn.Module):
         return draw_graph(self.graph_module, path, block=block, format=format)
 
     def to_networkx(self):
-        """The fused graph as a ``networkx.DiGraph`` (see :func:`fxquant.report.to_networkx`)."""
+        """The fused graph as a ``networkx.DiGraph`` (see :func:`fxquant.tools.report.to_networkx`)."""
         return report.to_networkx(self.graph_module)
 
 
@@ -346,7 +346,7 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
             parameters are on a CUDA device, else ``QuantConfig()`` (target ``cpu``).
         weights: a compressed-tensors W8A8 checkpoint (a directory with config.json and safetensors, a
             ``.safetensors`` file, or a state dict with int8 ``<m>.weight`` and ``<m>.weight_scale``;
-            :mod:`fxquant.checkpoint`). Its tensors replace the model's in the compiled graph (the model is
+            :mod:`fxquant.weights.checkpoint`). Its tensors replace the model's in the compiled graph (the model is
             untouched), its int8 weights and scales are used as stored instead of quantizing, and which
             Linears are int8 follows the checkpoint: its float Linears stay float, and its int8 ones go int8
             wherever a pattern can run them (one that fxquant still keeps float, e.g. a tied weight, runs its
@@ -371,12 +371,12 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
             ``config`` is not a QuantConfig.
         fxquant.TraceError: the model could not be captured (the cause is chained).
         fxquant.CheckpointError: ``weights`` cannot be read or does not fit the model (see
-            :func:`fxquant.checkpoint.read_checkpoint` and :func:`fxquant.checkpoint.install`).
+            :func:`fxquant.weights.checkpoint.read_checkpoint` and :func:`fxquant.weights.checkpoint.install`).
         fxquant.CalibrationError: ``smoothquant`` without ``calibration``, or with ``weights`` (a checkpoint's
             int8 weights are used as stored); ``calibration`` that nothing uses (dynamic scheme, no SmoothQuant);
             calibration data that is empty or does not fit the model.
 
-    Numerics: compressed-tensors W8A8 "int-quantized" (see :mod:`fxquant.reference`).
+    Numerics: compressed-tensors W8A8 "int-quantized" (see :mod:`fxquant.ir.reference`).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"fxquant.compile expects a torch.nn.Module, got {type(model).__name__}")

@@ -63,14 +63,14 @@ class QuantConfig:
         gated_output_int8: quantize the Linears that read a gated MLP's product (``down_proj``), which stay
             float by default (``TargetSpec``; measurements in ``heuristics.gated_output_int8``).
         backend: int8 GEMM backend for every fused Linear: ``"triton"``, ``"onednn"``, ``"aten"`` or
-            ``"reference"`` (see ``fxquant.backends``); ``None`` = the target's best available. Re-checked
+            ``"reference"`` (see ``fxquant.targets.backends``); ``None`` = the target's best available. Re-checked
             per call: a backend that cannot run a call (cuBLAS with M <= 16, say) yields to the next best.
         compute_dtype: dtype of the float (non-int8) work: norms, attention, residual adds, activations
             outside a fused epilogue, and the fused Linears' outputs. ``None`` = the model's own dtype. With
             ``torch.bfloat16`` for an fp32 model, the model's float parameters are held in bf16 (the user's
             model is untouched) and the QuantizedModel casts float inputs of the model's dtype to bf16 and
             float outputs back, so callers see fp32 in and out. Meant for CPUs with native bf16 (AMX-BF16,
-            AVX512-BF16: :func:`fxquant.backends.cpu_native_bf16`), where it is the fast float form
+            AVX512-BF16: :func:`fxquant.targets.backends.cpu_native_bf16`), where it is the fast float form
             (docs/benchmarks.md); elsewhere bf16 is emulated and slow. Not the default: it rounds the float
             parameters, so ``export_onnx`` and ``save_pretrained`` refuse such a model.
 

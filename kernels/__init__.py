@@ -13,7 +13,7 @@ module                     kernel (each file: math + source, configs, ``@triton.
                            versions (``CHECKED_TRITON``); else Triton's ``kernel[grid](...)``
 =========================  ===========================================================================
 
-The kernels know nothing of graphs; ``fxquant.backends`` runs them as the ``triton`` backend on CUDA (and on
+The kernels know nothing of graphs; ``fxquant.targets.backends`` runs them as the ``triton`` backend on CUDA (and on
 CPU where a Triton CPU backend is installed). Without Triton the modules import and their pure-torch
 references work; the launchers raise ``RuntimeError``.
 """

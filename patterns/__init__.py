@@ -2,7 +2,7 @@
 
 Order matters: patterns that fuse several Linears or an epilogue (SwiGLU, Linear→Activation) claim their
 Linears before the plain Linear pattern does, and the norm patterns (LayerNorm→Linear, RMSNorm→Linear) then
-rewire the int8 Linears the first three produced. The planning pass (``fxquant.passes.plan_input_groups``)
+rewire the int8 Linears the first three produced. The planning pass (``fxquant.plan.planner.plan_input_groups``)
 reads the same order.
 
 Adding a pattern = one file here + one row below + one golden test (tests/test_golden.py).

@@ -1,7 +1,7 @@
 """ONNX export of a compiled model: standard ONNX operators that ONNX Runtime and OpenVINO run with integer
 kernels. The form follows the model's ``QuantConfig.activation_scheme``.
 
-**Dynamic per-token** (fxquant's default, :mod:`fxquant.reference`), per fused Linear::
+**Dynamic per-token** (fxquant's default, :mod:`fxquant.ir.reference`), per fused Linear::
 
     s_x  = max(ReduceMax(|x · m|, axis=-1) / 127, eps)              fp32, one scale per token; m: SmoothQuant's
                                                                    1/s where installed (a Mul), else 1

@@ -79,7 +79,7 @@ class LinearDecision:
         aligned: K and N meet the target's alignment.
         quantize: the heuristics' verdict (int8 when True).
         reason: why, in words.
-        rule: the rule that decided (:class:`fxquant.heuristics.Rule`), None when every rule passed.
+        rule: the rule that decided (:class:`fxquant.ir.meta.Rule`), None when every rule passed.
         weight_qmax: int8 weight range used (127 or 63).
         patterns: the patterns that rewrote it, in order (``pattern`` joins them with ``+``).
         activation: the epilogue fused with it ("none" for a plain Linear; "swiglu" for gate/up of SwiGLU).

@@ -4,7 +4,7 @@ Because every op has a fake implementation, a fused GraphModule can itself be ``
 ``torch.compile``-d; Dynamo treats each op as one opaque call.
 
 ==================================  ==========================================================================
-op                                  meaning (numerics: :mod:`fxquant.reference`)
+op                                  meaning (numerics: :mod:`fxquant.ir.reference`)
 ==================================  ==========================================================================
 ``fxquant::quantize_per_token``     x [..., K] float → (int8 [..., K], fp32 scale [..., 1]); static / smoothed
                                     with ``act_scale`` / ``act_smooth`` (below)
@@ -17,7 +17,7 @@ op                                  meaning (numerics: :mod:`fxquant.reference`)
 Arguments shared by the Linear ops: ``w_q`` int8 [N, K], ``w_scale`` fp32 [N, 1], ``bias`` [N] or None,
 ``activation`` in ``reference.ACTIVATIONS`` (the GEMM epilogue; the gated ``swiglu`` takes gate and up
 stacked as [2I, K] and returns [..., I]), ``backend`` (the lowering pass's choice, re-checked per call by
-:func:`fxquant.backends.pick_backend`), ``w_qmax`` (the weight's range, which decides whether oneDNN is
+:func:`fxquant.targets.backends.pick_backend`), ``w_qmax`` (the weight's range, which decides whether oneDNN is
 exact), ``out_dtype`` (None: x's dtype).
 
 The contract: each op's schema below is the one place its signature is written; :class:`_Contract` derives
@@ -259,7 +259,7 @@ def _register_inductor_decompositions() -> bool:
     Under ``torch.compile`` the custom ops are opaque, so a quantization would stay one kernel of its own
     after, say, a residual add, an RMSNorm or SiLU·mul that Inductor already fused. These decompositions
     (applied by Inductor only, never in eager mode or ``torch.export``) rewrite ``quantize_per_token`` into
-    its pure-torch definition (:func:`fxquant.reference.quantize_per_token`), ``int8_linear`` into that
+    its pure-torch definition (:func:`fxquant.ir.reference.quantize_per_token`), ``int8_linear`` into that
     plus ``int8_linear_q``, and ``layer_norm_quant`` into ``layer_norm`` plus that, so Inductor emits one
     fused kernel for "whatever precedes → LayerNorm → quantize": a Triton kernel on CUDA, a vectorized C++
     loop on CPU. The GEMM stays fxquant's kernel (Triton on CUDA, oneDNN on CPU).

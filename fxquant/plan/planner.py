@@ -30,7 +30,7 @@ aten = torch.ops.aten
 
 def resolve_weight_qmax(config) -> int:
     """The int8 weight range: the config's or the target's value; for ``cpu`` with neither, 127 when the
-    CPU's oneDNN int8 GEMM is exact at full range (VNNI/AMX), else 63 (see ``fxquant.backends``;
+    CPU's oneDNN int8 GEMM is exact at full range (VNNI/AMX), else 63 (see ``fxquant.targets.backends``;
     ``FXQUANT_CPU_ISA=avx2`` forces 63)."""
     qmax = config.spec.weight_qmax
     if qmax is not None:
@@ -159,7 +159,7 @@ def plan_input_groups(gm: fx.GraphModule, spec, patterns) -> None:
     3. **Judging groups, not Linears**: where the target fuses siblings, the units with a plain epilogue run
        as one GEMM and the ratio rule is judged on it (K, ΣN), as on a multi-Linear unit (K, N of the
        stacked weight); only Linears that failed on the ratio alone flip. A group reading a gated MLP's
-       product stays float unless ``gated_output_int8`` (:func:`fxquant.heuristics.gated_output_int8`). A
+       product stays float unless ``gated_output_int8`` (:func:`fxquant.plan.rules.gated_output_int8`). A
        group without a norm source pays a separate quantization pass, so its int8 GEMMs need
        ``min_n_unfused`` output columns in total.
 

@@ -1,6 +1,6 @@
 """Kernel backends for the fused nodes: ``triton``, ``onednn`` (CPU), ``aten`` and ``reference``.
 
-Every backend computes the same function as :func:`fxquant.reference.int8_linear`; they differ in speed
+Every backend computes the same function as :func:`fxquant.ir.reference.int8_linear`; they differ in speed
 and in what they need:
 
 =============  ===========  ==================================================================
@@ -337,7 +337,7 @@ _ROUND_MAGIC = _kc.ROUND_MAGIC  # 1.5 * 2**23
 
 def quantize_per_token(x: torch.Tensor, act_scale: Optional[torch.Tensor] = None,
                        act_smooth: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token quantization, bit-identical to :func:`fxquant.reference.quantize_per_token`, in fewer
+    """Per-token quantization, bit-identical to :func:`fxquant.ir.reference.quantize_per_token`, in fewer
     passes over x on the CPU (fp32 [..., K] → int8 [..., K], fp32 scale [..., 1]); with ``act_scale`` (fp32
     [1]) the static per-tensor form, with ``act_smooth`` (fp32 [K]) SmoothQuant's per-channel factor first.
 
@@ -405,7 +405,7 @@ def layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float, act_s
 
 def rms_norm_quant(x, weight, eps, cast_before_weight, return_float, act_scale=None, act_smooth=None):
     """RMSNorm + quantization (per token, or static / smoothed): one Triton kernel where Triton serves the
-    device and the row fits, else the float RMSNorm of :func:`fxquant.reference.rms_norm` then
+    device and the row fits, else the float RMSNorm of :func:`fxquant.ir.reference.rms_norm` then
     :func:`quantize_per_token`. Returns ``(y or empty, y_q, scale)`` as ``fxquant::rms_norm_quant``."""
     if triton_serves(x.device) and x.shape[-1] <= _LN_MAX_K:
         return _triton_rms_norm_quant(x, weight, eps, cast_before_weight, return_float, act_scale, act_smooth)
@@ -501,7 +501,7 @@ def run_linear(
     out_dtype: torch.dtype,
     w_qmax: int,
 ) -> torch.Tensor:
-    """W8A8 Linear on 2-D operands through the chosen backend (see :func:`fxquant.reference.int8_linear`)."""
+    """W8A8 Linear on 2-D operands through the chosen backend (see :func:`fxquant.ir.reference.int8_linear`)."""
     m, k = x_q.shape
     n = w_q.shape[0]
     if m == 0:

@@ -9,7 +9,7 @@ the form of TensorRT's explicit quantization)::
     minmax:      s = max(max over batches of max|x|, ε) / 127
     percentile:  s = max(mean over batches of the p-th percentile of |x|, ε) / 127      (ε = 2⁻²³·127)
 
-and the node quantizes with it: x_q = clamp(round(x / s), ±127) (``fxquant.reference.quantize_per_token``).
+and the node quantizes with it: x_q = clamp(round(x / s), ±127) (``fxquant.ir.reference.quantize_per_token``).
 ``x`` is the value the node quantizes: the norm's output, or the Linear's input, times the SmoothQuant factor
 where one is installed.
 
