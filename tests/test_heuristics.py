@@ -248,16 +248,16 @@ def test_quant_config_skip_list_is_copied():
 @pytest.mark.parametrize(
     "kwargs, expected",
     [
-        (dict(), TargetSpec(96.0, 1, None, 0, True)),
-        (dict(target="cuda"), TargetSpec(512.0, 8, 127, 2048, True)),
+        (dict(), TargetSpec(96.0, 1, None, 0, True, backends=("triton", "onednn", "aten"))),
+        (dict(target="cuda"), TargetSpec(512.0, 8, 127, 2048, True, device="cuda")),
         (dict(target="arm-sve2"), TargetSpec(96.0, 4, 127)),
-        (dict(min_ratio=0), TargetSpec(0.0, 1, None, 0, True)),
-        (dict(min_ratio=12), TargetSpec(12.0, 1, None, 0, True)),
-        (dict(target="cuda", alignment=16), TargetSpec(512.0, 16, 127, 2048, True)),
-        (dict(target="cuda", weight_qmax=63), TargetSpec(512.0, 8, 63, 2048, True)),
-        (dict(weight_qmax=127), TargetSpec(96.0, 1, 127, 0, True)),
+        (dict(min_ratio=0), TargetSpec(0.0, 1, None, 0, True, backends=("triton", "onednn", "aten"))),
+        (dict(min_ratio=12), TargetSpec(12.0, 1, None, 0, True, backends=("triton", "onednn", "aten"))),
+        (dict(target="cuda", alignment=16), TargetSpec(512.0, 16, 127, 2048, True, device="cuda")),
+        (dict(target="cuda", weight_qmax=63), TargetSpec(512.0, 8, 63, 2048, True, device="cuda")),
+        (dict(weight_qmax=127), TargetSpec(96.0, 1, 127, 0, True, backends=("triton", "onednn", "aten"))),
         (dict(target="arm-sve2", min_ratio=1.5, alignment=2, weight_qmax=100), TargetSpec(1.5, 2, 100)),
-        (dict(target="cuda", min_n_unfused=0), TargetSpec(512.0, 8, 127, 0, True)),
+        (dict(target="cuda", min_n_unfused=0), TargetSpec(512.0, 8, 127, 0, True, device="cuda")),
     ],
 )
 def test_config_spec_overrides(kwargs, expected):
@@ -270,7 +270,7 @@ def test_config_spec_does_not_mutate_targets():
     before = dict(TARGETS)
     QuantConfig(target="cuda", min_ratio=1, alignment=2, weight_qmax=9).spec
     assert TARGETS == before
-    assert TARGETS["cuda"] == TargetSpec(512.0, 8, 127, 2048, True)
+    assert TARGETS["cuda"] == TargetSpec(512.0, 8, 127, 2048, True, device="cuda")
 
 
 @pytest.mark.parametrize("field", ["min_ratio", "alignment", "weight_qmax", "min_n_unfused"])
