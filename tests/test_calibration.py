@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import fxquant
-from fxquant.ir import reference
+from fxquant.ir import ops, reference
 from fxquant.plan import planner as passes
 from fxquant.program import Method, Program
 from fxquant.weights import calibration
@@ -224,7 +224,7 @@ def test_static_scale_runs_in_onednns_own_epilogue(activation, out_dtype):
     scale = torch.tensor([float(x.abs().max()) / 127])
     x_q, x_s = backends.quantize_per_token(x, scale)
     assert x_s.is_contiguous() and torch.equal(x_s, scale.expand(37, 1))  # s in every row, its own tensor
-    got = backends.run_linear(x_q, x_s, w_q, w_s, b, activation, "onednn", out_dtype, qmax)
+    got = backends.run_linear(x_q, x_s, ops.INT8_LINEAR_Q_C.record(x_q, x_s, w_q, w_s, b, activation, "onednn", qmax, out_dtype), out_dtype)
     want = reference.int8_linear(x_q, x_s.contiguous(), w_q, w_s, b, activation, out_dtype)
     assert got.dtype == out_dtype
     # measured: <= 2.4e-7 (fp32, |y| ~ 2) and 0 (bf16) apart

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fxquant
-from fxquant.ir import reference
+from fxquant.ir import ops, reference
 from fxquant.targets import backends
 
 
@@ -72,7 +72,7 @@ def test_onednn_epilogue_cache_follows_the_bias_and_scale():
     w_scale = torch.rand(32, 1, generator=g) * 1e-2 + 1e-3
 
     def check(bias, scale):
-        got = backends.run_linear(x_q, x_scale, w_q, scale, bias, "none", "onednn", torch.float32, 63)
+        got = backends.run_linear(x_q, x_scale, ops.INT8_LINEAR_Q_C.record(x_q, x_scale, w_q, scale, bias, "none", "onednn", 63, torch.float32), torch.float32)
         want = reference.int8_linear(x_q, x_scale, w_q, scale, bias, "none", torch.float32)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 

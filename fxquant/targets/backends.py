@@ -490,23 +490,25 @@ def pick_backend(requested: str, device: torch.device, m: int, k: int, n: int, w
     return "reference"
 
 
-def run_linear(
-    x_q: torch.Tensor,
-    x_scale: torch.Tensor,
-    w_q: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    activation: str,
-    backend: str,
-    out_dtype: torch.dtype,
-    w_qmax: int,
-) -> torch.Tensor:
-    """W8A8 Linear on 2-D operands through the chosen backend (see :func:`fxquant.ir.reference.int8_linear`)."""
+def run_linear(x_q: torch.Tensor, x_scale: torch.Tensor, linear, out_dtype: torch.dtype) -> torch.Tensor:
+    """W8A8 Linear on 2-D operands through the chosen backend (see :func:`fxquant.ir.reference.int8_linear`).
+
+    Args:
+        x_q: int8 [M, K]; x_scale: fp32 [M, 1] (per token) or one shared value broadcast per row.
+        linear: the Linear op's argument record (``fxquant.ir.ops.INT8_LINEAR_Q_C.record(...)`` or
+            ``INT8_LINEAR_C``'s): ``w_q`` int8 [N, K], ``w_scale`` fp32 [N, 1], ``bias``, ``activation``,
+            ``backend`` (re-checked by :func:`pick_backend`) and ``w_qmax``, as the op's schema names them.
+        out_dtype: the output dtype.
+
+    Returns:
+        [M, N] (gated epilogues: [M, N / 2]) in ``out_dtype``.
+    """
+    w_q, w_scale, bias, activation = linear.w_q, linear.w_scale, linear.bias, linear.activation
     m, k = x_q.shape
     n = w_q.shape[0]
     if m == 0:
         return torch.empty(0, n // 2 if activation in GATED else n, dtype=out_dtype, device=x_q.device)
-    name = pick_backend(backend, x_q.device, m, k, n, w_qmax)
+    name = pick_backend(linear.backend, x_q.device, m, k, n, linear.w_qmax)
     if name == "triton":
         return _triton_w8a8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
     if name == "onednn" and activation in _ONEDNN_POST_OPS and _onednn_out_ok(out_dtype):
@@ -547,10 +549,9 @@ _impl("rms_norm_quant")(rms_norm_quant)
 def _linear_2d(x_q, x_scale, r, out_dtype):
     """``run_linear`` of a Linear op's record ``r`` on the quantized input, flattened to [M, K] and back."""
     if x_q.dim() == 2 and x_scale.dim() == 2:  # decode and flattened inputs: no reshapes (each is host time on a host-bound call)
-        return run_linear(x_q, x_scale, r.w_q, r.w_scale, r.bias, r.activation, r.backend, out_dtype, r.w_qmax)
+        return run_linear(x_q, x_scale, r, out_dtype)
     lead = x_q.shape[:-1]
-    y = run_linear(x_q.reshape(-1, x_q.shape[-1]), x_scale.reshape(-1, 1), r.w_q, r.w_scale, r.bias, r.activation,
-                   r.backend, out_dtype, r.w_qmax)
+    y = run_linear(x_q.reshape(-1, x_q.shape[-1]), x_scale.reshape(-1, 1), r, out_dtype)
     return y.reshape(*lead, y.shape[-1])
 
 
