@@ -9,6 +9,7 @@ the diff in review.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,8 @@ class Block(torch.nn.Module):
 X = torch.randn(2, 5, 256)
 PIPELINES = {"export": (X,), "symbolic_trace": None}
 EXPECTED = {  # the pipeline's pass names, in order, for the default cpu target
-    "names": ["captured", "annotate", "apply_plan", "fuse_patterns", "shared_input_quant", "sibling_fusion", "lower"],
+    "names": ["captured", "annotate", "apply_plan", "fuse_patterns", "shared_input_quant", "sibling_fusion", "lower",
+              "verify"],
 }
 
 
@@ -87,6 +89,30 @@ def test_debug_dir_from_the_environment(tmp_path, monkeypatch):
     fxquant.compile(model, (torch.randn(3, 128),), config=fxquant.QuantConfig(min_ratio=0), methods={"one": (torch.randn(1, 128),)})
     for method in ("forward", "one"):
         names = sorted(p.name for p in (tmp_path / "dbg" / method).iterdir())
-        assert names[0] == "00-captured.txt" and names[-1].endswith("-lower.txt"), names
+        assert names[0] == "00-captured.txt" and names[-1].endswith("-verify.txt"), names
         assert "fxquant.int8_linear" in (tmp_path / "dbg" / method / names[-1]).read_text()
     assert not list(Path(tmp_path / "dbg").rglob(".*.tmp"))  # written under a temporary name, then renamed
+
+
+def test_verify_catches_a_private_copy_and_a_wrong_scale():
+    """The verifier fails, naming the node, on a graph whose int8 weight is not the store's or whose scale has
+    the wrong shape (both built by hand from a good compile)."""
+    from fxquant.passes.verify import VerifyError, verify
+
+    torch.manual_seed(0)
+    qm = fxquant.compile(Block().eval(), (X,), config=fxquant.QuantConfig(min_ratio=0))
+    gm, store = qm.graph_module, qm.program.store
+    verify(gm, store)  # the compiled graph holds
+    path = next(n.rpartition(".")[0] for n, _ in gm.named_buffers() if n.endswith("weight_scale"))
+    owner = gm.get_submodule(path)
+    gm.add_module(path, copy.deepcopy(owner))  # a private copy of the store's GEMM module
+    with pytest.raises(VerifyError, match="not the weight store's tensor"):
+        verify(gm, store)
+    gm.add_module(path, owner)
+    good = owner.weight_scale
+    owner.weight_scale = good.reshape(-1)
+    with pytest.raises(VerifyError, match=r"not float32 \["):
+        verify(gm, store)
+    owner.weight_scale = good
+    verify(gm, store)
+

@@ -12,6 +12,7 @@ from .lower import Lower
 from .share_input import ShareInputQuantization
 from .siblings import FuseSiblings
 from .smoothquant import InstallSmoothing, SmoothQuant
+from .verify import Verify
 
 __all__ = ["analysis_passes", "transform_passes"]
 
@@ -32,5 +33,6 @@ def transform_passes(ctx: CompileContext) -> list[FxquantPass]:
         FuseSiblings(ctx) if ctx.spec.fuse_siblings else None,
         Lower(ctx),
         InstallSmoothing(ctx) if ctx.config.smoothquant is not None else None,
+        Verify(ctx),
     ]
     return [p for p in passes if p is not None]

@@ -68,7 +68,7 @@ from ..kernels.w8a8_gemm import w8a8_linear as _triton_w8a8_linear
 __all__ = [
     "BACKENDS", "BACKEND_NAMES", "GATED", "quantize_per_token", "layer_norm_quant", "rms_norm_quant",
     "cpu_int8_full_range_exact", "onednn_available", "cpu_backend", "triton_serves", "backend_for_target", "available",
-    "pick_backend", "run_linear", "cpu_flags", "cpu_native_bf16", "CPU_ISA_ENV", "CPU_ISA_CHOICES", "forced_cpu_isa",
+    "pick_backend", "run_linear", "Backend", "REGISTRY", "PREFERENCE", "cpu_flags", "cpu_native_bf16", "CPU_ISA_ENV", "CPU_ISA_CHOICES", "forced_cpu_isa",
     "clear_cpu_isa_caches",
 ]
 
@@ -430,7 +430,7 @@ def _reference_gemm(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor)
 GemmFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # GEMM-only backends (fp32 acc·s_w out; the epilogue runs in torch). ``triton`` fuses the epilogue itself.
 BACKENDS: dict[str, GemmFn] = {"onednn": _onednn_gemm, "aten": _aten_gemm, "reference": _reference_gemm}
-BACKEND_NAMES = ("triton", *BACKENDS)
+BACKEND_NAMES = ("triton", *BACKENDS)  # the registry below holds one Backend per name
 
 
 def cpu_backend(w_qmax: int) -> str:
@@ -440,16 +440,33 @@ def cpu_backend(w_qmax: int) -> str:
     return "aten"
 
 
+class Backend(NamedTuple):
+    """One int8 GEMM backend: its name, its GEMM (fp32 acc·s_w out, the epilogue in torch; None for ``triton``,
+    which fuses the epilogue) and ``supports(device, m, k, n, w_qmax)``: can it run such a call on this machine
+    (``m = k = n = 0``: whatever the shape, as the lowering pass asks before any call)."""
+
+    name: str
+    gemm: Optional[GemmFn]
+    supports: Callable[[torch.device, int, int, int, int], bool]
+
+
+def _cublas_shape(m: int, k: int, n: int) -> bool:
+    return (m == 0 or m > 16) and k % 8 == 0 and n % 8 == 0  # cuBLAS int8: M > 16, K and N multiples of 8
+
+
+REGISTRY: dict[str, Backend] = {b.name: b for b in (
+    Backend("triton", None, lambda device, m, k, n, q: triton_serves(device)),
+    Backend("onednn", _onednn_gemm, lambda device, m, k, n, q: device.type == "cpu" and cpu_backend(q) == "onednn"),
+    Backend("aten", _aten_gemm, lambda device, m, k, n, q: device.type == "cpu" or (device.type == "cuda" and _cublas_shape(m, k, n))),
+    Backend("reference", _reference_gemm, lambda device, m, k, n, q: True),
+)}
+# Per device type, the backends in order of preference (measured: docs/benchmarks.md).
+PREFERENCE: dict[str, tuple[str, ...]] = {"cuda": ("triton", "aten", "reference"), "cpu": ("triton", "onednn", "aten", "reference")}
+
+
 def available(backend: str, device: torch.device, weight_qmax: int) -> bool:
-    """Can ``backend`` run int8 GEMMs of this weight range on ``device`` on this machine (whatever M, K, N)?
-    ``triton``: a Triton backend serves the device; ``onednn``: a CPU whose oneDNN int8 GEMM is exact for the
-    range (:func:`cpu_backend`); ``aten`` and ``reference``: always (``aten`` re-checks cuBLAS's shape limits
-    per call, :func:`pick_backend`)."""
-    if backend == "triton":
-        return triton_serves(device)
-    if backend == "onednn":
-        return device.type == "cpu" and cpu_backend(weight_qmax) == "onednn"
-    return backend in ("aten", "reference")
+    """Can ``backend`` run int8 GEMMs of this weight range on ``device`` on this machine, whatever the shape?"""
+    return REGISTRY[backend].supports(device, 0, 0, 0, weight_qmax)
 
 
 def backend_for_target(spec: "TargetSpec | str", weight_qmax: int, requested: Optional[str] = None) -> str:
@@ -467,26 +484,28 @@ def backend_for_target(spec: "TargetSpec | str", weight_qmax: int, requested: Op
 
 
 def pick_backend(requested: str, device: torch.device, m: int, k: int, n: int, w_qmax: int) -> str:
-    """The backend that runs one call: ``requested`` when it can run this call, else the next best.
+    """The backend that runs one call: ``requested`` when it can run this call, else the next of the device's
+    :data:`PREFERENCE` whose :class:`Backend` ``supports`` it.
 
     ``requested`` is what the lowering pass chose for the target; it is re-checked here because a
-    QuantizedModel can be moved to another device, and cuBLAS int8 rejects M <= 16. Order of preference:
-    CUDA ``triton`` > ``aten`` (M > 16, K, N % 8) > ``reference``; CPU ``triton`` (triton-cpu, or the
-    interpreter when asked for explicitly) > ``onednn`` / ``aten`` (:func:`cpu_backend`).
+    QuantizedModel can be moved to another device, and cuBLAS int8 rejects M <= 16. On CPU ``onednn`` and
+    ``aten`` both mean "a CPU int8 library": oneDNN where it is exact for the weight range, else ``aten``
+    (:func:`cpu_backend`); ``triton`` asked for explicitly also runs under the interpreter.
     """
     if requested == "reference":
         return "reference"
-    if device.type == "cpu":
+    kind = device.type
+    if kind == "cpu":
         if requested in ("onednn", "aten"):
             return cpu_backend(w_qmax)
-        if triton_serves(device) or (requested == "triton" and _kc.triton_device_ok(device)):
+        if requested == "triton" and _kc.triton_device_ok(device):
             return "triton"
-        return cpu_backend(w_qmax)
-    if device.type == "cuda":
-        cublas_ok = m > 16 and k % 8 == 0 and n % 8 == 0
-        if triton_serves(device) and (requested != "aten" or not cublas_ok):
-            return "triton"
-        return "aten" if cublas_ok else "reference"
+    order = PREFERENCE.get(kind, ("reference",))
+    if requested in REGISTRY and requested != order[0]:
+        order = (requested, *order)
+    for name in order:
+        if REGISTRY[name].supports(device, m, k, n, w_qmax):
+            return name
     return "reference"
 
 
