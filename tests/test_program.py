@@ -129,3 +129,32 @@ def test_static_scales_are_calibrated_once_for_every_method():
     assert scales_a and scales_a.keys() == scales_b.keys()
     assert all(scales_a[n] is scales_b[n] for n in scales_a)
     assert {n for n, _ in qm.program.store.tensors()} >= set(scales_a)
+
+
+def test_a_module_called_in_and_out_of_a_sibling_group_shares_its_rows():
+    """v is called twice: once with q and k (one stacked GEMM), once alone. Its lone call reads a view of the stacked
+    rows (no second int8 copy), also after a dtype move."""
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (torch.nn.Linear(128, 128) for _ in range(3))
+
+        def forward(self, x):
+            return self.q(x) + self.k(x) * self.v(x) + self.v(torch.relu(x))
+
+    torch.manual_seed(0)
+    model = Twice().eval()
+    x = torch.randn(2, 8, 128)
+    qm = fxquant.compile(model, (x,), config=fxquant.QuantConfig(min_ratio=0))
+    gm = qm.graph_module
+    stacked = [b for n, b in gm.named_buffers() if n.endswith("weight") and b.dtype == torch.int8 and b.shape[0] == 384]
+    alone = gm.get_submodule("v").weight
+    assert len(stacked) == 1 and alone.untyped_storage().data_ptr() == stacked[0].untyped_storage().data_ptr()
+    qm.to(torch.float64)
+    alone, stacked = gm.get_submodule("v").weight, qm.program.store._gemms["fused_q_k_v"].weight
+    assert alone.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
+    with torch.no_grad():
+        out = qm(x.double())
+    assert out.dtype == torch.float64
+    assert torch.nn.functional.cosine_similarity(out.flatten(), model(x).double().flatten(), dim=0) > 0.999
+

@@ -55,21 +55,18 @@ class WeightStore:
         self.checkpoint = dict(checkpoint or {})
         self._gemms: dict[str, QuantizedLinearParams] = {}
         self._rows: dict[str, Rows] = {}
-        self._retired: dict[str, str] = {}  # GEMM path -> the stacked GEMM its rows moved into
         self._derived: dict[str, torch.Tensor] = {}
+        self._parts: dict[str, tuple[str, int, int]] = {}  # GEMM path -> (stacked GEMM, first row, end row)
 
     # ------------------------------------------------------------------------------------ GEMM weights
     def gemm(self, gm: fx.GraphModule, path: str, members: Sequence[tuple[str, str, Optional[str]]],
              weight_qmax: int) -> QuantizedLinearParams:
         """The int8 GEMM at ``path`` computing ``members`` — ``(Linear FQN, weight attribute, bias attribute
         or None)`` in row order — made on first use from ``gm``'s float weights (or the checkpoint's int8
-        ones), the same object afterwards. A path whose rows moved into a stacked GEMM (:meth:`stack`) is
-        served as views of those rows."""
+        ones), the same object afterwards (after :meth:`stack`, its buffers are views of the stacked GEMM)."""
         found = self._gemms.get(path)
         if found is not None:
             return found
-        if path in self._retired:
-            return self._view(members)
         weights, scales, biases = [], [], []
         for name, w_attr, b_attr in members:
             w_q, scale = self.checkpoint.get(name) or reference.quantize_weight_per_channel(fetch_attr(gm, w_attr),
@@ -86,8 +83,10 @@ class WeightStore:
         return params
 
     def stack(self, path: str, parts: Sequence[str]) -> QuantizedLinearParams:
-        """One GEMM at ``path`` over the rows of the GEMMs ``parts`` (sibling Linears reading one input),
-        made once; the parts' Linears now live in its rows, and the parts are dropped from the store."""
+        """One GEMM at ``path`` over the rows of the GEMMs ``parts`` (sibling Linears reading one input), made
+        once. The parts' Linears now live in its rows, and each part's buffers become views of those rows: a
+        call that still runs a part alone (a module called again outside the sibling group) reads the same
+        memory, so nothing is held twice."""
         found = self._gemms.get(path)
         if found is not None:
             return found
@@ -96,23 +95,24 @@ class WeightStore:
                           [getattr(p, "bias", None) for p in pieces])
         offset = 0
         for part, piece in zip(parts, pieces):
+            n = piece.weight.shape[0]
             for name, rows in list(self._rows.items()):
                 if rows.gemm == part:
                     self._rows[name] = Rows(path, offset + rows.start, offset + rows.stop, rows.has_bias)
-            offset += piece.weight.shape[0]
-            self._retired[part] = path
-            del self._gemms[part]
+            self._parts[part] = (path, offset, offset + n)
+            offset += n
         self._gemms[path] = params
+        self._view_parts()
         return params
 
-    def _view(self, members: Sequence[tuple[str, str, Optional[str]]]) -> QuantizedLinearParams:
-        rows = [self._rows[name] for name, _, _ in members]
-        gemm = self._gemms[rows[0].gemm]
-        assert all(r.gemm == rows[0].gemm for r in rows) and all(a.stop == b.start for a, b in zip(rows, rows[1:]))
-        sl = slice(rows[0].start, rows[-1].stop)
-        bias = getattr(gemm, "bias", None)
-        return QuantizedLinearParams(gemm.weight[sl], gemm.weight_scale[sl],
-                                     bias[sl] if bias is not None and any(r.has_bias for r in rows) else None)
+    def _view_parts(self) -> None:
+        """Point every stacked part's buffers at its rows of the stacked GEMM (again, after a move)."""
+        for part, (path, start, stop) in self._parts.items():
+            piece, whole = self._gemms[part], self._gemms[path]
+            rows = slice(start, stop)
+            piece.weight, piece.weight_scale = whole.weight[rows], whole.weight_scale[rows]
+            if hasattr(piece, "bias"):
+                piece.bias = whole.bias[rows]
 
     def linear(self, name: str) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """One int8 Linear's ``(w_q int8 [N, K], scale fp32 [N, 1], bias [N] or None)``, views of the GEMM it
@@ -154,6 +154,7 @@ class WeightStore:
         """Replace every derived tensor by ``convert(tensor)`` (after a device or dtype move of the program,
         whose GEMM modules move with the graphs that hold them)."""
         self._derived = {k: convert(v) for k, v in self._derived.items()}
+        self._view_parts()  # the stacked GEMMs moved with the graphs; their parts follow as views
         self.checkpoint = {}  # only read while compiling
 
 
