@@ -428,15 +428,16 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
                          model=model, calibration=calls, progress=progress)
     ctx.runner = lambda gm: _float_runner(gm, captured[ctx.method].fixed_kwargs)
     graphs = {}
+    analysis, transform = analysis_passes(ctx, stored, source), transform_passes(ctx)
     for name, cap in captured.items():
         dump_captured(dump_dir, name, cap.graph_module)
         ctx.method = name
-        graphs[name] = run_pipeline(cap.graph_module, analysis_passes(ctx, stored, source), dump_dir, name)
+        graphs[name] = run_pipeline(cap.graph_module, analysis, dump_dir, name)
     ctx.plan = QuantPlan.merge(graphs, qmax)
-    first_transform = len(analysis_passes(ctx, stored, source)) + 1
     for name in graphs:
         ctx.method = name
-        graphs[name] = run_pipeline(graphs[name], transform_passes(ctx), dump_dir, name, first_transform)
+        graphs[name] = run_pipeline(graphs[name], transform, dump_dir, name, len(analysis) + 1)
+    ctx.store.release_checkpoint()
     gm = graphs["forward"]
     decisions = collect_decisions(gm)
     if static:

@@ -102,12 +102,13 @@ class WeightStore:
             self._parts[part] = (path, offset, offset + n)
             offset += n
         self._gemms[path] = params
-        self._view_parts()
+        self._view_parts(parts)
         return params
 
-    def _view_parts(self) -> None:
-        """Point every stacked part's buffers at its rows of the stacked GEMM (again, after a move)."""
-        for part, (path, start, stop) in self._parts.items():
+    def _view_parts(self, parts=None) -> None:
+        """Point the stacked ``parts`` (default: all) at their rows of the stacked GEMM (again, after a move)."""
+        for part in self._parts if parts is None else parts:
+            path, start, stop = self._parts[part]
             piece, whole = self._gemms[part], self._gemms[path]
             rows = slice(start, stop)
             piece.weight, piece.weight_scale = whole.weight[rows], whole.weight_scale[rows]
@@ -155,7 +156,11 @@ class WeightStore:
         whose GEMM modules move with the graphs that hold them)."""
         self._derived = {k: convert(v) for k, v in self._derived.items()}
         self._view_parts()  # the stacked GEMMs moved with the graphs; their parts follow as views
-        self.checkpoint = {}  # only read while compiling
+
+    def release_checkpoint(self) -> None:
+        """Drop the checkpoint's tensors once every graph is compiled: the GEMMs hold what runs (a stacked GEMM
+        holds its own concatenation, so keeping the checkpoint's per-Linear tensors would hold them twice)."""
+        self.checkpoint = {}
 
 
 def _stacked(weights: Sequence[torch.Tensor], scales: Sequence[torch.Tensor],
