@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
-import torch.fx as fx
 
 from ..errors import CheckpointError
 from ..program import Program, program_of

@@ -7,7 +7,7 @@ and the pass that emitted it, so code filters notes by kind, never by their word
 from __future__ import annotations
 
 import enum
-from typing import Iterable, Optional
+from typing import Iterable
 
 __all__ = ["Note", "NoteKind", "Notes"]
 

@@ -43,7 +43,7 @@ import torch.fx as fx
 
 from ..kernels.common import GATED_ACTIVATIONS
 
-__all__ = ["quantize_per_token", "int8_linear", "int8_linear_q", "layer_norm_quant", "rms_norm_quant", "FusedLinear",
+__all__ = ["LIBRARY", "FusedLinear",
            "contract_of", "CONTRACTS", "out_features", "quantized_value"]
 
 _NS = "fxquant"

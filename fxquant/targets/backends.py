@@ -428,9 +428,6 @@ def _reference_gemm(x_q: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor)
 
 
 GemmFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-# GEMM-only backends (fp32 acc·s_w out; the epilogue runs in torch). ``triton`` fuses the epilogue itself.
-BACKENDS: dict[str, GemmFn] = {"onednn": _onednn_gemm, "aten": _aten_gemm, "reference": _reference_gemm}
-BACKEND_NAMES = ("triton", *BACKENDS)  # the registry below holds one Backend per name
 
 
 def cpu_backend(w_qmax: int) -> str:
@@ -460,6 +457,9 @@ REGISTRY: dict[str, Backend] = {b.name: b for b in (
     Backend("aten", _aten_gemm, lambda device, m, k, n, q: device.type == "cpu" or (device.type == "cuda" and _cublas_shape(m, k, n))),
     Backend("reference", _reference_gemm, lambda device, m, k, n, q: True),
 )}
+BACKEND_NAMES = tuple(REGISTRY)
+# GEMM-only backends (fp32 acc·s_w out; the epilogue runs in torch), by name. ``triton`` fuses the epilogue itself.
+BACKENDS: dict[str, GemmFn] = {b.name: b.gemm for b in REGISTRY.values() if b.gemm is not None}
 # Per device type, the backends in order of preference (measured: docs/benchmarks.md).
 PREFERENCE: dict[str, tuple[str, ...]] = {"cuda": ("triton", "aten", "reference"), "cpu": ("triton", "onednn", "aten", "reference")}
 

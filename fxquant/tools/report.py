@@ -15,7 +15,6 @@ import torch.fx as fx
 from tabulate import tabulate
 
 from ..ir import ops
-from ..ir.attrs import fetch_attr
 from ..ir.meta import META_KEY, LinearDecision, members_of
 from ..ir.printer import golden_text, op_name
 from ..ir.views import AtenLinear
