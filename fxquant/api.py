@@ -13,6 +13,9 @@ from torch.utils import _pytree
 from .config import QuantConfig, check_calibration
 from .errors import CalibrationError, InputError
 from .export import compressed_tensors
+from .generation import GenerationState
+from .generation import generate as _generate
+from .frontend import kv_cache
 from .frontend.capture import capture
 from .ir import ops
 from .ir.meta import collect_decisions
@@ -78,6 +81,7 @@ class QuantizedModel(torch.nn.Module):
         # the model's float dtype while the graph computes in QuantConfig.compute_dtype (set by compile; cleared by
         # any dtype move, so it is only ever set while the two differ)
         self._io_dtype: Optional[torch.dtype] = None
+        self._generation_state = GenerationState()  # the decode step's CUDA graph, once captured
         self.training = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -104,6 +108,47 @@ class QuantizedModel(torch.nn.Module):
             return self._run_unchecked(args, kwargs, name)
 
         return run
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+                 max_new_tokens: Optional[int] = None, do_sample: Optional[bool] = None,
+                 temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 eos_token_id: Optional[int | list[int]] = None, pad_token_id: Optional[int] = None,
+                 generation_config=None, streamer=None, **kwargs: Any) -> torch.Tensor:
+        """Generate tokens with the program's KV cache, as transformers' ``generate`` does for a decoder-only LM
+        (:mod:`fxquant.generation`).
+
+        Args:
+            input_ids: int64 [batch, prompt] with batch ≤ ``max_batch_size`` (compile argument); left-padded
+                when the prompts differ in length.
+            attention_mask: [batch, prompt], 1 for real tokens and 0 for (left) padding; default all ones.
+            max_new_tokens: tokens to add per row; default from ``generation_config`` (``max_length`` 20).
+            do_sample: sample instead of taking the argmax (seed with ``torch.manual_seed``).
+            temperature, top_k, top_p: sampling warpers (transformers' ``TemperatureLogitsWarper`` ...).
+            eos_token_id: one id or a list; a row stops at its first EOS and is then padded.
+            pad_token_id: what finished rows are padded with; default the first EOS id, else 0.
+            generation_config: a ``transformers.GenerationConfig``; keyword arguments override its fields.
+            streamer: a transformers streamer (``put``/``end``), e.g. ``TextStreamer`` (batch 1).
+
+        Returns:
+            int64 [batch, prompt + n] on the model's device: the prompt, then n ≤ max_new_tokens tokens (n is
+            less when every row reached EOS).
+
+        Raises:
+            InputError: no generation methods (compiled with ``generation=False`` or not a causal LM), bad
+                ``input_ids`` / ``attention_mask``, more rows than ``max_batch_size``, or prompt +
+                ``max_new_tokens`` above ``max_cache_len`` (the message names both and what to compile with).
+            ValueError: a generation feature fxquant does not implement (beam search, repetition penalty...).
+            CalibrationError: a static-scheme model that is not calibrated.
+        """
+        return _generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                         pad_token_id=pad_token_id, generation_config=generation_config, streamer=streamer, **kwargs)
+
+    def _call_graph(self, method: str, *args: torch.Tensor) -> Any:
+        """Run a method's graph on inputs fxquant built itself (no binding or shape checks; outputs in the
+        model's float dtype when ``QuantConfig.compute_dtype`` differs)."""
+        out = self.program.methods[method].graph_module(*args)
+        return _cast_floats(out, self._float_dtype, self._io_dtype) if self._io_dtype is not None else out
 
     def check_calibrated(self, what: str) -> None:
         """Raise :class:`fxquant.CalibrationError` when the static scheme's scales are not calibrated yet."""
@@ -189,6 +234,7 @@ class QuantizedModel(torch.nn.Module):
         ``param.data`` (nn.Module's default), which would cast or move the user's model too."""
         old = self._float_dtype
         new = fn(torch.empty(0, dtype=old)).dtype if old is not None else None  # what fn does to a float tensor
+        self._generation_state = GenerationState()  # a captured decode graph holds the old tensors
         memo: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def convert(t: torch.Tensor, keep_fp32: bool) -> torch.Tensor:
@@ -325,6 +371,9 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     methods: Optional[Mapping[str, tuple | Mapping[str, Any]]] = None,
     progress: bool = True,
     debug_dir: Optional[str | os.PathLike] = None,
+    generation: Optional[bool] = None,
+    max_batch_size: int = 1,
+    max_cache_len: Optional[int] = None,
 ) -> QuantizedModel:
     """Quantize ``model``'s Linears to W8A8 by graph rewriting.
 
@@ -360,6 +409,12 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
         progress: show tqdm progress bars while calibrating.
         debug_dir: write the golden text of every method's graph after every pass there
             (``<method>/<NN>-<pass>.txt``); default ``$FXQUANT_DEBUG_DIR``, else nothing is written.
+        generation: capture the ``"prefill"`` and ``"decode"`` methods with a static KV cache inside the program
+            (:mod:`fxquant.frontend.kv_cache`), so ``qmodel.generate(...)`` runs. Default (None): for a Hugging
+            Face causal LM given example inputs; True requires one; False captures ``forward`` only.
+        max_batch_size: rows of the KV cache (``generate`` takes up to this many prompts at once).
+        max_cache_len: cache slots per row (prompt + new tokens); default the model's
+            ``generation_config.cache_config["max_cache_len"]``, else ``min(max_position_embeddings, 4096)``.
 
     Returns:
         A :class:`QuantizedModel`.
@@ -408,6 +463,12 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
             if not isinstance(name, str) or not name.isidentifier() or not isinstance(inputs, (tuple, Mapping)):
                 raise TypeError(f"methods[{name!r}]: give a name that is a Python identifier and a tuple or dict of "
                                 "example inputs")
+    gen_spec = None
+    if generation or (generation is None and example_inputs is not None):
+        gen_spec = kv_cache.generation_spec(model, max_batch_size, max_cache_len, required=bool(generation))
+    if gen_spec is not None and methods is not None and {"prefill", "decode"} & set(methods):
+        raise TypeError("methods 'prefill' and 'decode' are the generation methods fxquant captures itself; "
+                        "name yours otherwise, or pass generation=False")
     calls = calib.batches_of(calibration) if calibration is not None else None
     stored = checkpoint.read_checkpoint(weights) if weights is not None else None
     notes = Notes()
@@ -415,16 +476,28 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     captured = {"forward": capture(model, example_inputs)}
     for name, inputs in (methods or {}).items():
         captured[name] = capture(model, inputs)
+    if gen_spec is not None:
+        device = next(model.parameters()).device
+        wrapper = kv_cache.CausalLMWithCache(model, gen_spec)
+        for name, (inputs, dynamic) in kv_cache.capture_specs(gen_spec, device).items():
+            captured[name] = capture(wrapper, inputs, dynamic_shapes=dynamic)
     ops.register_inductor_decompositions()
     source = checkpoint.SourceInfo.of(model)
     first = captured["forward"]
     notes.extend(first.notes())
+    if gen_spec is not None:
+        g = gen_spec
+        notes.add(NoteKind.GENERATION, f"generation: methods 'prefill' and 'decode' share a static KV cache of {g.num_layers} "
+                  f"layer(s) x K,V [{g.max_batch_size}, {g.kv_heads}, {g.max_cache_len}, {g.head_dim}] (max_batch_size, "
+                  "kv_heads, max_cache_len, head_dim)" + (f", sliding window {g.sliding_window}" if g.sliding_window else ""),
+                  "compile")
     if stored is not None:
         config = stored.config_following(config, [linear_name(first.graph_module, n) for n in linear_nodes(first.graph_module)])
     qmax = resolve_weight_qmax(config)
     ctx = CompileContext(config, qmax, WeightStore(stored.int8 if stored is not None else None), notes=notes,
                          model=model, calibration=calls, progress=progress)
     ctx.runner = lambda gm: _float_runner(gm, captured[ctx.method].fixed_kwargs)
+    ctx.decode_methods = frozenset({"decode"} if gen_spec is not None else ())
     graphs = {}
     analysis, transform = analysis_passes(ctx, stored, source), transform_passes(ctx)
     for name, cap in captured.items():
@@ -446,7 +519,7 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     dtypes = {d.out_dtype for d in decisions if d.quantize}
     float_dtype = dtypes.pop() if len(dtypes) == 1 and config.out_dtype is None else None
     program = Program({name: Method(g, captured[name].fixed_kwargs) for name, g in graphs.items()}, ctx.plan,
-                      ctx.store, config, source)
+                      ctx.store, config, source, gen_spec)
     qm = QuantizedModel(program, rep, float_dtype)
     qm._apply_compute_dtype()
     if static and calls is not None:

@@ -51,6 +51,8 @@ class Program:
         store: the :class:`~fxquant.weights.store.WeightStore` every method's graph references.
         config: the :class:`fxquant.QuantConfig` (after a checkpoint's adjustments).
         source: what ``save_pretrained`` needs of the float model (:class:`fxquant.weights.checkpoint.SourceInfo`).
+        generation: the KV cache's :class:`~fxquant.frontend.kv_cache.GenerationSpec` when the program has the
+            ``"prefill"`` and ``"decode"`` methods, else None.
     """
 
     methods: dict[str, Method]
@@ -58,6 +60,7 @@ class Program:
     store: Any
     config: Any
     source: Any = None
+    generation: Any = None
 
     @property
     def forward(self) -> Method:

@@ -44,9 +44,9 @@ def _compile(kind: str):
         model = _llama(tie=True)
         config = fxquant.QuantConfig(min_ratio=0, smoothquant=0.5)
         return model, fxquant.compile(model, LONG, config=config, methods={"short": SHORT},
-                                      calibration=[LONG, SHORT], progress=False)
+                                      calibration=[LONG, SHORT], progress=False, generation=False)
     model = _llama()
-    return model, fxquant.compile(model, LONG, config=CONFIGS[kind], methods={"short": SHORT})
+    return model, fxquant.compile(model, LONG, config=CONFIGS[kind], methods={"short": SHORT}, generation=False)
 
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
@@ -123,12 +123,18 @@ def test_static_scales_are_calibrated_once_for_every_method():
     model = _llama()
     config = fxquant.QuantConfig(min_ratio=0, activation_scheme="static-per-tensor")
     qm = fxquant.compile(model, LONG, config=config, methods={"short": SHORT}, calibration=[LONG], progress=False)
-    a, b = (qm.program.methods[m].graph_module for m in qm.methods)
+    assert qm.methods == ("forward", "short", "prefill", "decode")
+    a, b, prefill, decode = (qm.program.methods[m].graph_module for m in qm.methods)
     scales_a = {n: t for n, t in a.named_buffers() if n.endswith("input_scale")}
     scales_b = {n: t for n, t in b.named_buffers() if n.endswith("input_scale")}
     assert scales_a and scales_a.keys() == scales_b.keys()
     assert all(scales_a[n] is scales_b[n] for n in scales_a)
     assert {n for n, _ in qm.program.store.tensors()} >= set(scales_a)
+    # the generation methods quantize with the same calibrated scales (prefill W8A8; decode weight-only where a
+    # kernel for it pays on this CPU, else W8A8 with the same scales)
+    scales_p = {n: t for n, t in prefill.named_buffers() if n.endswith("input_scale")}
+    assert scales_p and all(scales_p[n] is scales_a[n] for n in scales_p)
+    assert all(t is scales_a[n] for n, t in decode.named_buffers() if n.endswith("input_scale"))
 
 
 def test_a_module_called_in_and_out_of_a_sibling_group_shares_its_rows():

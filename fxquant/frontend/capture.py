@@ -118,12 +118,15 @@ def _auto_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: Mapping[st
     return {name: spec(value) for name, value in bound.arguments.items()}
 
 
-def capture(model: torch.nn.Module, example_inputs: Optional[tuple | Mapping[str, Any]]) -> CapturedGraph:
+def capture(model: torch.nn.Module, example_inputs: Optional[tuple | Mapping[str, Any]],
+            dynamic_shapes: Optional[Mapping[str, Any]] = None) -> CapturedGraph:
     """Trace ``model`` into the canonical form (see the module docstring).
 
     Args:
         model: an ``nn.Module``; left unchanged (its training flags are restored after capture).
         example_inputs: tuple of positional args, dict of keyword args (Hugging Face style), or None.
+        dynamic_shapes: torch.export's ``dynamic_shapes`` to use instead of every dim ``Dim.AUTO`` (no static
+            retry): the generation methods fix their batch and keep only the prompt length dynamic.
 
     Raises:
         TraceError: the front end failed; names the model class, the front end, the cause (chained).
@@ -150,12 +153,16 @@ def capture(model: torch.nn.Module, example_inputs: Optional[tuple | Mapping[str
             all_kwargs = {**kwargs, **fixed}
             dynamic = True
             try:
-                try:
-                    ep = torch.export.export(model, args, kwargs=all_kwargs, strict=False,
-                                             dynamic_shapes=_auto_dynamic_shapes(model, args, all_kwargs))
-                except Exception:
-                    dynamic = False
-                    ep = torch.export.export(model, args, kwargs=all_kwargs, strict=False)
+                if dynamic_shapes is not None:
+                    ep = torch.export.export(model, args, kwargs=all_kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+                    dynamic = any(v is not None for v in dynamic_shapes.values())
+                else:
+                    try:
+                        ep = torch.export.export(model, args, kwargs=all_kwargs, strict=False,
+                                                 dynamic_shapes=_auto_dynamic_shapes(model, args, all_kwargs))
+                    except Exception:
+                        dynamic = False
+                        ep = torch.export.export(model, args, kwargs=all_kwargs, strict=False)
             except Exception as e:
                 raise TraceError(model, front_end, e,
                                  hint="check that model(*example_inputs) (or model(**example_inputs)) runs eagerly") from e

@@ -25,6 +25,7 @@ class NoteKind(str, enum.Enum):
     STATIC_SHAPES = "static_shapes"            # torch.export could not keep dims dynamic
     COMPUTE_DTYPE = "compute_dtype"            # QuantConfig.compute_dtype applied or not
     PLAN = "plan"                              # the plan overrode a method's own decision
+    GENERATION = "generation"                  # prefill/decode methods with a KV cache; decode's weight-only Linears
 
 
 class Note(str):

@@ -10,6 +10,8 @@ op                                  meaning (numerics: :mod:`fxquant.ir.referenc
                                     with ``act_scale`` / ``act_smooth`` (below)
 ``fxquant::int8_linear``            float x [..., K] → quantize per token → int8 GEMM → epilogue → [..., N]
 ``fxquant::int8_linear_q``          already-quantized (x_q, x_scale) → int8 GEMM → epilogue → [..., N]
+``fxquant::int8_weight_linear``     W8A16: float x [..., K] × int8 weight (dequantized in the kernel) → epilogue
+                                    → [..., N]; no activation quantization (decode-sized M, memory-bound)
 ``fxquant::layer_norm_quant``       LayerNorm + per-token quantize: (y float or empty, y_q int8, scale fp32)
 ``fxquant::rms_norm_quant``         RMSNorm + per-token quantize: the same three outputs
 ==================================  ==========================================================================
@@ -122,6 +124,12 @@ INT8_LINEAR_Q_C = _Contract(
     "int w_qmax, ScalarType out_dtype",
     "Tensor",
 )
+INT8_WEIGHT_LINEAR_C = _Contract(
+    "int8_weight_linear",
+    "Tensor x, Tensor w_q, Tensor w_scale, Tensor? bias, str activation, str backend, ScalarType? out_dtype=None, "
+    "Tensor? act_smooth=None",
+    "Tensor",
+)
 LAYER_NORM_QUANT_C = _Contract(
     "layer_norm_quant",
     "Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps, bool return_float, "
@@ -162,6 +170,11 @@ def _(x, w_q, w_scale, bias, activation, backend, w_qmax, out_dtype=None, act_sc
     return x.new_empty((*x.shape[:-1], out_features(w_q, activation)), dtype=out_dtype or x.dtype)
 
 
+@torch.library.register_fake(f"{_NS}::int8_weight_linear")
+def _(x, w_q, w_scale, bias, activation, backend, out_dtype=None, act_smooth=None):
+    return x.new_empty((*x.shape[:-1], out_features(w_q, activation)), dtype=out_dtype or x.dtype)
+
+
 def _layer_norm_quant_fake(x, normalized_shape, weight, bias, eps, return_float, act_scale=None, act_smooth=None):
     return _norm_quant_fake(x, return_float)
 
@@ -183,9 +196,11 @@ torch.library.register_fake(f"{_NS}::rms_norm_quant", _rms_norm_quant_fake)
 QUANTIZE_PER_TOKEN = QUANTIZE_PER_TOKEN_C.op
 INT8_LINEAR = INT8_LINEAR_C.op
 INT8_LINEAR_Q = INT8_LINEAR_Q_C.op
+INT8_WEIGHT_LINEAR = INT8_WEIGHT_LINEAR_C.op
 LAYER_NORM_QUANT = LAYER_NORM_QUANT_C.op
 RMS_NORM_QUANT = RMS_NORM_QUANT_C.op
-CONTRACTS = {c.op: c for c in (QUANTIZE_PER_TOKEN_C, INT8_LINEAR_C, INT8_LINEAR_Q_C, *NORM_QUANT_CONTRACTS)}
+CONTRACTS = {c.op: c for c in (QUANTIZE_PER_TOKEN_C, INT8_LINEAR_C, INT8_LINEAR_Q_C, INT8_WEIGHT_LINEAR_C,
+                               *NORM_QUANT_CONTRACTS)}
 
 
 def quantized_value(target, *args) -> torch.Tensor:

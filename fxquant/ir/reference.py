@@ -35,6 +35,7 @@ __all__ = [
     "int8_gemm",
     "apply_epilogue",
     "int8_linear",
+    "int8_weight_linear",
     "layer_norm_quant",
     "rms_norm",
     "rms_norm_quant",
@@ -120,6 +121,26 @@ def int8_linear(
         ``out_dtype`` [M, N] = act(acc · s_w[n] · s_x[m] + b[n]), acc the exact int32 product.
     """
     return _kg.w8a8_linear_reference(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
+
+
+def int8_weight_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                       activation: str, out_dtype: torch.dtype, act_smooth: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The reference W8A16 (weight-only int8) Linear on 2-D operands: the activation stays float.
+
+    Args:
+        x: float [M, K]; w_q: int8 [N, K]; w_scale: fp32 [N, 1]; bias: [N] or None; activation: one of
+            :data:`ACTIVATIONS`; out_dtype: output dtype; act_smooth: fp32 [K], SmoothQuant's diag(s)⁻¹ for a
+            smoothed weight (x · act_smooth is what the smoothed weight expects), or None.
+
+    Returns:
+        ``out_dtype`` [M, N] = act((x · act_smooth) · W_qᵀ · s_w[n] + b[n]), in fp32 (the weight W_q · s_w is
+        the same per-channel dequantization as the W8A8 scheme's; GPTQ/AWQ-style weight-only inference).
+    """
+    xf = x.to(torch.float32)
+    if act_smooth is not None:
+        xf = xf * act_smooth.to(torch.float32)
+    y = (xf @ w_q.to(torch.float32).T).mul_(w_scale.reshape(1, -1).to(torch.float32))
+    return apply_epilogue(y, torch.ones(1, 1, dtype=torch.float32, device=y.device), bias, activation, out_dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float, cast_before_weight: bool) -> torch.Tensor:

@@ -51,6 +51,8 @@ class CompileContext:
         progress: show progress bars.
         smoothquant_factors: SmoothQuant's diag(s)⁻¹ per input group of the graph being compiled.
         method: the method whose graph the pipeline is running on.
+        decode_methods: the methods that run one token per row (generation's ``"decode"``): the passes
+            ``weight_only`` and ``decode_attention`` rewrite these only.
     """
 
     config: Any
@@ -65,6 +67,7 @@ class CompileContext:
     progress: bool = True
     smoothquant_factors: dict = field(default_factory=dict)
     method: str = "forward"
+    decode_methods: frozenset = frozenset()
 
     @property
     def spec(self):

@@ -7,12 +7,14 @@ from typing import Optional
 from .annotate import Annotate, ApplyPlan
 from .base import CompileContext, FxquantPass
 from .checkpoint import InstallCheckpoint
+from .decode_attention import DecodeAttention
 from .fuse_patterns import FusePatterns
 from .lower import Lower
 from .share_input import ShareInputQuantization
 from .siblings import FuseSiblings
 from .smoothquant import InstallSmoothing, SmoothQuant
 from .verify import Verify
+from .weight_only import WeightOnly
 
 __all__ = ["analysis_passes", "transform_passes"]
 
@@ -33,6 +35,8 @@ def transform_passes(ctx: CompileContext) -> list[FxquantPass]:
         FuseSiblings(ctx) if ctx.spec.fuse_siblings else None,
         Lower(ctx),
         InstallSmoothing(ctx) if ctx.config.smoothquant is not None else None,
+        WeightOnly(ctx),
+        DecodeAttention(ctx),
         Verify(ctx),
     ]
     return [p for p in passes if p is not None]

@@ -588,3 +588,84 @@ def _op_int8_linear(*args, **kwargs) -> torch.Tensor:
     x_q, x_scale = quantize_per_token(x if x.dim() == 2 else x.reshape(-1, x.shape[-1]), r.act_scale, r.act_smooth)
     y = _linear_2d(x_q, x_scale, r, r.out_dtype or x.dtype)
     return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+
+
+# ------------------------------------------------------------------ weight-only int8 (W8A16) at decode
+# Below these row counts (M) an int8-weight kernel that reads the activations in their float dtype beats both
+# quantize + W8A8 and the float GEMM: the Linear is memory-bound there (it streams int8 weights, half of bf16's
+# bytes) and skips the activation quantization pass. Measured:
+# * cpu (2 threads of an AMX Xeon, torch 2.13, bf16, Qwen2-0.5B shapes N×K 1152×896, 9728×896, 896×4864):
+#   aten._weight_int8pack_mm against bf16 F.linear: M=1 2.0–2.9× faster, M=2 1.4–1.8×, M=4 1.1–1.3×, M=8
+#   0.54–0.69× (oneDNN's AMX bf16 GEMM wins from there); fp32 activations 0.12× at M=1 (no fp32 fast path):
+#   weight-only is used for bf16/fp16 only, and only where ATen's AVX-512 kernel exists (else a scalar loop).
+# * cuda: the Triton W8A16 kernel (fxquant.kernels.w8a16_gemm) against the W8A8 path; see bench/w8a16_gpu.py
+#   and docs/benchmarks.md.
+WEIGHT_ONLY_MAX_M = {"cpu": 4, "cuda": 64}
+_WEIGHT_ONLY_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_int8pack_vectorized() -> bool:
+    """ATen's ``_weight_int8pack_mm`` CPU kernel is vectorized for AVX-512 only (a scalar loop elsewhere)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+
+
+def _w8a16_triton():
+    try:
+        from ..kernels import w8a16_gemm
+    except ImportError:  # no Triton
+        return None
+    return w8a16_gemm
+
+
+def _int8pack_ok(x_dtype: torch.dtype, k: int) -> bool:
+    """ATen's CPU ``_weight_int8pack_mm`` serves this call: bf16/fp16 x, an AVX-512 CPU, and K a multiple of 16
+    (its kernel reads K in blocks of 16 without a tail: other K give garbage or a segfault, torch 2.13)."""
+    return x_dtype in _WEIGHT_ONLY_DTYPES and k % 16 == 0 and _cpu_int8pack_vectorized()
+
+
+def weight_only_max_m(device: str, dtype: Optional[torch.dtype], k: int = 16) -> int:
+    """The largest M at which a Linear with ``k`` input features reading ``dtype`` activations on ``device``
+    (``"cpu"`` / ``"cuda"``) runs weight-only (``fxquant::int8_weight_linear``); 0 where no weight-only kernel beats
+    the W8A8 path (a CPU without AVX-512 or ``FXQUANT_CPU_ISA=avx2``, fp32 activations or K % 16 on a CPU, CUDA
+    without Triton)."""
+    if device == "cpu":
+        ok = _int8pack_ok(dtype, k) and forced_cpu_isa() != "avx2"
+    elif device == "cuda":
+        ok = dtype in (*_WEIGHT_ONLY_DTYPES, torch.float32) and _w8a16_triton() is not None
+    else:
+        ok = False
+    return WEIGHT_ONLY_MAX_M.get(device, 0) if ok else 0
+
+
+def weight_only_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
+                       activation: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """W8A16 Linear on x [M, K] (see :func:`fxquant.ir.reference.int8_weight_linear`): the Triton kernel on CUDA,
+    ATen's ``_weight_int8pack_mm`` on an AVX-512 CPU for bf16/fp16 x, else the reference."""
+    if x.device.type == "cuda" and x.dtype in (*_WEIGHT_ONLY_DTYPES, torch.float32):
+        kernel = _w8a16_triton()
+        if kernel is not None:
+            return kernel.w8a16_gemm(x, w_q, w_scale, bias, activation, out_dtype)
+    if x.device.type == "cpu" and x.shape[0] > 0 and _int8pack_ok(x.dtype, x.shape[1]):
+        # ATen's contract: the per-channel scale in x's dtype (bf16 rounding of s_w, relative 2^-9, below the
+        # output's own bf16 rounding)
+        y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), w_q, w_scale.reshape(-1).to(x.dtype))
+        if bias is None and activation == "none":
+            return y if y.dtype == out_dtype else y.to(out_dtype)
+        y = y.to(torch.float32)
+        if bias is not None:
+            y = y.add_(bias.to(torch.float32))
+        y = _kc.activation_torch(y, activation)
+        return y if out_dtype == torch.float32 else y.to(out_dtype)
+    return reference.int8_weight_linear(x, w_q, w_scale, bias, activation, out_dtype)
+
+
+@_impl("int8_weight_linear")
+def _op_int8_weight_linear(*args, **kwargs) -> torch.Tensor:
+    r = ops.INT8_WEIGHT_LINEAR_C.record(*args, **kwargs)
+    x = r.x
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if r.act_smooth is not None:
+        x2 = x2 * r.act_smooth.to(x2.dtype)
+    y = weight_only_linear(x2, r.w_q, r.w_scale, r.bias, r.activation, r.out_dtype or x.dtype)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])

@@ -57,6 +57,7 @@ class WeightStore:
         self._rows: dict[str, Rows] = {}
         self._derived: dict[str, torch.Tensor] = {}
         self._parts: dict[str, tuple[str, int, int]] = {}  # GEMM path -> (stacked GEMM, first row, end row)
+        self._weight_only: dict[str, QuantizedLinearParams] = {}  # Linear FQN -> decode's int8 copy of a float Linear
 
     # ------------------------------------------------------------------------------------ GEMM weights
     def gemm(self, gm: fx.GraphModule, path: str, members: Sequence[tuple[str, str, Optional[str]]],
@@ -124,6 +125,17 @@ class WeightStore:
         bias = getattr(gemm, "bias", None)
         return gemm.weight[sl], gemm.weight_scale.reshape(-1, 1)[sl], bias[sl] if rows.has_bias and bias is not None else None
 
+    def weight_only(self, gm: fx.GraphModule, name: str, w_attr: str, b_attr: Optional[str]) -> QuantizedLinearParams:
+        """The int8 copy (full range, qmax 127) that decode's weight-only kernel reads of a Linear the plan keeps
+        float for W8A8 (``down_proj``, a tied head...), made once per program from ``gm``'s float weight. It is not
+        one of :meth:`int8_linears` (the exporters write that Linear float, as the plan decided)."""
+        found = self._weight_only.get(name)
+        if found is None:
+            w_q, scale = reference.quantize_weight_per_channel(fetch_attr(gm, w_attr), 127)
+            found = self._weight_only[name] = QuantizedLinearParams(
+                w_q, scale, fetch_attr(gm, b_attr) if b_attr is not None else None)
+        return found
+
     def int8_linears(self) -> list[str]:
         """FQNs of the Linears that have int8 rows in the store."""
         return list(self._rows)
@@ -149,6 +161,9 @@ class WeightStore:
         for path, params in self._gemms.items():
             for leaf, buf in params.named_buffers():
                 yield (f"{path}.{leaf}" if path else leaf), buf
+        for name, params in self._weight_only.items():
+            for leaf, buf in params.named_buffers():
+                yield f"{name}.weight_only.{leaf}", buf
         yield from self._derived.items()
 
     def rebind(self, convert: Callable[[torch.Tensor], torch.Tensor]) -> None:

@@ -1,0 +1,218 @@
+"""Decode speed on a CUDA GPU, side by side in one run (issue 23): fxquant's generate against transformers' static-cache
+generate (bf16, its own decode compilation), fxquant's bf16 control (the same program, prefill/decode graphs and CUDA
+graph, nothing quantized), torchao int8 weight-only and torchao int8 dynamic-activation (both on transformers'
+static-cache generate, the path torchao documents).
+
+Random weights of a model's shapes (no download), greedy, no EOS (every contender generates exactly ``--new``
+tokens). Per contender and batch size: time to first token (a 1-token generate: prefill + first token), decode time
+per token ((generate(new) - generate(1)) / (new - 1)), decode tokens/s per row, and the bandwidth the weights are
+read at (the Linear weights' bytes per decode step / time per step) as a share of the card's HBM peak (H200
+4.8 TB/s, H100 SXM 3.35 TB/s, vendor datasheets). fxquant's per-step logits cosine against its bf16 control with the
+same tokens and the same (its own) cache is printed too.
+
+    python bench/generate_gpu.py --model llama3-8b --batches 1 32 --prompt 512 --new 256 --out gen.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+SHAPES = {
+    "llama3-8b": ("LlamaForCausalLM", "LlamaConfig", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)),
+    "qwen2-1.5b": ("Qwen2ForCausalLM", "Qwen2Config", dict(
+        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+        vocab_size=151936, max_position_embeddings=32768, tie_word_embeddings=True)),
+}
+PEAK_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}
+
+
+def build(name: str, layers: int | None):
+    import transformers
+
+    cls, cfg_cls, kw = SHAPES[name]
+    kw = dict(kw)
+    if layers:
+        kw["num_hidden_layers"] = layers
+    cfg = getattr(transformers, cfg_cls)(**kw, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = getattr(transformers, cls)(cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def linear_bytes(model, bytes_per_weight: float) -> float:
+    """Bytes of every Linear weight one decode step reads (the LM head included, a tied one too), plus fp32
+    per-channel scales when int8."""
+    n_params, n_rows = 0, 0
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear):
+            n_params += mod.weight.numel()
+            n_rows += mod.weight.shape[0]
+    return n_params * bytes_per_weight + (n_rows * 4 if bytes_per_weight == 1 else 0)
+
+
+def timed(fn, reps: int) -> float:
+    ts = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def measure(gen, ids, new: int, reps: int) -> dict:
+    gen(ids, new)  # warm-up: compilation, CUDA graph capture, autotuning
+    gen(ids, 1)
+    out = gen(ids, new)
+    assert out.shape[1] == ids.shape[1] + new, f"generated {out.shape[1] - ids.shape[1]} tokens, wanted {new}"
+    ttft = timed(lambda: gen(ids, 1), reps)
+    total = timed(lambda: gen(ids, new), reps)
+    per_token = (total - ttft) / (new - 1)
+    return {"ttft_ms": ttft * 1e3, "decode_ms_per_token": per_token * 1e3, "tokens_per_s_per_row": 1.0 / per_token}
+
+
+def hf_generate(model):
+    def gen(ids, new):
+        with torch.no_grad():
+            return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                  do_sample=False, cache_implementation="static")
+    return gen
+
+
+def fxq_generate(qm):
+    def gen(ids, new):
+        return qm.generate(ids, max_new_tokens=new)
+    return gen
+
+
+def cosine_per_step(qm, control, ids, steps: int) -> list[float]:
+    """Logits cosine of ``qm`` against ``control`` per decode step, both fed ``qm``'s greedy tokens (each with its
+    own cache of the same tokens)."""
+    from fxquant.generation import _decoder, _prefill
+
+    spec = qm.program.generation
+    b, p = ids.shape
+    out = []
+    mask = torch.zeros(spec.max_batch_size, spec.max_cache_len, dtype=torch.long, device=ids.device)
+    mask[:, :p] = 1
+    pos = torch.arange(p, device=ids.device).expand(b, p)
+    la = _prefill(qm, ids, pos, mask).clone()
+    lb = _prefill(control, ids, pos, mask).clone()
+    da, db = _decoder(qm, spec, ids.device), _decoder(control, control.program.generation, ids.device)
+    for t in range(steps):
+        out.append(float(torch.nn.functional.cosine_similarity(la[:, -1].float(), lb[:, -1].float()).min()))
+        tok = la[:, -1].argmax(-1, keepdim=True)
+        mask[:, p + t] = 1
+        npos = torch.full((b, 1), p + t, device=ids.device)
+        la = da(tok, npos, p + t, mask).clone()
+        lb = db(tok, npos, p + t, mask).clone()
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", choices=sorted(SHAPES), default="llama3-8b")
+    ap.add_argument("--layers", type=int, default=None, help="cut the model to this many layers (quick checks)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--contenders", nargs="+",
+                    default=["hf-static", "fxq-bf16", "fxq", "torchao-int8wo", "torchao-int8dq"])
+    ap.add_argument("--cos-steps", type=int, default=32)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import transformers
+
+    import fxquant
+
+    dev = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BYTES_PER_S.items() if k in dev), None)
+    print(f"device {dev}, torch {torch.__version__}, transformers {transformers.__version__}, model {args.model} "
+          f"({args.layers or 'all'} layers), prompt {args.prompt}, new {args.new}", flush=True)
+    model = build(args.model, args.layers)
+    bf16_bytes, int8_bytes = linear_bytes(model, 2), linear_bytes(model, 1)
+    results = []
+    length = args.prompt + args.new
+    for b in args.batches:
+        ids = torch.randint(0, model.config.vocab_size, (b, args.prompt), device="cuda",
+                            generator=torch.Generator("cuda").manual_seed(b))
+        programs = {}
+        for name in args.contenders:
+            t0 = time.perf_counter()
+            if name == "hf-static":
+                gen, nbytes = hf_generate(model), bf16_bytes
+            elif name in ("fxq", "fxq-bf16"):
+                config = fxquant.QuantConfig(target="cuda") if name == "fxq" else \
+                    fxquant.QuantConfig(target="cuda", skip=["re:.*"])
+                qm = fxquant.compile(model, {"input_ids": ids[:, :8]}, config=config, max_batch_size=b,
+                                     max_cache_len=length, progress=False)
+                programs[name] = qm
+                gen, nbytes = fxq_generate(qm), (int8_bytes if name == "fxq" else bf16_bytes)
+            elif name.startswith("torchao"):
+                from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
+                                                  quantize_)
+                tmodel = build(args.model, args.layers)
+                quantize_(tmodel, Int8WeightOnlyConfig() if name == "torchao-int8wo" else
+                          Int8DynamicActivationInt8WeightConfig())
+                gen, nbytes = hf_generate(tmodel), int8_bytes
+            else:
+                raise SystemExit(f"unknown contender {name}")
+            setup = time.perf_counter() - t0
+            r = measure(gen, ids, args.new, args.reps)
+            r.update(contender=name, batch=b, setup_s=setup, weight_gb=nbytes / 1e9,
+                     weight_gb_per_s=nbytes / (r["decode_ms_per_token"] / 1e3) / 1e9)
+            if peak:
+                r["share_of_peak"] = r["weight_gb_per_s"] * 1e9 / peak
+            results.append(r)
+            print(json.dumps(r), flush=True)
+            if name.startswith("torchao"):
+                del tmodel, gen
+            gc.collect()
+            torch.cuda.empty_cache()
+        if "fxq" in programs and "fxq-bf16" in programs and args.cos_steps:
+            cos = cosine_per_step(programs["fxq"], programs["fxq-bf16"], ids, args.cos_steps)
+            print(json.dumps({"batch": b, "fxq_vs_bf16_cosine_min": min(cos), "fxq_vs_bf16_cosine_mean":
+                              sum(cos) / len(cos), "steps": len(cos)}), flush=True)
+            results.append({"batch": b, "cosine_min": min(cos), "cosine_mean": sum(cos) / len(cos)})
+        programs.clear()
+        gc.collect()
+        torch.cuda.empty_cache()
+    print(f"\n{'batch':>5} {'contender':>16} {'TTFT ms':>9} {'ms/token':>9} {'tok/s/row':>10} {'GB/s':>7} {'peak':>6} "
+          f"{'x hf':>6} {'x ctrl':>7}")
+    for r in results:
+        if "contender" not in r:
+            continue
+        same = {x["contender"]: x for x in results if x.get("batch") == r["batch"] and "contender" in x}
+        hf = same.get("hf-static", {}).get("decode_ms_per_token")
+        ctrl = same.get("fxq-bf16", {}).get("decode_ms_per_token")
+        print(f"{r['batch']:>5} {r['contender']:>16} {r['ttft_ms']:>9.1f} {r['decode_ms_per_token']:>9.3f} "
+              f"{r['tokens_per_s_per_row']:>10.1f} {r['weight_gb_per_s']:>7.0f} {r.get('share_of_peak', 0):>6.1%} "
+              f"{(hf / r['decode_ms_per_token']) if hf else float('nan'):>6.2f} "
+              f"{(ctrl / r['decode_ms_per_token']) if ctrl else float('nan'):>7.2f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": dev, "torch": torch.__version__, "transformers": transformers.__version__,
+                       "args": vars(args), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Token generation over a program's ``"prefill"`` and ``"decode"`` methods (:mod:`fxquant.frontend.kv_cache`).
+
+:func:`generate` follows transformers' ``GenerationMixin.generate`` for decoder-only models: greedy or
+multinomial sampling (``temperature``, ``top_k``, ``top_p`` through transformers' own logits warpers; the
+draw is ``torch.multinomial`` on the default generator, so ``torch.manual_seed`` reproduces a run), per-row
+EOS with finished rows padded with ``pad_token_id``, left-padded batches with an attention mask (positions
+``cumsum(mask) - 1``, as transformers computes them), a streamer (``put`` of the prompt, then of each new
+token, then ``end``), and the result ``[batch, prompt + new]`` int64.
+
+One prefill call writes the prompt's keys and values into the cache and returns the last position's logits;
+then one decode call per token. On CUDA the decode step is captured once as a CUDA graph per program (static
+input buffers, replayed per token: no host work per token beyond the replay and the sampling step); it is
+captured again after the program's tensors move (``.to()``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .errors import InputError
+
+__all__ = ["generate", "GenerationState"]
+
+
+@dataclass
+class GenerationState:
+    """Per program: the captured decode CUDA graph and its static buffers (None until first needed)."""
+
+    graph: Any = None
+    key: Any = None
+    inputs: tuple = ()
+    logits: Optional[torch.Tensor] = None
+
+
+_SAMPLING_KEYS = ("temperature", "top_k", "top_p")
+_UNSUPPORTED = {"num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "repetition_penalty": 1.0,
+                "no_repeat_ngram_size": 0, "num_return_sequences": 1, "assistant_model": None}
+
+
+def _settings(generation_config, kwargs: dict) -> dict:
+    """Merge ``generation_config`` (the model's by default) and the keyword arguments; refuse what is not
+    implemented rather than ignore it."""
+    import transformers
+
+    if generation_config is None:
+        generation_config = transformers.GenerationConfig()
+    elif not isinstance(generation_config, transformers.GenerationConfig):
+        raise TypeError(f"generation_config must be a transformers.GenerationConfig, got {type(generation_config).__name__}")
+    out = {k: getattr(generation_config, k, None) for k in
+           ("max_new_tokens", "do_sample", *_SAMPLING_KEYS, "eos_token_id", "pad_token_id", "max_length")}
+    for k, v in kwargs.items():
+        if v is not None:
+            out[k] = v
+    for k, neutral in _UNSUPPORTED.items():
+        v = kwargs.get(k, getattr(generation_config, k, neutral))
+        if v is not None and v != neutral:
+            raise ValueError(f"fxquant's generate does not implement {k}={v!r} (greedy and sampling with temperature, "
+                             f"top_k, top_p only); leave {k} at {neutral!r}")
+    return out
+
+
+def _warpers(s: dict):
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    out = LogitsProcessorList()
+    if not s["do_sample"]:
+        return out
+    if s["temperature"] is not None and s["temperature"] != 1.0:
+        out.append(TemperatureLogitsWarper(float(s["temperature"])))
+    if s["top_k"] is not None and s["top_k"] != 0:
+        out.append(TopKLogitsWarper(int(s["top_k"])))
+    if s["top_p"] is not None and s["top_p"] < 1.0:
+        out.append(TopPLogitsWarper(float(s["top_p"])))
+    return out
+
+
+def _eos_list(eos) -> list[int]:
+    if eos is None:
+        return []
+    if isinstance(eos, torch.Tensor):
+        return [int(v) for v in eos.flatten().tolist()]
+    return [int(eos)] if isinstance(eos, int) else [int(v) for v in eos]
+
+
+def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
+             max_new_tokens: Optional[int] = None, do_sample: Optional[bool] = None,
+             temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+             eos_token_id=None, pad_token_id: Optional[int] = None, generation_config=None, streamer=None,
+             **unsupported: Any) -> torch.Tensor:
+    """See :meth:`fxquant.QuantizedModel.generate`."""
+    program = qmodel.program
+    spec = program.generation
+    if spec is None:
+        raise InputError("this QuantizedModel has no KV cache: it was compiled without the generation methods. "
+                         "Compile a Hugging Face causal LM with example inputs (or generation=True) to generate")
+    qmodel.check_calibrated("generate")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        raise InputError(f"input_ids must be an int64 tensor [batch, prompt_length], got "
+                         f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} {tuple(getattr(input_ids, 'shape', ()))}")
+    unknown = set(unsupported) - set(_UNSUPPORTED)
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword argument(s) {sorted(unknown)}")
+    s = _settings(generation_config, {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
+                                      "top_k": top_k, "top_p": top_p, "eos_token_id": eos_token_id,
+                                      "pad_token_id": pad_token_id, **unsupported})
+    batch, prompt = input_ids.shape
+    new = s["max_new_tokens"]
+    if new is None:
+        new = (s["max_length"] or 20) - prompt  # transformers' default max_length is 20
+    if not isinstance(new, int) or new < 0:
+        raise ValueError(f"max_new_tokens must be an int ≥ 0, got {new!r}")
+    if batch < 1 or prompt < 1:
+        raise InputError(f"input_ids {tuple(input_ids.shape)}: give at least one prompt of at least one token")
+    if batch > spec.max_batch_size:
+        raise InputError(f"{batch} prompts, but the KV cache holds max_batch_size={spec.max_batch_size} rows: "
+                         f"compile with max_batch_size={batch} or generate in smaller batches")
+    if prompt + new > spec.max_cache_len:
+        raise InputError(f"prompt length {prompt} + max_new_tokens {new} = {prompt + new} tokens per row exceeds the KV "
+                         f"cache's max_cache_len={spec.max_cache_len}: compile with max_cache_len ≥ {prompt + new}, or "
+                         "shorten the prompt or max_new_tokens")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (batch, prompt):
+            raise InputError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, got "
+                             f"{tuple(getattr(attention_mask, 'shape', ()))}")
+        if not bool((attention_mask[:, -1] != 0).all()):
+            raise InputError("attention_mask: every row's last prompt token must be a real token (pad on the left, as "
+                             "decoder-only generation requires: tokenizer.padding_side = 'left')")
+    eos = _eos_list(s["eos_token_id"])
+    pad = s["pad_token_id"]
+    if pad is None:
+        pad = eos[0] if eos else 0
+    warpers = _warpers(s)
+
+    device = _device_of(program)
+    ids = input_ids.to(device)
+    mask_full = torch.zeros(spec.max_batch_size, spec.max_cache_len, dtype=torch.long, device=device)
+    mask = attention_mask.to(device=device, dtype=torch.long) if attention_mask is not None else torch.ones_like(ids)
+    mask_full[:batch, :prompt] = mask != 0
+    mask_full[batch:, :prompt] = 1  # rows beyond the batch: discarded filler
+    positions = (mask_full[:, :prompt].cumsum(-1) - 1).clamp_min(0)
+    rows = torch.zeros(spec.max_batch_size, prompt, dtype=torch.long, device=device)
+    rows[:batch] = ids
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    out = [ids]
+    if new == 0:
+        return ids
+    logits = _prefill(qmodel, rows, positions, mask_full)
+    next_pos = positions[:, -1:] + 1
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    decode = _decoder(qmodel, spec, device)
+    for step in range(new):
+        scores = warpers(torch.cat(out, 1), logits[:batch, -1].float())
+        if s["do_sample"]:
+            token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            token = scores.argmax(-1)
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        out.append(token[:, None])
+        if streamer is not None:
+            streamer.put(token.cpu())
+        if eos:
+            finished |= torch.isin(token, torch.tensor(eos, device=device))
+            if bool(finished.all()):
+                break
+        if step == new - 1:
+            break
+        slot = prompt + step
+        mask_full[:, slot] = 1
+        step_ids = torch.zeros(spec.max_batch_size, 1, dtype=torch.long, device=device)
+        step_ids[:batch, 0] = token
+        logits = decode(step_ids, next_pos, slot, mask_full)
+        next_pos = next_pos + 1
+    if streamer is not None:
+        streamer.end()
+    return torch.cat(out, 1)
+
+
+def _device_of(program) -> torch.device:
+    return program.methods["decode"].graph_module.kv_cache.k_0.device
+
+
+def _prefill(qmodel, rows, positions, mask_full):
+    prompt = rows.shape[1]
+    cache_position = torch.arange(prompt, device=rows.device)
+    method = "prefill" if prompt > 1 else "decode"
+    with torch.no_grad():
+        return qmodel._call_graph(method, rows, positions, cache_position, mask_full)
+
+
+def _decoder(qmodel, spec, device: torch.device):
+    """The decode step: ``step(ids [B, 1], positions [B, 1], slot int, mask_full [B, L]) -> logits [B, 1, V]``.
+    On CUDA a replayed CUDA graph (static buffers; ``mask_full`` is the one the graph reads)."""
+    if device.type != "cuda":
+        def step(ids, positions, slot, mask_full):
+            with torch.no_grad():
+                return qmodel._call_graph("decode", ids, positions, torch.tensor([slot], device=device), mask_full)
+        return step
+    state: GenerationState = qmodel._generation_state
+    gm = qmodel.program.methods["decode"].graph_module
+    key = (device, gm.kv_cache.k_0.data_ptr(), gm.kv_cache.k_0.dtype, qmodel._io_dtype)
+    if state.graph is None or state.key != key:
+        _capture_decode(qmodel, spec, device, state, key)
+    g_ids, g_pos, g_slot, g_mask = state.inputs
+
+    def step(ids, positions, slot, mask_full):
+        g_ids.copy_(ids)
+        g_pos.copy_(positions)
+        g_slot.fill_(slot)
+        g_mask.copy_(mask_full)
+        state.graph.replay()
+        return state.logits
+
+    return step
+
+
+def _capture_decode(qmodel, spec, device, state: GenerationState, key) -> None:
+    """Capture one decode call as a CUDA graph. Warm-up calls run first on a side stream (Triton autotuning and
+    lazy initialisation must not happen inside the capture); they write cache slot L-1, which every later
+    prefill or decode overwrites before it is read (a slot is read only at or before its own position)."""
+    b, length = spec.max_batch_size, spec.max_cache_len
+    ids = torch.zeros(b, 1, dtype=torch.long, device=device)
+    pos = torch.full((b, 1), length - 1, dtype=torch.long, device=device)
+    slot = torch.full((1,), length - 1, dtype=torch.long, device=device)
+    mask = torch.ones(b, length, dtype=torch.long, device=device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(3):
+            qmodel._call_graph("decode", ids, pos, slot, mask)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        logits = qmodel._call_graph("decode", ids, pos, slot, mask)
+    state.graph, state.key, state.inputs, state.logits = graph, key, (ids, pos, slot, mask), logits

@@ -1,0 +1,234 @@
+"""Generation with the program's KV cache (issue 23): ``qmodel.generate`` computes what the model computes without
+the cache, row by row, with transformers' semantics; the decode method runs weight-only int8 where a kernel for it
+pays (per ISA, stated below)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxquant
+from fxquant.frontend import kv_cache
+from fxquant.ir import ops
+from fxquant.targets import backends
+
+transformers = pytest.importorskip("transformers")
+
+QUANT_ALL = fxquant.QuantConfig(min_ratio=0)  # every Linear int8 on these tiny models (the shapes would keep them float)
+# A logit margin below this is a tie for the test: top-1 and the generated token differ by float rounding only
+# (the cached and the recomputed attention sum in different orders). fp32 logits here are O(1).
+TIE = 1e-4
+
+
+def _model(kind: str, dtype=torch.float32, **extra):
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=256, max_position_embeddings=128, attn_implementation="sdpa")
+    common.update(extra)
+    cfg = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+           "mistral": transformers.MistralConfig}[kind](**common)
+    return getattr(transformers, {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                  "mistral": "MistralForCausalLM"}[kind])(cfg).eval().to(dtype)
+
+
+def _prompts(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, length), generator=g)
+
+
+def _check_against(out: torch.Tensor, prompt_len: int, logits_of) -> int:
+    """Teacher-forced check: at every step the generated token is the argmax of ``logits_of(prefix)`` [B, V],
+    or within TIE of it (counted and returned). Fails on any other difference."""
+    ties = 0
+    for t in range(prompt_len, out.shape[1]):
+        ref = logits_of(out[:, :t]).double()
+        best = ref.max(-1).values
+        got = ref.gather(-1, out[:, t:t + 1]).squeeze(-1)
+        margin = best - got
+        assert bool((margin < TIE).all()), (
+            f"step {t - prompt_len}: generated {out[:, t].tolist()}, recomputed argmax {ref.argmax(-1).tolist()}, "
+            f"logit margin {margin.tolist()}")
+        ties += int((margin > 0).sum())
+    return ties
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_generate_equals_recompute(kind):
+    """fp32, 64 new tokens, two prompts: generate (prefill + cached decode) = the greedy loop over the full forward."""
+    extra = {"sliding_window": 24} if kind == "mistral" else {}  # prompt + 64 tokens cross Mistral's window
+    model = _model(kind, **extra)
+    ids = _prompts(2, 9)
+    qm = fxquant.compile(model, {"input_ids": ids}, config=QUANT_ALL, max_batch_size=2, max_cache_len=80, progress=False)
+    assert qm.methods == ("forward", "prefill", "decode")
+    assert qm.program.generation.sliding_window == (24 if kind == "mistral" else None)
+    out = qm.generate(ids, max_new_tokens=64)
+    assert out.shape == (2, 9 + 64) and out.dtype == torch.long and torch.equal(out[:, :9], ids)
+    with torch.no_grad():
+        ties = _check_against(out, 9, lambda prefix: qm(input_ids=prefix).logits[:, -1])
+    assert ties <= 2, f"{ties} near-tie steps: the cached path drifts from the recompute path"
+    # every int8 Linear of the decode graph is the store's: the three methods share one plan and one store
+    counts = _fused_counts(qm, "decode")
+    assert counts["int8"] + counts["weight_only"] > 0
+
+
+def _fused_counts(qm, method):
+    gm = qm.program.methods[method].graph_module
+    fused = sum(1 for n in gm.graph.nodes if ops.FusedLinear.is_fused_linear(n))
+    wo = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is ops.INT8_WEIGHT_LINEAR)
+    return {"int8": fused, "weight_only": wo}
+
+
+def test_left_padded_rows_equal_rows_alone():
+    """Each row of a left-padded batch generates what it generates alone (fp32, greedy)."""
+    model = _model("llama")
+    long, short = _prompts(1, 10, seed=2), _prompts(1, 6, seed=3)
+    qm = fxquant.compile(model, {"input_ids": long}, config=QUANT_ALL, max_batch_size=3, max_cache_len=48, progress=False)
+    pad = 0
+    batch = torch.full((2, 10), pad)
+    batch[0] = long[0]
+    batch[1, 4:] = short[0]
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :4] = 0
+    together = qm.generate(batch, attention_mask=mask, max_new_tokens=24, pad_token_id=pad)
+    alone_long = qm.generate(long, max_new_tokens=24)
+    alone_short = qm.generate(short, max_new_tokens=24)
+    assert torch.equal(together[0], alone_long[0])
+    assert torch.equal(together[1, 4:], alone_short[0])
+
+
+def test_same_as_transformers_generate_unquantized_with_eos():
+    """With nothing quantized the program is the float model: generate gives transformers' tokens, EOS handling
+    and padding of finished rows included (fp32, greedy, left-padded batch)."""
+    model = _model("qwen2")
+    ids = _prompts(2, 7, seed=4)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    qm = fxquant.compile(model, {"input_ids": ids}, config=fxquant.QuantConfig(skip=["re:.*"]), max_batch_size=2,
+                         max_cache_len=64, progress=False)
+    free = qm.generate(ids, attention_mask=mask, max_new_tokens=20)
+    eos = int(free[0, 7 + 5])  # a token row 0 emits at step 5: it must stop there and be padded after
+    ours = qm.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos, pad_token_id=255)
+    theirs = model.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos, pad_token_id=255,
+                            do_sample=False)
+    assert torch.equal(ours, theirs)
+    row0 = ours[0, 7:].tolist()
+    assert row0[:6] == free[0, 7:13].tolist() and all(t == 255 for t in row0[6:])
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    model = _model("llama")
+    ids = _prompts(1, 5, seed=5)
+    qm = fxquant.compile(model, {"input_ids": ids}, config=QUANT_ALL, max_cache_len=40, progress=False)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(qm.generate(ids, max_new_tokens=16, do_sample=True, temperature=1.3, top_p=0.95))
+    assert torch.equal(*runs)
+    torch.manual_seed(7)
+    other = qm.generate(ids, max_new_tokens=16, do_sample=True, temperature=1.3, top_p=0.95)
+    assert not torch.equal(runs[0], other)  # 256-token vocabulary at temperature 1.3: 16 equal draws is ~impossible
+    greedy = qm.generate(ids, max_new_tokens=16)
+    assert torch.equal(qm.generate(ids, max_new_tokens=16, do_sample=True, top_k=1), greedy)
+
+
+def test_streamer_gets_prompt_then_each_token():
+    model = _model("llama")
+    ids = _prompts(1, 5, seed=6)
+    qm = fxquant.compile(model, {"input_ids": ids}, config=QUANT_ALL, max_cache_len=32, progress=False)
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def put(self, value):
+            self.calls.append(value.tolist())
+
+        def end(self):
+            self.calls.append("end")
+
+    rec = Recorder()
+    out = qm.generate(ids, max_new_tokens=6, streamer=rec)
+    assert rec.calls[0] == ids.tolist() and rec.calls[-1] == "end"
+    assert [c[0] for c in rec.calls[1:-1]] == out[0, 5:].tolist()
+
+
+def test_errors_name_the_limit():
+    model = _model("llama")
+    ids = _prompts(1, 5)
+    qm = fxquant.compile(model, {"input_ids": ids}, config=QUANT_ALL, max_cache_len=16, progress=False)
+    with pytest.raises(fxquant.InputError, match=r"max_cache_len=16"):
+        qm.generate(ids, max_new_tokens=12)
+    with pytest.raises(fxquant.InputError, match=r"max_batch_size=1"):
+        qm.generate(_prompts(2, 5), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"num_beams"):
+        qm.generate(ids, max_new_tokens=2, num_beams=2)
+    bad_mask = torch.ones(1, 5, dtype=torch.long)
+    bad_mask[0, -1] = 0
+    with pytest.raises(fxquant.InputError, match=r"pad on the left"):
+        qm.generate(ids, attention_mask=bad_mask, max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"max_position_embeddings=128"):
+        fxquant.compile(model, {"input_ids": ids}, max_cache_len=1000, progress=False)
+    plain = fxquant.compile(model, {"input_ids": ids}, config=QUANT_ALL, generation=False, progress=False)
+    assert plain.methods == ("forward",)
+    with pytest.raises(fxquant.InputError, match=r"no KV cache"):
+        plain.generate(ids, max_new_tokens=2)
+    # the model is untouched by all of this
+    assert all(not b.is_inference() for b in model.buffers())
+
+
+def test_mixed_sliding_layers_refused_beyond_the_window():
+    cfg = transformers.Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=128,
+                                    sliding_window=16)
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match=r"max_cache_len <= 16"):
+        kv_cache.generation_spec(model, 1, 64)
+    assert kv_cache.generation_spec(model, 1, 16).sliding_window is None
+
+
+def test_decode_runs_weight_only_where_a_kernel_pays():
+    """bf16 decode: every Linear weight-only int8 where this CPU has a fast W8A16 kernel (AVX-512: ATen's
+    _weight_int8pack_mm, up to M = 4), else W8A8 as prefill; per decode step the logits stay close to the float
+    model's with the same cache (cosine ≥ 0.99)."""
+    model = _model("llama", dtype=torch.bfloat16)
+    ids = _prompts(1, 8, seed=7)
+    qm = fxquant.compile(model, {"input_ids": ids}, config=QUANT_ALL, max_cache_len=48, progress=False)
+    avx512 = torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+    expect = 4 if avx512 and backends.forced_cpu_isa() != "avx2" else 0
+    assert backends.weight_only_max_m("cpu", torch.bfloat16) == expect
+    assert backends.weight_only_max_m("cpu", torch.float32) == 0  # no fast fp32 weight-only kernel on any CPU
+    counts = _fused_counts(qm, "decode")
+    if expect:
+        # q/k/v (one GEMM), o, gate/up (SwiGLU), down, per layer, and lm_head: all weight-only, down_proj and the
+        # head included (the plan keeps down_proj float for W8A8 only)
+        assert counts == {"int8": 0, "weight_only": 2 * 4 + 1}
+    else:
+        assert counts["weight_only"] == 0 and counts["int8"] > 0
+    out = qm.generate(ids, max_new_tokens=24)
+    floats = fxquant.compile(model, {"input_ids": ids}, config=fxquant.QuantConfig(skip=["re:.*"]), max_cache_len=48,
+                             progress=False)
+    with torch.no_grad():
+        for t in range(8, out.shape[1]):
+            a = qm(input_ids=out[:, :t]).logits[:, -1].float()
+            b = floats(input_ids=out[:, :t]).logits[:, -1].float()
+            assert torch.nn.functional.cosine_similarity(a, b).min() >= 0.99
+
+
+def test_weight_only_op_matches_reference():
+    torch.manual_seed(0)
+    for m, k, n, act in [(1, 64, 48, "none"), (3, 96, 64, "swiglu"), (4, 40, 24, "gelu"), (2, 8, 16, "none")]:
+        w = torch.randn(n, k)
+        w_q, s = fxquant.ir.reference.quantize_weight_per_channel(w)
+        bias = torch.randn(n if act != "swiglu" else n)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(m, k).to(dtype)
+            got = ops.INT8_WEIGHT_LINEAR(x, w_q, s, bias.to(dtype), act, "auto", None)
+            ref = fxquant.ir.reference.int8_weight_linear(x, w_q, s, bias.to(dtype), act, dtype)
+            exact = (x.double() @ (w_q.double() * s.double()).T + bias.to(dtype).double())
+            if act != "none":
+                exact = torch.from_numpy(
+                    fxquant.kernels.common.activation_torch(exact.float(), act).double().numpy())
+            sqnr = 10 * torch.log10(exact.pow(2).mean() / (got.double() - exact).pow(2).mean())
+            assert got.shape == (m, n // 2 if act == "swiglu" else n) and got.dtype == dtype
+            assert sqnr > (60 if dtype == torch.float32 else 35), (m, k, n, act, dtype, float(sqnr))
+            assert torch.allclose(got.float(), ref.float(), rtol=2e-2, atol=2e-2)
