@@ -91,6 +91,40 @@ def _float_input(g: fx.Graph, c, src: fx.Node) -> tuple[fx.Node, Optional[fx.Nod
         return g.call_function(operator.getitem, (src, ops.NORM_QUANT_FLOAT)), r.act_smooth
 
 
+def _float_norm_if_unquantized(g: fx.Graph, node: fx.Node) -> None:
+    """A norm-quant op whose int8 outputs nothing reads any more becomes the plain float norm (ATen ops, the
+    numerics of :func:`fxquant.ir.reference.rms_norm` / ``F.layer_norm``): no quantization computed for nothing."""
+    c = ops.contract_of(node)
+    if c not in ops.NORM_QUANT_CONTRACTS or any(u.target is not operator.getitem or u.args[1] != ops.NORM_QUANT_FLOAT
+                                                for u in node.users):
+        return
+    r = c.record_of(node)
+    dtype = _dtype(r.x)
+    if dtype is None:
+        return
+    aten = torch.ops.aten
+    with g.inserting_before(node):
+        if c is ops.LAYER_NORM_QUANT_C:
+            y = g.call_function(aten.layer_norm.default, (r.x, list(r.normalized_shape), r.weight, r.bias, r.eps))
+        else:
+            xf = g.call_function(aten._to_copy.default, (r.x,), {"dtype": torch.float32})
+            ms = g.call_function(aten.mean.dim, (g.call_function(aten.pow.Tensor_Scalar, (xf, 2)), [-1], True))
+            n = g.call_function(aten.mul.Tensor, (xf, g.call_function(aten.rsqrt.default, (
+                g.call_function(aten.add.Tensor, (ms, r.eps)),))))
+            if r.weight is None:
+                y = g.call_function(aten._to_copy.default, (n,), {"dtype": dtype})
+            elif r.cast_before_weight:
+                y = g.call_function(aten.mul.Tensor, (r.weight, g.call_function(aten._to_copy.default, (n,),
+                                                                                {"dtype": dtype})))
+            else:
+                w = g.call_function(aten._to_copy.default, (r.weight,), {"dtype": torch.float32})
+                y = g.call_function(aten._to_copy.default, (g.call_function(aten.mul.Tensor, (n, w)),), {"dtype": dtype})
+    for user in list(node.users):
+        user.replace_all_uses_with(y)
+        g.erase_node(user)
+    g.erase_node(node)
+
+
 def _k_of(gm: fx.GraphModule, w: fx.Node) -> int:
     """K of a Linear from its weight attribute [N, K]."""
     return int(fetch_attr(gm, w.target).shape[1])
@@ -142,6 +176,8 @@ def weight_only(gm: fx.GraphModule, device: str, store) -> int:
         count += 1
     if count:
         g.eliminate_dead_code()
+        for node in list(g.nodes):
+            _float_norm_if_unquantized(g, node)
         gm.delete_all_unused_submodules()
         g.lint()
         gm.recompile()
