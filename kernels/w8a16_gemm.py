@@ -1,0 +1,458 @@
+r"""W8A16 GEMM (int8 weights, float activations) for LLM decode, with a fused dequantize / bias / activation epilogue.
+
+Math (weight-only int8, per-output-channel symmetric scales: LLM.int8, Dettmers et al. 2022, §3.1 "vector-wise"
+quantization applied to W alone; the compressed-tensors "W8A16" scheme)::
+
+    acc[m, n] = Σ_k x[m, k] · W_q[n, k]          fp32 accumulator; W_q converted to x's dtype in registers
+    Y[m, n]   = act(acc[m, n] · s_w[n] + b[n])  fp32, then rounded to the output dtype (round-half-to-even)
+
+Every int8 value is exact in bf16, fp16 and tf32 (|w| ≤ 127 needs 7 significant bits), and each product of a
+bf16 / fp16 x with it is exact in the tensor core's fp32 accumulator, so the only roundings are the fp32
+accumulation and the epilogue's. fp32 x goes through ``tl.dot(..., input_precision="tf32x3")``: x split into
+a tf32 high part and a tf32 remainder, W exact in tf32 (its remainder term is zero), about fp32 accuracy at
+tensor-core speed (the "3xTF32" of CUTLASS, ``cutlass/gemm/warp/mma_tensor_op_fast_f32.h``).
+
+SwiGLU (``activation="swiglu"``, as ``w8a8_gemm``; Shazeer 2020, "GLU Variants Improve Transformer", §2):
+W_q [2I, K] stacks gate_proj (rows [0, I)) over up_proj (rows [I, 2I)), s_w and b have 2I values, the
+output is [M, I]; each program accumulates a gate tile and the matching up tile (a dual GEMM), then
+Y = silu(acc_g · s_w[n] + b[n]) · (acc_u · s_w[I + n] + b[I + n]). ``geglu_tanh`` likewise with gelu_tanh.
+
+Decode is memory-bound: at M ≤ 64 the time is the read of W_q (N·K bytes; x and Y are ≤ 1 % of it at the
+shapes this was tuned on), so the kernel is built to stream W at HBM bandwidth:
+
+* one M tile (BLOCK_M = 16, 32 or 64 ≥ M: tl.dot's minimum is 16; rows past M wrap onto real rows, and
+  the store masks them), so each W byte is read once;
+* ``SWAP``: the product is computed transposed, accᵀ = W_tile · x_tileᵀ, putting the converted weights
+  on the MMA's A operand, which Hopper's wgmma (and mma.sync) take from registers, where the int8 → float
+  conversion leaves them; x, the small operand, is the B operand in shared memory;
+* ``CVT=1``: the int8 → bf16 / fp16 conversion by integer arithmetic on the bit pattern instead of the
+  conversion instructions, which run at a quarter of the ALU rate on sm_90 (CUDA C Programming Guide,
+  "Arithmetic Instructions" throughput table) and would otherwise bound the kernel near HBM speed.
+  fp16: the bits 0x6400 + (w + 128) are the fp16 number 1024 + w + 128, so w = that − 1152 (exact);
+  bf16 / fp32: the fp32 bits 0x4B000000 + (w + 128) are 2²³ + w + 128, so w = that − 8 388 736 (exact),
+  then an exact cast. (NVIDIA FasterTransformer, ``cutlass_extensions/interleaved_numeric_conversion.h``,
+  ``FastInterleavedAndBiasedNumericArrayConverter``; the same constants.)
+* split-K (``SPLIT_K`` > 1, grid axis 1) where N alone gives too few programs for the GPU's SMs (o_proj
+  4096×4096, down_proj 4096×14336, Qwen2's 1536×8960): each program stores its fp32 partial tile into a
+  workspace [SPLIT_K, M, N] (``torch.empty`` per call: no zeroing), then bumps a per-tile arrival counter
+  (``tl.atomic_add``, acq_rel, GPU scope, after a CTA barrier); the program that arrives last sums the
+  SPLIT_K partials *in split order* (deterministic, unlike fp32 atomics), resets the counter to 0 and runs
+  the epilogue. One kernel, no second launch, no memset ("serial" split-K with a semaphore, as CUTLASS's
+  ``GemmUniversalMode::kGemm`` with ``split_k_slices`` > 1 and a ``Semaphore``; Stream-K, Osama et al.
+  2023, §4, fixes up partial tiles the same way). The counters (int32, one per output tile) live in a
+  buffer kept per (device, stream), zeroed once and left zeroed by every launch.
+
+CUDA graphs: the launch does no host synchronization and no data-dependent allocation (the workspace's
+size follows the shape). The config comes from a fixed table (:func:`pick_config`, measured on an H100 /
+H200), never from autotuning, so no call benchmarks. Before capturing, call once eagerly with each shape
+(it compiles the kernel, which capture cannot do, and allocates the split-K counters of that device
+outside the graph); a split-K launch captured without that warm-up still runs correctly but allocates
+zeroed counters inside the graph (one extra memset node per GEMM). Captured graphs share one counter
+buffer per device: replay graphs that hold split-K GEMMs on one stream at a time (concurrent eager
+launches on different streams are safe: their counters differ).
+
+Operands:
+
+* ``x``  bf16 / fp16 / fp32 [M, K] (K-contiguous after ``.contiguous()``);
+* ``w_q`` int8 [N, K] (the ``nn.Linear`` layout, per output channel), ``w_scale`` fp32 [N] or [N, 1];
+* ``bias`` [N] any float dtype or None; output ``out_dtype`` (default x's dtype) [M, N] ([M, N/2] gated).
+
+Shapes: any M, N, K ≥ 1 (tails are masked; N even for the gated activations). Tuned for M ≤ 64; larger M
+runs (BLOCK_M = 64 tiles) but is not what this kernel is for (``w8a8_gemm`` and cuBLAS serve prefill).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+
+from .common import ACTIVATIONS, GATED_ACTIVATIONS, HAS_TRITON, activation_torch, cdiv, interpreting
+from .launch import LaunchCache
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .common import apply_activation, gate_activation, round_to
+
+    _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+__all__ = ["w8a16_gemm", "w8a16_gemm_reference", "W8A16Config", "pick_config"]
+
+_X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_LAUNCHES = LaunchCache()
+_REDUCE_LAUNCHES = LaunchCache()
+_MAX_BLOCK_M = 64
+_COUNTER_SLOTS = 8192  # tiles of a split-K launch served by the cached counters (more: zeroed per call)
+
+
+class W8A16Config(NamedTuple):
+    """One launch configuration. BLOCK_M follows M (:func:`block_m`); ``block_n`` is the width of each
+    accumulator (the gated kernel holds two); ``split_k`` programs share each output tile's K range (1: no
+    split); ``swap``: the transposed product (W on the MMA's A operand); ``cvt``: 1 = bit-pattern int8
+    conversion, 0 = Triton's cast; ``split_mode``: "serial" (last arriving program reduces) or "reduce"
+    (a second kernel sums the partials; kept for measurement)."""
+
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 4
+    swap: bool = True
+    cvt: int = 1
+    split_mode: str = "serial"
+
+
+def block_m(m: int) -> int:
+    """BLOCK_M of the (single, for M ≤ 64) M tile: the next power of two ≥ M, at least 16 (tl.dot's
+    minimum), at most 64."""
+    return min(max(16, 1 << max(m - 1, 0).bit_length()), _MAX_BLOCK_M)
+
+
+def pick_config(m: int, n: int, k: int, gated: bool, num_sms: int, x_dtype: torch.dtype = torch.bfloat16) -> W8A16Config:
+    """The launch configuration for output width ``n`` (I for gated), reduction ``k``, on ``num_sms`` SMs.
+
+    Table measured on an NVIDIA H100 / H200 (bench/w8a16_gpu.py) at the Llama-3-8B and Qwen2-1.5B decode
+    shapes; split-K is added until the grid covers the GPU."""
+    if interpreting():
+        return W8A16Config(block_n=32, block_k=32)
+    if x_dtype == torch.float32:  # tf32x3: three MMAs per K step and 4-byte x tiles; BLOCK_K 128+ spills
+        bn, bk, stages = 32, 64, 5
+    else:
+        bn, bk, stages = (64 if m > 16 else 32), 256, 4
+    if gated:
+        bn = max(16, bn // 2)
+    tiles = cdiv(m, block_m(m)) * cdiv(n, bn)
+    split = 1
+    kblocks = cdiv(k, bk)
+    while tiles * split < 2 * num_sms and split * 2 <= kblocks // 4 and tiles * split * 2 <= _COUNTER_SLOTS:
+        split *= 2
+    return W8A16Config(block_n=bn, block_k=bk, split_k=split, num_warps=4, num_stages=stages, swap=False, cvt=0)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _convert(w, DTYPE: tl.constexpr, CVT: tl.constexpr):
+        """An int8 tile as DTYPE, exactly (see the module docstring for CVT = 1's bit-pattern arithmetic)."""
+        if CVT == 1:
+            if DTYPE == tl.float16:
+                b = w.to(tl.int16) + 0x6480  # fp16 bits of 1024 + (w + 128); ≤ 0x647F + 0x80 < 2¹⁵
+                return b.to(tl.float16, bitcast=True) - 1152.0
+            else:
+                b = w.to(tl.int32) + 0x4B000080  # fp32 bits of 2²³ + (w + 128)
+                return (b.to(tl.float32, bitcast=True) - 8388736.0).to(DTYPE)
+        else:
+            return w.to(DTYPE)
+
+    @triton.jit
+    def _epilogue(acc, acc_up, rows, cols, M, N, c_ptr, stride_cm, stride_cn, w_scale_ptr, bias_ptr,
+                  HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr):
+        """Y = act(acc · s_w + b) → c's dtype (round-half-to-even, ``common.round_to``), masked to [M, N];
+        GATED: Y = gate_act(g) · u with u from ``acc_up`` and the s_w / b entries N + n."""
+        mask_m = rows < M
+        mask_n = cols < N
+        y = acc * tl.load(w_scale_ptr + cols, mask=mask_n, other=0.0)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            u = acc_up * tl.load(w_scale_ptr + N + cols, mask=mask_n, other=0.0)[None, :]
+            if HAS_BIAS:
+                u = u + tl.load(bias_ptr + N + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            y = gate_activation(y, ACTIVATION) * u
+        else:
+            y = apply_activation(y, ACTIVATION)
+        c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :] * stride_cn
+        tl.store(c_ptrs, round_to(y, c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _partial_ptrs(ws_ptr, split, rows, cols, M, NW):
+        """Addresses of a [BLOCK_M, BLOCK_N] tile of the split-K workspace [SPLIT_K, M, NW] (NW = N, or 2N gated)."""
+        return ws_ptr + (split * M + rows[:, None]).to(tl.int64) * NW + cols[None, :]
+
+    @triton.jit
+    def _w8a16_gemm_kernel(
+        x_ptr, w_ptr, c_ptr, w_scale_ptr, bias_ptr, ws_ptr, cnt_ptr,
+        M, N, K, K_SPLIT,
+        stride_xm, stride_xk, stride_wn, stride_wk, stride_cm, stride_cn,
+        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, EVEN_M: tl.constexpr,
+        EVEN_K: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, CVT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """One [BLOCK_M, BLOCK_N] output tile (and, GATED, its up_proj twin at W rows N + n) over the K range
+        [pid_k · K_SPLIT, (pid_k + 1) · K_SPLIT) of program (tile, pid_k). SPLIT: 0 no split-K, 1 serial
+        (the last arriving program reduces and stores), 2 partials only (``_w8a16_reduce_kernel`` finishes)."""
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        pid_m = pid % num_pid_m  # M tiles fastest: programs sharing a W tile run together (L2 reuse, M > 64)
+        pid_n = pid // num_pid_m
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # W rows past N wrap onto real ones (no mask in the main loop; stores mask them); x rows past M are
+        # masked instead, so that a decode step (M = 1) moves one row of x, not BLOCK_M copies of it
+        mask_xm = rows < M
+        offs_xm = tl.where(mask_xm, rows, 0)
+        offs_wn = cols % N
+        k_lo = pid_k * K_SPLIT
+        k_hi = tl.minimum(K, k_lo + K_SPLIT)
+        offs_k = k_lo + tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + offs_xm[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk  # [BM, BK]
+        w_ptrs = w_ptr + offs_wn[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk  # [BN, BK]
+        u_ptrs = w_ptrs + tl.cast(N, tl.int64) * stride_wn  # GATED only: up_proj rows N + n
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # GATED only
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # GATED only
+        for k in range(k_lo, k_hi, BLOCK_K):
+            if EVEN_K:
+                if EVEN_M:
+                    xt = tl.load(x_ptrs)
+                else:
+                    xt = tl.load(x_ptrs, mask=mask_xm[:, None], other=0.0)
+                wt = tl.load(w_ptrs)
+                if GATED:
+                    ut = tl.load(u_ptrs)
+            else:
+                k_mask = (k + tl.arange(0, BLOCK_K)) < k_hi
+                xt = tl.load(x_ptrs, mask=mask_xm[:, None] & k_mask[None, :], other=0.0)
+                wt = tl.load(w_ptrs, mask=k_mask[None, :], other=0)
+                if GATED:
+                    ut = tl.load(u_ptrs, mask=k_mask[None, :], other=0)
+            xt = xt.to(DOT_DTYPE)  # x's own dtype, except bf16 under the interpreter (see the launcher)
+            wt = _convert(wt, DOT_DTYPE, CVT)
+            if SWAP:
+                acc = tl.dot(wt, tl.trans(xt), acc, input_precision=PRECISION)
+                if GATED:
+                    acc_up = tl.dot(_convert(ut, DOT_DTYPE, CVT), tl.trans(xt), acc_up, input_precision=PRECISION)
+            else:
+                acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
+                if GATED:
+                    acc_up = tl.dot(xt, tl.trans(_convert(ut, DOT_DTYPE, CVT)), acc_up, input_precision=PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+            if GATED:
+                u_ptrs += BLOCK_K * stride_wk
+        if SWAP:
+            acc = tl.trans(acc)
+            if GATED:
+                acc_up = tl.trans(acc_up)
+        if SPLIT == 0:
+            _epilogue(acc, acc_up, rows, cols, M, N, c_ptr, stride_cm, stride_cn, w_scale_ptr, bias_ptr,
+                      HAS_BIAS, ACTIVATION, GATED)
+        else:
+            NW = 2 * N if GATED else N
+            mask = (rows < M)[:, None] & (cols < N)[None, :]
+            p_ptrs = _partial_ptrs(ws_ptr, pid_k, rows, cols, M, NW)
+            tl.store(p_ptrs, acc, mask=mask)
+            if GATED:
+                tl.store(p_ptrs + N, acc_up, mask=mask)
+            if SPLIT == 1:
+                # every thread's partial is stored before the (one-thread) release of the counter
+                tl.debug_barrier()
+                arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
+                if arrived == tl.num_programs(1) - 1:
+                    tot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    tot_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                    for s in range(0, tl.num_programs(1)):  # split order: the sum does not depend on arrival
+                        q_ptrs = _partial_ptrs(ws_ptr, s, rows, cols, M, NW)
+                        tot += tl.load(q_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                        if GATED:
+                            tot_up += tl.load(q_ptrs + N, mask=mask, other=0.0, cache_modifier=".cg")
+                    tl.atomic_xchg(cnt_ptr + pid, 0)  # left zeroed for the next launch
+                    _epilogue(tot, tot_up, rows, cols, M, N, c_ptr, stride_cm, stride_cn, w_scale_ptr, bias_ptr,
+                              HAS_BIAS, ACTIVATION, GATED)
+
+    @triton.jit
+    def _w8a16_reduce_kernel(
+        ws_ptr, c_ptr, w_scale_ptr, bias_ptr, M, N, SPLIT_K, stride_cm, stride_cn,
+        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """split_mode "reduce": Σ over the SPLIT_K partials of one [BLOCK_M, BLOCK_N] tile, then the epilogue."""
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        NW = 2 * N if GATED else N
+        mask = (rows < M)[:, None] & (cols < N)[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in range(0, SPLIT_K):
+            q_ptrs = _partial_ptrs(ws_ptr, s, rows, cols, M, NW)
+            acc += tl.load(q_ptrs, mask=mask, other=0.0)
+            if GATED:
+                acc_up += tl.load(q_ptrs + N, mask=mask, other=0.0)
+        _epilogue(acc, acc_up, rows, cols, M, N, c_ptr, stride_cm, stride_cn, w_scale_ptr, bias_ptr,
+                  HAS_BIAS, ACTIVATION, GATED)
+
+
+# --------------------------------------------------------------------------------------------- launcher
+def _check(x, w_q, w_scale, bias, activation, out_dtype) -> tuple[int, int, int]:
+    if x.dtype not in _X_DTYPES:
+        raise TypeError(f"w8a16_gemm: x must be one of {_X_DTYPES}, got {x.dtype}")
+    if w_q.dtype != torch.int8:
+        raise TypeError(f"w8a16_gemm needs int8 w_q, got {w_q.dtype}")
+    if x.dim() != 2 or w_q.dim() != 2:
+        raise ValueError(f"w8a16_gemm needs 2-D x [M, K] and w_q [N, K], got {tuple(x.shape)} and {tuple(w_q.shape)}")
+    m, k = x.shape
+    n, k2 = w_q.shape
+    if k != k2:
+        raise ValueError(f"w8a16_gemm: x has K={k} but w_q has K={k2} (w_q is [N, K], the nn.Linear layout)")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"w8a16_gemm: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if activation in GATED_ACTIVATIONS and n % 2:
+        raise ValueError(f"w8a16_gemm: {activation} needs w_q [2I, K] (gate_proj rows over up_proj rows), got an odd "
+                         f"number of rows N={n}")
+    if w_scale.dtype != torch.float32 or w_scale.numel() != n:
+        raise ValueError(f"w8a16_gemm: w_scale must be fp32 with N={n} values ([N] or [N, 1]), got {w_scale.dtype} "
+                         f"{tuple(w_scale.shape)}")
+    if bias is not None and bias.numel() != n:
+        raise ValueError(f"w8a16_gemm: bias has {bias.numel()} values, expected N={n}")
+    if out_dtype not in _X_DTYPES:
+        raise TypeError(f"w8a16_gemm: out_dtype must be one of {_X_DTYPES}, got {out_dtype}")
+    devices = {t.device for t in (x, w_q, w_scale) + ((bias,) if bias is not None else ())}
+    if len(devices) != 1:
+        raise ValueError(f"w8a16_gemm: operands on several devices: {sorted(map(str, devices))}")
+    return m, k, n
+
+
+def w8a16_gemm(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: str = "none",
+    out_dtype: Optional[torch.dtype] = None,
+    *,
+    config: Optional[W8A16Config] = None,
+) -> torch.Tensor:
+    """Y = act((x · W_qᵀ) · s_w + b) in one kernel (see the module docstring for the math and CUDA graphs).
+
+    Args:
+        x: bf16 / fp16 / fp32 [M, K]. w_q: int8 [N, K]. w_scale: fp32, N values ([N] or [N, 1]).
+        bias: N values (any float dtype) or None. activation: one of ``none relu gelu gelu_tanh silu swiglu
+            geglu_tanh``; the gated two take w_q [2I, K] (gate_proj rows over up_proj rows) and return [M, I].
+        out_dtype: bf16, fp16 or fp32; None: x's dtype.
+        config: a launch configuration instead of :func:`pick_config`'s (tuning and tests).
+
+    Returns:
+        ``out_dtype`` [M, N] on x's device ([M, N/2] gated).
+
+    Raises:
+        TypeError / ValueError: naming the operand whose dtype or shape is wrong.
+        RuntimeError: Triton is not installed.
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("w8a16_gemm needs Triton: pip install triton (or use w8a16_gemm_reference)")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    m, k, n_w = _check(x, w_q, w_scale, bias, activation, out_dtype)
+    gated = activation in GATED_ACTIVATIONS
+    n = n_w // 2 if gated else n_w  # the output width: the kernel's N
+    c = torch.empty((m, n), dtype=out_dtype, device=x.device)
+    if m == 0 or n == 0:
+        return c
+    if k == 0:
+        return w8a16_gemm_reference(x, w_q, w_scale, bias, activation, out_dtype)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if w_q.stride(1) != 1:
+        w_q = w_q.contiguous()
+    if not w_scale.is_contiguous():  # [N] or [N, 1]: element i at base + i once contiguous
+        w_scale = w_scale.contiguous()
+    has_bias = bias is not None
+    bias_arg = bias.contiguous() if has_bias else w_scale  # any valid pointer; unread when HAS_BIAS=False
+    cfg = config or pick_config(m, n, k, gated, _num_sms(x.device), x.dtype)
+    bm, bn, bk = block_m(m), cfg.block_n, cfg.block_k
+    # split-K: SPLIT_K programs per tile, each over a whole number of K blocks (the last may run short)
+    per_split = cdiv(cdiv(k, bk), max(1, cfg.split_k))
+    split_k = cdiv(cdiv(k, bk), per_split)
+    k_split = per_split * bk
+    tiles = cdiv(m, bm) * cdiv(n, bn)
+    split_mode = 0 if split_k == 1 else (1 if cfg.split_mode == "serial" else 2)
+    if split_mode:
+        ws = torch.empty((split_k, m, n_w), dtype=torch.float32, device=x.device)
+        cnt = _counters(x.device, tiles) if split_mode == 1 else ws
+    else:
+        ws = cnt = c  # unread
+    precision = "tf32x3" if x.dtype == torch.float32 else "tf32"  # "tf32" is unused for 16-bit x
+    # Triton's interpreter (3.9) multiplies bf16 tiles as their uint16 bit patterns in tl.dot and casts int8 to
+    # bf16 the same way; there the bf16 product runs in fp32, which gives the same exact products
+    dot_dtype = tl.float32 if x.dtype == torch.bfloat16 and interpreting() else _TL_DTYPES[x.dtype]
+    even_k = k % bk == 0
+    ints = (m, n, k, k_split, x.stride(0), x.stride(1), w_q.stride(0), w_q.stride(1), c.stride(0), c.stride(1))
+    consts = (has_bias, activation, gated, m % bm == 0, even_k, split_mode, bool(cfg.swap), cfg.cvt, precision, dot_dtype, bm, bn, bk)
+    tensors = (x, w_q, c, w_scale, bias_arg, ws, cnt)
+    key, hit = _LAUNCHES.lookup(x.device, (consts, cfg.num_warps, cfg.num_stages), tensors, ints)
+    if hit is not None:
+        hit((tiles, split_k), x.device, tensors + ints + consts)
+    else:
+        compiled = _w8a16_gemm_kernel[(tiles, split_k)](
+            *tensors, *ints, HAS_BIAS=has_bias, ACTIVATION=activation, GATED=gated, EVEN_M=m % bm == 0, EVEN_K=even_k, SPLIT=split_mode,
+            SWAP=bool(cfg.swap), CVT=cfg.cvt, PRECISION=precision, DOT_DTYPE=dot_dtype, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _LAUNCHES.put(key, compiled)
+    if split_mode == 2:
+        rbm, rbn = min(bm, 16), 128
+        rgrid = (cdiv(m, rbm), cdiv(n, rbn))
+        rints = (m, n, split_k, c.stride(0), c.stride(1))
+        rconsts = (has_bias, activation, gated, rbm, rbn)
+        rtensors = (ws, c, w_scale, bias_arg)
+        key, hit = _REDUCE_LAUNCHES.lookup(x.device, rconsts, rtensors, rints)
+        if hit is not None:
+            hit(rgrid, x.device, rtensors + rints + rconsts)
+        else:
+            compiled = _w8a16_reduce_kernel[rgrid](*rtensors, *rints, HAS_BIAS=has_bias, ACTIVATION=activation,
+                                                   GATED=gated, BLOCK_M=rbm, BLOCK_N=rbn, num_warps=4)
+            _REDUCE_LAUNCHES.put(key, compiled)
+    return c
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for a serial split-K launch of ``tiles`` output tiles. Each launch leaves
+    them zeroed, so one buffer serves every launch that cannot overlap it: one per (device, stream) for
+    eager launches, one per device for CUDA-graph capture (allocated with the first eager one). A capture
+    before any eager launch, or more tiles than the buffer holds, gets a fresh zeroed buffer (a memset)."""
+    if device.type != "cuda":  # the interpreter (CPU tensors, programs run one after another)
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    capturing = torch.cuda.is_current_stream_capturing()
+    key = (index, None) if capturing else (index, torch.cuda.current_stream(index).cuda_stream)
+    buf = _COUNTERS.get(key)
+    if buf is None and not capturing:
+        buf = _COUNTERS[key] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+        _COUNTERS.setdefault((index, None), torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device))
+    if buf is None or tiles > buf.numel():
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
+    return buf
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms_cached(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (how many programs fill it); 1 off CUDA."""
+    if device.type != "cuda":
+        return 1
+    return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# ------------------------------------------------------------------------------------ pure-torch reference
+def w8a16_gemm_reference(x, w_q, w_scale, bias=None, activation="none", out_dtype=None) -> torch.Tensor:
+    """The same function in plain torch, fp32 math: (x · W_qᵀ) · s_w + b over all N (for the gated activations
+    the full [M, 2I] pre-activation), then :func:`common.activation_torch` and the cast to ``out_dtype``
+    (default x's dtype)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    y = (x.to(torch.float32) @ w_q.to(torch.float32).T) * w_scale.reshape(1, -1).to(torch.float32)
+    if bias is not None:
+        y = y + bias.reshape(1, -1).to(torch.float32)
+    return activation_torch(y, activation).to(out_dtype)
