@@ -11,14 +11,18 @@ do; µs per launch = graph replay time / launches. GB/s counts the weight bytes 
 ``F.linear``: 2·N·K). Peak: 4.8 TB/s (H200) or 3.35 TB/s (H100 SXM), the datasheet HBM bandwidths.
 
     python bench/w8a16_gpu.py                      # correctness + table with the kernel's own config choice
-    python bench/w8a16_gpu.py --sweep --out DIR    # also search launch configs per shape (for pick_config)
+    python bench/w8a16_gpu.py --sweep --out DIR    # also search launch configs per shape (for pick_config);
+                                                   # the table then shows each case's winner
+
+The configs are compiled in parallel processes first (Triton's on-disk cache is shared), so a sweep of ~100
+specializations and ~650 timings took 23 s on an H200 host. Its results (sweep.jsonl) are what
+``w8a16_gemm._TUNED`` and ``_rule`` were read from.
     TRITON_INTERPRET=1 python bench/w8a16_gpu.py --smoke   # the script's own logic on CPU, tiny shapes
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -130,7 +134,7 @@ def correctness(shapes, ms, device, cfg_fn=None, act_shapes=((4096, 14336), (204
             r = kw.w8a16_gemm_reference(x, w, s, None, act)
             check(y.dtype == torch.bfloat16 and q >= 40 and sqnr_db(ref, r) - q < 3,
                   f"{name} M={m} bf16: SQNR {q:.1f} dB (reference's {sqnr_db(ref, r):.1f})")
-            if m == 8:
+            if m == 8 and (n_w, k) in ((4096, 14336), (28672, 4096), (1536, 8960)):
                 y2 = kw.w8a16_gemm(x, w, s, None, act, config=cfg)
                 check(torch.equal(y, y2), f"{name} M={m}: two launches bit-identical (split-K reduces in split order)")
                 for xd, od in ((torch.float16, torch.float16), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)):
@@ -223,18 +227,15 @@ def candidates(m, n_w, k, gated, num_sms):
     """Launch configs to try at one case (split-K values where the tiles alone leave SMs idle)."""
     n = n_w // 2 if gated else n_w
     if gated:
-        tiles_kinds = [(16, 256), (16, 512), (32, 256), (32, 512), (64, 256)]
+        kinds = [(16, 256, 4, 4), (16, 512, 4, 4), (32, 256, 4, 4), (64, 256, 8, 4)]
     else:
-        tiles_kinds = [(16, 512), (32, 256), (32, 512), (64, 256), (64, 512), (128, 128), (128, 256)]
+        kinds = [(16, 512, 4, 4), (32, 256, 4, 4), (32, 512, 4, 4), (64, 256, 4, 4), (64, 512, 4, 4), (128, 256, 8, 4)]
     out = []
-    for (bn, bk), (w, st) in itertools.product(tiles_kinds, ((4, 3), (4, 5), (8, 4))):
-        if w == 8 and bn < 64:
-            continue
+    for bn, bk, w, st in kinds:
         tiles = math.ceil(m / kw.block_m(m)) * math.ceil(n / bn)
         kblocks = math.ceil(k / bk)
-        for split in (1, 2, 3, 4, 6, 8, 12, 16):
-            if split > 1 and (gated or tiles * split > 6 * num_sms or kblocks < 2 * split or tiles >= 2 * num_sms
-                              or w == 8):
+        for split in (1, 2, 3, 4, 6, 8):
+            if split > 1 and (gated or tiles * split > 6 * num_sms or kblocks < 2 * split or tiles >= 2 * num_sms):
                 continue
             out.append(kw.W8A16Config(bn, bk, split, w, st, swap=False, cvt=0))
     for bn, bk in ((16, 512), (32, 256)):  # the transposed product, against its plain twin above
@@ -302,7 +303,7 @@ def sweep(device, peak, out_dir, budget_s):
         cands = candidates(m, n_w, k, gated, num_sms) + extra_candidates(m, n_w, k, gated)
         plans[(n_w, k, act, m)] = cands
         jobs += [(n_w, k, act, m, c, torch.bfloat16) for c in cands]
-    for n_w, k, act, m in cases[:3]:  # fp16 x: cast vs bit-pattern conversion
+    for n_w, k, act, m in cases[1:2]:  # fp16 x: cast vs bit-pattern conversion
         for cvt in (0, 1):
             jobs.append((n_w, k, act, m, kw.W8A16Config(32, 256, 1, 4, 5, cvt=cvt), torch.float16))
         for c in ((32, 64, 1, 4, 5, False, 0), (64, 64, 1, 4, 5, False, 0), (32, 128, 1, 4, 4, False, 0), (32, 64, 1, 4, 5, False, 1)):
@@ -338,7 +339,7 @@ def sweep(device, peak, out_dir, budget_s):
             f"{'c' if r['cfg']['cvt'] else ''}{'R' if r['cfg']['split_mode'] == 'reduce' else ''}" for r in best[:6]))
         ws = None  # noqa: F841 - frees the copies before the next case allocates its own
     # fp16 cvt A/B
-    for n_w, k, act, m in cases[:3]:
+    for n_w, k, act, m in cases[1:2]:
         (w,), s = make_weights(n_w, k, device, gen)
         x = torch.randn(m, k, device=device, generator=gen).half()
         t = [graph_time_us([lambda: kw.w8a16_gemm(x, w, s, None, act, config=kw.W8A16Config(32, 256, 1, 4, 5, cvt=cvt))] * 16)

@@ -5,6 +5,8 @@ module                     kernel (each file: math + source, configs, ``@triton.
 =========================  ===========================================================================
 ``w8a8_gemm``              int8 [M, K] × int8 [N, K] → int32 acc → (·s_w·s_x + b, activation) → bf16/fp16/fp32;
                            ``swiglu``: a dual GEMM over W = [gate; up] [2I, K] → silu(g)·u [M, I]
+``w8a16_gemm``             float [M, K] × int8 [N, K] (int8 → x's dtype in registers, fp32 acc) → (·s_w + b,
+                           activation, swiglu) for decode (M ≤ 64): split-K with an in-kernel last-arriver reduction
 ``quantize``               one-pass dynamic per-token quantization: float [M, K] → int8 [M, K] + fp32 [M, 1]
 ``layer_norm_quant``       LayerNorm or RMSNorm (``rms_norm_quant``; HF Llama or torch/Gemma weight order) +
                            per-token quantization in one read of x (float output optional)

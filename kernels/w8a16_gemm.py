@@ -57,8 +57,28 @@ Operands:
 * ``w_q`` int8 [N, K] (the ``nn.Linear`` layout, per output channel), ``w_scale`` fp32 [N] or [N, 1];
 * ``bias`` [N] any float dtype or None; output ``out_dtype`` (default x's dtype) [M, N] ([M, N/2] gated).
 
-Shapes: any M, N, K ≥ 1 (tails are masked; N even for the gated activations). Tuned for M ≤ 64; larger M
-runs (BLOCK_M = 64 tiles) but is not what this kernel is for (``w8a8_gemm`` and cuBLAS serve prefill).
+Shapes: any M, N, K ≥ 1 (tails are masked; N even for the gated activations). Tuned for M ≤ 32 (M = 33..64
+takes BLOCK_M 64 tiles, not measured); larger M runs (several BLOCK_M = 64 tiles) but is not what this kernel
+is for (``w8a8_gemm`` and cuBLAS serve prefill).
+
+Measured (NVIDIA H200, torch 2.11, Triton 3.6, bf16 x, weights streamed from HBM in a CUDA graph: see
+``bench/w8a16_gpu.py``), µs and the int8 weight bytes' share of 4.8 TB/s, M = 1 / 8 / 32:
+
+* Llama-3-8B lm_head 128256×4096: 126.5 / 132.0 / 203.2 µs, 87 / 83 / 54 % (bf16 ``F.linear``: 239 / 241 / 255);
+  down_proj 4096×14336 (split-K 4): 19.4 / 20.0 / 27.4 µs, 63 / 61 / 45 %; gate/up + swiglu 28672×4096:
+  37.0 / 40.9 / 52.0 µs, 66 / 60 / 47 %; q/k/v 6144×4096 (split-K 2): 11.4 / 11.9 / 16.6 µs, 46 / 44 / 32 %;
+  o_proj 4096×4096: 9.7 / 9.8 / 11.6 µs, 36 / 36 / 30 %.
+* Qwen2-1.5B lm_head 151936×1536: 61.7 / 64.8 / 102.0 µs, 79 / 75 / 48 %; the 2-3 MB projections take 4.9-5.5 µs
+  (10-13 %), as cuBLAS's bf16 GEMMs of them do (5.2-6.5 µs): a fixed cost per kernel, not bandwidth.
+
+The bit-pattern conversion won for fp16 x (23.7 → 15.4 µs at 6144×4096, M = 8); for bf16 x Triton's own cast
+(itself a bit trick: LOP3/PRMT and packed bf16 adds) was faster. ``SWAP`` lost at every shape measured (Triton
+puts the converted W tile of a BLOCK_N ≥ 64 wgmma through 2-byte shared-memory loads) and is off by default.
+Serial split-K beat split_mode "reduce" (a second kernel) in 26 of 36 pairs, by 0.1-1 µs.
+
+Triton's interpreter (3.9) computes ``tl.dot`` of bf16 tiles on their uint16 bit patterns and casts int8 to
+bf16 the same way; under it, a bf16 x is multiplied in fp32 (``DOT_DTYPE``), which gives the same exact
+products, so the tests still check the bf16 path's indexing, masking and epilogue.
 """
 
 from __future__ import annotations
@@ -111,25 +131,69 @@ def block_m(m: int) -> int:
     return min(max(16, 1 << max(m - 1, 0).bit_length()), _MAX_BLOCK_M)
 
 
-def pick_config(m: int, n: int, k: int, gated: bool, num_sms: int, x_dtype: torch.dtype = torch.bfloat16) -> W8A16Config:
-    """The launch configuration for output width ``n`` (I for gated), reduction ``k``, on ``num_sms`` SMs.
+# The sweep's winners (bench/w8a16_gpu.py --sweep: NVIDIA H200, Triton 3.6, bf16 x, M = 1, 8 → BLOCK_M 16 and
+# M = 32 → BLOCK_M 32) where :func:`_rule` chose another config and lost by more than ~4 %. Key: (N (I for the
+# gated), K, gated, BLOCK_M); value: (block_n, block_k, split_k, num_warps, num_stages).
+_TUNED = {
+    (4096, 4096, False, 32): (32, 512, 1, 4, 4),    # o_proj, M = 32: 11.6 µs; the rule's 32x256 split 2: 13.2
+    (1536, 8960, False, 32): (32, 256, 8, 4, 4),    # Qwen2 down, M = 32: 13.2 µs; the rule's split 6: 14.3
+}
 
-    Table measured on an NVIDIA H100 / H200 (bench/w8a16_gpu.py) at the Llama-3-8B and Qwen2-1.5B decode
-    shapes; split-K is added until the grid covers the GPU."""
+
+def _rule(m: int, n: int, k: int, gated: bool, num_sms: int) -> tuple:
+    """(block_n, block_k, split_k, num_warps, num_stages) for a 16-bit x, from the H200 sweep's pattern:
+
+    * plain: a grid of ≥ 1.9 programs per SM (split-K where N/BLOCK_N alone is fewer), each split at least
+      4 K blocks (1024 columns); BLOCK_N 64 where that leaves each program ≥ 2048 columns of K (or no split is
+      needed), else 32 (shorter programs stream worse than more of them); M > 16 with too few tiles and K too
+      short to split: BLOCK_N 16 with BLOCK_K 512;
+    * gated (two accumulators): BLOCK_N 64 with 8 warps once N/64 tiles give ≥ 1.5 programs per SM (or M > 16),
+      else 32 with 4 warps; split-K only where the tiles are fewer than the SMs.
+    """
+    bm = block_m(m)
+    m_tiles = cdiv(m, bm)
+    target = 1.9 * num_sms
+
+    def split_for(bn: int, bk: int, goal: float) -> tuple[int, int]:
+        tiles = m_tiles * cdiv(n, bn)
+        cap = max(1, cdiv(k, bk) // 4)
+        return tiles, min(cap, max(1, -(-int(goal) // tiles)), _COUNTER_SLOTS // tiles or 1)
+
+    if gated:
+        bn, warps = (64, 8) if bm > 16 or cdiv(n, 64) >= 1.5 * num_sms else (32, 4)
+        tiles, split = split_for(bn, 256, target)
+        return bn, 256, split if tiles < num_sms else 1, warps, 4
+    tiles64, split64 = split_for(64, 256, target)
+    if (split64 == 1 and tiles64 >= target) or cdiv(k, split64) >= 2048:
+        return 64, 256, split64, 4, 4
+    tiles, split = split_for(32, 256, target)
+    if bm > 16 and split == 1 and tiles < num_sms:
+        return 16, 512, 1, 4, 4
+    return 32, 256, split, 4, 4
+
+
+def pick_config(m: int, n: int, k: int, gated: bool, num_sms: int, x_dtype: torch.dtype = torch.bfloat16) -> W8A16Config:
+    """The launch configuration for M rows, output width ``n`` (I for gated), reduction ``k`` on ``num_sms``
+    SMs: :data:`_TUNED` where the H200 sweep measured the shape, else :func:`_rule`; never autotuned (a
+    CUDA-graph-safe, deterministic choice). fp16 x takes the bit-pattern conversion (measured 15.4 against
+    23.7 µs with Triton's cast, which is a quarter-rate I2F per element); bf16 x takes Triton's cast (its
+    own bit trick: faster than ours at every shape measured); fp32 x a 64x64 tile (tf32x3: three MMAs per
+    step; BLOCK_K ≥ 128 spills). BLOCK_M 64 (M > 32, not measured) caps BLOCK_K at 256, BLOCK_N at 64 and
+    takes 3 stages, so that its wgmma operands fit in shared memory."""
     if interpreting():
         return W8A16Config(block_n=32, block_k=32)
-    if x_dtype == torch.float32:  # tf32x3: three MMAs per K step and 4-byte x tiles; BLOCK_K 128+ spills
-        bn, bk, stages = 32, 64, 5
-    else:
-        bn, bk, stages = (64 if m > 16 else 32), 256, 4
-    if gated:
-        bn = max(16, bn // 2)
-    tiles = cdiv(m, block_m(m)) * cdiv(n, bn)
-    split = 1
-    kblocks = cdiv(k, bk)
-    while tiles * split < 2 * num_sms and split * 2 <= kblocks // 4 and tiles * split * 2 <= _COUNTER_SLOTS:
-        split *= 2
-    return W8A16Config(block_n=bn, block_k=bk, split_k=split, num_warps=4, num_stages=stages, swap=False, cvt=0)
+    bm = block_m(m)
+    if x_dtype == torch.float32:
+        bn, bk, warps, stages = (32 if gated else 64), 64, 4, 5
+        tiles = cdiv(m, bm) * cdiv(n, bn)
+        split = min(max(1, cdiv(k, bk) // 8), max(1, -(-int(1.9 * num_sms) // tiles)), _COUNTER_SLOTS // tiles or 1)
+        return W8A16Config(bn, bk, split, warps, stages, swap=False, cvt=0)
+    bn, bk, split, warps, stages = _TUNED.get((n, k, gated, min(bm, 32))) or _rule(m, n, k, gated, num_sms)
+    if bm > 32:
+        bn, bk, stages = min(bn, 64), min(bk, 256), 3
+        tiles = cdiv(m, bm) * cdiv(n, bn)
+        split = min(split, max(1, cdiv(k, bk) // 4), _COUNTER_SLOTS // tiles or 1)
+    return W8A16Config(bn, bk, split, warps, stages, swap=False, cvt=1 if x_dtype == torch.float16 else 0)
 
 
 if HAS_TRITON:
