@@ -235,6 +235,7 @@ def _capture_decode(qmodel, spec, device, state: GenerationState, key) -> None:
             qmodel._call_graph("decode", ids, pos, slot, mask)
     torch.cuda.current_stream(device).wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
+    # captured on the warm-up stream: kernels that keep per-stream state (the W8A16 split-K counters) find it made
+    with torch.no_grad(), torch.cuda.graph(graph, stream=stream):
         logits = qmodel._call_graph("decode", ids, pos, slot, mask)
     state.graph, state.key, state.inputs, state.logits = graph, key, (ids, pos, slot, mask), logits
