@@ -61,7 +61,7 @@ class CapturedGraph:
             out.append(Note(NoteKind.TRAINING_MODE, "the model was in training mode: captured in eval semantics (dropout "
                             "off); its flags are unchanged", "capture"))
         if self.fixed_kwargs:
-            out.append(Note(NoteKind.FIXED_KWARGS, f"captured with {self.fixed_kwargs} (no KV cache in the graph)", "capture"))
+            out.append(Note(NoteKind.FIXED_KWARGS, f"forward captured with {self.fixed_kwargs} (no KV cache in that graph)", "capture"))
         masks = self.attention_masks
         if any(masks.values()):
             out.append(Note(NoteKind.ATTENTION_MASKS, f"attention: {masks['all-true']} all-true mask(s) removed and "
