@@ -8,12 +8,13 @@ reads the same order.
 Adding a pattern = one file here + one row below + one golden test (tests/test_golden.py).
 """
 
+from .fused_gate_up import FUSED_GATE_UP
 from .layer_norm_linear import LAYER_NORM_LINEAR
 from .linear import LINEAR
 from .linear_act import LINEAR_ACT
 from .rms_norm_linear import RMS_NORM_LINEAR
 from .swiglu import SWIGLU
 
-REGISTRY = (SWIGLU, LINEAR_ACT, LINEAR, LAYER_NORM_LINEAR, RMS_NORM_LINEAR)
+REGISTRY = (SWIGLU, FUSED_GATE_UP, LINEAR_ACT, LINEAR, LAYER_NORM_LINEAR, RMS_NORM_LINEAR)
 
-__all__ = ["REGISTRY", "SWIGLU", "LINEAR_ACT", "LINEAR", "LAYER_NORM_LINEAR", "RMS_NORM_LINEAR"]
+__all__ = ["REGISTRY", "SWIGLU", "FUSED_GATE_UP", "LINEAR_ACT", "LINEAR", "LAYER_NORM_LINEAR", "RMS_NORM_LINEAR"]

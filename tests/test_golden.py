@@ -27,6 +27,8 @@ FRONT_ENDS = {"export": lambda x: x, "symbolic_trace": lambda x: None}
 EXPECTED_MATCHES = {
     "swiglu": {"export": {"swiglu": 2},  # down_proj reads the SwiGLU product: float by default
                "symbolic_trace": {"linear_act": 2, "linear": 3, "shared_input_quant": 2}},
+    "fused_gate_up": {"export": {"fused_gate_up": 1},  # down_proj reads the gated product: float by default
+                      "symbolic_trace": {"linear": 2}},  # chunk is a Python method call there: no match
     "linear_act": {"export": {"linear_act": 4, "linear": 1}},
     "linear": {"export": {"linear": 2}},
     "layer_norm_linear": {"export": {"linear": 4, "layer_norm_linear": 2, "sibling_fusion": 1}},

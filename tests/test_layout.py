@@ -22,10 +22,10 @@ def _run(cwd: Path, *flags: str) -> str:
 
 def test_installed_namespace(tmp_path):
     # away from the checkout: the installed package; no top-level `patterns` or `kernels` module exists
-    assert _run(tmp_path) == ["5", "True", "True", "fxquant.patterns"]
+    assert _run(tmp_path) == ["6", "True", "True", "fxquant.patterns"]
 
 
 def test_source_checkout_maps_subpackages():
     # `python -c` / `python -m` in the repository root import fxquant/ from the checkout itself
     n, _, _, name = _run(REPO)
-    assert (n, name) == ("5", "fxquant.patterns")
+    assert (n, name) == ("6", "fxquant.patterns")
