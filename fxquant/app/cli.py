@@ -1,12 +1,21 @@
-"""Command line: ``fxquant demo [--model DIR]`` and ``fxquant inspect [MODEL_DIR]`` (also ``python -m fxquant ...``)."""
+"""Command line (also ``python -m fxquant ...``): ``fxquant demo [--model DIR]``, ``fxquant inspect [MODEL_DIR]``,
+``fxquant quantize MODEL_DIR OUT_DIR``, ``fxquant export-onnx MODEL_DIR OUT.onnx`` and ``fxquant generate MODEL_DIR
+--prompt TEXT``. Every command loads its model through :mod:`fxquant.app.loading`; a user's mistake exits with
+code 2 and one line on stderr naming the thing and what to do, and leaves nothing half-written."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
+import time
+from pathlib import Path
 from typing import Optional, Sequence
+
+from .loading import UsageError as _UsageError
 
 
 def _positive(v: str) -> int:
@@ -14,6 +23,13 @@ def _positive(v: str) -> int:
     if i < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
     return i
+
+
+def _non_negative(v: str) -> float:
+    f = float(v)
+    if not f >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return f
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,11 +51,57 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--draw", default=None, metavar="OUT", help="write the fused graph drawing there (.svg or .png; needs fxquant[draw])")
     i.add_argument("--block", default=None, metavar="PREFIX", help="with --draw: draw only this module prefix, e.g. encoder.layer.0")
     i.add_argument("--json", action="store_true", help="print JSON (rows and totals) instead of the tables")
+    model_help = ("Hugging Face model directory: an encoder, a causal LM, or a compressed-tensors W8A8 checkpoint "
+                  "(config.json, weights, tokenizer)")
+    q = sub.add_parser("quantize", help="compile a model and write a compressed-tensors W8A8 checkpoint (+ tokenizer)")
+    q.add_argument("model_dir", help=model_help)
+    q.add_argument("out_dir", help="the checkpoint directory to create (must not exist, or be empty)")
+    q.add_argument("--calibration", default=None, metavar="FILE",
+                   help="text samples, one per line (or JSON lines with a \"text\" field), for --scheme static / --smoothquant")
+    q.add_argument("--scheme", choices=("dynamic", "static"), default="dynamic",
+                   help="activation scales: per token at run time (default), or static per tensor from --calibration "
+                        "(the compressed-tensors checkpoint carries only dynamic; use export-onnx --static)")
+    q.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA",
+                   help="SmoothQuant migration strength in [0, 1] (needs --calibration; the checkpoint format cannot "
+                        "carry it: use the Python API's export_onnx)")
+    q.add_argument("--skip", nargs="+", action="extend", default=[], metavar="PATTERN",
+                   help="keep these Linears float (name or 're:' regex)")
+    q.add_argument("--target", choices=("cpu", "cuda"), default="cpu", help="plan for this target (default cpu)")
+    q.add_argument("--min-ratio", type=float, default=None, help="override the target's K*N/(K+N) threshold")
+    q.add_argument("--max-shard-size", default="5GB", help="shard the weights above this size (default 5GB)")
+    q.add_argument("--json", action="store_true", help="print JSON (report rows, totals, files) instead of the tables")
+    e = sub.add_parser("export-onnx", help="compile a model and write it as an ONNX graph with integer GEMMs")
+    e.add_argument("model_dir", help=model_help)
+    e.add_argument("out", help="the .onnx file to write (its folder must exist; written under a temporary name, then renamed)")
+    e.add_argument("--static", action="store_true", help="static per-tensor scales as QuantizeLinear/DequantizeLinear "
+                                                         "(needs --calibration); default: dynamic per-token MatMulInteger")
+    e.add_argument("--calibration", default=None, metavar="FILE", help="text samples, one per line (or JSON lines with a \"text\" field)")
+    e.add_argument("--qdq-dtype", choices=("int8", "uint8"), default="int8",
+                   help="--static: the activations' type (int8: TensorRT/OpenVINO; uint8: ONNX Runtime x86)")
+    e.add_argument("--min-ratio", type=float, default=None, help="override the target's K*N/(K+N) threshold")
+    g = sub.add_parser("generate", help="compile a causal LM and stream generated text")
+    g.add_argument("model_dir", help="a causal LM directory: float, or a compressed-tensors W8A8 checkpoint")
+    g.add_argument("--prompt", required=True, help="the text to continue")
+    g.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate at most (default 64)")
+    g.add_argument("--temperature", type=_non_negative, default=0.0,
+                   help="0 (default): greedy; above 0: sample with this temperature")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (default cpu)")
     return p
 
 
-class _UsageError(ValueError):
-    """A bad command line, found before any work."""
+from .loading import check_model_dir, copy_side_files, example_inputs, load_model, read_calibration  # noqa: E402
+
+
+def _compile(loaded, example, **kwargs):
+    """``fxquant.compile`` of a loaded directory (a checkpoint's int8 weights as stored); a model fxquant cannot
+    capture is the user's to know about, in one line."""
+    from ..api import compile
+    from ..errors import TraceError
+
+    try:
+        return compile(loaded.model, example, weights=loaded.weights, **kwargs)
+    except TraceError as e:
+        raise _UsageError(f"fxquant cannot capture the model in {loaded.model_dir!r}: {e}") from None
 
 
 def _check_inspect_args(args: argparse.Namespace) -> None:
@@ -48,10 +110,8 @@ def _check_inspect_args(args: argparse.Namespace) -> None:
 
     if args.target not in TARGETS:
         raise _UsageError(f"--target must be one of {', '.join(TARGETS)}, got {args.target!r}")
-    if args.model_dir is not None and not os.path.isdir(args.model_dir):
-        raise _UsageError(f"model directory {args.model_dir!r} does not exist")
-    if args.model_dir is not None and not os.path.isfile(os.path.join(args.model_dir, "config.json")):
-        raise _UsageError(f"{args.model_dir!r} holds no config.json: not a Hugging Face model directory")
+    if args.model_dir is not None:
+        check_model_dir(args.model_dir)
     if args.block is not None and args.draw is None:
         raise _UsageError("--block selects what --draw draws: give --draw OUT.svg too")
     if args.draw is not None:
@@ -62,41 +122,21 @@ def _check_inspect_args(args: argparse.Namespace) -> None:
 
 
 def load_for_inspect(model_dir: str):
-    """``(model, example_inputs)`` of a Hugging Face directory: a causal LM (``AutoModelForCausalLM``) when its
-    config's ``architectures`` end in ``ForCausalLM``, else an encoder (``AutoModel``); inputs from its
-    tokenizer (one short sentence), else ``input_ids`` of shape (1, 16). Offline (``HF_HUB_OFFLINE``).
-    Raises ModuleNotFoundError without transformers, OSError / ValueError for a directory it cannot load."""
-    import torch
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import transformers
-    except ModuleNotFoundError as e:
-        raise ModuleNotFoundError("fxquant inspect needs transformers: install with `pip install 'fxquant[demo]'`") from e
-    config = transformers.AutoConfig.from_pretrained(model_dir)
-    causal = any(a.endswith("ForCausalLM") for a in (getattr(config, "architectures", None) or []))
-    auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    model = auto.from_pretrained(model_dir).eval()
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, TypeError, KeyError):
-        tokenizer = None
-    if tokenizer is not None:
-        return model, dict(tokenizer(["The quick brown fox jumps over the lazy dog."], return_tensors="pt"))
-    vocab = int(getattr(config, "vocab_size", None) or 2)
-    return model, {"input_ids": (torch.arange(16) % vocab).unsqueeze(0)}
+    """``(model, example_inputs)`` of a Hugging Face directory (:func:`fxquant.app.loading.load_model`; a
+    checkpoint's float skeleton: compile it with ``weights=model_dir``)."""
+    loaded = load_model(model_dir)
+    return loaded.model, example_inputs(loaded)
 
 
 def run_inspect(args: argparse.Namespace) -> None:
     """``fxquant inspect``: load, compile (capture only, the model never runs on data), print, draw."""
     from . import evaluation
-    from ..api import compile
     from ..config import QuantConfig
 
     _check_inspect_args(args)
     model_dir = args.model_dir or evaluation.default_model_dir()
-    model, example = load_for_inspect(model_dir)
-    qmodel = compile(model, example, config=QuantConfig(target=args.target))
+    loaded = load_model(model_dir)
+    qmodel = _compile(loaded, example_inputs(loaded), config=QuantConfig(target=args.target))
     rep = qmodel.report()
     drawing = qmodel.draw(args.draw, block=args.block) if args.draw else None
     if args.json:
@@ -109,13 +149,165 @@ def run_inspect(args: argparse.Namespace) -> None:
         print(f"\ndrawing: {drawing.path} ({len(drawing.nodes)} nodes)")
 
 
+def _calibration_args(args: argparse.Namespace, static: bool, what: str) -> None:
+    smooth = getattr(args, "smoothquant", None)
+    if args.calibration is None and (static or smooth is not None):
+        raise _UsageError(f"{what} needs calibration samples: give --calibration FILE (text, one sample per line)")
+    if args.calibration is not None and not static and smooth is None:
+        raise _UsageError("--calibration is used only by the static scheme or SmoothQuant "
+                          f"({'--scheme static / --smoothquant ALPHA' if what != '--static' else '--static'}): add one, "
+                          "or drop --calibration")
+    if args.calibration is not None and not os.path.isfile(args.calibration):
+        raise _UsageError(f"--calibration {args.calibration!r} does not exist: give a text file, one sample per line")
+
+
+def _check_out_dir(out_dir: str) -> Path:
+    out = Path(out_dir).absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise _UsageError(f"output directory {out_dir!r} exists and is not empty: give a new or empty directory "
+                          "(nothing was written)")
+    if not out.parent.is_dir():
+        raise _UsageError(f"the folder of the output directory {out_dir!r}, {str(out.parent)!r}, does not exist: "
+                          "create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise _UsageError(f"cannot write into {str(out.parent)!r}: choose a folder you can write to")
+    return out
+
+
+def _report_text(model_dir: str, qmodel) -> str:
+    rep = qmodel.report()
+    head = str(rep).split("\n\n", 1)[0]  # the one-line verdict and the notes
+    return f"model: {model_dir}\n{head}\n\n{rep.summary_table()}"
+
+
+def run_quantize(args: argparse.Namespace) -> None:
+    """``fxquant quantize``: load, compile (forward only), ``save_pretrained`` into a temporary directory beside
+    OUT_DIR with the tokenizer files and generation_config.json, then rename it to OUT_DIR."""
+    from ..config import QuantConfig
+    from ..export.compressed_tensors import _parse_size, check_savable
+
+    check_model_dir(args.model_dir)
+    out = _check_out_dir(args.out_dir)
+    static = args.scheme == "static"
+    _calibration_args(args, static, "--scheme static" if static else "--smoothquant")
+    try:
+        _parse_size(args.max_shard_size)
+        config = QuantConfig(target=args.target, skip=tuple(args.skip), smoothquant=args.smoothquant, min_ratio=args.min_ratio,
+                             activation_scheme="static-per-tensor" if static else "dynamic-per-token")
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+    check_savable(config)  # the checkpoint format's limits, before any work
+    loaded = load_model(args.model_dir)
+    calibration = read_calibration(args.calibration, loaded) if args.calibration else None
+    qmodel = _compile(loaded, example_inputs(loaded), config=config, calibration=calibration, generation=False)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        written = [p.name for p in qmodel.save_pretrained(tmp, max_shard_size=args.max_shard_size)]
+        written += copy_side_files(args.model_dir, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        for p in (tmp, *tmp.iterdir()):  # mkdtemp / mkstemp make them private; a checkpoint is shared like any save
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+        if out.is_dir():
+            out.rmdir()  # empty (checked above): the rename takes its place
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if args.json:
+        rep = qmodel.report()
+        print(json.dumps({"model": str(args.model_dir), "out": str(out), "files": sorted(written), **rep.to_dict()},
+                         indent=1, default=str))
+        return
+    print(f"{_report_text(args.model_dir, qmodel)}\n\nwrote {out}: {', '.join(sorted(written))}")
+
+
+def run_export_onnx(args: argparse.Namespace) -> None:
+    """``fxquant export-onnx``: load, compile (forward only; static: calibrated), ``fxquant.export_onnx`` (which
+    writes under a temporary name beside OUT.onnx, checks the model, then renames)."""
+    from ..config import QuantConfig
+    from ..export.onnx import export_onnx
+
+    check_model_dir(args.model_dir)
+    out = Path(args.out).absolute()
+    if not out.parent.is_dir():
+        raise _UsageError(f"the folder of {args.out!r}, {str(out.parent)!r}, does not exist: create it first")
+    if out.is_dir():
+        raise _UsageError(f"{args.out!r} is a directory: give the .onnx file to write")
+    _calibration_args(args, args.static, "--static")
+    try:
+        config = QuantConfig(activation_scheme="static-per-tensor" if args.static else "dynamic-per-token",
+                             min_ratio=args.min_ratio)
+    except ValueError as e:
+        raise _UsageError(str(e)) from None
+    loaded = load_model(args.model_dir)
+    calibration = read_calibration(args.calibration, loaded) if args.calibration else None
+    example = example_inputs(loaded)
+    qmodel = _compile(loaded, example, config=config, calibration=calibration, generation=False)
+    existed = out.exists()
+    export_onnx(qmodel, out, example, qdq_dtype=args.qdq_dtype)
+    if not existed:  # export_onnx's temporary file is private; a new model file is shared like any other
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(out, 0o666 & ~umask)
+    rep = qmodel.report()
+    form = f"static QDQ ({args.qdq_dtype})" if args.static else "dynamic per-token (MatMulInteger)"
+    print(f"{_report_text(args.model_dir, qmodel)}\n\nwrote {out}: {rep.num_int8} int8 Linear(s), {form}")
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    """``fxquant generate``: load a causal LM (float, or a compressed-tensors checkpoint through ``weights=``),
+    compile with a KV cache of prompt + max_new_tokens slots, stream the new text to stdout, and the speed to
+    stderr."""
+    import torch
+
+    from ..config import QuantConfig
+
+    check_model_dir(args.model_dir)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise _UsageError("--device cuda: no CUDA device is visible here; use --device cpu")
+    if not args.prompt.strip():
+        raise _UsageError("--prompt is empty: give the text to continue")
+    loaded = load_model(args.model_dir, need_tokenizer=True, causal_only=True, device=args.device)
+    from transformers import TextStreamer
+
+    example = example_inputs(loaded, args.prompt, device=args.device)
+    prompt_len = int(example["input_ids"].shape[1])
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if limit is not None and prompt_len + args.max_new_tokens > limit:
+        raise _UsageError(f"prompt ({prompt_len} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+                          f"max_position_embeddings={limit}: shorten the prompt or lower --max-new-tokens")
+    qmodel = _compile(loaded, example, config=QuantConfig(target=args.device), generation=True,
+                      max_cache_len=prompt_len + args.max_new_tokens, progress=False)
+    gen = getattr(loaded.model, "generation_config", None)
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    t0 = time.perf_counter()
+    out = qmodel.generate(example["input_ids"], example.get("attention_mask"), max_new_tokens=args.max_new_tokens,
+                          eos_token_id=getattr(gen, "eos_token_id", None), pad_token_id=getattr(gen, "pad_token_id", None),
+                          streamer=streamer, **sampling)
+    seconds = time.perf_counter() - t0
+    n = int(out.shape[1]) - prompt_len
+    print(f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s)", file=sys.stderr)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text or type(e).__name__
+
+
+_COMMANDS = {"inspect": run_inspect, "quantize": run_quantize, "export-onnx": run_export_onnx, "generate": run_generate}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ..errors import FxquantError
+
     args = build_parser().parse_args(argv)
-    if args.command == "inspect":
+    if args.command in _COMMANDS:
         try:
-            run_inspect(args)
-        except (ValueError, TypeError, OSError, ModuleNotFoundError) as e:
-            print(f"fxquant: error: {e}", file=sys.stderr)
+            _COMMANDS[args.command](args)
+        except (ValueError, TypeError, OSError, ModuleNotFoundError, FxquantError) as e:
+            print(f"fxquant: error: {_one_line(e)}", file=sys.stderr)
             return 2
         return 0
     from ..config import QuantConfig

@@ -35,7 +35,7 @@ from ..errors import CheckpointError
 from ..program import Program, program_of
 from ..weights.checkpoint import INDEX_NAME, SAFE_NAME, SourceInfo, _fetch_any
 
-__all__ = ["save_pretrained", "quantization_config"]
+__all__ = ["save_pretrained", "quantization_config", "check_savable"]
 
 _WEIGHTS = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "dynamic": False,
             "group_size": None, "block_structure": None, "observer": "minmax"}
@@ -75,6 +75,17 @@ def _int8_tensors(program: Program, decisions) -> tuple[dict[str, tuple[torch.Te
     return out, tied
 
 
+def check_savable(config) -> None:
+    """Raise :class:`CheckpointError` when a model compiled with ``config`` (a QuantConfig) cannot be written by
+    :func:`save_pretrained`: the static scheme or SmoothQuant, which the dynamic W8A8 format cannot carry."""
+    if config.activation_scheme != "dynamic-per-token" or config.smoothquant is not None:
+        raise CheckpointError(
+            f"save_pretrained writes compressed-tensors' dynamic per-token W8A8; this model uses "
+            f"activation_scheme={config.activation_scheme!r}, smoothquant={config.smoothquant!r}, whose static scales or "
+            "SmoothQuant factors (applied in fxquant's quantizers, not folded into the weights) that form cannot carry. "
+            "Export it with fxquant.export_onnx, or compile a dynamic model without SmoothQuant to save a checkpoint")
+
+
 def save_pretrained(qmodel, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB",
                     int8_head: bool = False) -> list[Path]:
     """Write ``qmodel`` as a compressed-tensors W8A8 checkpoint (format in the module docstring).
@@ -109,13 +120,7 @@ def save_pretrained(qmodel, directory: str | os.PathLike, *, max_shard_size: int
 
     program = program_of(qmodel, "save_pretrained")
     qmodel.check_exportable("save_pretrained")
-    config = qmodel.config
-    if config.activation_scheme != "dynamic-per-token" or config.smoothquant is not None:
-        raise CheckpointError(
-            f"save_pretrained writes compressed-tensors' dynamic per-token W8A8; this model uses "
-            f"activation_scheme={config.activation_scheme!r}, smoothquant={config.smoothquant!r}, whose static scales or "
-            "SmoothQuant factors (applied in fxquant's quantizers, not folded into the weights) that form cannot carry. "
-            "Export it with fxquant.export_onnx, or compile a dynamic model without SmoothQuant to save a checkpoint")
+    check_savable(qmodel.config)
     gm, source = program.forward.graph_module, program.source
     int8, tied = _int8_tensors(program, qmodel.report().decisions)
     decisions = {d.name: d for d in qmodel.report().decisions}
