@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-from .loading import check_model_dir, copy_side_files, example_inputs, load_model, read_calibration  # noqa: E402
+from .loading import (check_model_dir, copy_side_files, example_inputs, load_model, read_calibration,  # noqa: E402
+                      tokenize_calibration)
 
 
 def _compile(loaded, example, **kwargs):
@@ -197,8 +198,9 @@ def run_quantize(args: argparse.Namespace) -> None:
     except ValueError as e:
         raise _UsageError(str(e)) from None
     check_savable(config)  # the checkpoint format's limits, before any work
+    texts = read_calibration(args.calibration) if args.calibration else None
     loaded = load_model(args.model_dir)
-    calibration = read_calibration(args.calibration, loaded) if args.calibration else None
+    calibration = tokenize_calibration(texts, loaded) if texts else None
     qmodel = _compile(loaded, example_inputs(loaded), config=config, calibration=calibration, generation=False)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
@@ -240,9 +242,10 @@ def run_export_onnx(args: argparse.Namespace) -> None:
                              min_ratio=args.min_ratio)
     except ValueError as e:
         raise _UsageError(str(e)) from None
+    texts = read_calibration(args.calibration) if args.calibration else None
     loaded = load_model(args.model_dir)
-    calibration = read_calibration(args.calibration, loaded) if args.calibration else None
-    example = example_inputs(loaded)
+    calibration = tokenize_calibration(texts, loaded) if texts else None
+    example = example_inputs(loaded, batch=2)  # batch and sequence stay dynamic in the ONNX graph
     qmodel = _compile(loaded, example, config=config, calibration=calibration, generation=False)
     existed = out.exists()
     export_onnx(qmodel, out, example, qdq_dtype=args.qdq_dtype)

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["UsageError", "Loaded", "check_model_dir", "load_model", "example_inputs", "read_calibration",
+__all__ = ["UsageError", "Loaded", "check_model_dir", "load_model", "example_inputs", "read_calibration", "tokenize_calibration",
            "copy_side_files", "SAMPLE_TEXT"]
 
 SAMPLE_TEXT = "The quick brown fox jumps over the lazy dog."
+SECOND_TEXT = "A second, somewhat longer sentence, so that the example's batch rows differ in length."
 # Files a Hugging Face directory keeps beside the weights: the tokenizer's and the generation defaults
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
               "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
@@ -131,29 +132,35 @@ def load_model(model_dir: str, *, need_tokenizer: bool = False, causal_only: boo
     return Loaded(model_dir, model, tokenizer, causal, weights)
 
 
-def _tokenize(loaded: Loaded, text: str, device=None) -> dict:
-    enc = loaded.tokenizer([text], return_tensors="pt")
+def _tokenize(loaded: Loaded, text: str | list[str], device=None) -> dict:
+    texts = [text] if isinstance(text, str) else list(text)
+    enc = loaded.tokenizer(texts, return_tensors="pt", padding=len(texts) > 1)
     keep = ("input_ids", "attention_mask") if loaded.causal else tuple(enc)  # a causal LM takes no token_type_ids
     return {k: (enc[k].to(device) if device is not None else enc[k]) for k in keep if k in enc}
 
 
-def example_inputs(loaded: Loaded, text: str = SAMPLE_TEXT, device=None) -> dict:
-    """Keyword inputs for ``fxquant.compile``: ``text`` tokenized (batch 1), else ``input_ids`` of shape (1, 16)."""
+def example_inputs(loaded: Loaded, text: str = SAMPLE_TEXT, device=None, batch: int = 1) -> dict:
+    """Keyword inputs for ``fxquant.compile``: ``text`` tokenized (batch 1), else ``input_ids`` of shape (1, 16).
+
+    ``batch=2``: two sentences of different lengths, padded (when the tokenizer has a pad token), or two rows of
+    16 ids: an example whose batch and sequence sizes differ, so that torch.export keeps both dynamic (a size-1
+    dimension is specialized)."""
     import torch
 
     if loaded.tokenizer is not None:
+        if batch > 1 and loaded.tokenizer.pad_token is not None:
+            return _tokenize(loaded, [text, SECOND_TEXT][:batch], device)
         return _tokenize(loaded, text, device)
     vocab = int(getattr(loaded.model.config, "vocab_size", None) or 2)
-    return {"input_ids": (torch.arange(16, device=device) % vocab).unsqueeze(0)}
+    return {"input_ids": (torch.arange(16 * batch, device=device) % vocab).reshape(batch, 16)}
 
 
-def read_calibration(path: str, loaded: Loaded) -> list[dict]:
-    """Calibration batches from a text file: one sample per line, or JSON lines with a ``"text"`` field; each
-    tokenized alone (batch 1) with the model's tokenizer. Blank lines are skipped.
+def read_calibration(path: str) -> list[str]:
+    """Calibration samples from a text file: one sample per line, or JSON lines with a ``"text"`` field. Blank
+    lines are skipped. Read before the model loads, so a bad file fails fast.
 
     Raises:
-        UsageError: the file is missing, unreadable, not UTF-8, empty, a JSON line without a string ``"text"``,
-            or the model has no tokenizer.
+        UsageError: the file is missing, unreadable, not UTF-8, empty, or a JSON line without a string ``"text"``.
     """
     try:
         raw = Path(path).read_text(encoding="utf-8")
@@ -180,6 +187,15 @@ def read_calibration(path: str, loaded: Loaded) -> list[dict]:
         texts.append(line)
     if not texts:
         raise UsageError(f"--calibration {path!r} holds no sample: give one text sample per line")
+    return texts
+
+
+def tokenize_calibration(texts: list[str], loaded: Loaded) -> list[dict]:
+    """Each sample tokenized alone (batch 1) with the model's tokenizer, on the model's device.
+
+    Raises:
+        UsageError: the model directory holds no tokenizer.
+    """
     if loaded.tokenizer is None:
         raise UsageError(f"--calibration needs the model's tokenizer, but {loaded.model_dir!r} holds none: copy "
                          "the tokenizer files into it")
