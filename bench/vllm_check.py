@@ -191,6 +191,8 @@ def check(name: str, new: int, keep: str | None) -> tuple[dict, bool]:
     flt = lambda ids: model(input_ids=ids, use_cache=False)  # noqa: E731
     fx_gen = [greedy(fxq, p, new) for p in PROMPTS]
     ck_gen = [greedy(fxc, p, new) for p in PROMPTS]
+    # qmodel.generate (prefill + cached decode, issue 23) on the reloaded checkpoint: vLLM's weights
+    gen_ck = [qm_ckpt.generate(torch.tensor([p]), max_new_tokens=new)[0, len(p):].tolist() for p in PROMPTS]
     fl_gen = [greedy(flt, p, new) for p in PROMPTS]
 
     detail = []
@@ -202,11 +204,14 @@ def check(name: str, new: int, keep: str | None) -> tuple[dict, bool]:
         row["vllm error"] = f"{type(e).__name__}: {e}"[:500]
         return row, False
 
-    tot = {"fx=vllm": 0, "float=fx": 0, "float=vllm": 0, "ckpt=vllm": 0, "fx=ckpt": 0}
+    tot = {"fx=vllm": 0, "float=fx": 0, "float=vllm": 0, "ckpt=vllm": 0, "fx=ckpt": 0, "generate=vllm": 0,
+           "generate=recompute": 0}
     first_div, max_dlp, max_dlp_ck, cosines, cos_ck, gaps_at_div = [], 0.0, 0.0, [], [], []
-    for p, (fx_toks, fx_gaps), (ck_toks, _), (fl_toks, _), (vl_toks, vl_full, vl_lp) in zip(
-            PROMPTS, fx_gen, ck_gen, fl_gen, vl):
+    for p, (fx_toks, fx_gaps), (ck_toks, _), (fl_toks, _), (vl_toks, vl_full, vl_lp), g_toks in zip(
+            PROMPTS, fx_gen, ck_gen, fl_gen, vl, gen_ck):
         eq, pre, div = compare(fx_toks, vl_toks)
+        tot["generate=vllm"] += compare(g_toks, vl_toks)[0]
+        tot["generate=recompute"] += compare(g_toks, ck_toks)[0]
         tot["fx=vllm"] += eq
         tot["ckpt=vllm"] += compare(ck_toks, vl_toks)[0]
         tot["fx=ckpt"] += compare(fx_toks, ck_toks)[0]
@@ -232,7 +237,7 @@ def check(name: str, new: int, keep: str | None) -> tuple[dict, bool]:
         if div is not None:
             first_div.append(f"p{PROMPTS.index(p)}@{div}")
             gaps_at_div.append(f"{gap:.3g}")
-        detail.append({"prompt": p, "fxquant": fx_toks, "fxquant reloaded": ck_toks, "vllm": vl_toks, "float": fl_toks, "equal": eq,
+        detail.append({"prompt": p, "fxquant generate (reloaded)": g_toks, "fxquant": fx_toks, "fxquant reloaded": ck_toks, "vllm": vl_toks, "float": fl_toks, "equal": eq,
                        "equal prefix": pre, "first divergence": div, "fxquant top1-top2 gap there": gap,
                        "fxquant min gap": min(fx_gaps), "|dlogprob| per position": [round(x, 4) for x in dlp.tolist()],
                        "|dlogprob| reloaded": [round(x, 4) for x in dlp_ck.tolist()],
@@ -247,6 +252,8 @@ def check(name: str, new: int, keep: str | None) -> tuple[dict, bool]:
                 "max |Δ logprob| reloaded": f"{max_dlp_ck:.4f}",
                 "logits cosine reloaded (min)": f"{torch.cat(cos_ck).min().item():.5f}" if cos_ck else "n/a",
                 "fx=reloaded": f"{tot['fx=ckpt']}/{n}",
+                "generate (reloaded) = vLLM": f"{tot['generate=vllm']}/{n}",
+                "generate = recompute (reloaded)": f"{tot['generate=recompute']}/{n}",
                 "float=fx": f"{tot['float=fx']}/{n}", "float=vLLM": f"{tot['float=vllm']}/{n}"})
     row["detail"] = detail
     return row, True

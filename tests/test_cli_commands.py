@@ -225,3 +225,19 @@ def test_user_errors_exit_2_with_one_line_and_write_nothing(llama_dir, quantized
     monkeypatch.setattr(fxquant.QuantizedModel, "save_pretrained", disk_full)
     _fails(["quantize", llama, out, "--min-ratio", "0"], ["No space left"], capsys)
     assert list(runs.iterdir()) == []
+
+
+def test_bench_times_float_and_fxquant_side_by_side(llama_dir, quantized, capsys):
+    """The numbers are the machine's; the test asserts the run's structure, not a speed."""
+    assert cli.main(["bench", str(llama_dir), "--batch", "2", "--seq", "16", "--rounds", "3", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert set(r["median_ms"]) == {"float", "fxquant"} and all(v > 0 for v in r["median_ms"].values())
+    assert r["speedup"] == pytest.approx(r["median_ms"]["float"] / r["median_ms"]["fxquant"])
+    assert r["batch"] == 2 and r["seq"] == 16 and r["rounds"] == 3
+    from fxquant.targets.backends import cpu_native_bf16
+    assert r["float_dtype"] == ("bfloat16" if cpu_native_bf16() else "float32")  # the machine's float baseline
+    assert cli.main(["bench", str(llama_dir), "--batch", "1", "--seq", "8", "--rounds", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "float (" in text and "fxquant (" in text and " x" in text
+    _fails(["bench", str(quantized)], ["quantized checkpoint"], capsys)
+    _fails(["bench", str(llama_dir), "--seq", "100000"], ["max_position_embeddings"], capsys)

@@ -1,6 +1,6 @@
 """Command line (also ``python -m fxquant ...``): ``fxquant demo [--model DIR]``, ``fxquant inspect [MODEL_DIR]``,
-``fxquant quantize MODEL_DIR OUT_DIR``, ``fxquant export-onnx MODEL_DIR OUT.onnx`` and ``fxquant generate MODEL_DIR
---prompt TEXT``. Every command loads its model through :mod:`fxquant.app.loading`; a user's mistake exits with
+``fxquant quantize MODEL_DIR OUT_DIR``, ``fxquant export-onnx MODEL_DIR OUT.onnx``, ``fxquant generate MODEL_DIR
+--prompt TEXT`` and ``fxquant bench MODEL_DIR``. Every command loads its model through :mod:`fxquant.app.loading`; a user's mistake exits with
 code 2 and one line on stderr naming the thing and what to do, and leaves nothing half-written."""
 
 from __future__ import annotations
@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=_non_negative, default=0.0,
                    help="0 (default): greedy; above 0: sample with this temperature")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (default cpu)")
+    b = sub.add_parser("bench", help="time the float model and fxquant side by side on one batch (medians, ratio)")
+    b.add_argument("model_dir", help="a float Hugging Face model directory (encoder or causal LM)")
+    b.add_argument("--batch", type=_positive, default=8, help="rows per call (default 8)")
+    b.add_argument("--seq", type=_positive, default=128, help="tokens per row (default 128)")
+    b.add_argument("--rounds", type=_positive, default=7, help="interleaved rounds; medians are shown (default 7)")
+    b.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both run (default cpu)")
+    b.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return p
 
 
@@ -294,12 +301,74 @@ def run_generate(args: argparse.Namespace) -> None:
     print(f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s)", file=sys.stderr)
 
 
+def run_bench(args: argparse.Namespace) -> None:
+    """``fxquant bench``: the float model in the machine's float baseline (bf16 on CUDA and on CPUs with native bf16 —
+    AMX or AVX512-BF16 — else fp32) and fxquant's compile of it, one forward each per round, interleaved in one
+    process after two warm-up calls each; medians and the ratio. Random token ids of the model's vocabulary,
+    ``--batch`` × ``--seq``, all positions attended."""
+    import statistics
+
+    import torch
+
+    from ..config import QuantConfig
+    from ..targets.backends import cpu_native_bf16
+
+    check_model_dir(args.model_dir)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise _UsageError("--device cuda: no CUDA device is visible here; use --device cpu")
+    loaded = load_model(args.model_dir, device=args.device)
+    if loaded.weights is not None:
+        raise _UsageError(f"{args.model_dir!r} is a quantized checkpoint: bench compares a float model with fxquant's "
+                          "compile of it; give the float model's directory")
+    model = loaded.model
+    dtype = torch.bfloat16 if args.device == "cuda" or cpu_native_bf16() else torch.float32
+    model = model.to(dtype)
+    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and args.seq > limit:
+        raise _UsageError(f"--seq {args.seq} exceeds the model's max_position_embeddings={limit}")
+    keys = set(example_inputs(loaded))
+    g = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(0, vocab, (args.batch, args.seq), generator=g)}
+    if "attention_mask" in keys:
+        inputs["attention_mask"] = torch.ones(args.batch, args.seq, dtype=torch.long)
+    if "token_type_ids" in keys:
+        inputs["token_type_ids"] = torch.zeros(args.batch, args.seq, dtype=torch.long)
+    inputs = {k: v.to(args.device) for k, v in inputs.items()}
+    qmodel = _compile(loaded, inputs, config=QuantConfig(target=args.device), generation=False, progress=False)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    runs = {"float": lambda: model(**inputs), "fxquant": lambda: qmodel(**inputs)}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    with torch.inference_mode():
+        for fn in runs.values():
+            fn(), fn()
+        for _ in range(args.rounds):
+            for name, fn in runs.items():
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {"model_dir": args.model_dir, "device": args.device, "float_dtype": str(dtype).replace("torch.", ""),
+              "batch": args.batch, "seq": args.seq, "rounds": args.rounds, "threads": torch.get_num_threads(),
+              "median_ms": med, "speedup": med["float"] / med["fxquant"], "int8_linears": qmodel.report().num_int8}
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"{args.model_dir}: batch {args.batch} x {args.seq} tokens, {args.device}, {result['threads']} thread(s), "
+          f"{args.rounds} interleaved rounds")
+    print(f"  float ({result['float_dtype']})  {med['float']:9.2f} ms")
+    print(f"  fxquant ({result['int8_linears']} int8 Linears)  {med['fxquant']:9.2f} ms   x{result['speedup']:.2f}")
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return text or type(e).__name__
 
 
-_COMMANDS = {"inspect": run_inspect, "quantize": run_quantize, "export-onnx": run_export_onnx, "generate": run_generate}
+_COMMANDS = {"inspect": run_inspect, "quantize": run_quantize, "export-onnx": run_export_onnx, "generate": run_generate,
+             "bench": run_bench}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
