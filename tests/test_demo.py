@@ -43,6 +43,12 @@ def test_real_minilm_every_linear_reported(demo_run):
     for needle in ("encoder.layer.5.output.dense", "mean cosine", "Spearman", "speed-up", "torch fp32 eager"):
         assert needle in text
     assert result.fp32_ms > 0 and result.int8_ms > 0
+    # the speed-up is over this CPU's strongest float baseline: bf16 where it is native (AMX / AVX512-BF16)
+    from fxquant.targets.backends import cpu_native_bf16
+    if cpu_native_bf16():
+        assert result.bf16_ms > 0 and "torch bf16 eager" in text and "speed-up over torch bf16" in text
+    else:
+        assert result.bf16_ms is None and "speed-up over torch fp32" in text
 
 
 def test_cli_bad_model_dir(tmp_path, capsys):
