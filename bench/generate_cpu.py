@@ -1,6 +1,7 @@
 """Decode speed on a CPU, side by side (issue 23): fxquant's ``generate`` against transformers' ``generate`` in the
 machine's float baseline (bf16 where the CPU has native bf16 — AMX or AVX512-BF16 — else fp32), and fxquant's float
-control (the same prefill/decode program, nothing quantized).
+control (the same prefill/decode program, nothing quantized), and fxquant with ``compile_decode=True`` (the decode
+graph through torch.compile; its compile time is spent in the warm-up, not timed).
 
 Every contender runs in its own process (``--threads`` threads, default 2), built once (random weights of the model's
 shapes, seed 0), warmed up, then timed in round-robin rounds: in each round every process in turn runs one 1-token
@@ -29,7 +30,7 @@ SHAPES = {
         hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
         vocab_size=1024, max_position_embeddings=2048)),
 }
-CONTENDERS = ("transformers", "fxquant-float", "fxquant")
+CONTENDERS = ("transformers", "fxquant-float", "fxquant", "fxquant-compiled")
 
 
 def _float_dtype():
@@ -61,9 +62,10 @@ def worker(args) -> None:
                 return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                       do_sample=False)
     else:
-        config = fxquant.QuantConfig() if args.worker == "fxquant" else fxquant.QuantConfig(skip=["re:.*"])
+        config = fxquant.QuantConfig(skip=["re:.*"]) if args.worker == "fxquant-float" else fxquant.QuantConfig()
         qm = fxquant.compile(model, {"input_ids": ids[:, :8]}, config=config, max_batch_size=b,
-                             max_cache_len=args.prompt + args.new, progress=False)
+                             max_cache_len=args.prompt + args.new, progress=False,
+                             compile_decode=args.worker == "fxquant-compiled")
 
         def gen(n):
             return qm.generate(ids, max_new_tokens=n)
@@ -121,7 +123,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--taskset", default=None, help="CPU list for taskset (e.g. 0,1 on a larger host)")
-    ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS))
+    ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS[:3]), choices=CONTENDERS)
     ap.add_argument("--worker", choices=CONTENDERS, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -10,7 +10,9 @@ token, then ``end``), and the result ``[batch, prompt + new]`` int64.
 One prefill call writes the prompt's keys and values into the cache and returns the last position's logits;
 then one decode call per token. On CUDA the decode step is captured once as a CUDA graph per program (static
 input buffers, replayed per token: no host work per token beyond the replay and the sampling step); it is
-captured again after the program's tensors move (``.to()``).
+captured again after the program's tensors move (``.to()``). With ``fxquant.compile(..., compile_decode=True)``
+the decode graph is first compiled by ``torch.compile`` (Inductor fuses the norms, RoPE and residual adds around
+fxquant's ops, which stay opaque calls; the first ``generate`` pays the compile, needs a C++ compiler on a CPU).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class GenerationState:
     key: Any = None
     inputs: tuple = ()
     logits: Optional[torch.Tensor] = None
+    compiled: Any = None  # torch.compile of the decode graph (compile(..., compile_decode=True)), made on first use
 
 
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p")
