@@ -30,15 +30,9 @@ import torch
 from fxquant.ir.meta import Rule, Verdict
 from fxquant.ir.rewrite import Match, Pattern, quantize_linears
 
-from .common import linears_are_int8
+from .common import gate_activation, gated_epilogue, has_gated_epilogue, linears_are_int8, named_variants
 
 aten = torch.ops.aten
-
-_GATES = {
-    "swiglu": lambda g: aten.silu.default(g),
-    "geglu_tanh": lambda g: aten.gelu.default(g, approximate="tanh"),
-}
-
 
 def _variants():
     def make(epilogue, act):
@@ -58,39 +52,24 @@ def _variants():
             c = aten.chunk.default(aten.linear.default(x, w, b), 2, -1)
             return aten.mul.Tensor(act(operator.getitem(c, 0)), operator.getitem(c, 1))
 
-        fns = (up_first, gate_first, up_first_bias, gate_first_bias)
-        for f in fns:
-            f.__name__ = f"{epilogue}_{f.__name__}"
-        return fns
+        return up_first, gate_first, up_first_bias, gate_first_bias
 
-    return tuple(f for epilogue, act in _GATES.items() for f in make(epilogue, act))
-
-
-def _act(match: Match):
-    return next(a for a in match.anchor.args if a.target in (aten.silu.default, aten.gelu.default))
+    return named_variants(make)
 
 
 def the_linear(match: Match):
     """The fused gate/up Linear (under the chunk the activation's getitem reads)."""
-    return _act(match).args[0].args[0].args[0]
+    return gate_activation(match).args[0].args[0].args[0]
 
 
-def epilogue_of(match: Match) -> str:
-    return "swiglu" if _act(match).target is aten.silu.default else "geglu_tanh"
-
-
-def is_gated_activation(match: Match) -> Verdict:
-    act = _act(match)
-    if act.target is aten.gelu.default and act.kwargs.get("approximate", "none") != "tanh":
-        return Verdict(False, "GeGLU with the exact GELU has no gated epilogue (only tanh): Linear fused alone",
-                       Rule.PATTERN)
+def sole_reader(match: Match) -> Verdict:
     if len(the_linear(match).users) != 1:
         return Verdict(False, "the gate/up Linear's output is read elsewhere too", Rule.PATTERN)
-    return Verdict(True, "gated activation")
+    return Verdict(True, "the chunk is the Linear's only reader")
 
 
 def replace(gm, match: Match, store):
-    return quantize_linears(gm, store, [the_linear(match)], epilogue_of(match), anchor=match.anchor,
+    return quantize_linears(gm, store, [the_linear(match)], gated_epilogue(match), anchor=match.anchor,
                             pattern="fused_gate_up")
 
 
@@ -110,9 +89,9 @@ class _Example(torch.nn.Module):
 FUSED_GATE_UP = Pattern(
     name="fused_gate_up",
     patterns=_variants(),
-    structure=(is_gated_activation,),
+    structure=(has_gated_epilogue, sole_reader),
     filters=(lambda m: linears_are_int8([the_linear(m)]),),
     replace=replace,
-    linears=lambda match: ((the_linear(match),), epilogue_of(match)),
+    linears=lambda match: ((the_linear(match),), gated_epilogue(match)),
     example=lambda: (_Example(), (torch.randn(2, 5, 256),)),
 )

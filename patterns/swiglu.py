@@ -27,20 +27,12 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.ir.meta import Rule, Verdict
 from fxquant.ir.meta import decision_of
 from fxquant.ir.rewrite import Match, Pattern, quantize_linears
 
-from .common import linears_are_int8
+from .common import gate_activation, gated_epilogue, has_gated_epilogue, linears_are_int8, named_variants
 
 aten = torch.ops.aten
-
-
-# epilogue -> the gate's activation as the canonical graph spells it
-_GATES = {
-    "swiglu": lambda g: aten.silu.default(g),
-    "geglu_tanh": lambda g: aten.gelu.default(g, approximate="tanh"),
-}
 
 
 def _variants():
@@ -58,37 +50,15 @@ def _variants():
         def up_first_bias(x, w_gate, b_gate, w_up, b_up):
             return aten.mul.Tensor(aten.linear.default(x, w_up, b_up), act(aten.linear.default(x, w_gate, b_gate)))
 
-        fns = (gated, up_first, gated_bias, up_first_bias)
-        for f in fns:
-            f.__name__ = f"{epilogue}_{f.__name__}"
-        return fns
+        return gated, up_first, gated_bias, up_first_bias
 
-    return tuple(f for epilogue, act in _GATES.items() for f in make(epilogue, act))
-
-
-def _gate_act(match: Match):
-    """The activation node under the product (its input is the gate Linear)."""
-    return next(a for a in match.anchor.args if a.target in (aten.silu.default, aten.gelu.default))
+    return named_variants(make)
 
 
 def gate_and_up(match: Match):
     """``(gate Linear, up Linear)`` of a match: the gate is the one under the activation."""
-    act = _gate_act(match)
+    act = gate_activation(match)
     return act.args[0], next(a for a in match.anchor.args if a is not act)
-
-
-def epilogue_of(match: Match) -> str:
-    # the only gates the variants match: silu, and gelu(approximate="tanh")
-    return "swiglu" if _gate_act(match).target is aten.silu.default else "geglu_tanh"
-
-
-def is_gated_activation(match: Match) -> Verdict:
-    """The gate's activation is SiLU or the tanh GELU (exact GELU, FFN_GEGLU proper, has no epilogue yet)."""
-    act = _gate_act(match)
-    if act.target is aten.gelu.default and act.kwargs.get("approximate", "none") != "tanh":
-        return Verdict(False, "GeGLU with the exact GELU has no gated epilogue (only tanh): Linears fused one by one",
-                       Rule.PATTERN)
-    return Verdict(True, "gated activation")
 
 
 def both_int8(match: Match):
@@ -100,7 +70,7 @@ def replace(gm, match: Match, store):
     parent, _, g = decision_of(gate).name.rpartition(".")
     u = decision_of(up).name.rpartition(".")[2]
     leaf = "gate_up_proj" if (g, u) == ("gate_proj", "up_proj") else f"{g or 'root'}_{u or 'root'}"  # vLLM's name
-    return quantize_linears(gm, store, [gate, up], epilogue_of(match), anchor=match.anchor, pattern="swiglu",
+    return quantize_linears(gm, store, [gate, up], gated_epilogue(match), anchor=match.anchor, pattern="swiglu",
                             path=(f"{parent}." if parent else "") + leaf)
 
 
@@ -121,9 +91,9 @@ class _Example(torch.nn.Module):
 SWIGLU = Pattern(
     name="swiglu",
     patterns=_variants(),
-    structure=(is_gated_activation,),
+    structure=(has_gated_epilogue,),
     filters=(both_int8,),
     replace=replace,
-    linears=lambda match: (gate_and_up(match), epilogue_of(match)),
+    linears=lambda match: (gate_and_up(match), gated_epilogue(match)),
     example=lambda: (_Example(), (torch.randn(2, 5, 256),)),
 )
