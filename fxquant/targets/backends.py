@@ -598,8 +598,10 @@ def _op_int8_linear(*args, **kwargs) -> torch.Tensor:
 #   aten._weight_int8pack_mm against bf16 F.linear: M=1 2.0–2.9× faster, M=2 1.4–1.8×, M=4 1.1–1.3×, M=8
 #   0.54–0.69× (oneDNN's AMX bf16 GEMM wins from there); fp32 activations 0.12× at M=1 (no fp32 fast path):
 #   weight-only is used for bf16/fp16 only, and only where ATen's AVX-512 kernel exists (else a scalar loop).
-# * cuda: the Triton W8A16 kernel (fxquant.kernels.w8a16_gemm) against the W8A8 path; see bench/w8a16_gpu.py
-#   and docs/benchmarks.md.
+# * cuda: 64 is the ridge argument (an H200's int8 ridge is ~400 ops/byte, so a GEMM with M <= 64 is memory-bound),
+#   NOT yet a measured crossover against the W8A8 kernel. Measured so far (H200, bench/w8a16_gpu.py): the Triton
+#   W8A16 kernel against bf16 F.linear is 1.06-1.89x faster at M <= 8 and 0.79-1.41x at M = 32 (Llama-3-8B and
+#   Qwen2-1.5B shapes); Llama-3-8B decode at batch 32 ran 1.11x the bf16 control. Measure W8A8 at M = 16..64 next.
 WEIGHT_ONLY_MAX_M = {"cpu": 4, "cuda": 64}
 _WEIGHT_ONLY_DTYPES = (torch.bfloat16, torch.float16)
 
