@@ -118,6 +118,11 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
         raise ValueError(f"max_new_tokens must be an int ≥ 0, got {new!r}")
     if batch < 1 or prompt < 1:
         raise InputError(f"input_ids {tuple(input_ids.shape)}: give at least one prompt of at least one token")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= spec.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise InputError(f"input_ids holds token id {bad}, outside the model's vocabulary [0, {spec.vocab_size}): "
+                         "tokenize with the model's own tokenizer")
     if batch > spec.max_batch_size:
         raise InputError(f"{batch} prompts, but the KV cache holds max_batch_size={spec.max_batch_size} rows: "
                          f"compile with max_batch_size={batch} or generate in smaller batches")

@@ -165,6 +165,8 @@ def test_errors_name_the_limit():
         qm.generate(ids, max_new_tokens=12)
     with pytest.raises(fxquant.InputError, match=r"max_batch_size=1"):
         qm.generate(_prompts(2, 5), max_new_tokens=2)
+    with pytest.raises(fxquant.InputError, match=r"token id 256, outside the model's vocabulary \[0, 256\)"):
+        qm.generate(torch.tensor([[1, 2, 256]]), max_new_tokens=2)
     with pytest.raises(ValueError, match=r"num_beams"):
         qm.generate(ids, max_new_tokens=2, num_beams=2)
     bad_mask = torch.ones(1, 5, dtype=torch.long)
