@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx
+
+from .ir.views import static_size
 
 __all__ = ["Method", "Program", "program_of"]
 
@@ -82,14 +84,5 @@ def _captured_shapes(gm: fx.GraphModule) -> dict[str, tuple]:
     for node in gm.graph.nodes:
         val = node.meta.get("val") if node.op == "placeholder" else None
         if isinstance(val, torch.Tensor):
-            shapes[node.target] = tuple(_static_size(d) for d in val.shape)
+            shapes[node.target] = tuple(static_size(d) for d in val.shape)
     return shapes
-
-
-def _static_size(d) -> Optional[int]:
-    """A dimension's size when the capture fixed it (an int, or a SymInt torch.export specialized to a
-    number), else None (dynamic)."""
-    if isinstance(d, int):
-        return d
-    expr = getattr(getattr(d, "node", None), "expr", None)
-    return int(expr) if expr is not None and getattr(expr, "is_number", False) else None

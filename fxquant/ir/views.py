@@ -15,7 +15,8 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-__all__ = ["AtenView", "AtenLinear", "AtenLayerNorm", "AtenSDPA", "AtenSlice", "AtenEmbedding", "attr_target"]
+__all__ = ["AtenView", "AtenLinear", "AtenLayerNorm", "AtenSDPA", "AtenSlice", "AtenEmbedding", "attr_target",
+           "static_size", "static_shape"]
 
 aten = torch.ops.aten
 
@@ -81,3 +82,22 @@ AtenEmbedding = AtenView(aten.embedding.default)                 # (weight, indi
 def attr_target(value: Any) -> Optional[str]:
     """The attribute path a ``get_attr`` node reads (``model.layers.0.q_proj.weight``), else None."""
     return value.target if isinstance(value, fx.Node) and value.op == "get_attr" else None
+
+
+def static_size(d: Any) -> Optional[int]:
+    """A dimension's size when the capture fixed it (an int, or a SymInt torch.export specialized to a number),
+    else None (dynamic)."""
+    if isinstance(d, int):
+        return d
+    expr = getattr(getattr(d, "node", None), "expr", None)
+    return int(expr) if expr is not None and getattr(expr, "is_number", False) else None
+
+
+def static_shape(node: Any) -> Optional[tuple[int, ...]]:
+    """The shape of a tensor node's captured value (``meta["val"]``) when every dimension is fixed, else None (no
+    value, not a tensor, or a dynamic dimension)."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if not hasattr(val, "shape"):
+        return None
+    sizes = tuple(static_size(d) for d in val.shape)
+    return None if any(d is None for d in sizes) else sizes

@@ -30,6 +30,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ir.notes import NoteKind
+from ..ir.views import static_shape
 from .base import FxquantPass
 
 aten = torch.ops.aten
@@ -52,13 +53,6 @@ def _repeated(node) -> Optional[tuple[fx.Node, int]]:
     return uns.args[0], sizes[2]
 
 
-def _static_shape(node) -> Optional[tuple[int, ...]]:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if not isinstance(val, torch.Tensor) or not all(isinstance(d, int) for d in val.shape):
-        return None
-    return tuple(val.shape)
-
-
 def decode_attention(gm: fx.GraphModule) -> int:
     """Rewrite every eligible SDPA of ``gm`` (module docstring); returns how many."""
     g = gm.graph
@@ -73,7 +67,7 @@ def decode_attention(gm: fx.GraphModule) -> int:
             continue  # dropout, is_causal, enable_gqa: not this pass's form
         mask = mask if mask is not None else kw["attn_mask"]
         rk, rv = _repeated(k), _repeated(v)
-        shape, mshape = _static_shape(q), _static_shape(mask)
+        shape, mshape = static_shape(q), static_shape(mask)
         if rk is None or rv is None or rk[1] != rv[1] or shape is None or mshape is None or len(shape) != 4:
             continue
         b, h, s, d = shape

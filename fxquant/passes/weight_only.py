@@ -41,7 +41,7 @@ from ..ir.attrs import fetch_attr
 from ..ir.notes import NoteKind
 from ..ir.meta import MEMBERS_KEY, META_KEY, Rule, decision_of
 from ..ir.rewrite import get_params, install_params, keep_meta
-from ..ir.views import AtenLinear, attr_target
+from ..ir.views import AtenLinear, attr_target, static_shape
 from ..targets import backends
 from .base import FxquantPass
 
@@ -51,15 +51,10 @@ _W8A8_ONLY_RULES = (Rule.GATED_OUTPUT, Rule.QUANTIZE_PASS, Rule.RATIO, Rule.ALIG
 
 
 def static_rows(node: fx.Node) -> Optional[int]:
-    """M of a tensor [..., K] from the capture's fake value: the product of its leading dims when every one is a
-    fixed number, else None."""
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if not isinstance(val, torch.Tensor) or val.dim() < 1:
-        return None
-    dims = val.shape[:-1]
-    if not all(isinstance(d, int) for d in dims):
-        return None
-    return math.prod(dims)
+    """M of a tensor [..., K] from the capture's fake value: the product of its leading dims when every one is
+    fixed, else None."""
+    shape = static_shape(node)
+    return math.prod(shape[:-1]) if shape else None
 
 
 def _dtype(node: fx.Node) -> Optional[torch.dtype]:
