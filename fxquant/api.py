@@ -125,9 +125,11 @@ class QuantizedModel(torch.nn.Module):
             max_new_tokens: tokens to add per row; default from ``generation_config`` (``max_length`` 20).
             do_sample: sample instead of taking the argmax (seed with ``torch.manual_seed``).
             temperature, top_k, top_p: sampling warpers (transformers' ``TemperatureLogitsWarper`` ...).
-            eos_token_id: one id or a list; a row stops at its first EOS and is then padded.
-            pad_token_id: what finished rows are padded with; default the first EOS id, else 0.
-            generation_config: a ``transformers.GenerationConfig``; keyword arguments override its fields.
+            eos_token_id: one id or a list; a row stops at its first EOS and is then padded. Default the model's
+                (``generation_config.eos_token_id`` when compiled).
+            pad_token_id: what finished rows are padded with; default the model's, else the first EOS id, else 0.
+            generation_config: a ``transformers.GenerationConfig``; keyword arguments override its fields
+                (pass ``model.generation_config`` to use the model's sampling settings too).
             streamer: a transformers streamer (``put``/``end``), e.g. ``TextStreamer`` (batch 1).
 
         Returns:

@@ -43,13 +43,14 @@ _UNSUPPORTED = {"num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "re
                 "no_repeat_ngram_size": 0, "num_return_sequences": 1, "assistant_model": None}
 
 
-def _settings(generation_config, kwargs: dict) -> dict:
-    """Merge ``generation_config`` (the model's by default) and the keyword arguments; refuse what is not
-    implemented rather than ignore it."""
+def _settings(generation_config, kwargs: dict, spec) -> dict:
+    """Merge ``generation_config`` and the keyword arguments; refuse what is not implemented rather than ignore
+    it. Without a ``generation_config``, EOS and pad ids are the model's (``spec``, read at compile time) and the
+    rest transformers' defaults: the model's sampling settings apply when its config is passed explicitly."""
     import transformers
 
     if generation_config is None:
-        generation_config = transformers.GenerationConfig()
+        generation_config = transformers.GenerationConfig(eos_token_id=spec.eos_token_id, pad_token_id=spec.pad_token_id)
     elif not isinstance(generation_config, transformers.GenerationConfig):
         raise TypeError(f"generation_config must be a transformers.GenerationConfig, got {type(generation_config).__name__}")
     out = {k: getattr(generation_config, k, None) for k in
@@ -109,7 +110,7 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
         raise TypeError(f"generate() got unexpected keyword argument(s) {sorted(unknown)}")
     s = _settings(generation_config, {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
                                       "top_k": top_k, "top_p": top_p, "eos_token_id": eos_token_id,
-                                      "pad_token_id": pad_token_id, **unsupported})
+                                      "pad_token_id": pad_token_id, **unsupported}, spec)
     batch, prompt = input_ids.shape
     new = s["max_new_tokens"]
     if new is None:
@@ -162,6 +163,7 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
     next_pos = positions[:, -1:] + 1
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     decode = _decoder(qmodel, spec, device)
+    eos_ids = torch.tensor(eos, device=device) if eos else None
     for step in range(new):
         scores = warpers(torch.cat(out, 1), logits[:batch, -1].float())
         if s["do_sample"]:
@@ -173,7 +175,7 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
         if streamer is not None:
             streamer.put(token.cpu())
         if eos:
-            finished |= torch.isin(token, torch.tensor(eos, device=device))
+            finished |= torch.isin(token, eos_ids)
             if bool(finished.all()):
                 break
         if step == new - 1:

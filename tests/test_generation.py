@@ -30,8 +30,10 @@ def _model(kind: str, dtype=torch.float32, **extra):
         common.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     cfg = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
            "mistral": transformers.MistralConfig, "phi3": transformers.Phi3Config}[kind](**common)
-    return getattr(transformers, {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                  "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM"}[kind])(cfg).eval().to(dtype)
+    model = getattr(transformers, {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                   "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM"}[kind])(cfg).eval().to(dtype)
+    model.generation_config.eos_token_id = None  # random weights: run every test to its max_new_tokens
+    return model
 
 
 def _prompts(batch: int, length: int, seed: int = 1) -> torch.Tensor:
@@ -116,6 +118,11 @@ def test_same_as_transformers_generate_unquantized_with_eos():
     theirs = model.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos, pad_token_id=255,
                             do_sample=False)
     assert torch.equal(ours, theirs)
+    # the model's own EOS is the default, as in transformers
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = eos, 255
+    default = fxquant.compile(model, {"input_ids": ids}, config=fxquant.QuantConfig(skip=["re:.*"]), max_batch_size=2,
+                              max_cache_len=64, progress=False)
+    assert torch.equal(default.generate(ids, attention_mask=mask, max_new_tokens=20), theirs)
     row0 = ours[0, 7:].tolist()
     assert row0[:6] == free[0, 7:13].tolist() and all(t == 255 for t in row0[6:])
 

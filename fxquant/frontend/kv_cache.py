@@ -55,6 +55,8 @@ class GenerationSpec:
         sliding_window: the window every layer applies (Mistral), or None.
         cache_kwarg: the model's keyword for the cache (``"cache"`` or ``"past_key_values"``).
         keeps_last_logits: the model accepts ``logits_to_keep`` (the LM head runs on the last position only).
+        eos_token_id, pad_token_id: the model's ``generation_config`` values at compile time, ``generate``'s
+            defaults (as transformers' ``generate`` takes them from the model).
     """
 
     max_batch_size: int
@@ -66,6 +68,8 @@ class GenerationSpec:
     sliding_window: Optional[int]
     cache_kwarg: str
     keeps_last_logits: bool
+    eos_token_id: Any = None
+    pad_token_id: Optional[int] = None
 
 
 def _is_causal_lm(model: torch.nn.Module) -> bool:
@@ -119,8 +123,10 @@ def generation_spec(model: torch.nn.Module, max_batch_size: int = 1, max_cache_l
     window = _sliding_window(config, max_cache_len)
     params = inspect.signature(model.forward).parameters
     cache_kwarg = "cache" if "cache" in params else "past_key_values"
+    gen_config = getattr(model, "generation_config", None)
     return GenerationSpec(max_batch_size, max_cache_len, config.num_hidden_layers, kv_heads, head_dim,
-                          config.vocab_size, window, cache_kwarg, "logits_to_keep" in params)
+                          config.vocab_size, window, cache_kwarg, "logits_to_keep" in params,
+                          getattr(gen_config, "eos_token_id", None), getattr(gen_config, "pad_token_id", None))
 
 
 def _sliding_window(config, max_cache_len: int) -> Optional[int]:
