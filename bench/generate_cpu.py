@@ -1,7 +1,7 @@
 """Decode speed on a CPU, side by side (issue 23): fxquant's ``generate`` against transformers' ``generate`` in the
 machine's float baseline (bf16 where the CPU has native bf16 — AMX or AVX512-BF16 — else fp32), and fxquant's float
-control (the same prefill/decode program, nothing quantized), and fxquant with ``compile_decode=True`` (the decode
-graph through torch.compile; its compile time is spent in the warm-up, not timed).
+control (the same prefill/decode program, nothing quantized), and fxquant with ``compile_generation=True``
+(the prefill and decode graphs through torch.compile; its compile time is spent in the warm-up, not timed).
 
 Every contender runs in its own process (``--threads`` threads, default 2), built once (random weights of the model's
 shapes, seed 0), warmed up, then timed in round-robin rounds: in each round every process in turn runs one 1-token
@@ -65,7 +65,7 @@ def worker(args) -> None:
         config = fxquant.QuantConfig(skip=["re:.*"]) if args.worker == "fxquant-float" else fxquant.QuantConfig()
         qm = fxquant.compile(model, {"input_ids": ids[:, :8]}, config=config, max_batch_size=b,
                              max_cache_len=args.prompt + args.new, progress=False,
-                             compile_decode=args.worker == "fxquant-compiled")
+                             compile_generation=args.worker == "fxquant-compiled")
 
         def gen(n):
             return qm.generate(ids, max_new_tokens=n)

@@ -1,6 +1,7 @@
 """Decode speed on a CUDA GPU, side by side in one run (issue 23): fxquant's generate against transformers' static-cache
-generate (bf16, its own decode compilation), fxquant's bf16 control (the same program, prefill/decode graphs and CUDA
-graph, nothing quantized), torchao int8 weight-only and torchao int8 dynamic-activation (both on transformers'
+generate (bf16, its own decode compilation), fxquant's bf16 control (the same program, prefill/decode graphs through
+torch.compile and the CUDA graph, nothing quantized), fxquant with its graphs eager (``fxq-eager``, not run by
+default), torchao int8 weight-only and torchao int8 dynamic-activation (both on transformers'
 static-cache generate, the path torchao documents).
 
 Random weights of a model's shapes (no download), greedy, no EOS (every contender generates exactly ``--new``
@@ -160,13 +161,13 @@ def main():
             t0 = time.perf_counter()
             if name == "hf-static":
                 gen, nbytes = hf_generate(model), bf16_bytes
-            elif name in ("fxq", "fxq-bf16"):
-                config = fxquant.QuantConfig(target="cuda") if name == "fxq" else \
-                    fxquant.QuantConfig(target="cuda", skip=["re:.*"])
+            elif name in ("fxq", "fxq-bf16", "fxq-eager"):
+                config = fxquant.QuantConfig(target="cuda", **({"skip": ["re:.*"]} if name == "fxq-bf16" else {}))
                 qm = fxquant.compile(model, {"input_ids": ids[:, :8]}, config=config, max_batch_size=b,
-                                     max_cache_len=length, progress=False)
+                                     max_cache_len=length, progress=False,
+                                     compile_generation=False if name == "fxq-eager" else None)
                 programs[name] = qm
-                gen, nbytes = fxq_generate(qm), (int8_bytes if name == "fxq" else bf16_bytes)
+                gen, nbytes = fxq_generate(qm), (bf16_bytes if name == "fxq-bf16" else int8_bytes)
             elif name == "torchao-int8dq" and b <= 16:
                 # torchao's int8 dynamic-activation path runs torch._int_mm, which needs M > 16 (seen on an H100:
                 # "self.size(0) needs to be greater than 16, but got 1"): no decode below batch 17

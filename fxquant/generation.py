@@ -10,21 +10,23 @@ token, then ``end``), and the result ``[batch, prompt + new]`` int64.
 One prefill call writes the prompt's keys and values into the cache and returns the last position's logits;
 then one decode call per token. On CUDA the decode step is captured once as a CUDA graph per program (static
 input buffers, replayed per token: no host work per token beyond the replay and the sampling step); it is
-captured again after the program's tensors move (``.to()``). With ``fxquant.compile(..., compile_decode=True)``
-the decode graph is first compiled by ``torch.compile`` (Inductor fuses the norms, RoPE and residual adds around
-fxquant's ops, which stay opaque calls; the first ``generate`` pays the compile, needs a C++ compiler on a CPU).
+captured again after the program's tensors move (``.to()``). Both graphs run through ``torch.compile`` where
+``fxquant.compile(..., compile_generation=...)`` says so (default: on CUDA), see :func:`compiled_graph`; the first
+``generate`` pays the compile (seconds to a minute; a CPU needs a C++ compiler).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 
 from .errors import InputError
+from .ir.notes import NoteKind
 
-__all__ = ["generate", "GenerationState"]
+__all__ = ["generate", "GenerationState", "GENERATION_METHODS", "compiled_graph"]
 
 
 @dataclass
@@ -35,7 +37,36 @@ class GenerationState:
     key: Any = None
     inputs: tuple = ()
     logits: Optional[torch.Tensor] = None
-    compiled: Any = None  # torch.compile of the decode graph (compile(..., compile_decode=True)), made on first use
+    # method -> torch.compile of its graph (compile(..., compile_generation=...)), made on first use
+    compiled: dict = field(default_factory=dict)
+    compile_s: dict = field(default_factory=dict)  # method -> seconds its first compiled call took
+
+
+GENERATION_METHODS = ("prefill", "decode")
+
+
+def compiled_graph(qmodel, method: str, gm):
+    """``gm`` (the graph of ``method``, one of :data:`GENERATION_METHODS`) through ``torch.compile``: the decode
+    graph at its static shapes, the prefill graph with dynamic shapes (one compile serves every prompt length).
+    Inductor fuses the float work between fxquant's ops (norms, RoPE, residual adds, the cache writes), which
+    stay opaque calls. The first call compiles (its time, compile included, goes to the report)."""
+    state: GenerationState = qmodel._generation_state
+    fn = state.compiled.get(method)
+    if fn is not None:
+        return fn
+    compiled = torch.compile(gm, dynamic=method == "prefill")
+
+    def first_call(*args):
+        t0 = time.perf_counter()
+        out = compiled(*args)
+        state.compile_s[method] = time.perf_counter() - t0
+        state.compiled[method] = compiled
+        if qmodel._report is not None:
+            qmodel._report.notes.add(NoteKind.GENERATION, f"{method}: compiled by torch.compile (Inductor) on first "
+                                     f"use in {state.compile_s[method]:.1f} s", "generate")
+        return out
+
+    return first_call
 
 
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p")

@@ -182,6 +182,8 @@ def test_errors_name_the_limit():
         qm.generate(ids, attention_mask=bad_mask, max_new_tokens=2)
     with pytest.raises(ValueError, match=r"max_position_embeddings=128"):
         fxquant.compile(model, {"input_ids": ids}, max_cache_len=1000, progress=False)
+    with pytest.raises(TypeError, match=r"compile_generation must be True, False or None"):
+        fxquant.compile(model, {"input_ids": ids}, compile_generation="yes", progress=False)
     plain = fxquant.compile(model, {"input_ids": ids}, config=QUANT_ALL, generation=False, progress=False)
     assert plain.methods == ("forward",)
     with pytest.raises(fxquant.InputError, match=r"no KV cache"):
@@ -268,16 +270,27 @@ def test_weight_only_op_matches_reference():
 
 
 def test_compiled_decode_generates_what_eager_decode_generates():
-    """compile_decode=True runs the decode graph through torch.compile (Inductor): the same tokens (fp32, greedy,
-    up to float-rounding ties) and the same cache writes, so a later eager call continues correctly."""
+    """compile_generation=True runs the prefill and decode graphs through torch.compile (Inductor; the default on
+    CUDA, opt-in on a CPU): the same tokens (fp32, greedy, up to float-rounding ties) and the same cache writes, so
+    a later eager call continues correctly; prompts of two lengths share the prefill compile; the report names
+    the compile."""
     model = _model("llama")
     ids = _prompts(2, 7, seed=8)
     kw = dict(config=QUANT_ALL, max_batch_size=2, max_cache_len=48, progress=False)
     eager = fxquant.compile(model, {"input_ids": ids}, **kw)
-    compiled = fxquant.compile(model, {"input_ids": ids}, compile_decode=True, **kw)
+    compiled = fxquant.compile(model, {"input_ids": ids}, compile_generation=True, **kw)
+    assert not eager.compiles_generation() and compiled.compiles_generation()
+    from torch._dynamo.utils import counters
+    counters.clear()
     a = eager.generate(ids, max_new_tokens=24)
     b = compiled.generate(ids, max_new_tokens=24)
-    assert compiled._generation_state.compiled is not None
+    assert set(compiled._generation_state.compiled) == {"prefill", "decode"}
+    assert not eager._generation_state.compiled
+    notes = [n for n in compiled.report().notes if "torch.compile" in n]
+    assert len(notes) == 2 and any(n.startswith("prefill: compiled") for n in notes), notes
+    short = _prompts(2, 5, seed=9)
+    assert torch.equal(compiled.generate(short, max_new_tokens=6)[:, :5], short)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # no recompile for the new length
     with torch.no_grad():
         ties = _check_against(b, 7, lambda prefix: eager(input_ids=prefix).logits[:, -1])
     assert ties <= 2 and (a == b).float().mean() > 0.9
