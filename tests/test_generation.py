@@ -103,6 +103,31 @@ def test_left_padded_rows_equal_rows_alone():
     assert torch.equal(together[1, 4:], alone_short[0])
 
 
+def test_prefill_block_padded_to_a_bucket_generates_the_same(monkeypatch):
+    """On CUDA the prompt block is left-padded to a multiple of PREFILL_BUCKET slots (one prefill CUDA graph per
+    bucket). Forced on the CPU here with a bucket of 16: the same tokens as unpadded (fp32, greedy, a left-padded
+    batch), and no padding where the padded block plus the new tokens would not fit the cache."""
+    from fxquant import generation
+
+    model = _model("llama")
+    long, short = _prompts(1, 10, seed=2), _prompts(1, 6, seed=3)
+    qm = fxquant.compile(model, {"input_ids": long}, config=QUANT_ALL, max_batch_size=2, max_cache_len=48, progress=False)
+    batch = torch.zeros(2, 10, dtype=torch.long)
+    batch[0], batch[1, 4:] = long[0], short[0]
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :4] = 0
+    plain = qm.generate(batch, attention_mask=mask, max_new_tokens=24, pad_token_id=0)
+    monkeypatch.setattr(generation, "_prefill_bucket", lambda qmodel, device: 16)
+    spec = qm.program.generation
+    assert generation._padded_length(qm, 10, 24, spec, torch.device("cpu")) == 16
+    assert generation._padded_length(qm, 10, 36, spec, torch.device("cpu")) == 10  # 16 + 36 > 48
+    assert generation._padded_length(qm, 1, 24, spec, torch.device("cpu")) == 1
+    padded = qm.generate(batch, attention_mask=mask, max_new_tokens=24, pad_token_id=0)
+    assert padded.shape == plain.shape == (2, 34)
+    assert torch.equal(padded, plain)
+    assert torch.equal(qm.generate(batch, attention_mask=mask, max_new_tokens=36, pad_token_id=0)[:, :34], plain)
+
+
 def test_same_as_transformers_generate_unquantized_with_eos():
     """With nothing quantized the program is the float model: generate gives transformers' tokens, EOS handling
     and padding of finished rows included (fp32, greedy, left-padded batch)."""
