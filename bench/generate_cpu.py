@@ -33,11 +33,13 @@ SHAPES = {
 CONTENDERS = ("transformers", "fxquant-float", "fxquant", "fxquant-compiled")
 
 
-def _float_dtype():
+def _float_dtype(name: str = "auto"):
     import torch
 
     from fxquant.targets.backends import cpu_native_bf16
 
+    if name != "auto":
+        return getattr(torch, name)
     return torch.bfloat16 if cpu_native_bf16() else torch.float32
 
 
@@ -50,7 +52,7 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     cls, cfg_cls, kw = SHAPES[args.model]
     torch.manual_seed(0)
-    dtype = _float_dtype()
+    dtype = _float_dtype(args.dtype)
     model = getattr(transformers, cls)(getattr(transformers, cfg_cls)(**kw, attn_implementation="sdpa")).eval().to(dtype)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -90,7 +92,8 @@ def run_batch(args, batch: int) -> dict:
     procs = {}
     for name in args.contenders:
         cmd = [sys.executable, "-P", __file__, "--worker", name, "--model", args.model, "--batch", str(batch),
-               "--prompt", str(args.prompt), "--new", str(args.new), "--threads", str(args.threads)]
+               "--prompt", str(args.prompt), "--new", str(args.new), "--threads", str(args.threads),
+               "--dtype", args.dtype]
         if args.taskset:
             cmd = ["taskset", "-c", args.taskset, *cmd]
         procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -125,6 +128,8 @@ def main():
     ap.add_argument("--taskset", default=None, help="CPU list for taskset (e.g. 0,1 on a larger host)")
     ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS[:3]), choices=CONTENDERS)
     ap.add_argument("--worker", choices=CONTENDERS, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                    help="the model's dtype (auto: bf16 on CPUs with native bf16, else fp32)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.worker:
@@ -136,7 +141,10 @@ def main():
 
     flags = cpu_flags()
     isa = "AMX" if "amx_bf16" in flags else "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
-    header = {"cpu_isa": isa, "torch": torch.__version__, "transformers": transformers.__version__,
+    forced = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
+                                         "FXQUANT_CPU_ISA") if os.environ.get(k)}
+    header = {"cpu_isa": isa, "aten_dispatch": torch.backends.cpu.get_cpu_capability(), "isa_limits": forced,
+              "torch": torch.__version__, "transformers": transformers.__version__,
               "threads": args.threads, "model": args.model, "prompt": args.prompt, "new": args.new,
               "date": time.strftime("%Y-%m-%d")}
     print(json.dumps(header), flush=True)

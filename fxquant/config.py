@@ -73,6 +73,12 @@ class QuantConfig:
             AVX512-BF16: :func:`fxquant.targets.backends.cpu_native_bf16`), where it is the fast float form
             (docs/benchmarks.md); elsewhere bf16 is emulated and slow. Not the default: it rounds the float
             parameters, so ``export_onnx`` and ``save_pretrained`` refuse such a model.
+        decode_weight_only: at decode (the ``"decode"`` method of a generating program), run every Linear whose
+            rows fit a weight-only kernel (:func:`fxquant.targets.backends.weight_only_max_m`) as W8A16: the same
+            int8 weights, float activations (no activation quantization: more accurate than W8A8, and faster at
+            small M, where the GEMM is bound by the weight bytes). False keeps the plan's W8A8 at decode, so
+            decode computes exactly what ``forward`` computes (greedy tokens equal the recompute over the full
+            forward).
 
     Raises:
         ValueError: on an unknown target, a negative ratio, an alignment < 1, a weight_qmax outside
@@ -97,6 +103,7 @@ class QuantConfig:
     calibration_method: str = "minmax"
     percentile: float = 99.99
     compute_dtype: Optional[torch.dtype] = None
+    decode_weight_only: bool = True
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -111,6 +118,8 @@ class QuantConfig:
             value = getattr(self, flag)
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"QuantConfig.{flag}={value!r} must be True, False or None")
+        if not isinstance(self.decode_weight_only, bool):
+            raise ValueError(f"QuantConfig.decode_weight_only={self.decode_weight_only!r} must be True or False")
         if self.weight_qmax is not None and (isinstance(self.weight_qmax, bool) or not (isinstance(self.weight_qmax, int) and 7 <= self.weight_qmax <= 127)):
             raise ValueError(f"QuantConfig.weight_qmax={self.weight_qmax!r} must be an int in [7, 127]")
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):

@@ -183,7 +183,7 @@ class WeightOnly(FxquantPass):
     name = "weight_only"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        if self.ctx.method not in self.ctx.decode_methods:
+        if self.ctx.method not in self.ctx.decode_methods or not self.ctx.config.decode_weight_only:
             return PassResult(gm, False)
         n = weight_only(gm, self.ctx.spec.device, self.ctx.store)
         if n:
