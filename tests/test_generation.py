@@ -156,9 +156,12 @@ def test_same_as_transformers_generate_unquantized_with_eos():
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    """Seeded sampling repeats; top_k=1 sampling is greedy. Decode in W8A8 (fp32 logits): the weight-only decode of
+    an fp32 model gives bf16-precision logits (ATen's kernel rounds its output), whose exact ties top_k=1 keeps
+    (transformers' TopKLogitsWarper) and greedy breaks by the lower id."""
     model = _model("llama")
     ids = _prompts(1, 5, seed=5)
-    qm = fxquant.compile(model, {"input_ids": ids}, config=QUANT_ALL, max_cache_len=40, progress=False)
+    qm = fxquant.compile(model, {"input_ids": ids}, config=QUANT_EXACT, max_cache_len=40, progress=False)
     runs = []
     for _ in range(2):
         torch.manual_seed(123)
