@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
@@ -81,6 +82,8 @@ class QuantizedModel(torch.nn.Module):
         # the model's float dtype while the graph computes in QuantConfig.compute_dtype (set by compile; cleared by
         # any dtype move, so it is only ever set while the two differ)
         self._io_dtype: Optional[torch.dtype] = None
+        self._masters: dict[int, torch.Tensor] = {}  # id(rounded compute tensor) -> the model's own (compute_dtype)
+        self._last_conversion: dict = {}
         self._generation_state = GenerationState()  # the decode step's CUDA graph, once captured
         self._compile_generation: Optional[bool] = None  # compile(..., compile_generation=...); None: on CUDA
         self.training = False
@@ -255,9 +258,11 @@ class QuantizedModel(torch.nn.Module):
         def convert(t: torch.Tensor, keep_fp32: bool) -> torch.Tensor:
             if id(t) not in memo:
                 with torch.no_grad():
-                    out = fn(t)
-                if keep_fp32 and out.dtype != torch.float32:
-                    out = out.to(torch.float32)
+                    if keep_fp32:  # only fn's device move: a round trip through fn's dtype would round the values
+                        out = t.to(device=fn(torch.empty(0, dtype=t.dtype, device=t.device)).device,
+                                   dtype=torch.float32)
+                    else:
+                        out = fn(t)
                 if isinstance(t, torch.nn.Parameter):
                     out = torch.nn.Parameter(out, requires_grad=t.requires_grad)
                 memo[id(t)] = (t, out)
@@ -276,6 +281,8 @@ class QuantizedModel(torch.nn.Module):
                     if buf is not None:
                         mod._buffers[name] = convert(buf, _keeps_fp32(name))
         self.program.store.rebind(lambda t: memo[id(t)][1] if id(t) in memo else t)
+        self._last_conversion = memo
+        self._masters = {}  # the caller chose new tensors: nothing is rounded from a master any more
         if new is not None and new != old:
             self._float_dtype = new
             if self.config.out_dtype is None:
@@ -296,16 +303,59 @@ class QuantizedModel(torch.nn.Module):
             return
         self.to(want)  # before calibration: the static scales are those of what runs
         self._io_dtype = have
+        # the tensors .to() rounded -> the model's own (the user's Parameters and buffers, unrounded): the masters
+        # that save_pretrained / export_onnx / state_dict read (_exact_floats); no copy is made
+        self._masters = {id(new): old for old, new in self._last_conversion.values()
+                         if new is not old and new.dtype != old.dtype}
         notes.add(NoteKind.COMPUTE_DTYPE, f"float work in {str(want).replace('torch.', '')} (QuantConfig.compute_dtype); "
                   f"inputs and outputs stay {str(have).replace('torch.', '')}", "compile")
 
-    def check_exportable(self, what: str) -> None:
-        """Raise ValueError when ``QuantConfig.compute_dtype`` rounded the float parameters (see there)."""
-        if self._io_dtype is not None:
-            raise ValueError(
-                f"{what}: this QuantizedModel holds its float parameters in {self._float_dtype} "
-                f"(QuantConfig.compute_dtype), rounded from the model's {self._io_dtype}, so {what} would write rounded "
-                "values; compile the model again without compute_dtype to export it")
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict:
+        """``nn.Module.state_dict``, with the model's own float tensors where ``QuantConfig.compute_dtype`` runs
+        rounded copies (:meth:`_exact_floats`)."""
+        with self._exact_floats():
+            return super().state_dict(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _exact_floats(self):
+        """While inside: the graphs hold the model's own float tensors again (the masters that
+        ``QuantConfig.compute_dtype`` rounded), and the fused Linears output the model's dtype, so whatever reads the
+        program (``save_pretrained``, ``export_onnx``, ``state_dict``) sees exactly what a model compiled without
+        ``compute_dtype`` holds. On exit, the compute tensors are back (the same objects). A no-op without
+        ``compute_dtype``."""
+        if not self._masters:
+            yield
+            return
+        compute, io, masters = self._float_dtype, self._io_dtype, self._masters
+        back = self._swap_tensors(masters)
+        for m in self.program.methods.values():
+            _retarget_out_dtype(m.graph_module, compute, io)
+        self._float_dtype, self._io_dtype, self._masters = io, None, {}
+        try:
+            yield
+        finally:
+            self._swap_tensors(back)
+            for m in self.program.methods.values():
+                _retarget_out_dtype(m.graph_module, io, compute)
+            self._float_dtype, self._io_dtype, self._masters = compute, io, masters
+
+    def _swap_tensors(self, mapping: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """Replace every parameter / buffer ``t`` of every method's graph (and the store's references) by
+        ``mapping[id(t)]`` where present; returns the reverse mapping."""
+        reverse: dict[int, torch.Tensor] = {}
+        seen: set[int] = set()
+        for m in self.program.methods.values():
+            for mod in m.graph_module.modules():
+                if id(mod) in seen:
+                    continue
+                seen.add(id(mod))
+                for table in (mod._parameters, mod._buffers):
+                    for name, t in table.items():
+                        if t is not None and id(t) in mapping:
+                            table[name] = mapping[id(t)]
+                            reverse[id(table[name])] = t
+        self.program.store.rebind(lambda t: mapping.get(id(t), t))
+        return reverse
 
     def save_pretrained(self, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB",
                         int8_head: bool = False) -> list:

@@ -71,8 +71,11 @@ class QuantConfig:
             model is untouched) and the QuantizedModel casts float inputs of the model's dtype to bf16 and
             float outputs back, so callers see fp32 in and out. Meant for CPUs with native bf16 (AMX-BF16,
             AVX512-BF16: :func:`fxquant.targets.backends.cpu_native_bf16`), where it is the fast float form
-            (docs/benchmarks.md); elsewhere bf16 is emulated and slow. Not the default: it rounds the float
-            parameters, so ``export_onnx`` and ``save_pretrained`` refuse such a model.
+            (docs/benchmarks.md); elsewhere bf16 is emulated and slow. The rounded copies are what runs; the
+            model's own float tensors stay the masters (referenced, not copied: the user's model must not be
+            changed in place afterwards), so ``save_pretrained``, ``export_onnx`` and ``state_dict`` write
+            byte for byte what the model compiled without ``compute_dtype`` writes. Weight scales stay fp32.
+            Not the default yet (issue #24).
         decode_weight_only: at decode (the ``"decode"`` method of a generating program), run every Linear whose
             rows fit a weight-only kernel (:func:`fxquant.targets.backends.weight_only_max_m`) as W8A16: the same
             int8 weights, float activations (no activation quantization: more accurate than W8A8, and faster at

@@ -97,8 +97,9 @@ def test_bf16_output_of_onednn_only_where_the_cpu_has_bf16(monkeypatch):
 
 def test_compute_dtype_bf16_keeps_fp32_in_and_out(small_bert, sqnr, untouched, tmp_path):
     """QuantConfig(compute_dtype=bf16) on an fp32 model: float work in bf16, callers see fp32; the user's
-    model keeps its fp32 parameters; the report says so; export and save refuse the rounded parameters; a
-    dtype move by the caller hands the dtypes back to them."""
+    model keeps its fp32 parameters; the report says so; export, save and state_dict write the model's own fp32
+    values, byte for byte what the model compiled without compute_dtype writes; a dtype move by the caller hands
+    the dtypes back to them."""
     torch.manual_seed(0)
     model = small_bert(2)
     ids = torch.randint(0, 512, (2, 12))
@@ -125,11 +126,22 @@ def test_compute_dtype_bf16_keeps_fp32_in_and_out(small_bert, sqnr, untouched, t
     assert db32 - db16 < {63: 6, 127: 9}[qmax], (qmax, db32, db16)
     assert any("float work in bfloat16" in n for n in qm16.report().notes)
     assert {p.dtype for n, p in qm16.named_parameters() if p.is_floating_point()} == {torch.bfloat16}
-    with pytest.raises(ValueError, match="compute_dtype"):
-        fxquant.export_onnx(qm16, tmp_path / "m.onnx", enc)
-    with pytest.raises(ValueError, match="compute_dtype"):
-        qm16.save_pretrained(tmp_path / "ckpt")
-    assert list(tmp_path.iterdir()) == []  # nothing written
+    # save, export and state_dict read the model's own fp32 tensors: the same bytes as the model compiled without
+    # compute_dtype; afterwards qm16 computes in bf16 as before
+    for qm, tag in ((qm32, "32"), (qm16, "16")):
+        fxquant.export_onnx(qm, tmp_path / f"m{tag}.onnx", enc)
+        qm.save_pretrained(tmp_path / f"ckpt{tag}")
+    assert (tmp_path / "m16.onnx").read_bytes() == (tmp_path / "m32.onnx").read_bytes()
+    files = sorted(f.name for f in (tmp_path / "ckpt32").iterdir())
+    assert files == sorted(f.name for f in (tmp_path / "ckpt16").iterdir()) and "config.json" in files
+    for name in files:
+        assert (tmp_path / "ckpt16" / name).read_bytes() == (tmp_path / "ckpt32" / name).read_bytes(), name
+    sd16, sd32 = qm16.state_dict(), qm32.state_dict()
+    assert sd16.keys() == sd32.keys()
+    assert all(torch.equal(sd16[k], sd32[k]) and sd16[k].dtype == sd32[k].dtype for k in sd32)
+    assert {p.dtype for n, p in qm16.named_parameters() if p.is_floating_point()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.equal(qm16(**enc).last_hidden_state, out16.last_hidden_state)
     qm16.float().to(torch.bfloat16)  # a dtype move by the caller: from then on the dtypes are theirs
     assert qm16(**enc).last_hidden_state.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="compute_dtype=torch.int8"):

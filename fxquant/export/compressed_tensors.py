@@ -114,12 +114,21 @@ def save_pretrained(qmodel, directory: str | os.PathLike, *, max_shard_size: int
         CheckpointError: a tensor of the model's state dict is not in the compiled graph, or the model uses the
             static scheme or SmoothQuant, which the dynamic W8A8 format cannot carry (nothing is written).
         TypeError: ``qmodel`` is not a QuantizedModel.
-        ValueError: the model holds rounded float parameters (``QuantConfig.compute_dtype``; nothing is written).
+
+    A model compiled with ``QuantConfig.compute_dtype`` writes its model's own (unrounded) float tensors: the
+    same checkpoint as without it.
     """
+    program_of(qmodel, "save_pretrained")  # TypeError for anything but a QuantizedModel
+    with qmodel._exact_floats():  # QuantConfig.compute_dtype: the model's own float tensors, not the rounded ones
+        return _save_pretrained(qmodel, directory=directory, max_shard_size=max_shard_size, int8_head=int8_head)
+
+
+def _save_pretrained(qmodel, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB",
+                    int8_head: bool = False) -> list[Path]:
+
     from safetensors.torch import save_file
 
     program = program_of(qmodel, "save_pretrained")
-    qmodel.check_exportable("save_pretrained")
     check_savable(qmodel.config)
     gm, source = program.forward.graph_module, program.source
     int8, tied = _int8_tensors(program, qmodel.report().decisions)

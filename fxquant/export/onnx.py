@@ -314,18 +314,26 @@ def export_onnx(qmodel, path: str | os.PathLike, example_inputs: tuple | Mapping
         TypeError: ``qmodel`` is not a QuantizedModel (compile the model with ``fxquant.compile`` first), or
             ``example_inputs`` is not a tuple or dict.
         ValueError: no Linear of the model runs int8 (nothing to export in this form), ``opset`` < 18, an
-            unknown ``qdq_dtype``, the directory of ``path`` does not exist, or the model holds rounded float
-            parameters (``QuantConfig.compute_dtype``: compile without it to export).
+            unknown ``qdq_dtype``, or the directory of ``path`` does not exist. A model compiled with
+            ``QuantConfig.compute_dtype`` exports its model's own (unrounded) float tensors and dtype: the same
+            file as without it.
         fxquant.CalibrationError: a static-scheme model that is not calibrated (:func:`fxquant.calibrate`).
         ModuleNotFoundError: onnx / onnxscript missing (``pip install 'fxquant[export]'``).
     """
+    program_of(qmodel, "export_onnx")  # TypeError for anything but a QuantizedModel
+    with qmodel._exact_floats():  # QuantConfig.compute_dtype: the model's own float tensors, not the rounded ones
+        return _export_onnx(qmodel, path, example_inputs, opset=opset, dynamic=dynamic, qdq_dtype=qdq_dtype)
+
+
+def _export_onnx(qmodel, path: str | os.PathLike, example_inputs: tuple | Mapping[str, Any], *,
+                opset: int = MIN_OPSET, dynamic: bool = True, qdq_dtype: str = "int8") -> Path:
+
     program = program_of(qmodel, "export_onnx")
     if qmodel.report().num_int8 == 0:
         raise ValueError("export_onnx: no Linear of this model runs int8 (see qmodel.report() for why), so there is "
                          "no W8A8 graph to export; lower min_ratio or export the float model with torch.onnx")
     if qdq_dtype not in _QDQ_ZERO_POINTS:
         raise ValueError(f"export_onnx: qdq_dtype={qdq_dtype!r} is unknown; choose one of {sorted(_QDQ_ZERO_POINTS)}")
-    qmodel.check_exportable("export_onnx")
     static = qmodel.config.activation_scheme == "static-per-tensor"
     if static:
         qmodel.check_calibrated("exported")
