@@ -268,18 +268,13 @@ class QuantizedModel(torch.nn.Module):
                 memo[id(t)] = (t, out)
             return memo[id(t)][1]
 
-        seen: set[int] = set()
-        for m in self.program.methods.values():
-            for mod in m.graph_module.modules():
-                if id(mod) in seen:
-                    continue
-                seen.add(id(mod))
-                for name, param in mod._parameters.items():
-                    if param is not None:
-                        mod._parameters[name] = convert(param, False)
-                for name, buf in mod._buffers.items():
-                    if buf is not None:
-                        mod._buffers[name] = convert(buf, _keeps_fp32(name))
+        for mod in self._graph_submodules():
+            for name, param in mod._parameters.items():
+                if param is not None:
+                    mod._parameters[name] = convert(param, False)
+            for name, buf in mod._buffers.items():
+                if buf is not None:
+                    mod._buffers[name] = convert(buf, _keeps_fp32(name))
         self.program.store.rebind(lambda t: memo[id(t)][1] if id(t) in memo else t)
         self._last_conversion = memo
         self._masters = {}  # the caller chose new tensors: nothing is rounded from a master any more
@@ -339,21 +334,25 @@ class QuantizedModel(torch.nn.Module):
                 _retarget_out_dtype(m.graph_module, io, compute)
             self._float_dtype, self._io_dtype, self._masters = compute, io, masters
 
+    def _graph_submodules(self):
+        """Every submodule of every method's graph, once (the methods share the model's submodules)."""
+        seen: set[int] = set()
+        for m in self.program.methods.values():
+            for mod in m.graph_module.modules():
+                if id(mod) not in seen:
+                    seen.add(id(mod))
+                    yield mod
+
     def _swap_tensors(self, mapping: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """Replace every parameter / buffer ``t`` of every method's graph (and the store's references) by
         ``mapping[id(t)]`` where present; returns the reverse mapping."""
         reverse: dict[int, torch.Tensor] = {}
-        seen: set[int] = set()
-        for m in self.program.methods.values():
-            for mod in m.graph_module.modules():
-                if id(mod) in seen:
-                    continue
-                seen.add(id(mod))
-                for table in (mod._parameters, mod._buffers):
-                    for name, t in table.items():
-                        if t is not None and id(t) in mapping:
-                            table[name] = mapping[id(t)]
-                            reverse[id(table[name])] = t
+        for mod in self._graph_submodules():
+            for table in (mod._parameters, mod._buffers):
+                for name, t in table.items():
+                    if t is not None and id(t) in mapping:
+                        table[name] = mapping[id(t)]
+                        reverse[id(table[name])] = t
         self.program.store.rebind(lambda t: mapping.get(id(t), t))
         return reverse
 
