@@ -49,8 +49,12 @@ Every *contender* runs the same sentence-transformers model (all-MiniLM-L6-v2, t
                                  and slow elsewhere).
 16. ``fxquant W8A8 static, bf16 compute + torch.compile`` -- ``torch.compile`` of 15: Inductor fuses each
                                  LayerNorm / residual add with the quantization after it into one C++ loop.
+17. ``fxquant, calibration only (activation_scheme auto)`` -- ``fxquant.compile(model, enc, calibration=<the
+                                 calibration set>)`` with nothing else set: fxquant measures dynamic per-token and
+                                 static per-tensor + SmoothQuant at each α on the calibration set and returns the
+                                 form it chose (the notes give the choice and the scores).
 
-Calibration set (11-16): the first 100 sentences of ``fxquant.app.evaluation.load_sentences()`` (which are also
+Calibration set (11-17): the first 100 sentences of ``fxquant.app.evaluation.load_sentences()`` (which are also
 in the accuracy set), tokenized padded/truncated to ``--seq`` tokens in batches of ``--batch`` (by default
 32 + 32 + 32 + 4 sentences; the last batch is not padded with repeats, so every sentence counts once).
 
@@ -142,9 +146,10 @@ ORT_FXQUANT_STATIC = "ONNX Runtime running fxquant's static export"
 OV_FXQUANT_STATIC = "OpenVINO running fxquant's static export"
 FXQUANT_STATIC_BF16 = "fxquant W8A8 static, bf16 compute"
 FXQUANT_STATIC_BF16_COMPILE = "fxquant W8A8 static, bf16 compute + torch.compile"
+FXQUANT_AUTO = "fxquant, calibration only (activation_scheme auto)"
 CONTENDERS = [FP32, TORCH_AO, ORT_FP32, ORT_INT8, FXQUANT, FXQUANT_COMPILE, ORT_FXQUANT, TORCH_BF16,
               OV_FP32, OV_DEFAULT, OV_NNCF, FXQUANT_STATIC, ORT_FXQUANT_STATIC, OV_FXQUANT_STATIC,
-              FXQUANT_STATIC_BF16, FXQUANT_STATIC_BF16_COMPILE]
+              FXQUANT_STATIC_BF16, FXQUANT_STATIC_BF16_COMPILE, FXQUANT_AUTO]
 CALIBRATION_SENTENCES = 100  # calibration budget of NNCF and fxquant's static scales (first N sentences)
 
 @dataclass
@@ -621,6 +626,12 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path) -> tuple[R
             if name == FXQUANT_STATIC_BF16_COMPILE:
                 run = build_compiled(qm, timing_enc, calls=max(3, args.warmup))
                 result.notes.append(f"{max(3, args.warmup)} compile/warm-up calls before timing")
+        elif name == FXQUANT_AUTO:
+            qm, run = build_fxquant(model, timing_enc, calibration=[dict(b) for b in calibration], progress=False)
+            result.notes.append(f"fxquant.compile(model, enc, calibration=...) and nothing else: chose "
+                                f"{qm.config.activation_scheme}, smoothquant={qm.config.smoothquant}; {calib_note}")
+            result.notes.append("auto scores (mean / min output cosine on the calibration batches): " + "; ".join(
+                f"{k} {m:.4f}/{lo:.4f}" for k, (m, lo) in (qm.scheme_scores or {}).items()))
         elif name == FXQUANT_COMPILE:
             qm, _ = build_fxquant(model, timing_enc)
             run = build_compiled(qm, timing_enc, calls=max(3, args.warmup))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional
@@ -86,6 +87,7 @@ class QuantizedModel(torch.nn.Module):
         self._last_conversion: dict = {}
         self._generation_state = GenerationState()  # the decode step's CUDA graph, once captured
         self._compile_generation: Optional[bool] = None  # compile(..., compile_generation=...); None: on CUDA
+        self.scheme_scores: Optional[dict] = None  # activation_scheme="auto": {candidate: (mean, min) cosine}
         self.training = False
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -515,6 +517,12 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
         raise TypeError(f"config must be a fxquant.QuantConfig, got {type(config).__name__}")
     if compile_generation is not None and not isinstance(compile_generation, bool):
         raise TypeError(f"compile_generation must be True, False or None (on CUDA only), got {compile_generation!r}")
+    if config.activation_scheme == "auto":
+        if calibration is not None and config.target == "cpu" and config.smoothquant is None and weights is None:
+            return _compile_auto_scheme(model, example_inputs, config, calibration, dict(
+                methods=methods, progress=progress, debug_dir=debug_dir, generation=generation,
+                max_batch_size=max_batch_size, max_cache_len=max_cache_len, compile_generation=compile_generation))
+        config = dataclasses.replace(config, activation_scheme="dynamic-per-token")
 
     static = config.activation_scheme == "static-per-tensor"
     if config.smoothquant is not None and weights is not None:
@@ -526,7 +534,8 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     if calibration is not None and not static and config.smoothquant is None:
         raise CalibrationError("calibration data was given but nothing uses it: the dynamic per-token scheme computes its "
                                "scales at run time; set QuantConfig(activation_scheme='static-per-tensor') and/or "
-                               "smoothquant=alpha, or drop calibration=")
+                               "smoothquant=alpha, or drop calibration= (activation_scheme='auto' chooses a static form "
+                               "from calibration data for the cpu target only, without weights=)")
     if methods is not None:
         if not isinstance(methods, Mapping) or "forward" in methods:
             raise TypeError("methods must be a dict {name: example_inputs} of methods besides 'forward' "
@@ -598,6 +607,72 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     if static and calls is not None:
         _calibrate_calls(qm, calls, config.calibration_method, float(config.percentile), progress)
     return qm
+
+
+def _first_float(out: Any) -> torch.Tensor:
+    """The first floating-point tensor of a model's output (``last_hidden_state``, ``logits``, ...)."""
+    for leaf in _pytree.tree_leaves(out if not hasattr(out, "to_tuple") else out.to_tuple()):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            return leaf
+    raise CalibrationError("activation_scheme='auto' compares the model's outputs with the float model's, but the "
+                           "model returned no floating-point tensor; choose activation_scheme explicitly")
+
+
+def _compile_auto_scheme(model, example_inputs, config: QuantConfig, calibration, kwargs: dict) -> QuantizedModel:
+    """``activation_scheme="auto"`` with calibration data (cpu target): compile dynamic per-token and static per-tensor
+    with SmoothQuant at each α of :data:`fxquant.config.AUTO_SMOOTHQUANT_ALPHAS`, score each by the cosine of its
+    output (first float tensor, per sample) against the float model's on the calibration batches, and return the
+    most accurate static model if its mean cosine is within :data:`fxquant.config.AUTO_STATIC_TOLERANCE` of the
+    dynamic one's, else the dynamic model. The scores go to the report (note kind ``scheme``) and to
+    ``qmodel.scheme_scores``."""
+    from .config import AUTO_SMOOTHQUANT_ALPHAS, AUTO_STATIC_TOLERANCE
+
+    if isinstance(calibration, (torch.Tensor, Mapping)) or not isinstance(calibration, Iterable):
+        calib.batches_of(calibration)  # raises the CalibrationError that names the problem
+    batches = list(calibration)  # read once: every candidate is calibrated on the same batches
+    calls = calib.batches_of(batches)
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            ref = [_first_float(model(*a, **k)).float() for a, k in calls]
+    finally:
+        for m, f in flags.items():
+            m.training = f
+
+    def score(qm: QuantizedModel) -> tuple[float, float]:
+        cos = []
+        with torch.no_grad():
+            for (a, k), r in zip(calls, ref):
+                out = _first_float(qm(*a, **k)).float()
+                cos.append(torch.nn.functional.cosine_similarity(out.reshape(out.shape[0], -1),
+                                                                 r.reshape(r.shape[0], -1), dim=-1))
+        c = torch.cat(cos)
+        return float(c.mean()), float(c.min())
+
+    scores: dict[str, tuple[float, float]] = {}
+    dynamic = compile(model, example_inputs, config=dataclasses.replace(config, activation_scheme="dynamic-per-token"),
+                      **kwargs)
+    scores["dynamic-per-token"] = score(dynamic)
+    best, best_name = None, None
+    for alpha in AUTO_SMOOTHQUANT_ALPHAS:
+        name = f"static-per-tensor, smoothquant={alpha}"
+        qm = compile(model, example_inputs, config=dataclasses.replace(
+            config, activation_scheme="static-per-tensor", smoothquant=alpha), calibration=batches, **kwargs)
+        scores[name] = score(qm)
+        if best is None or scores[name][0] > scores[best_name][0]:
+            best, best_name = qm, name
+    static_ok = scores[best_name][0] >= scores["dynamic-per-token"][0] - AUTO_STATIC_TOLERANCE
+    chosen, chosen_name = (best, best_name) if static_ok else (dynamic, "dynamic-per-token")
+    table = "; ".join(f"{n}: {m:.4f} / {lo:.4f}" for n, (m, lo) in scores.items())
+    why = (f"the most accurate static form is within {AUTO_STATIC_TOLERANCE} of dynamic per-token's mean cosine, and "
+           "static per-tensor runs faster on CPUs (no per-token scale pass; README, AMX figures)" if static_ok else
+           f"no static form came within {AUTO_STATIC_TOLERANCE} of dynamic per-token's mean cosine")
+    chosen._report.notes.add(NoteKind.SCHEME, f"activation_scheme='auto' with calibration: chose {chosen_name}, since "
+                             f"{why}. Output cosine against the float model on the {len(calls)} calibration batch(es), "
+                             f"mean / min per sample: {table}", "compile")
+    chosen.scheme_scores = scores
+    return chosen
 
 
 def _float_runner(gm: fx.GraphModule, fixed_kwargs: dict[str, Any]):

@@ -202,7 +202,9 @@ def test_calibration_errors_leave_the_model_as_it_was(tmp_path):
     with pytest.raises(fxquant.CalibrationError, match="needs calibration data"):
         fxquant.compile(model, batches[0], config=_cfg(smoothquant=0.5))
     with pytest.raises(fxquant.CalibrationError, match="nothing uses it"):
-        fxquant.compile(model, batches[0], config=_cfg(), calibration=batches)
+        fxquant.compile(model, batches[0], config=_cfg(activation_scheme="dynamic-per-token"), calibration=batches)
+    with pytest.raises(fxquant.CalibrationError, match="nothing uses it"):  # auto: a static form for cpu only
+        fxquant.compile(model, batches[0], config=_cfg(target="cuda"), calibration=batches)
     with pytest.raises(ValueError, match="smoothquant=1.5"):
         fxquant.QuantConfig(smoothquant=1.5)
     with pytest.raises(ValueError, match="activation_scheme='static'"):
@@ -229,3 +231,37 @@ def test_static_scale_runs_in_onednns_own_epilogue(activation, out_dtype):
     assert got.dtype == out_dtype
     # measured: <= 2.4e-7 (fp32, |y| ~ 2) and 0 (bf16) apart
     torch.testing.assert_close(got, want, rtol=1e-5 if out_dtype == torch.float32 else 1e-2, atol=1e-5)
+
+
+def test_auto_scheme_measures_static_smoothquant_against_dynamic_and_keeps_the_best():
+    """activation_scheme="auto" (the default) with calibration data: dynamic per-token and static per-tensor with
+    each SmoothQuant α are compiled and scored (output cosine against the float model on the calibration batches);
+    the most accurate static form is returned when it is within AUTO_STATIC_TOLERANCE of dynamic's, else the
+    dynamic model; the report says which and why. Without calibration, auto is dynamic per-token."""
+    from fxquant.config import AUTO_SMOOTHQUANT_ALPHAS, AUTO_STATIC_TOLERANCE
+
+    model = _OutlierMLP().eval()
+    batches = _batches()
+    assert fxquant.QuantConfig().activation_scheme == "auto"
+    plain = fxquant.compile(model, batches[0], config=_cfg(), progress=False)
+    assert plain.config.activation_scheme == "dynamic-per-token" and plain.scheme_scores is None
+    qm = fxquant.compile(model, batches[0], config=_cfg(), calibration=iter(batches), progress=False)  # read once
+    scores = qm.scheme_scores
+    statics = {f"static-per-tensor, smoothquant={a}": a for a in AUTO_SMOOTHQUANT_ALPHAS}
+    assert set(scores) == {"dynamic-per-token", *statics}
+    assert all(0.9 < lo <= mean <= 1.0 + 1e-6 for mean, lo in scores.values()), scores
+    best = max(statics, key=lambda n: scores[n][0])
+    if scores[best][0] >= scores["dynamic-per-token"][0] - AUTO_STATIC_TOLERANCE:
+        assert (qm.config.activation_scheme, qm.config.smoothquant) == ("static-per-tensor", statics[best])
+    else:
+        assert (qm.config.activation_scheme, qm.config.smoothquant) == ("dynamic-per-token", None)
+    # the outlier channels make α matter: the strengths measured give different accuracies
+    assert max(scores[n][0] for n in statics) - min(scores[n][0] for n in statics) > 1e-5, scores
+    # the score of the returned model is what it computes on the calibration batches
+    with torch.no_grad():
+        cos = torch.cat([F.cosine_similarity(qm(x).reshape(x.shape[0], -1), model(x).reshape(x.shape[0], -1), dim=-1)
+                         for (x,) in batches])
+    chosen = best if qm.config.activation_scheme == "static-per-tensor" else "dynamic-per-token"
+    assert abs(float(cos.mean()) - scores[chosen][0]) < 1e-6
+    note = [n for n in qm.report().notes if n.kind.value == "scheme"]
+    assert len(note) == 1 and f"chose {chosen}" in note[0]

@@ -26,6 +26,7 @@ class NoteKind(str, enum.Enum):
     COMPUTE_DTYPE = "compute_dtype"            # QuantConfig.compute_dtype applied or not
     PLAN = "plan"                              # the plan overrode a method's own decision
     GENERATION = "generation"                  # prefill/decode methods with a KV cache; decode's weight-only Linears
+    SCHEME = "scheme"                          # activation_scheme="auto": the scheme measured and chosen
 
 
 class Note(str):
