@@ -621,7 +621,8 @@ def _first_float(out: Any) -> torch.Tensor:
 def _compile_auto_scheme(model, example_inputs, config: QuantConfig, calibration, kwargs: dict) -> QuantizedModel:
     """``activation_scheme="auto"`` with calibration data (cpu target): compile dynamic per-token and static per-tensor
     with SmoothQuant at each α of :data:`fxquant.config.AUTO_SMOOTHQUANT_ALPHAS`, score each by the cosine of its
-    output (first float tensor, per sample) against the float model's on the calibration batches, and return the
+    output (first float tensor, per sample, padding positions of an ``attention_mask`` left out) against the float
+    model's on the calibration batches, and return the
     most accurate static model if its mean cosine is within :data:`fxquant.config.AUTO_STATIC_TOLERANCE` of the
     dynamic one's, else the dynamic model. The scores go to the report (note kind ``scheme``) and to
     ``qmodel.scheme_scores``."""
@@ -640,13 +641,20 @@ def _compile_auto_scheme(model, example_inputs, config: QuantConfig, calibration
         for m, f in flags.items():
             m.training = f
 
+    def real(t: torch.Tensor, k: dict) -> torch.Tensor:
+        """[B, -1] per sample; positions a padding mask marks 0 (``attention_mask`` [B, S] over an output [B, S, ...])
+        are zeroed: what a model returns for padding is unconstrained and would dominate the score."""
+        mask = k.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and t.dim() >= 2 and tuple(t.shape[:2]) == tuple(mask.shape):
+            t = t * (mask != 0).reshape(*mask.shape, *([1] * (t.dim() - 2))).to(t.dtype)
+        return t.reshape(t.shape[0], -1)
+
     def score(qm: QuantizedModel) -> tuple[float, float]:
         cos = []
         with torch.no_grad():
             for (a, k), r in zip(calls, ref):
                 out = _first_float(qm(*a, **k)).float()
-                cos.append(torch.nn.functional.cosine_similarity(out.reshape(out.shape[0], -1),
-                                                                 r.reshape(r.shape[0], -1), dim=-1))
+                cos.append(torch.nn.functional.cosine_similarity(real(out, k), real(r, k), dim=-1))
         c = torch.cat(cos)
         return float(c.mean()), float(c.min())
 
