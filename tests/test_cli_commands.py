@@ -97,8 +97,10 @@ def test_quantize_json_report(llama_dir, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------- export-onnx
-@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static-qdq"])
+@pytest.mark.parametrize("static", [False, True, "auto"], ids=["dynamic", "static-qdq", "auto"])
 def test_export_onnx_of_minilm_runs_in_onnxruntime(static, tmp_path, tokenizer, capsys):
+    """--static exports QDQ; --calibration alone measures the schemes on the samples (activation_scheme auto) and
+    exports the one chosen, naming it and the scores."""
     ort = pytest.importorskip("onnxruntime")
     onnx = pytest.importorskip("onnx")
     out = tmp_path / "minilm.onnx"
@@ -106,9 +108,13 @@ def test_export_onnx_of_minilm_runs_in_onnxruntime(static, tmp_path, tokenizer, 
     if static:
         cal = tmp_path / "cal.jsonl"
         cal.write_text("\n".join(json.dumps({"text": t}) for t in load_sentences(8)) + "\n")
-        argv += ["--static", "--calibration", str(cal), "--qdq-dtype", "uint8"]
+        argv += ["--calibration", str(cal), "--qdq-dtype", "uint8"] + (["--static"] if static is True else [])
     assert cli.main(argv) == 0
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote" in printed
+    if static == "auto":
+        assert "chosen from --calibration" in printed and "dynamic-per-token" in printed and "smoothquant=0.9" in printed
+        static = "static QDQ" in printed
     assert [p.name for p in tmp_path.iterdir() if p.suffix != ".jsonl"] == ["minilm.onnx"]  # no temporary left
     ops = {n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node}
     if static:

@@ -75,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out", help="the .onnx file to write (its folder must exist; written under a temporary name, then renamed)")
     e.add_argument("--static", action="store_true", help="static per-tensor scales as QuantizeLinear/DequantizeLinear "
                                                          "(needs --calibration); default: dynamic per-token MatMulInteger")
-    e.add_argument("--calibration", default=None, metavar="FILE", help="text samples, one per line (or JSON lines with a \"text\" field)")
+    e.add_argument("--calibration", default=None, metavar="FILE",
+                   help="text samples, one per line (or JSON lines with a \"text\" field); without --static, fxquant "
+                        "measures dynamic against static + SmoothQuant on them and exports the form it chose "
+                        "(activation_scheme auto)")
     e.add_argument("--qdq-dtype", choices=("int8", "uint8"), default="int8",
                    help="--static: the activations' type (int8: TensorRT/OpenVINO; uint8: ONNX Runtime x86)")
     e.add_argument("--min-ratio", type=float, default=None, help="override the target's K*N/(K+N) threshold")
@@ -243,10 +246,11 @@ def run_export_onnx(args: argparse.Namespace) -> None:
         raise _UsageError(f"the folder of {args.out!r}, {str(out.parent)!r}, does not exist: create it first")
     if out.is_dir():
         raise _UsageError(f"{args.out!r} is a directory: give the .onnx file to write")
-    _calibration_args(args, args.static, "--static")
+    auto = args.calibration is not None and not args.static  # the scheme measured and chosen on the samples
+    _calibration_args(args, args.static or auto, "--static")
     try:
-        config = QuantConfig(activation_scheme="static-per-tensor" if args.static else "dynamic-per-token",
-                             min_ratio=args.min_ratio)
+        config = QuantConfig(activation_scheme="static-per-tensor" if args.static else "auto" if auto else
+                             "dynamic-per-token", min_ratio=args.min_ratio)
     except ValueError as e:
         raise _UsageError(str(e)) from None
     texts = read_calibration(args.calibration) if args.calibration else None
@@ -261,7 +265,12 @@ def run_export_onnx(args: argparse.Namespace) -> None:
         os.umask(umask)
         os.chmod(out, 0o666 & ~umask)
     rep = qmodel.report()
-    form = f"static QDQ ({args.qdq_dtype})" if args.static else "dynamic per-token (MatMulInteger)"
+    static = qmodel.config.activation_scheme == "static-per-tensor"
+    form = f"static QDQ ({args.qdq_dtype})" if static else "dynamic per-token (MatMulInteger)"
+    if auto:
+        form += (f", chosen from --calibration: {qmodel.config.activation_scheme}, smoothquant="
+                 f"{qmodel.config.smoothquant} (output cosine mean / min on the samples: " + "; ".join(
+                     f"{k} {m:.4f} / {lo:.4f}" for k, (m, lo) in (qmodel.scheme_scores or {}).items()) + ")")
     print(f"{_report_text(args.model_dir, qmodel)}\n\nwrote {out}: {rep.num_int8} int8 Linear(s), {form}")
 
 
