@@ -34,7 +34,6 @@ import torch
 
 import fxquant
 from fxquant.app import evaluation
-from fxquant.ir import reference
 from fxquant.kernels import common as kc
 from fxquant.targets import backends
 
