@@ -170,6 +170,7 @@ def describe_machine() -> dict:
         "mkldnn (oneDNN) available": torch.backends.mkldnn.is_available(),
         "oneDNN uses ACL": getattr(torch.backends.mkldnn, "is_acl_available", lambda: "?")(),
         "KleidiAI in this torch": getattr(getattr(torch.backends, "kleidiai", None), "is_available", lambda: "?")(),
+        "aten ops with KleidiAI kernels (dyn_quant)": " ".join(n for n in dir(torch.ops.aten) if "dyn_quant" in n) or "-",
         "oneDNN int8 Linear (qlinear_pointwise)": backends.onednn_available(),
         "oneDNN exact at full range (probe)": backends._probe_int8_full_range_exact(),
         "Triton installed / CPU backend": f"{kc.HAS_TRITON} / {kc.cpu_backend_available()}",

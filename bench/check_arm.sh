@@ -3,8 +3,8 @@
 # through binfmt_misc, a root file system made by mmdebstrap) with torch's aarch64 wheel, in which this checkout
 # is installed and checked:
 #   (a) the tests that touch the arm-sve2 target and the CPU int8 backends (tests/test_heuristics.py,
-#       tests/test_numerics.py) and a subset of tests/test_kernels.py under TRITON_INTERPRET=1 (Triton has no CPU
-#       backend on aarch64);
+#       tests/test_numerics.py) and tests/test_kernels.py under TRITON_INTERPRET=1 (Triton has no CPU backend on
+#       aarch64);
 #   (b) bench/check_arm.py: a LayerNorm->Linear->GELU->Linear MLP and the real all-MiniLM-L6-v2 compiled for
 #       arm-sve2 (and for cpu, for the comparison), every int8 GEMM checked against an int32 reference.
 # Emulation checks what runs and what it computes; its timings say nothing about ARM's speed.
@@ -19,7 +19,7 @@
 #   FXQUANT_ARM_CPU=max,sme=off   QEMU's CPU model and options (see QCPU_BASE below for why SME is off)
 #   FXQUANT_ARM_TESTS=all      run the pytest part at every vector length (all), the first only (first) or not at
 #                              all (none); bench/check_arm.py runs at every vector length
-#   FXQUANT_ARM_K="..."        the -k expression that selects tests/test_kernels.py's subset
+#   FXQUANT_ARM_PYTEST="..."   pytest's arguments (default: the three files named at PYTEST_ARGS below)
 #   FXQUANT_ARM_SENTENCES=16   sentences of the MiniLM check
 #   FXQUANT_ARM_SETUP_ONLY=1   build or update the guest and stop
 #   FXQUANT_ARM_SUITE=bookworm, FXQUANT_ARM_MIRROR=http://deb.debian.org/debian   the Debian release and mirror
@@ -42,13 +42,9 @@ SENTENCES=${FXQUANT_ARM_SENTENCES:-16}
 SUITE=${FXQUANT_ARM_SUITE:-bookworm}
 MIRROR=${FXQUANT_ARM_MIRROR:-http://deb.debian.org/debian}
 REQS=bench/check_arm-requirements.txt
-# tests/test_kernels.py under Triton's interpreter: every exactness test of the int8 GEMM, quantize and norm-quant
-# kernels, at their smaller shapes (the whole file takes hours under emulation)
-K_DEFAULT="test_gemm_int32_accumulation_is_exact or test_quantize_is_bit_exact or test_layer_norm_quant_matches_reference \
-or (test_gemm_epilogue_matches_activation_torch and float32) or test_swiglu_gemm_is_the_gate_and_up_linears \
-or test_gemm_strided_activation_and_no_bias or test_quantize_zero_and_nonfinite_rows \
-or test_rms_norm_quant_reference_is_hugging_face_and_torch or test_activation_torch_definitions"
-KSEL=${FXQUANT_ARM_K:-$K_DEFAULT}
+# the tests that touch the arm-sve2 target (test_heuristics), the CPU int8 backends (test_numerics: aten and oneDNN,
+# exact at full range) and the Triton kernels under the interpreter (test_kernels): ~4 min per vector length here
+PYTEST_ARGS=${FXQUANT_ARM_PYTEST:-tests/test_heuristics.py tests/test_numerics.py tests/test_kernels.py}
 HOST_ARCH=$(uname -m)
 T0=$SECONDS
 
@@ -173,10 +169,8 @@ first=1
 for vl in $VLS; do
   if [ "$vl" = none ]; then qcpu=$QCPU_BASE; else qcpu=$QCPU_BASE,sve-default-vector-length=$vl; fi
   if [ "$TESTS" = all ] || { [ "$TESTS" = first ] && [ "$first" = 1 ]; }; then
-    step "pytest tests/test_heuristics.py tests/test_numerics.py (QEMU_CPU=$qcpu)" \
-      guest "$qcpu" /bin/sh -c 'cd /opt/fxquant-src && python -P -m pytest -q tests/test_heuristics.py tests/test_numerics.py'
-    step "pytest tests/test_kernels.py subset, TRITON_INTERPRET=1 (QEMU_CPU=$qcpu)" \
-      guest "$qcpu" /bin/sh -c 'cd /opt/fxquant-src && TRITON_INTERPRET=1 python -P -m pytest -q tests/test_kernels.py -k "$0"' "$KSEL"
+    step "pytest $PYTEST_ARGS, TRITON_INTERPRET=1 (QEMU_CPU=$qcpu)" \
+      guest "$qcpu" /bin/sh -c "cd /opt/fxquant-src && TRITON_INTERPRET=1 python -P -m pytest -q $PYTEST_ARGS"
   fi
   step "bench/check_arm.py (QEMU_CPU=$qcpu)" \
     guest "$qcpu" python -P /opt/fxquant-src/bench/check_arm.py --sentences "$SENTENCES"
