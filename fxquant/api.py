@@ -84,7 +84,7 @@ class QuantizedModel(torch.nn.Module):
         # any dtype move, so it is only ever set while the two differ)
         self._io_dtype: Optional[torch.dtype] = None
         self._masters: dict[int, torch.Tensor] = {}  # id(rounded compute tensor) -> the model's own (compute_dtype)
-        self._last_conversion: dict = {}
+        self._conversion: Optional[dict] = None  # set only while _apply_compute_dtype's dtype move runs
         self._generation_state = GenerationState()  # the decode step's CUDA graph, once captured
         self._compile_generation: Optional[bool] = None  # compile(..., compile_generation=...); None: on CUDA
         self.scheme_scores: Optional[dict] = None  # activation_scheme="auto": {candidate: (mean, min) cosine}
@@ -278,8 +278,12 @@ class QuantizedModel(torch.nn.Module):
                 if buf is not None:
                     mod._buffers[name] = convert(buf, _keeps_fp32(name))
         self.program.store.rebind(lambda t: memo[id(t)][1] if id(t) in memo else t)
-        self._last_conversion = memo
-        self._masters = {}  # the caller chose new tensors: nothing is rounded from a master any more
+        if self._conversion is not None:  # _apply_compute_dtype is asking what was rounded
+            self._conversion.update(memo)
+        if new is not None and new != old:
+            self._masters = {}  # the caller chose the dtype: nothing is rounded from a master any more
+        else:  # a device move: the masters move along (keyed by the moved compute tensors)
+            self._masters = {id(memo[k][1]): fn(m) for k, m in self._masters.items() if k in memo}
         if new is not None and new != old:
             self._float_dtype = new
             if self.config.out_dtype is None:
@@ -298,12 +302,16 @@ class QuantizedModel(torch.nn.Module):
                       "dtypes are mixed or fixed by QuantConfig.out_dtype, so the model has no one float dtype to replace",
                       "compile")
             return
-        self.to(want)  # before calibration: the static scales are those of what runs
+        self._conversion = {}
+        try:
+            self.to(want)  # before calibration: the static scales are those of what runs
+            conversion = self._conversion
+        finally:
+            self._conversion = None
         self._io_dtype = have
         # the tensors .to() rounded -> the model's own (the user's Parameters and buffers, unrounded): the masters
         # that save_pretrained / export_onnx / state_dict read (_exact_floats); no copy is made
-        self._masters = {id(new): old for old, new in self._last_conversion.values()
-                         if new is not old and new.dtype != old.dtype}
+        self._masters = {id(new): old for old, new in conversion.values() if new is not old and new.dtype != old.dtype}
         notes.add(NoteKind.COMPUTE_DTYPE, f"float work in {str(want).replace('torch.', '')} (QuantConfig.compute_dtype); "
                   f"inputs and outputs stay {str(have).replace('torch.', '')}", "compile")
 

@@ -43,7 +43,6 @@ class GenerationState:
     graphs: bool = True  # CUDA graphs on CUDA (False: every call runs the graph module, for measurements)
     # method -> torch.compile of its graph (compile(..., compile_generation=...)), made on first use
     compiled: dict = field(default_factory=dict)
-    compile_s: dict = field(default_factory=dict)  # method -> seconds its first compiled call took
 
 
 GENERATION_METHODS = ("prefill", "decode")
@@ -65,11 +64,10 @@ def compiled_graph(qmodel, method: str, gm):
     def first_call(*args):
         t0 = time.perf_counter()
         out = compiled(*args)
-        state.compile_s[method] = time.perf_counter() - t0
         state.compiled[method] = compiled
         if qmodel._report is not None:
             qmodel._report.notes.add(NoteKind.GENERATION, f"{method}: compiled by torch.compile (Inductor) on first "
-                                     f"use in {state.compile_s[method]:.1f} s", "generate")
+                                     f"use in {time.perf_counter() - t0:.1f} s", "generate")
         return out
 
     return first_call
@@ -235,10 +233,16 @@ def _device_of(program) -> torch.device:
     return program.methods["decode"].graph_module.kv_cache.k_0.device
 
 
+def _graphed(qmodel, device: torch.device) -> bool:
+    """Whether prefill and decode replay CUDA graphs on ``device``: CUDA, unless a capture failed (or a
+    measurement turned them off: ``GenerationState.graphs``)."""
+    return device.type == "cuda" and qmodel._generation_state.graphs
+
+
 def _prefill_bucket(qmodel, device: torch.device) -> int:
     """Prompt blocks are padded to a multiple of this many slots: :data:`PREFILL_BUCKET` where prefill replays
-    CUDA graphs (CUDA), else 1 (no padding)."""
-    return PREFILL_BUCKET if device.type == "cuda" and qmodel._generation_state.graphs else 1
+    CUDA graphs, else 1 (no padding)."""
+    return PREFILL_BUCKET if _graphed(qmodel, device) else 1
 
 
 def _padded_length(qmodel, prompt: int, new: int, spec, device: torch.device) -> int:
@@ -257,7 +261,7 @@ def _prefill(qmodel, rows, positions, mask_full):
     cache_position = torch.arange(prompt, device=rows.device)
     method = "prefill" if prompt > 1 else "decode"
     with torch.no_grad():
-        if method == "prefill" and rows.is_cuda and qmodel._generation_state.graphs:
+        if method == "prefill" and _graphed(qmodel, rows.device):
             return _prefill_graph(qmodel, rows, positions, cache_position, mask_full)
         return qmodel._call_graph(method, rows, positions, cache_position, mask_full)
 
@@ -309,7 +313,7 @@ def _prefill_graph(qmodel, rows, positions, cache_position, mask_full):
 def _decoder(qmodel, spec, device: torch.device):
     """The decode step: ``step(ids [B, 1], positions [B, 1], slot int, mask_full [B, L]) -> logits [B, 1, V]``.
     On CUDA a replayed CUDA graph (static buffers; ``mask_full`` is the one the graph reads)."""
-    if device.type != "cuda" or not qmodel._generation_state.graphs:
+    if not _graphed(qmodel, device):
         def step(ids, positions, slot, mask_full):
             with torch.no_grad():
                 return qmodel._call_graph("decode", ids, positions, torch.tensor([slot], device=device), mask_full)

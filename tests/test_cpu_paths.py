@@ -142,6 +142,8 @@ def test_compute_dtype_bf16_keeps_fp32_in_and_out(small_bert, sqnr, untouched, t
     assert {p.dtype for n, p in qm16.named_parameters() if p.is_floating_point()} == {torch.bfloat16}
     with torch.no_grad():
         assert torch.equal(qm16(**enc).last_hidden_state, out16.last_hidden_state)
+    qm16.to("cpu")  # a device move (here onto the same device) keeps the masters
+    assert all(torch.equal(v, sd32[k]) and v.dtype == sd32[k].dtype for k, v in qm16.state_dict().items())
     qm16.float().to(torch.bfloat16)  # a dtype move by the caller: from then on the dtypes are theirs
     assert qm16(**enc).last_hidden_state.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="compute_dtype=torch.int8"):

@@ -596,8 +596,9 @@ def _op_int8_linear(*args, **kwargs) -> torch.Tensor:
 # bytes) and skips the activation quantization pass. Measured:
 # * cpu (2 threads of an AMX Xeon, torch 2.13, bf16, Qwen2-0.5B shapes N×K 1152×896, 9728×896, 896×4864):
 #   aten._weight_int8pack_mm against bf16 F.linear: M=1 2.0–2.9× faster, M=2 1.4–1.8×, M=4 1.1–1.3×, M=8
-#   0.54–0.69× (oneDNN's AMX bf16 GEMM wins from there); fp32 activations 0.12× at M=1 (no fp32 fast path):
-#   weight-only is used for bf16/fp16 only, and only where ATen's AVX-512 kernel exists (else a scalar loop).
+#   0.54–0.69× (oneDNN's AMX bf16 GEMM wins from there). Its fp32 path is 0.12× at M=1, so fp32 activations are
+#   rounded to bf16 for it; used where the kernel is vectorized (_cpu_int8pack_vectorized: AVX-512 / AMX, and AVX2
+#   dispatch with torch >= 2.13).
 # * cuda: 64 is the ridge argument (an H200's int8 ridge is ~400 ops/byte, so a GEMM with M <= 64 is memory-bound),
 #   NOT yet a measured crossover against the W8A8 kernel. Measured so far (H200, bench/w8a16_gpu.py): the Triton
 #   W8A16 kernel against bf16 F.linear is 1.06-1.89x faster at M <= 8 and 0.79-1.41x at M = 32 (Llama-3-8B and
