@@ -104,8 +104,10 @@ __all__ = ["w8a16_gemm", "w8a16_gemm_reference", "W8A16Config", "pick_config"]
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _LAUNCHES = LaunchCache()
 _REDUCE_LAUNCHES = LaunchCache()
+_GEMV_LAUNCHES = LaunchCache()
 _MAX_BLOCK_M = 64
 _COUNTER_SLOTS = 8192  # tiles of a split-K launch served by the cached counters (more: zeroed per call)
+GEMV_MAX_M = 4  # the GEMV variant's largest M: its kernel unrolls one accumulator per row (4 of them)
 
 
 class W8A16Config(NamedTuple):
@@ -113,7 +115,15 @@ class W8A16Config(NamedTuple):
     accumulator (the gated kernel holds two); ``split_k`` programs share each output tile's K range (1: no
     split); ``swap``: the transposed product (W on the MMA's A operand); ``cvt``: 1 = bit-pattern int8
     conversion, 0 = Triton's cast; ``split_mode``: "serial" (last arriving program reduces) or "reduce"
-    (a second kernel sums the partials; kept for measurement)."""
+    (a second kernel sums the partials; kept for measurement).
+
+    ``gemv`` (M ≤ :data:`GEMV_MAX_M` only): 0 = the tl.dot kernel; 1 = the GEMV kernel without tl.dot, each
+    K block reduced with ``tl.sum`` as it is read; 2 = the GEMV kernel accumulating [BLOCK_N, BLOCK_K]
+    products elementwise and reducing once after the K loop (no cross-thread work in the loop, more
+    registers). ``True`` means 1. GEMV configs ignore ``swap``; their ``num_stages`` also pipelines the K
+    loop (``tl.range(num_stages=…)``, which pipelines loads that feed no tl.dot; 1: no pipelining) and
+    ``prefetch`` loads the next W block into registers before converting and multiplying the current one
+    (manual double buffering). ``cvt`` 1 is the fp32 bit-pattern conversion there (x is multiplied in fp32)."""
 
     block_n: int
     block_k: int
@@ -123,6 +133,8 @@ class W8A16Config(NamedTuple):
     swap: bool = True
     cvt: int = 1
     split_mode: str = "serial"
+    gemv: int = 0
+    prefetch: bool = False
 
 
 def block_m(m: int) -> int:
@@ -138,6 +150,28 @@ _TUNED = {
     (4096, 4096, False, 32): (32, 512, 1, 4, 4),    # o_proj, M = 32: 11.6 µs; the rule's 32x256 split 2: 13.2
     (1536, 8960, False, 32): (32, 256, 8, 4, 4),    # Qwen2 down, M = 32: 13.2 µs; the rule's split 6: 14.3
 }
+
+
+def gemv_block_m(m: int) -> int:
+    """BLOCK_M of the GEMV kernel: M rounded up to a power of two (1, 2 or 4; rows past M are masked)."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
+# GEMV configs measured to beat the tl.dot kernel's choice (bench/w8a16_gpu.py --gemv-only / --sweep, which print
+# ready-made entries). Empty until the lead has run that sweep on an H100 / H200: the GEMV kernel's speed is
+# unmeasured, so pick_config returns no GEMV config by default. Key: (N (I for the gated), K, gated, M) with
+# M ≤ GEMV_MAX_M; value: a W8A16Config with gemv ≥ 1, e.g.
+#     (4096, 4096, False, 1): W8A16Config(16, 512, 2, 4, 1, swap=False, cvt=1, gemv=1, prefetch=True),
+_GEMV_TUNED: dict = {}
+
+
+def _gemv_config(m: int, n: int, k: int, gated: bool, num_sms: int, x_dtype: torch.dtype) -> Optional[W8A16Config]:
+    """The GEMV config for this decode shape, or None (then the tl.dot kernel's table and rule decide). The hook
+    pick_config consults first: today only :data:`_GEMV_TUNED` (measured shapes); a rule for unmeasured shapes
+    can go here once the sweep shows one. Any x dtype: the GEMV kernel multiplies in fp32 whatever x is."""
+    if m > GEMV_MAX_M:
+        return None
+    return _GEMV_TUNED.get((n, k, gated, m))
 
 
 def _rule(m: int, n: int, k: int, gated: bool, num_sms: int) -> tuple:
@@ -174,7 +208,8 @@ def _rule(m: int, n: int, k: int, gated: bool, num_sms: int) -> tuple:
 
 def pick_config(m: int, n: int, k: int, gated: bool, num_sms: int, x_dtype: torch.dtype = torch.bfloat16) -> W8A16Config:
     """The launch configuration for M rows, output width ``n`` (I for gated), reduction ``k`` on ``num_sms``
-    SMs: :data:`_TUNED` where the H200 sweep measured the shape, else :func:`_rule`; never autotuned (a
+    SMs: a GEMV config where :data:`_GEMV_TUNED` holds one (M ≤ :data:`GEMV_MAX_M`; empty by default), else
+    :data:`_TUNED` where the H200 sweep measured the shape, else :func:`_rule`; never autotuned (a
     CUDA-graph-safe, deterministic choice). fp16 x takes the bit-pattern conversion (measured 15.4 against
     23.7 µs with Triton's cast, which is a quarter-rate I2F per element); bf16 x takes Triton's cast (its
     own bit trick: faster than ours at every shape measured); fp32 x a 64x64 tile (tf32x3: three MMAs per
@@ -182,6 +217,9 @@ def pick_config(m: int, n: int, k: int, gated: bool, num_sms: int, x_dtype: torc
     takes 3 stages, so that its wgmma operands fit in shared memory."""
     if interpreting():
         return W8A16Config(block_n=32, block_k=32)
+    gemv = _gemv_config(m, n, k, gated, num_sms, x_dtype)
+    if gemv is not None:
+        return gemv
     bm = block_m(m)
     if x_dtype == torch.float32:
         bn, bk, warps, stages = (32 if gated else 64), 64, 4, 5
@@ -235,6 +273,39 @@ if HAS_TRITON:
     def _partial_ptrs(ws_ptr, split, rows, cols, M, NW):
         """Addresses of a [BLOCK_M, BLOCK_N] tile of the split-K workspace [SPLIT_K, M, NW] (NW = N, or 2N gated)."""
         return ws_ptr + (split * M + rows[:, None]).to(tl.int64) * NW + cols[None, :]
+
+    @triton.jit
+    def _finish(acc, acc_up, rows, cols, tile, pid_k, M, N, c_ptr, stride_cm, stride_cn, w_scale_ptr, bias_ptr, ws_ptr,
+                cnt_ptr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr):
+        """The end of a program of output tile ``tile`` over K split ``pid_k`` with its fp32 [BLOCK_M, BLOCK_N]
+        accumulators: SPLIT 0 the epilogue; else the partial into the workspace, and (SPLIT 1, serial split-K)
+        the program arriving last at the tile's counter sums the partials in split order, re-zeroes the
+        counter and runs the epilogue (SPLIT 2: ``_w8a16_reduce_kernel`` does that). Shared by both kernels."""
+        if SPLIT == 0:
+            _epilogue(acc, acc_up, rows, cols, M, N, c_ptr, stride_cm, stride_cn, w_scale_ptr, bias_ptr,
+                      HAS_BIAS, ACTIVATION, GATED)
+        else:
+            NW = 2 * N if GATED else N
+            mask = (rows < M)[:, None] & (cols < N)[None, :]
+            p_ptrs = _partial_ptrs(ws_ptr, pid_k, rows, cols, M, NW)
+            tl.store(p_ptrs, acc, mask=mask)
+            if GATED:
+                tl.store(p_ptrs + N, acc_up, mask=mask)
+            if SPLIT == 1:
+                # every thread's partial is stored before the (one-thread) release of the counter
+                tl.debug_barrier()
+                arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+                if arrived == tl.num_programs(1) - 1:
+                    tot = tl.zeros_like(acc)
+                    tot_up = tl.zeros_like(acc)
+                    for s in range(0, tl.num_programs(1)):  # split order: the sum does not depend on arrival
+                        q_ptrs = _partial_ptrs(ws_ptr, s, rows, cols, M, NW)
+                        tot += tl.load(q_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                        if GATED:
+                            tot_up += tl.load(q_ptrs + N, mask=mask, other=0.0, cache_modifier=".cg")
+                    tl.atomic_xchg(cnt_ptr + tile, 0)  # left zeroed for the next launch
+                    _epilogue(tot, tot_up, rows, cols, M, N, c_ptr, stride_cm, stride_cn, w_scale_ptr, bias_ptr,
+                              HAS_BIAS, ACTIVATION, GATED)
 
     @triton.jit
     def _w8a16_gemm_kernel(
@@ -305,31 +376,181 @@ if HAS_TRITON:
             acc = tl.trans(acc)
             if GATED:
                 acc_up = tl.trans(acc_up)
-        if SPLIT == 0:
-            _epilogue(acc, acc_up, rows, cols, M, N, c_ptr, stride_cm, stride_cn, w_scale_ptr, bias_ptr,
-                      HAS_BIAS, ACTIVATION, GATED)
+        _finish(acc, acc_up, rows, cols, pid, pid_k, M, N, c_ptr, stride_cm, stride_cn, w_scale_ptr, bias_ptr, ws_ptr,
+                cnt_ptr, HAS_BIAS, ACTIVATION, GATED, SPLIT)
+
+    # ------------------------------------------------------------------------------ GEMV (M ≤ GEMV_MAX_M)
+    # Rows of x are unrolled by hand (up to 4: one accumulator per row, the rows a BLOCK_M of 1, 2 or 4 holds)
+    # rather than multiplied as a 3-D broadcast x[BM, 1, BK] · W[1, BN, BK]: in the 3-D form W's tile goes
+    # through a [BM, BN, BK] layout that Triton's layout propagation may reach by converting W through shared
+    # memory every K step, whereas here every W tile keeps the (16-byte vector) layout it is loaded in and only
+    # the x rows, BN times smaller, are broadcast into it, the shape of Triton's well-trodden GEMV kernels.
+
+    @triton.jit
+    def _gemv_x(x_ptrs, r: tl.constexpr, stride_xm, M, k_mask, MASK_K: tl.constexpr, EVEN_M: tl.constexpr):
+        """Row r of an x block [BLOCK_K] as fp32 (0 past M, and, MASK_K, past the K range): a 1-D vector that
+        broadcasts along the W tile's rows."""
+        ptrs = x_ptrs + r * stride_xm
+        if MASK_K:
+            if EVEN_M or r == 0:
+                v = tl.load(ptrs, mask=k_mask, other=0.0)
+            else:
+                v = tl.load(ptrs, mask=k_mask & _uniform_mask(M - r, 1, ptrs.shape[0]), other=0.0)
         else:
-            NW = 2 * N if GATED else N
-            mask = (rows < M)[:, None] & (cols < N)[None, :]
-            p_ptrs = _partial_ptrs(ws_ptr, pid_k, rows, cols, M, NW)
-            tl.store(p_ptrs, acc, mask=mask)
+            if EVEN_M or r == 0:
+                v = tl.load(ptrs)
+            else:
+                v = tl.load(ptrs, mask=_uniform_mask(M - r, 1, ptrs.shape[0]), other=0.0)
+        return v.to(tl.float32)
+
+    @triton.jit
+    def _uniform_mask(rem, R: tl.constexpr, C: tl.constexpr):
+        """(rem > 0) as an [R, C] (R = 1: [C]) mask, every element the same: the form whose constancy Triton's
+        axis analysis sees, so masked loads still vectorize (a scalar mask would too when compiled, but Triton
+        3.9's interpreter splats a scalar i1 as int32 and rejects it)."""
+        if R == 1:
+            return tl.zeros((C,), dtype=tl.int32) < rem
+        else:
+            return tl.zeros((R, C), dtype=tl.int32) < rem
+
+    @triton.jit
+    def _gemv_fma(a, wf, xv, DEFER: tl.constexpr):
+        """One row's accumulator += W_tile · x_block: DEFER keeps the [BLOCK_N, BLOCK_K] products elementwise
+        (summed after the K loop), else the block's dot products are summed along K now (``tl.sum``)."""
+        if DEFER:
+            return a + wf * xv[None, :]
+        else:
+            return a + tl.sum(wf * xv[None, :], axis=1)
+
+    @triton.jit
+    def _gemv_step(a0, a1, a2, a3, g0, g1, g2, g3, wt, ut, x_ptrs, stride_xm, M, k_mask,
+                   MASK_K: tl.constexpr, EVEN_M: tl.constexpr, GATED: tl.constexpr, CVT: tl.constexpr,
+                   DEFER: tl.constexpr, BLOCK_M: tl.constexpr):
+        """One K block: the int8 tile(s) converted to fp32 once, multiplied by each of the BLOCK_M x rows
+        (a0..a3: W rows n; g0..g3, GATED: W rows N + n); rows ≥ BLOCK_M keep their (unused) accumulators."""
+        x0 = _gemv_x(x_ptrs, 0, stride_xm, M, k_mask, MASK_K, EVEN_M)
+        wf = _convert(wt, tl.float32, CVT)
+        a0 = _gemv_fma(a0, wf, x0, DEFER)
+        if GATED:
+            uf = _convert(ut, tl.float32, CVT)
+            g0 = _gemv_fma(g0, uf, x0, DEFER)
+        if BLOCK_M > 1:
+            x1 = _gemv_x(x_ptrs, 1, stride_xm, M, k_mask, MASK_K, EVEN_M)
+            a1 = _gemv_fma(a1, wf, x1, DEFER)
             if GATED:
-                tl.store(p_ptrs + N, acc_up, mask=mask)
-            if SPLIT == 1:
-                # every thread's partial is stored before the (one-thread) release of the counter
-                tl.debug_barrier()
-                arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
-                if arrived == tl.num_programs(1) - 1:
-                    tot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                    tot_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                    for s in range(0, tl.num_programs(1)):  # split order: the sum does not depend on arrival
-                        q_ptrs = _partial_ptrs(ws_ptr, s, rows, cols, M, NW)
-                        tot += tl.load(q_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-                        if GATED:
-                            tot_up += tl.load(q_ptrs + N, mask=mask, other=0.0, cache_modifier=".cg")
-                    tl.atomic_xchg(cnt_ptr + pid, 0)  # left zeroed for the next launch
-                    _epilogue(tot, tot_up, rows, cols, M, N, c_ptr, stride_cm, stride_cn, w_scale_ptr, bias_ptr,
-                              HAS_BIAS, ACTIVATION, GATED)
+                g1 = _gemv_fma(g1, uf, x1, DEFER)
+        if BLOCK_M > 2:
+            x2 = _gemv_x(x_ptrs, 2, stride_xm, M, k_mask, MASK_K, EVEN_M)
+            x3 = _gemv_x(x_ptrs, 3, stride_xm, M, k_mask, MASK_K, EVEN_M)
+            a2 = _gemv_fma(a2, wf, x2, DEFER)
+            a3 = _gemv_fma(a3, wf, x3, DEFER)
+            if GATED:
+                g2 = _gemv_fma(g2, uf, x2, DEFER)
+                g3 = _gemv_fma(g3, uf, x3, DEFER)
+        return a0, a1, a2, a3, g0, g1, g2, g3
+
+    @triton.jit
+    def _gemv_stack(a0, a1, a2, a3, DEFER: tl.constexpr, BLOCK_M: tl.constexpr):
+        """The row accumulators as one fp32 [BLOCK_M, BLOCK_N] tile (DEFER: each reduced along K first)."""
+        if DEFER:
+            a0 = tl.sum(a0, axis=1)
+        r = tl.arange(0, BLOCK_M)[:, None]
+        acc = tl.where(r == 0, a0[None, :], 0.0)
+        if BLOCK_M > 1:
+            if DEFER:
+                a1 = tl.sum(a1, axis=1)
+            acc = tl.where(r == 1, a1[None, :], acc)
+        if BLOCK_M > 2:
+            if DEFER:
+                a2 = tl.sum(a2, axis=1)
+                a3 = tl.sum(a3, axis=1)
+            acc = tl.where(r == 2, a2[None, :], acc)
+            acc = tl.where(r == 3, a3[None, :], acc)
+        return acc
+
+    @triton.jit
+    def _w8a16_gemv_kernel(
+        x_ptr, w_ptr, c_ptr, w_scale_ptr, bias_ptr, ws_ptr, cnt_ptr,
+        M, N, K, K_SPLIT,
+        stride_xm, stride_xk, stride_wn, stride_wk, stride_cm, stride_cn,
+        HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, EVEN_M: tl.constexpr,
+        EVEN_K: tl.constexpr, SPLIT: tl.constexpr, CVT: tl.constexpr, DEFER: tl.constexpr, PREFETCH: tl.constexpr,
+        LOOP_STAGES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """The GEMV variant (M ≤ BLOCK_M ≤ 4, no tl.dot): program (pid_n, pid_k) computes the [BLOCK_M, BLOCK_N]
+        output tile of W rows pid_n · BLOCK_N + [0, BLOCK_N) (GATED: and their up_proj twins N + n) over the K
+        range [pid_k · K_SPLIT, (pid_k + 1) · K_SPLIT), as Σ_k fp32(x[m, k]) · fp32(W_q[n, k]) with fp32 FMAs,
+        then finishes exactly as the tl.dot kernel (``_finish``: epilogue, or the split-K partial and the
+        serial in-order reduction). W is streamed in K-contiguous [BLOCK_N, BLOCK_K] int8 tiles (16-byte
+        vector loads, ``evict_first``: each byte is read once); whole K blocks take unmasked loads, only the
+        K tail (odd K, last split) a masked step after the loop."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_wn = cols % N  # W rows past N wrap onto real ones (no mask in the loop); the stores mask them
+        k_lo = pid_k * K_SPLIT
+        k_hi = tl.minimum(K, k_lo + K_SPLIT)
+        if EVEN_K:
+            k_full = k_hi
+        else:
+            k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K  # end of the whole K blocks
+        offs_k = tl.arange(0, BLOCK_K)
+        w_ptrs = w_ptr + offs_wn[:, None].to(tl.int64) * stride_wn + (k_lo + offs_k)[None, :] * stride_wk
+        u_ptrs = w_ptrs + tl.cast(N, tl.int64) * stride_wn  # GATED only: up_proj rows N + n
+        x_ptrs = x_ptr + (k_lo + offs_k) * stride_xk  # row 0; row r at + r · stride_xm
+        if DEFER:
+            a0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        else:
+            a0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        # rows ≥ BLOCK_M and the up accumulators of a plain launch are never updated (loop-invariant: the
+        # compiler drops them)
+        a1 = a0
+        a2 = a0
+        a3 = a0
+        g0 = a0
+        g1 = a0
+        g2 = a0
+        g3 = a0
+        if PREFETCH:  # the first block; each step then loads the next before using the current one
+            first = _uniform_mask(k_full - k_lo, 1, BLOCK_K)[None, :]
+            wn = tl.load(w_ptrs, mask=first, other=0, eviction_policy="evict_first")
+            un = wn
+            if GATED:
+                un = tl.load(u_ptrs, mask=first, other=0, eviction_policy="evict_first")
+        for k in tl.range(k_lo, k_full, BLOCK_K, num_stages=LOOP_STAGES):
+            if PREFETCH:
+                wt = wn
+                ut = un
+                nxt = _uniform_mask(k_full - k - BLOCK_K, 1, BLOCK_K)[None, :]  # k + BLOCK_K < k_full
+                wn = tl.load(w_ptrs + BLOCK_K * stride_wk, mask=nxt, other=0, eviction_policy="evict_first")
+                if GATED:
+                    un = tl.load(u_ptrs + BLOCK_K * stride_wk, mask=nxt, other=0, eviction_policy="evict_first")
+            else:
+                wt = tl.load(w_ptrs, eviction_policy="evict_first")
+                ut = wt
+                if GATED:
+                    ut = tl.load(u_ptrs, eviction_policy="evict_first")
+            a0, a1, a2, a3, g0, g1, g2, g3 = _gemv_step(a0, a1, a2, a3, g0, g1, g2, g3, wt, ut, x_ptrs, stride_xm, M,
+                                                        offs_k, False, EVEN_M, GATED, CVT, DEFER, BLOCK_M)
+            w_ptrs += BLOCK_K * stride_wk
+            u_ptrs += BLOCK_K * stride_wk
+            x_ptrs += BLOCK_K * stride_xk
+        if not EVEN_K:
+            if k_full < k_hi:  # the K tail (only the last split has one): a masked step
+                k_mask = (k_full + offs_k) < k_hi
+                wt = tl.load(w_ptrs, mask=k_mask[None, :], other=0)
+                ut = wt
+                if GATED:
+                    ut = tl.load(u_ptrs, mask=k_mask[None, :], other=0)
+                a0, a1, a2, a3, g0, g1, g2, g3 = _gemv_step(a0, a1, a2, a3, g0, g1, g2, g3, wt, ut, x_ptrs, stride_xm,
+                                                            M, k_mask, True, EVEN_M, GATED, CVT, DEFER, BLOCK_M)
+        acc = _gemv_stack(a0, a1, a2, a3, DEFER, BLOCK_M)
+        acc_up = acc
+        if GATED:
+            acc_up = _gemv_stack(g0, g1, g2, g3, DEFER, BLOCK_M)
+        rows = tl.arange(0, BLOCK_M)
+        _finish(acc, acc_up, rows, cols, pid_n, pid_k, M, N, c_ptr, stride_cm, stride_cn, w_scale_ptr, bias_ptr, ws_ptr,
+                cnt_ptr, HAS_BIAS, ACTIVATION, GATED, SPLIT)
 
     @triton.jit
     def _w8a16_reduce_kernel(
@@ -429,7 +650,10 @@ def w8a16_gemm(
     has_bias = bias is not None
     bias_arg = bias.contiguous() if has_bias else w_scale  # any valid pointer; unread when HAS_BIAS=False
     cfg = config or pick_config(m, n, k, gated, _num_sms(x.device), x.dtype)
-    bm, bn, bk = block_m(m), cfg.block_n, cfg.block_k
+    gemv = int(cfg.gemv)
+    if gemv and m > GEMV_MAX_M:
+        raise ValueError(f"w8a16_gemm: a GEMV config (gemv={cfg.gemv}) serves M <= {GEMV_MAX_M}, got M={m}")
+    bm, bn, bk = (gemv_block_m(m) if gemv else block_m(m)), cfg.block_n, cfg.block_k
     # split-K: SPLIT_K programs per tile, each over a whole number of K blocks (the last may run short)
     per_split = cdiv(cdiv(k, bk), max(1, cfg.split_k))
     split_k = cdiv(cdiv(k, bk), per_split)
@@ -441,23 +665,36 @@ def w8a16_gemm(
         cnt = _counters(x.device, tiles) if split_mode == 1 else ws
     else:
         ws = cnt = c  # unread
-    precision = "tf32x3" if x.dtype == torch.float32 else "tf32"  # "tf32" is unused for 16-bit x
-    # Triton's interpreter (3.9) multiplies bf16 tiles as their uint16 bit patterns in tl.dot and casts int8 to
-    # bf16 the same way; there the bf16 product runs in fp32, which gives the same exact products
-    dot_dtype = tl.float32 if x.dtype == torch.bfloat16 and interpreting() else _TL_DTYPES[x.dtype]
     even_k = k % bk == 0
     ints = (m, n, k, k_split, x.stride(0), x.stride(1), w_q.stride(0), w_q.stride(1), c.stride(0), c.stride(1))
-    consts = (has_bias, activation, gated, m % bm == 0, even_k, split_mode, bool(cfg.swap), cfg.cvt, precision, dot_dtype, bm, bn, bk)
     tensors = (x, w_q, c, w_scale, bias_arg, ws, cnt)
-    key, hit = _LAUNCHES.lookup(x.device, (consts, cfg.num_warps, cfg.num_stages), tensors, ints)
-    if hit is not None:
-        hit((tiles, split_k), x.device, tensors + ints + consts)
+    if gemv:  # constexprs in the kernel's signature order (the cached relaunch passes them positionally)
+        consts = (has_bias, activation, gated, m % bm == 0, even_k, split_mode, cfg.cvt, gemv == 2, bool(cfg.prefetch),
+                  cfg.num_stages, bm, bn, bk)
+        key, hit = _GEMV_LAUNCHES.lookup(x.device, (consts, cfg.num_warps, cfg.num_stages), tensors, ints)
+        if hit is not None:
+            hit((tiles, split_k), x.device, tensors + ints + consts)
+        else:
+            compiled = _w8a16_gemv_kernel[(tiles, split_k)](
+                *tensors, *ints, HAS_BIAS=has_bias, ACTIVATION=activation, GATED=gated, EVEN_M=m % bm == 0, EVEN_K=even_k,
+                SPLIT=split_mode, CVT=cfg.cvt, DEFER=gemv == 2, PREFETCH=bool(cfg.prefetch), LOOP_STAGES=cfg.num_stages,
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            _GEMV_LAUNCHES.put(key, compiled)
     else:
-        compiled = _w8a16_gemm_kernel[(tiles, split_k)](
-            *tensors, *ints, HAS_BIAS=has_bias, ACTIVATION=activation, GATED=gated, EVEN_M=m % bm == 0, EVEN_K=even_k, SPLIT=split_mode,
-            SWAP=bool(cfg.swap), CVT=cfg.cvt, PRECISION=precision, DOT_DTYPE=dot_dtype, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        _LAUNCHES.put(key, compiled)
+        precision = "tf32x3" if x.dtype == torch.float32 else "tf32"  # "tf32" is unused for 16-bit x
+        # Triton's interpreter (3.9) multiplies bf16 tiles as their uint16 bit patterns in tl.dot and casts int8 to
+        # bf16 the same way; there the bf16 product runs in fp32, which gives the same exact products
+        dot_dtype = tl.float32 if x.dtype == torch.bfloat16 and interpreting() else _TL_DTYPES[x.dtype]
+        consts = (has_bias, activation, gated, m % bm == 0, even_k, split_mode, bool(cfg.swap), cfg.cvt, precision, dot_dtype, bm, bn, bk)
+        key, hit = _LAUNCHES.lookup(x.device, (consts, cfg.num_warps, cfg.num_stages), tensors, ints)
+        if hit is not None:
+            hit((tiles, split_k), x.device, tensors + ints + consts)
+        else:
+            compiled = _w8a16_gemm_kernel[(tiles, split_k)](
+                *tensors, *ints, HAS_BIAS=has_bias, ACTIVATION=activation, GATED=gated, EVEN_M=m % bm == 0, EVEN_K=even_k,
+                SPLIT=split_mode, SWAP=bool(cfg.swap), CVT=cfg.cvt, PRECISION=precision, DOT_DTYPE=dot_dtype, BLOCK_M=bm,
+                BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            _LAUNCHES.put(key, compiled)
     if split_mode == 2:
         rbm, rbn = min(bm, 16), 128
         rgrid = (cdiv(m, rbm), cdiv(n, rbn))
