@@ -125,6 +125,82 @@ def test_launch_configs(cfg, x_dtype):
         assert torch.equal(got, kw.w8a16_gemm(x, w, s, b, act, config=cfg))
 
 
+# --------------------------------------------------------------------------------------------- GEMV variant
+# The GEMV kernel (W8A16Config.gemv, M <= GEMV_MAX_M) forced through its launch options: per-block tl.sum (1) and
+# deferred reduction (2), register prefetch, tl.range pipelining (num_stages > 1), both int8 conversions, no
+# split, serial split-K with the K tail in the last split, and split_mode "reduce".
+GEMV_CONFIGS = [
+    kw.W8A16Config(block_n=16, block_k=32, split_k=1, num_stages=1, cvt=1, gemv=1),
+    kw.W8A16Config(block_n=8, block_k=16, split_k=3, num_stages=3, cvt=0, gemv=1, prefetch=True),
+    kw.W8A16Config(block_n=16, block_k=64, split_k=2, num_stages=1, cvt=1, gemv=2),
+    kw.W8A16Config(block_n=8, block_k=32, split_k=2, num_stages=2, cvt=1, gemv=2, prefetch=True, split_mode="reduce"),
+]
+# (M, K, N_w, activation, bias): every M up to the cap (M = 3: a masked row of BLOCK_M = 4), odd K (K tails),
+# odd N (a partial, wrapped last W tile), gated and not
+GEMV_CASES = [(1, 100, 33, "none", True), (2, 40, 24, "swiglu", False), (3, 100, 24, "gelu", True),
+              (4, 77, 48, "geglu_tanh", True), (4, 64, 17, "relu", False)]
+
+
+def _gemv_id(c):
+    return f"g{c.gemv}n{c.block_n}k{c.block_k}s{c.split_k}{c.split_mode[0]}p{c.num_stages}c{c.cvt}{'P' if c.prefetch else ''}"
+
+
+@pytest.mark.parametrize("x_dtype", X_DTYPES)
+@pytest.mark.parametrize("cfg", GEMV_CONFIGS, ids=_gemv_id)
+def test_gemv_configs(cfg, x_dtype):
+    """Each GEMV launch option gives the float64 function within the output dtype's rounding (the MIN_SQNR of
+    the tl.dot kernel), at M = 1..4, odd K and N, gated and not, with and without bias, in x's dtype and in
+    fp32, and repeats bit for bit (split-K partials summed in split order)."""
+    for m, k, n_w, act, bias in GEMV_CASES:
+        x, w, s, b = _operands(m, k, n_w, x_dtype, seed=7 * m + k + n_w, bias=bias)
+        got = kw.w8a16_gemm(x, w, s, b, act, config=cfg)
+        _check(got, x, w, s, b, act, x_dtype)
+        assert torch.equal(got, kw.w8a16_gemm(x, w, s, b, act, config=cfg))
+        _check(kw.w8a16_gemm(x, w, s, b, act, torch.float32, config=cfg), x, w, s, b, act, torch.float32)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+def test_gemv_fp32_error_bound(x_dtype):
+    """With 16-bit x every product x·W_q is exact in fp32, so the GEMV kernel's fp32 output differs from the
+    float64 formula only by its fp32 sums (any order, split-K included) and the scale and bias roundings:
+    |err| ≤ (K + 3) · 2⁻²⁴ · (|x|·|W_q|ᵀ·s + |b|), the bound the reference meets (test below). Each row's sum
+    is the same instruction sequence whatever M is, so a row of an M = 4 launch equals its M = 1 launch bit for
+    bit, and the serial and "reduce" split-K modes (the same partials, summed in split order) agree bit for bit."""
+    for cfg in GEMV_CONFIGS:
+        x, w, s, b = _operands(4, 100, 33, x_dtype, seed=cfg.block_k + cfg.gemv)
+        got = kw.w8a16_gemm(x, w, s, b, "none", torch.float32, config=cfg).cpu().double()
+        exact = _exact(x, w, s, b, "none")
+        scale = (x.cpu().double().abs() @ w.cpu().double().abs().T) * s.cpu().double().reshape(1, -1) + b.cpu().double().abs()
+        assert ((got - exact).abs() <= (100 + 3) * 2.0 ** -24 * scale).all(), _gemv_id(cfg)
+        for r in range(4):
+            row = kw.w8a16_gemm(x[r:r + 1], w, s, b, "none", torch.float32, config=cfg).cpu().double()
+            assert torch.equal(row[0], got[r]), (_gemv_id(cfg), r)
+        if cfg.split_k > 1:
+            other = cfg._replace(split_mode="reduce" if cfg.split_mode == "serial" else "serial")
+            assert torch.equal(kw.w8a16_gemm(x, w, s, b, "none", torch.float32, config=other).cpu().double(), got)
+
+
+def test_gemv_selection(monkeypatch):
+    """pick_config returns no GEMV config by default (its speed is unmeasured), a _GEMV_TUNED entry for exactly its
+    (N, K, gated, M) once one is added, and never one past GEMV_MAX_M; the launcher refuses a GEMV config there."""
+    monkeypatch.setattr(kw, "interpreting", lambda: False)  # the table and rule path (the interpreter's is fixed)
+    shapes = [(6144, 4096, False), (4096, 4096, False), (14336, 4096, True), (4096, 14336, False), (128256, 4096, False),
+              (2048, 1536, False), (1536, 1536, False), (8960, 1536, True), (1536, 8960, False), (151936, 1536, False)]
+    for n, k, gated in shapes:
+        for m in range(1, 9):
+            assert not kw.pick_config(m, n, k, gated, 132).gemv
+    tuned = kw.W8A16Config(16, 512, 2, 4, 3, swap=False, cvt=1, gemv=1)
+    monkeypatch.setitem(kw._GEMV_TUNED, (4096, 4096, False, 1), tuned)
+    assert kw.pick_config(1, 4096, 4096, False, 132) == tuned
+    assert not kw.pick_config(2, 4096, 4096, False, 132).gemv
+    assert not kw.pick_config(1, 4096, 4096, True, 132).gemv
+    monkeypatch.setitem(kw._GEMV_TUNED, (4096, 4096, False, kw.GEMV_MAX_M + 1), tuned)
+    assert not kw.pick_config(kw.GEMV_MAX_M + 1, 4096, 4096, False, 132).gemv
+    x, w, s, _ = _operands(kw.GEMV_MAX_M + 1, 40, 24, torch.bfloat16, seed=3)
+    with pytest.raises(ValueError, match="GEMV config"):
+        kw.w8a16_gemm(x, w, s, config=GEMV_CONFIGS[0])
+
+
 def test_operand_layouts():
     """w_scale as [N] or [N, 1], a transposed (non-contiguous) x, a bias of another dtype, M = 0 and K = 0."""
     x, w, s, b = _operands(3, 40, 24, torch.bfloat16, seed=9)
