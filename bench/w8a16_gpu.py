@@ -13,6 +13,14 @@ do; µs per launch = graph replay time / launches. GB/s counts the weight bytes 
     python bench/w8a16_gpu.py                      # correctness + table with the kernel's own config choice
     python bench/w8a16_gpu.py --sweep --out DIR    # also search launch configs per shape (for pick_config);
                                                    # the table then shows each case's winner
+    python bench/w8a16_gpu.py --gemv-only --out DIR  # only: pick_config's (tl.dot) config against <= 12 GEMV
+                                                   # configs per shape at M = 1 (--gemv-ms 1,2,4 for more rows)
+
+GEMV (``W8A16Config.gemv``, M <= ``GEMV_MAX_M``): ``--sweep`` adds :func:`gemv_candidates` to its M = 1 cases (and
+the M of ``--gemv-ms`` beyond MS, against pick_config's config) and logs each case's best tl.dot and best GEMV
+config; ``--gemv-only`` runs just that comparison (plus each GEMV config's SQNR against float64) and prints
+ready-made ``_GEMV_TUNED`` entries for the shapes where a GEMV config won by more than 3 %. Both stop starting
+new cases once ``--budget`` seconds have passed since the start.
 
 The configs are compiled in parallel processes first (Triton's on-disk cache is shared), so a sweep of ~100
 specializations and ~650 timings took 23 s on an H200 host. Its results (sweep.jsonl) are what
@@ -205,7 +213,7 @@ def table(device, peak, out_dir, cfg_fn=None, baselines=True):
                 m, n_w // 2 if act == "swiglu" else n_w, k, act == "swiglu", kw._num_sms(device))
             r = bench_case(n_w, k, act, m, device, gen, cfg, baselines)
             gbs = n_w * k / r["ours"] / 1e3
-            c = f"n{cfg.block_n} k{cfg.block_k} s{cfg.split_k} w{cfg.num_warps} p{cfg.num_stages}{' T' if cfg.swap else ''}"
+            c = cfg_str(cfg)
             lin, i8 = r.get("linear"), r.get("int8pack")
             lin_s = "-" if lin is None else f"{lin:9.2f}"
             i8_s = "-" if i8 is None else f"{i8:11.2f}"
@@ -253,9 +261,57 @@ def extra_candidates(m, n_w, k, gated):
     return out
 
 
+def cfg_str(cfg) -> str:
+    """A config in a few characters: n, k, s(plit), w(arps), p(stages); T swap, c bit-pattern cvt, R split_mode
+    reduce; G1 / G2 the GEMV kernel (per-block / deferred reduction), P its register prefetch."""
+    g = f" G{int(cfg.gemv)}{'P' if cfg.prefetch else ''}" if cfg.gemv else ""
+    return (f"n{cfg.block_n} k{cfg.block_k} s{cfg.split_k} w{cfg.num_warps} p{cfg.num_stages}{' T' if cfg.swap and not cfg.gemv else ''}"
+            f"{' c' if cfg.cvt else ''}{' R' if cfg.split_mode == 'reduce' else ''}{g}")
+
+
+def gemv_split(n, k, bn, bk, num_sms, per_sm=4):
+    """Split-K of a GEMV config: enough programs for ``per_sm`` per SM (a GEMV program is light: ~40-120
+    registers, little shared memory, so several share an SM and keep more W loads in flight), each split at
+    least 2 K blocks where K has 4 or more."""
+    tiles = math.ceil(n / bn)
+    kblocks = math.ceil(k / bk)
+    cap = kblocks // 2 if kblocks >= 4 else kblocks
+    return max(1, min(math.ceil(per_sm * num_sms / tiles), cap, kw._COUNTER_SLOTS // tiles or 1))
+
+
+# GEMV configs swept at M = 1: (block_n, block_k, num_warps, num_stages, gemv, prefetch). W bytes per K step: BLOCK_N ·
+# BLOCK_K (twice that gated, whose BLOCK_N is halved). num_stages > 1 pipelines the K loop with cp.async (Triton 3.9
+# for sm_90: no layout conversion left in the loop); prefetch double-buffers W in registers instead; gemv 2 keeps
+# [BLOCK_N, BLOCK_K] fp32 partial products (BLOCK_K 1024: a warp's 512-byte row slice, no cross-warp reduction per
+# step). Compiled with Triton 3.9 for sm_90 (ptxas): 40-160 registers, no spills.
+GEMV_KINDS_M1 = [(16, 512, 4, 1, 1, False), (16, 512, 4, 1, 1, True), (16, 512, 4, 2, 1, False), (16, 512, 4, 3, 1, False),
+                 (8, 512, 4, 4, 1, False), (32, 256, 4, 3, 1, False), (32, 256, 4, 1, 1, True), (8, 1024, 4, 1, 2, False),
+                 (8, 1024, 4, 1, 2, True), (16, 1024, 8, 3, 2, False), (64, 256, 8, 1, 1, True)]
+# M = 2..4 (one accumulator per row: gemv 2 would hold BLOCK_M [BLOCK_N, BLOCK_K] fp32 tiles and spill)
+GEMV_KINDS_MN = [(16, 512, 4, 1, 1, True), (16, 512, 4, 2, 1, False), (16, 512, 4, 3, 1, False), (8, 512, 4, 4, 1, False),
+                 (32, 256, 4, 3, 1, False)]
+
+
+def gemv_candidates(m, n_w, k, gated, num_sms):
+    """At most 12 GEMV configs for one case (M <= GEMV_MAX_M): the kinds above with the split-K of
+    :func:`gemv_split`, plus, where that split is > 1, the pipelined 16x512 kind at twice the split."""
+    n = n_w // 2 if gated else n_w
+    out = []
+    for bn, bk, w, st, g, pf in (GEMV_KINDS_M1 if m == 1 else GEMV_KINDS_MN):
+        bn = max(4, bn // 2) if gated else bn
+        split = gemv_split(n, k, bn, bk, num_sms)
+        out.append(kw.W8A16Config(bn, bk, split, w, st, swap=False, cvt=1, gemv=g, prefetch=pf))
+    twin = out[3] if m == 1 else out[2]
+    more = gemv_split(n, k, twin.block_n, twin.block_k, num_sms, per_sm=8)
+    if twin.split_k > 1 and more > twin.split_k:
+        out.append(twin._replace(split_k=more))
+    return out[:12]
+
+
 def compile_key(n_w, k, act, m, cfg, xdtype):
-    return (str(xdtype), m == 1, m % 16 == 0, kw.block_m(m), act, k % cfg.block_k == 0, cfg.split_k > 1,
-            cfg.split_mode, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages, cfg.swap, cfg.cvt, n_w % 16, k % 16)
+    return (str(xdtype), m == 1, m % 16 == 0, kw.gemv_block_m(m) if cfg.gemv else kw.block_m(m), m % kw.gemv_block_m(m) == 0
+            if cfg.gemv else 0, act, k % cfg.block_k == 0, cfg.split_k > 1, cfg.split_mode, cfg.block_n, cfg.block_k,
+            cfg.num_warps, cfg.num_stages, cfg.swap, cfg.cvt, int(cfg.gemv), bool(cfg.prefetch), n_w % 16, k % 16)
 
 
 def _precompile_worker(jobs):
@@ -293,14 +349,116 @@ def precompile(jobs, procs):
     log(f"precompiled {done}")
 
 
-def sweep(device, peak, out_dir, budget_s):
+def time_configs(n_w, k, act, m, cands, device, gen, peak, f=None, check_sqnr=False):
+    """µs of each config at one case (weights streamed from HBM: enough copies, CUDA graph), as sweep records;
+    ``check_sqnr``: also each config's SQNR against float64 (one eager launch; a FAIL line below 40 dB)."""
+    copies = copies_for(n_w * k)
+    ws, s = make_weights(n_w, k, device, gen, copies)
+    x = torch.randn(m, k, device=device, generator=gen).bfloat16()
+    L = launches_for(copies)
+    ref = None
+    if check_sqnr:  # float64 in row chunks (the lm_heads' would take 4 GB at once)
+        ref = torch.cat([f64_reference(x, ws[0][i:i + 16384], s[i:i + 16384], None, "none") for i in range(0, n_w, 16384)], 1)
+        if act != "none":
+            ref = kw.activation_torch(ref, act)
+    recs = []
+    for cfg in cands:
+        try:
+            if ref is not None:
+                q = sqnr_db(ref, kw.w8a16_gemm(x, ws[0], s, None, act, config=cfg))
+                check(q >= 40, f"{n_w}x{k} {act} M={m} {cfg_str(cfg)}: SQNR {q:.1f} dB")
+            us = graph_time_us([lambda i=i: kw.w8a16_gemm(x, ws[i % copies], s, None, act, config=cfg) for i in range(L)])
+        except Exception as e:  # noqa: BLE001
+            log("failed", n_w, k, m, cfg, type(e).__name__, str(e)[:160])
+            continue
+        rec = dict(n=n_w, k=k, act=act, m=m, cfg=cfg._asdict(), us=us, pct=100 * n_w * k / us / 1e3 / peak)
+        recs.append(rec)
+        if f:
+            f.write(json.dumps(rec) + "\n")
+    return recs  # the weight copies go with this frame, before the next case allocates its own
+
+
+def rec_str(r) -> str:
+    return f"{r['us']:.2f}us {r['pct']:.0f}% {cfg_str(kw.W8A16Config(**r['cfg'])).replace(' ', '')}"
+
+
+def gemv_vs_dot(recs, default=None):
+    """One log line: the best tl.dot config's time (or pick_config's, ``default``) against the best GEMV config's."""
+    dot = sorted((r for r in recs if not r["cfg"]["gemv"]), key=lambda r: r["us"])
+    gem = sorted((r for r in recs if r["cfg"]["gemv"]), key=lambda r: r["us"])
+    if not dot or not gem:
+        return "no GEMV / tl.dot pair measured"
+    d = default if default is not None else dot[0]
+    return (f"tl.dot {'default' if default is not None else 'best'} {rec_str(d)} | GEMV best {rec_str(gem[0])} "
+            f"({d['us'] / gem[0]['us']:.2f}x) | next GEMV: " + ", ".join(rec_str(r) for r in gem[1:3]))
+
+
+def tuned_entry(r, d) -> str:
+    """A ready-made ``_GEMV_TUNED`` line for GEMV record ``r`` beating tl.dot record ``d``."""
+    c = r["cfg"]
+    gated = r["act"] == "swiglu"
+    return (f"    ({r['n'] // 2 if gated else r['n']}, {r['k']}, {gated}, {r['m']}): W8A16Config({c['block_n']}, {c['block_k']}, "
+            f"{c['split_k']}, {c['num_warps']}, {c['num_stages']}, swap=False, cvt={c['cvt']}, gemv={int(c['gemv'])}, "
+            f"prefetch={bool(c['prefetch'])}),  # {r['us']:.1f} us {r['pct']:.0f} %; tl.dot {d['us']:.1f} us")
+
+
+def gemv_ms(spec: str) -> tuple:
+    ms = tuple(int(v) for v in spec.split(",") if v.strip())
+    if not ms or any(not 1 <= v <= kw.GEMV_MAX_M for v in ms):
+        raise SystemExit(f"--gemv-ms: values in 1..{kw.GEMV_MAX_M}, got {spec!r}")
+    return ms
+
+
+def default_cfg(m, n_w, k, act, num_sms):
+    return kw.pick_config(m, n_w // 2 if act == "swiglu" else n_w, k, act == "swiglu", num_sms)
+
+
+def gemv_compare(device, peak, out_dir, budget_s, ms=(1,)):
+    """--gemv-only: at every shape and M in ``ms``, pick_config's config against :func:`gemv_candidates`, each
+    GEMV config's SQNR checked; prints the comparison and ``_GEMV_TUNED`` entries for GEMV wins > 3 %."""
+    num_sms = kw._num_sms(device)
+    plans = {}
+    for n_w, k, act, _ in SHAPES:
+        for m in ms:
+            plans[(n_w, k, act, m)] = [default_cfg(m, n_w, k, act, num_sms)] + gemv_candidates(m, n_w, k, act == "swiglu", num_sms)
+    precompile([(*case, c, torch.bfloat16) for case, cands in plans.items() for c in cands], max(1, min(15, (os.cpu_count() or 2) - 1)))
+    gen = torch.Generator(device=device).manual_seed(5)
+    f = open(os.path.join(out_dir, "gemv.jsonl"), "w") if out_dir else None
+    wins, lines = [], []
+    for (n_w, k, act, m), cands in plans.items():
+        if time.time() - T0 > budget_s:
+            log("gemv: time budget spent, stopping")
+            break
+        recs = time_configs(n_w, k, act, m, cands, device, gen, peak, f, check_sqnr=True)
+        default = next((r for r in recs if not r["cfg"]["gemv"]), None)
+        line = f"{n_w}x{k} {act} M={m}: " + gemv_vs_dot(recs, default)
+        log(line)
+        lines.append(line)
+        gem = min((r for r in recs if r["cfg"]["gemv"]), key=lambda r: r["us"], default=None)
+        if default and gem and gem["us"] < 0.97 * default["us"]:
+            wins.append(tuned_entry(gem, default))
+    if f:
+        f.close()
+    print("\nGEMV against pick_config's tl.dot config (bf16 x, weights from HBM, µs per launch; % of the datasheet HBM peak):")
+    print("\n".join(lines))
+    print("\n_GEMV_TUNED entries (GEMV > 3 % faster):" if wins else "\nno GEMV config beat the tl.dot default by > 3 %")
+    print("\n".join(wins))
+
+
+def sweep(device, peak, out_dir, budget_s, ms_gemv=(1,)):
     num_sms = kw._num_sms(device)
     cases = [(n_w, k, act, m) for n_w, k, act, _ in SHAPES for m in MS]
+    cases += [(n_w, k, act, m) for n_w, k, act, _ in SHAPES for m in ms_gemv if m not in MS]  # GEMV-only rows
     plans = {}
     jobs = []
     for n_w, k, act, m in cases:
         gated = act == "swiglu"
-        cands = candidates(m, n_w, k, gated, num_sms) + extra_candidates(m, n_w, k, gated)
+        if m in MS:
+            cands = candidates(m, n_w, k, gated, num_sms) + extra_candidates(m, n_w, k, gated)
+        else:  # an M the tl.dot sweep does not cover: pick_config's config as the reference
+            cands = [default_cfg(m, n_w, k, act, num_sms)]
+        if m in ms_gemv:
+            cands = cands + gemv_candidates(m, n_w, k, gated, num_sms)
         plans[(n_w, k, act, m)] = cands
         jobs += [(n_w, k, act, m, c, torch.bfloat16) for c in cands]
     for n_w, k, act, m in cases[1:2]:  # fp16 x: cast vs bit-pattern conversion
@@ -316,28 +474,12 @@ def sweep(device, peak, out_dir, budget_s):
         if time.time() - T0 > budget_s:
             log("sweep: time budget spent, stopping")
             break
-        copies = copies_for(n_w * k)
-        ws, s = make_weights(n_w, k, device, gen, copies)
-        x = torch.randn(m, k, device=device, generator=gen).bfloat16()
-        L = launches_for(copies)
-        best = []
-        for cfg in cands:
-            try:
-                us = graph_time_us([lambda i=i: kw.w8a16_gemm(x, ws[i % copies], s, None, act, config=cfg) for i in range(L)])
-            except Exception as e:  # noqa: BLE001
-                log("failed", n_w, k, m, cfg, type(e).__name__, str(e)[:160])
-                continue
-            rec = dict(n=n_w, k=k, act=act, m=m, cfg=cfg._asdict(), us=us, pct=100 * n_w * k / us / 1e3 / peak)
-            results.append(rec)
-            best.append(rec)
-            if f:
-                f.write(json.dumps(rec) + "\n")
+        best = time_configs(n_w, k, act, m, cands, device, gen, peak, f)
+        results += best
         best.sort(key=lambda r: r["us"])
-        log(f"{n_w}x{k} {act} M={m}: " + " | ".join(
-            f"{r['us']:.2f}us {r['pct']:.0f}% n{r['cfg']['block_n']}k{r['cfg']['block_k']}s{r['cfg']['split_k']}"
-            f"w{r['cfg']['num_warps']}p{r['cfg']['num_stages']}{'T' if r['cfg']['swap'] else ''}"
-            f"{'c' if r['cfg']['cvt'] else ''}{'R' if r['cfg']['split_mode'] == 'reduce' else ''}" for r in best[:6]))
-        ws = None  # noqa: F841 - frees the copies before the next case allocates its own
+        log(f"{n_w}x{k} {act} M={m}: " + " | ".join(rec_str(r) for r in best[:6]))
+        if m in ms_gemv:
+            log(f"    {n_w}x{k} M={m}: " + gemv_vs_dot(best, None if m in MS else next((r for r in best if not r["cfg"]["gemv"]), None)))
     # fp16 cvt A/B
     for n_w, k, act, m in cases[1:2]:
         (w,), s = make_weights(n_w, k, device, gen)
@@ -361,6 +503,21 @@ def sweep(device, peak, out_dir, budget_s):
     return results
 
 
+def gemv_smoke(ms):
+    """--smoke: every GEMV candidate config the GPU sweep would time (for 4 SMs, so that split-K happens), on
+    small shapes whose K is one 1024 block and a tail, against float64."""
+    cpu = torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    for n_w, k, act in ((48, 1100, "none"), (64, 1100, "swiglu")):
+        (w,), s = make_weights(n_w, k, cpu, gen)
+        for m in ms:
+            x = torch.randn(m, k, generator=gen).bfloat16()
+            ref = f64_reference(x, w, s, None, act)
+            for cfg in gemv_candidates(m, n_w, k, act == "swiglu", 4):
+                q = sqnr_db(ref, kw.w8a16_gemm(x, w, s, None, act, config=cfg))
+                check(q >= 40, f"{n_w}x{k} {act} M={m} {cfg_str(cfg)}: SQNR {q:.1f} dB")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true")
@@ -368,11 +525,15 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     ap.add_argument("--budget", type=float, default=400.0, help="seconds after which the sweep stops")
     ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--gemv-only", action="store_true", help="only pick_config's config against the GEMV configs")
+    ap.add_argument("--gemv-ms", default="1", help="M values (<= GEMV_MAX_M) given GEMV candidates, e.g. 1,2,4")
     args = ap.parse_args()
+    ms_gemv = gemv_ms(args.gemv_ms)
     if args.smoke:
         global SHAPES, MS
         SHAPES, MS = [(48, 40, "none", "tiny"), (64, 96, "swiglu", "tiny gated")], (1, 8)
         correctness(SHAPES, MS, torch.device("cpu"), act_shapes=((40, 100),))
+        gemv_smoke(ms_gemv)
         print("FAILED:" if FAILS else "all checks passed", *FAILS)
         return 1 if FAILS else 0
     device = torch.device("cuda")
@@ -383,9 +544,14 @@ def main():
     props = torch.cuda.get_device_properties(0)
     log(f"{name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MB; torch {torch.__version__}, "
         f"triton {triton.__version__}; peak used {peak:.0f} GB/s")
+    if args.gemv_only:
+        gemv_compare(device, peak, args.out, args.budget, ms_gemv)
+        log("done")
+        print("FAILED:" if FAILS else "all checks passed", *FAILS)
+        return 1 if FAILS else 0
     cfg_fn = None  # the table's configs: pick_config's, or the sweep's winners
     if args.sweep:
-        results = sweep(device, peak, args.out, args.budget)
+        results = sweep(device, peak, args.out, args.budget, ms_gemv)
         best = {}
         for r in results:
             key = (r["m"], r["n"], r["k"], r["act"])
