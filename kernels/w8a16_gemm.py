@@ -42,6 +42,28 @@ shapes this was tuned on), so the kernel is built to stream W at HBM bandwidth:
   2023, §4, fixes up partial tiles the same way). The counters (int32, one per output tile) live in a
   buffer kept per (device, stream), zeroed once and left zeroed by every launch.
 
+GEMV variant (``W8A16Config.gemv`` ≥ 1, M ≤ :data:`GEMV_MAX_M` = 4; ``_w8a16_gemv_kernel``), for decode, where the
+tl.dot kernel's BLOCK_M ≥ 16 tile wastes ≥ 15/16 of every MMA at M = 1 and the sweep above left the smaller
+projections at 36-66 % of HBM bandwidth. No tl.dot: program (n tile, K split) loads K-contiguous int8 W tiles
+[BLOCK_N, BLOCK_K] (16-byte vector loads, ``evict_first``: W is read once; GATED: the up_proj twin tile too),
+converts each once to fp32 in registers (``_convert``; CVT 1: the fp32 bit-pattern trick above, no quarter-rate
+I2F), and for each of the M ≤ 4 rows of x (unrolled, one accumulator each: see the comment at the kernel)
+
+    acc[m, n] += Σ_{k in block} fp32(x[m, k]) · fp32(W_q[n, k])      (fp32 multiply-adds, ``tl.sum`` along K)
+
+either reducing each block as it is read (gemv = 1: with BLOCK_K ≤ 512 a row's block lies within one warp, 16
+bytes a lane, so that is a few shuffles per block; BLOCK_K 1024 spans two warps and suits gemv = 2) or keeping [BLOCK_N, BLOCK_K] elementwise partial sums and reducing once
+after the loop (gemv = 2: no cross-lane work in the loop, more registers). 16-bit x times an int8 is exact in
+fp32, so as in the tl.dot kernel the only roundings are the fp32 sums and the epilogue's (summation order differs,
+so outputs match the tl.dot kernel's to rounding, not bit for bit). Split-K, its serial in-split-order reduction
+and the epilogue are the tl.dot kernel's own (``_finish``, ``_partial_ptrs``, ``_counters``, ``_epilogue``); the
+launch is as CUDA-graph-safe. Streaming knobs: ``num_stages`` > 1 pipelines the K loop (``tl.range(num_stages=…)``,
+which, unlike the kernel-level option, also pipelines loads that feed no tl.dot: cp.async into shared memory,
+checked by compiling for sm_90 with Triton 3.9), ``prefetch`` loads block i+1 into registers before using block i;
+only the K tail (odd K, in the last split) takes a masked step. Its speed is UNMEASURED: nothing selects it until
+``bench/w8a16_gpu.py --gemv-only`` (or ``--sweep``) has been run on an H100 / H200 and its winners entered in
+:data:`_GEMV_TUNED`, which :func:`pick_config` consults first.
+
 CUDA graphs: the launch does no host synchronization and no data-dependent allocation (the workspace's
 size follows the shape). The config comes from a fixed table (:func:`pick_config`, measured on an H100 /
 H200), never from autotuning, so no call benchmarks. Before capturing, call once eagerly with each shape
@@ -119,8 +141,8 @@ class W8A16Config(NamedTuple):
 
     ``gemv`` (M ≤ :data:`GEMV_MAX_M` only): 0 = the tl.dot kernel; 1 = the GEMV kernel without tl.dot, each
     K block reduced with ``tl.sum`` as it is read; 2 = the GEMV kernel accumulating [BLOCK_N, BLOCK_K]
-    products elementwise and reducing once after the K loop (no cross-thread work in the loop, more
-    registers). ``True`` means 1. GEMV configs ignore ``swap``; their ``num_stages`` also pipelines the K
+    products elementwise and reducing once after the K loop (no cross-thread work in the loop, but BLOCK_M such
+    fp32 tiles in registers: 16x512 at M = 4 spills on sm_90, so meant for M ≤ 2). ``True`` means 1. GEMV configs ignore ``swap``; their ``num_stages`` also pipelines the K
     loop (``tl.range(num_stages=…)``, which pipelines loads that feed no tl.dot; 1: no pipelining) and
     ``prefetch`` loads the next W block into registers before converting and multiplying the current one
     (manual double buffering). ``cvt`` 1 is the fp32 bit-pattern conversion there (x is multiplied in fp32)."""
@@ -384,7 +406,9 @@ if HAS_TRITON:
     # rather than multiplied as a 3-D broadcast x[BM, 1, BK] · W[1, BN, BK]: in the 3-D form W's tile goes
     # through a [BM, BN, BK] layout that Triton's layout propagation may reach by converting W through shared
     # memory every K step, whereas here every W tile keeps the (16-byte vector) layout it is loaded in and only
-    # the x rows, BN times smaller, are broadcast into it, the shape of Triton's well-trodden GEMV kernels.
+    # the x rows, BN times smaller, are broadcast into it, the shape of Triton's well-trodden GEMV kernels (Triton
+    # 3.9 for sm_90: without pipelining, each x row block goes through shared memory once per K step to reach W's
+    # layout; with num_stages > 1 it is read from its cp.async buffer in that layout, no conversion in the loop).
 
     @triton.jit
     def _gemv_x(x_ptrs, r: tl.constexpr, stride_xm, M, k_mask, MASK_K: tl.constexpr, EVEN_M: tl.constexpr):
