@@ -180,7 +180,7 @@ def gemv_block_m(m: int) -> int:
 
 
 # GEMV configs measured to beat the tl.dot kernel's choice (bench/w8a16_gpu.py --gemv-only / --sweep, which print
-# ready-made entries). Empty until the lead has run that sweep on an H100 / H200: the GEMV kernel's speed is
+# ready-made entries). Empty until that sweep has been run on an H100 / H200: the GEMV kernel's speed is
 # unmeasured, so pick_config returns no GEMV config by default. Key: (N (I for the gated), K, gated, M) with
 # M ≤ GEMV_MAX_M; value: a W8A16Config with gemv ≥ 1, e.g.
 #     (4096, 4096, False, 1): W8A16Config(16, 512, 2, 4, 1, swap=False, cvt=1, gemv=1, prefetch=True),
