@@ -180,11 +180,21 @@ def gemv_block_m(m: int) -> int:
 
 
 # GEMV configs measured to beat the tl.dot kernel's choice (bench/w8a16_gpu.py --gemv-only / --sweep, which print
-# ready-made entries). Empty until that sweep has been run on an H100 / H200: the GEMV kernel's speed is
-# unmeasured, so pick_config returns no GEMV config by default. Key: (N (I for the gated), K, gated, M) with
-# M ≤ GEMV_MAX_M; value: a W8A16Config with gemv ≥ 1, e.g.
-#     (4096, 4096, False, 1): W8A16Config(16, 512, 2, 4, 1, swap=False, cvt=1, gemv=1, prefetch=True),
-_GEMV_TUNED: dict = {}
+# ready-made entries). Key: (N (I for the gated), K, gated, M) with M ≤ GEMV_MAX_M; value: a W8A16Config with
+# gemv ≥ 1. Shapes and M not listed take the tl.dot kernel (M = 2..4: not measured yet).
+# Measured: NVIDIA H100 80GB HBM3, torch 2.11, Triton 3.6, bf16 x, M = 1, weights from HBM (bench/w8a16_gpu.py
+# --gemv-only, 2026-12-06); every entry beat pick_config's tl.dot config, by 2.9 % (the LM head) to 19 %. Not chosen (GEMV lost): Qwen2-1.5B's
+# 2048x1536 and 1536x1536 (5.5 / 5.2 µs against 5.1 / 4.9: a fixed cost per kernel, not bandwidth).
+_GEMV_TUNED: dict = {
+    (6144, 4096, False, 1): W8A16Config(8, 512, 1, 4, 4, swap=False, cvt=1, gemv=1, prefetch=False),     # 11.3 µs 66 %; tl.dot 13.0
+    (4096, 4096, False, 1): W8A16Config(16, 512, 3, 4, 1, swap=False, cvt=1, gemv=1, prefetch=False),    # 10.1 µs 50 %; tl.dot 10.5
+    (14336, 4096, True, 1): W8A16Config(16, 256, 1, 4, 3, swap=False, cvt=1, gemv=1, prefetch=False),    # 42.1 µs 83 %; tl.dot 44.9
+    (4096, 14336, False, 1): W8A16Config(16, 512, 3, 4, 1, swap=False, cvt=1, gemv=1, prefetch=False),   # 23.8 µs 73 %; tl.dot 25.4
+    (128256, 4096, False, 1): W8A16Config(16, 512, 1, 4, 1, swap=False, cvt=1, gemv=1, prefetch=False),  # 168.0 µs 93 %; tl.dot 172.9
+    (8960, 1536, True, 1): W8A16Config(8, 512, 1, 4, 1, swap=False, cvt=1, gemv=1, prefetch=False),      # 11.7 µs 70 %; tl.dot 14.0
+    (1536, 8960, False, 1): W8A16Config(16, 512, 6, 4, 1, swap=False, cvt=1, gemv=1, prefetch=False),    # 9.4 µs 44 %; tl.dot 10.7
+    (151936, 1536, False, 1): W8A16Config(16, 512, 1, 4, 1, swap=False, cvt=1, gemv=1, prefetch=False),  # 76.4 µs 91 %; tl.dot 80.4
+}
 
 
 def _gemv_config(m: int, n: int, k: int, gated: bool, num_sms: int, x_dtype: torch.dtype) -> Optional[W8A16Config]:
@@ -230,7 +240,7 @@ def _rule(m: int, n: int, k: int, gated: bool, num_sms: int) -> tuple:
 
 def pick_config(m: int, n: int, k: int, gated: bool, num_sms: int, x_dtype: torch.dtype = torch.bfloat16) -> W8A16Config:
     """The launch configuration for M rows, output width ``n`` (I for gated), reduction ``k`` on ``num_sms``
-    SMs: a GEMV config where :data:`_GEMV_TUNED` holds one (M ≤ :data:`GEMV_MAX_M`; empty by default), else
+    SMs: a GEMV config where :data:`_GEMV_TUNED` holds one (M ≤ :data:`GEMV_MAX_M`; the H100 sweep's M = 1 winners), else
     :data:`_TUNED` where the H200 sweep measured the shape, else :func:`_rule`; never autotuned (a
     CUDA-graph-safe, deterministic choice). fp16 x takes the bit-pattern conversion (measured 15.4 against
     23.7 µs with Triton's cast, which is a quarter-rate I2F per element); bf16 x takes Triton's cast (its
