@@ -38,10 +38,10 @@ ROUND_MAGIC_BITS = 0x4B400000  # ROUND_MAGIC's fp32 bit pattern: (x + ROUND_MAGI
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu_tanh": "gelu_tanh"}
 
 
-def activation_torch(y: torch.Tensor, activation: str) -> torch.Tensor:
+def activation_torch(y: torch.Tensor, activation: str, inplace: bool = True) -> torch.Tensor:
     """The epilogue activation in torch, on the fp32 pre-activation ``y`` [..., N]: the one definition the
     Triton epilogue (:func:`apply_activation`, ``w8a8_gemm._epilogue``) is checked against. May work in
-    place on ``y``. Formulas as in ``torch.nn.functional``:
+    place on ``y`` (``inplace=False``: never, for traced graphs). Formulas as in ``torch.nn.functional``:
 
     * ``relu``, ``gelu`` (erf), ``gelu_tanh``, ``silu``: elementwise, [..., N] → [..., N];
     * ``swiglu``: Y = silu(g) · u with g = y[..., :N/2] (gate_proj) and u = y[..., N/2:] (up_proj),
@@ -54,18 +54,17 @@ def activation_torch(y: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "none":
         return y
     if activation == "relu":
-        return y.relu_()
-    if activation == "gelu":
-        return torch.ops.aten.gelu_(y)
-    if activation == "gelu_tanh":
-        return torch.ops.aten.gelu_(y, approximate="tanh")
+        return y.relu_() if inplace else y.relu()
+    if activation in ("gelu", "gelu_tanh"):
+        approximate = "tanh" if activation == "gelu_tanh" else "none"
+        return (torch.ops.aten.gelu_ if inplace else torch.ops.aten.gelu)(y, approximate=approximate)
     if activation == "silu":
-        return F.silu(y, inplace=True)
+        return F.silu(y, inplace=inplace)
     if activation in GATED_ACTIVATIONS:
         n = y.shape[-1]
         if n % 2:
             raise ValueError(f"activation {activation!r} needs an even last dimension (gate and up halves), got {n}")
-        gate = activation_torch(y[..., : n // 2], GATED_ACTIVATIONS[activation])
+        gate = activation_torch(y[..., : n // 2], GATED_ACTIVATIONS[activation], inplace)
         return gate * y[..., n // 2:]  # a new dense [..., N/2] tensor
     raise ValueError(f"unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 

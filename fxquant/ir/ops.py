@@ -315,6 +315,19 @@ def _register_inductor_decompositions() -> bool:
         x_q, x_scale = reference.quantize_per_token(r.x, r.act_scale, r.act_smooth)
         return INT8_LINEAR_Q(x_q, x_scale, r.w_q, r.w_scale, r.bias, r.activation, r.backend, r.w_qmax, r.out_dtype or r.x.dtype)
 
+    @register_decomposition([INT8_LINEAR_Q])
+    def _int8_linear_q(*args, **kwargs):
+        # CPU, per-token scales: oneDNN takes one src scale, so the eager op runs the GEMM (fp32 acc·s_w) and then
+        # its epilogue as separate passes inside the opaque op. Here the GEMM stays fxquant's op (called with
+        # src scale 1, no bias, no activation, fp32 out: the same acc·s_w) and the epilogue becomes ATen ops that
+        # Inductor fuses with whatever follows (the next LayerNorm / residual add / quantization).
+        r = INT8_LINEAR_Q_C.record(*args, **kwargs)
+        if declined(r.x_q) or r.x_q.device.type != "cpu" or r.x_scale.dim() < 2 or r.x_scale.shape[-2] == 1:
+            return NotImplemented  # static / single-token scales: oneDNN's own epilogue does it in the GEMM
+        one = torch.ones(1, dtype=torch.float32, device=r.x_q.device)
+        y = INT8_LINEAR_Q(r.x_q, one, r.w_q, r.w_scale, None, "none", r.backend, r.w_qmax, torch.float32)
+        return reference.epilogue(y, r.x_scale, r.bias, r.activation, r.out_dtype)
+
     @register_decomposition([LAYER_NORM_QUANT])
     def _layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float, act_scale=None, act_smooth=None):
         if declined(x):
@@ -341,14 +354,14 @@ def _register_inductor_decompositions() -> bool:
     # Where a decomposition declines (mode "cuda", other devices) or may not be seen (no cached table to drop),
     # the op stays in the graph and Inductor lowers it as a fallback (a call of the op). Inductor creates that
     # fallback lazily and asserts that no decomposition exists for the op ("both a fallback and a decomp for same
-    # op"); registering the fallback here, declaring the overlap, is what it asks for. Only then: importing
-    # Inductor's lowering costs ~0.6 s.
-    if mode != "cuda" and table_refreshed:
-        return True
+    # op"); registering the fallback here, declaring the overlap, is what it asks for.
+    # ``int8_linear_q`` always: its decomposition declines for static scales and calls the op itself.
+    overlapping = (INT8_LINEAR_Q,) if mode != "cuda" and table_refreshed else (
+        QUANTIZE_PER_TOKEN, INT8_LINEAR, INT8_LINEAR_Q, LAYER_NORM_QUANT, RMS_NORM_QUANT)
     try:
         from torch._inductor.lowering import make_fallback
 
-        for op in (QUANTIZE_PER_TOKEN, INT8_LINEAR, LAYER_NORM_QUANT, RMS_NORM_QUANT):
+        for op in overlapping:
             make_fallback(op, warn=False, override_decomp=True)
     except Exception:  # pragma: no cover - an Inductor without this API: the old behaviour, never a failed import
         pass

@@ -102,6 +102,14 @@ def apply_epilogue(
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
+def epilogue(y: torch.Tensor, x_scale: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    """:func:`apply_epilogue` without writing into ``y`` (for traced graphs: Inductor's decompositions)."""
+    y = y * x_scale if bias is None else torch.addcmul(bias.to(torch.float32), y, x_scale)
+    y = _kc.activation_torch(y, activation, inplace=False)
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
 def int8_linear(
     x_q: torch.Tensor,
     x_scale: torch.Tensor,
