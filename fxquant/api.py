@@ -26,6 +26,7 @@ from .passes.base import CompileContext, debug_dir_from_env, dump_captured, run_
 from .passes.pipeline import analysis_passes, transform_passes
 from .plan.planner import QuantPlan, linear_name, linear_nodes, resolve_weight_qmax
 from .program import Method, Program
+from .targets import backends
 from .tools import report
 from .tools.draw import draw_graph
 from .weights import calibration as calib
@@ -87,6 +88,7 @@ class QuantizedModel(torch.nn.Module):
         self._conversion: Optional[dict] = None  # set only while _apply_compute_dtype's dtype move runs
         self._generation_state = GenerationState()  # the decode step's CUDA graph, once captured
         self._compile_generation: Optional[bool] = None  # compile(..., compile_generation=...); None: on CUDA
+        self._compile_forward: Optional[bool] = None  # compile(..., compile_forward=...); None: see compiles_forward
         self.scheme_scores: Optional[dict] = None  # activation_scheme="auto": {candidate: (mean, min) cosine}
         self.training = False
 
@@ -170,6 +172,20 @@ class QuantizedModel(torch.nn.Module):
         decode = self.program.methods.get("decode")
         return decode is not None and decode.graph_module.kv_cache.k_0.is_cuda
 
+    def compiles_forward(self) -> bool:
+        """Whether ``qmodel(...)`` (and the methods captured with ``methods=``) run the graph through ``torch.compile``
+        (Inductor fuses the quantizations and epilogues with the float work around them): ``compile(...,
+        compile_forward=)`` when given, else ``$FXQUANT_COMPILE_FORWARD`` (``0`` / ``1``) when set, else True on a CUDA
+        device and on a CPU with a C++ compiler (:func:`fxquant.targets.backends.cpp_compiler`)."""
+        if self._compile_forward is not None:
+            return self._compile_forward
+        env = os.environ.get("FXQUANT_COMPILE_FORWARD", "").strip()
+        if env in ("0", "1"):
+            return env == "1"
+        if any(t.is_cuda for t in (*self.parameters(), *self.buffers())):
+            return True
+        return backends.cpp_compiler() is not None
+
     def check_calibrated(self, what: str) -> None:
         """Raise :class:`fxquant.CalibrationError` when the static scheme's scales are not calibrated yet."""
         if self._uncalibrated:
@@ -184,8 +200,9 @@ class QuantizedModel(torch.nn.Module):
             self._report.notes.drop([NoteKind.STATIC_UNCALIBRATED, NoteKind.STATIC_CALIBRATED])
             self._report.notes.add(NoteKind.STATIC_CALIBRATED, note, "calibrate")
 
-    def _run_unchecked(self, args: tuple, kwargs: dict, method: str = "forward") -> Any:
-        """Bind and check the inputs, then run the method's graph (whatever its calibration)."""
+    def _run_unchecked(self, args: tuple, kwargs: dict, method: str = "forward", compiled: bool = True) -> Any:
+        """Bind and check the inputs, then run the method's graph (whatever its calibration): through torch.compile
+        where :meth:`compiles_forward` says so, unless ``compiled`` is False (calibration's observers run eager)."""
         m = self.program.methods[method]
         kwargs = {**kwargs, **m.fixed_kwargs}
         try:
@@ -200,9 +217,16 @@ class QuantizedModel(torch.nn.Module):
         cast = self._io_dtype is not None
         if cast:  # QuantConfig.compute_dtype: float inputs of the model's dtype in, its outputs back
             args, kwargs = _cast_floats((args, kwargs), self._io_dtype, self._float_dtype)
-        with torch.no_grad():
+        fn = m.graph_module
+        mode = contextlib.nullcontext()
+        if compiled and method not in GENERATION_METHODS and self.compiles_forward():
+            fn = compiled_graph(self, method, fn)
+            # one grad mode for the compiled graph whatever the caller's (no_grad or inference_mode): Dynamo guards on
+            # the inputs' dispatch keys, which inference_mode changes, and would compile a second time
+            mode = torch.inference_mode(False)
+        with mode, torch.no_grad():
             try:
-                out = m.graph_module(*args, **kwargs)
+                out = fn(*args, **kwargs)
                 return _cast_floats(out, self._float_dtype, self._io_dtype) if cast else out
             except AssertionError as e:  # a torch.export guard this check did not anticipate
                 if "Guard failed" not in str(e):
@@ -295,6 +319,8 @@ class QuantizedModel(torch.nn.Module):
     def _apply_compute_dtype(self) -> None:
         """``QuantConfig.compute_dtype``: hold the float work in that dtype, inputs and outputs in the model's."""
         want, have, notes = self.config.compute_dtype, self._float_dtype, self._report.notes
+        if want == "auto":
+            want = self._auto_compute_dtype()
         if want is None or want == have:
             return
         if have is None:
@@ -314,6 +340,43 @@ class QuantizedModel(torch.nn.Module):
         self._masters = {id(new): old for old, new in conversion.values() if new is not old and new.dtype != old.dtype}
         notes.add(NoteKind.COMPUTE_DTYPE, f"float work in {str(want).replace('torch.', '')} (QuantConfig.compute_dtype); "
                   f"inputs and outputs stay {str(have).replace('torch.', '')}", "compile")
+
+    def _auto_compute_dtype(self) -> Optional[torch.dtype]:
+        """``QuantConfig.compute_dtype="auto"``: bf16 for an fp32 model of the cpu target on a CPU with native bf16
+        (AMX-BF16 / AVX512-BF16), where it is the fast float form; None (the model's dtype) anywhere else, and
+        everywhere with ``$FXQUANT_AUTO_BF16=0`` (the test suite sets it, so that its graphs do not depend on the CPU)."""
+        if os.environ.get("FXQUANT_AUTO_BF16", "").strip() == "0":
+            return None
+        if self.config.target != "cpu" or self._float_dtype != torch.float32 or not backends.cpu_native_bf16():
+            return None
+        if any(t.device.type != "cpu" for t in (*self.parameters(), *self.buffers())):
+            return None
+        self._report.notes.add(NoteKind.COMPUTE_DTYPE, "compute_dtype='auto': this CPU has native bf16, so the float "
+                               "work runs in bf16 (pass QuantConfig(compute_dtype=None) to keep the model's fp32)", "compile")
+        return torch.bfloat16
+
+    def _check_auto_compute_dtype(self, example_inputs) -> None:
+        """``compute_dtype="auto"`` chose bf16: run the example inputs once (eager); where the graph cannot compute in
+        bf16 (a cast the capture fixed to fp32 feeding an op that needs equal dtypes: RoPE's cos/sin before SDPA in
+        Hugging Face's LLMs), hand the model's own tensors back and compute in its dtype, with a note."""
+        if example_inputs is None or not self._masters or self.config.compute_dtype != "auto":
+            return
+        args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
+        try:
+            self._run_unchecked(args, kwargs, compiled=False)
+            return
+        except RuntimeError as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        compute, io = self._float_dtype, self._io_dtype
+        self._swap_tensors(self._masters)
+        for m in self.program.methods.values():
+            _retarget_out_dtype(m.graph_module, compute, io)
+        self._float_dtype, self._io_dtype, self._masters = io, None, {}
+        self._generation_state = GenerationState()
+        notes = self._report.notes
+        notes.drop([NoteKind.COMPUTE_DTYPE])
+        notes.add(NoteKind.COMPUTE_DTYPE, f"compute_dtype='auto': float work stays {str(io).replace('torch.', '')}; the "
+                  f"graph does not run in bf16 ({first})", "compile")
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict:
         """``nn.Module.state_dict``, with the model's own float tensors where ``QuantConfig.compute_dtype`` runs
@@ -449,6 +512,7 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     max_batch_size: int = 1,
     max_cache_len: Optional[int] = None,
     compile_generation: Optional[bool] = None,
+    compile_forward: Optional[bool] = None,
 ) -> QuantizedModel:
     """Quantize ``model``'s Linears to W8A8 by graph rewriting.
 
@@ -495,6 +559,14 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
             a C++ compiler). Default (None): on when the program is on a CUDA device (Triton compiles the fused
             kernels), off on a CPU. Measured (docs/benchmarks.md): H100, Llama-3-8B shapes cut to 8 layers,
             decode step 1.63 → 1.10 ms; Qwen2-0.5B shapes, 2 AMX cores: decode step 49.5 → 41.7 ms.
+        compile_forward: run ``forward`` (and the ``methods``) through ``torch.compile``, so that what ``compile``
+            returns, called as it is, runs the fused form: Inductor fuses each quantization with the norm or residual
+            add before it, and on a CPU each per-token GEMM epilogue with what follows. Compiled here on the example
+            inputs (its time goes to the report); another input shape compiles once more with dynamic shapes.
+            Default (None): on with a CUDA device or a C++ compiler (``$FXQUANT_COMPILE_FORWARD=0`` / ``1``
+            overrides); where torch.compile fails, the eager graph runs and the report says why. Measured
+            (docs/benchmarks.md): MiniLM 32 x 128, 2 AMX cores, dynamic per-token with bf16 compute, eager 134 ms,
+            compiled 74 ms.
 
     Returns:
         A :class:`QuantizedModel`.
@@ -525,11 +597,15 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
         raise TypeError(f"config must be a fxquant.QuantConfig, got {type(config).__name__}")
     if compile_generation is not None and not isinstance(compile_generation, bool):
         raise TypeError(f"compile_generation must be True, False or None (on CUDA only), got {compile_generation!r}")
+    if compile_forward is not None and not isinstance(compile_forward, bool):
+        raise TypeError(f"compile_forward must be True, False or None (on with a CUDA device or a C++ compiler), got "
+                        f"{compile_forward!r}")
     if config.activation_scheme == "auto":
         if calibration is not None and config.target == "cpu" and config.smoothquant is None and weights is None:
             return _compile_auto_scheme(model, example_inputs, config, calibration, dict(
                 methods=methods, progress=progress, debug_dir=debug_dir, generation=generation,
-                max_batch_size=max_batch_size, max_cache_len=max_cache_len, compile_generation=compile_generation))
+                max_batch_size=max_batch_size, max_cache_len=max_cache_len, compile_generation=compile_generation),
+                compile_forward)
         config = dataclasses.replace(config, activation_scheme="dynamic-per-token")
 
     static = config.activation_scheme == "static-per-tensor"
@@ -612,9 +688,28 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     qm = QuantizedModel(program, rep, float_dtype)
     qm._compile_generation = compile_generation
     qm._apply_compute_dtype()
+    qm._check_auto_compute_dtype(example_inputs)
     if static and calls is not None:
         _calibrate_calls(qm, calls, config.calibration_method, float(config.percentile), progress)
+    _compile_forward_now(qm, example_inputs, compile_forward)
     return qm
+
+
+def _compile_forward_now(qm: QuantizedModel, example_inputs, compile_forward: Optional[bool]) -> None:
+    """``compile(..., compile_forward=)``: record the choice, and compile ``forward`` now on the example inputs (so
+    that the report gives the compile time and what runs) unless it is off, cannot run yet (no example inputs, a
+    static model not calibrated) or may never run (a model with generation methods): then on first use."""
+    qm._compile_forward = compile_forward
+    if not qm.compiles_forward():
+        why = ("compile_forward=False" if compile_forward is False else "FXQUANT_COMPILE_FORWARD=0"
+               if os.environ.get("FXQUANT_COMPILE_FORWARD", "").strip() == "0" else "no C++ compiler for torch.compile")
+        qm._report.notes.add(NoteKind.COMPILED, f"forward runs eager ({why}): the quantizations and GEMM epilogues are "
+                             "separate passes", "compile")
+        return
+    if example_inputs is None or qm._uncalibrated or qm.program.generation is not None:
+        return  # compiled on first use (a generating model may never call forward)
+    args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
+    qm._run_unchecked(args, kwargs)
 
 
 def _first_float(out: Any) -> torch.Tensor:
@@ -626,7 +721,8 @@ def _first_float(out: Any) -> torch.Tensor:
                            "model returned no floating-point tensor; choose activation_scheme explicitly")
 
 
-def _compile_auto_scheme(model, example_inputs, config: QuantConfig, calibration, kwargs: dict) -> QuantizedModel:
+def _compile_auto_scheme(model, example_inputs, config: QuantConfig, calibration, kwargs: dict,
+                         compile_forward: Optional[bool]) -> QuantizedModel:
     """``activation_scheme="auto"`` with calibration data (cpu target): compile dynamic per-token and static per-tensor
     with SmoothQuant at each α of :data:`fxquant.config.AUTO_SMOOTHQUANT_ALPHAS` (calibrated on the first three
     quarters of the batches), score each by the cosine of its output (first float tensor, per sample, padding
@@ -672,6 +768,7 @@ def _compile_auto_scheme(model, example_inputs, config: QuantConfig, calibration
         return float(c.mean()), float(c.min())
 
     scores: dict[str, tuple[float, float]] = {}
+    kwargs = {**kwargs, "compile_forward": False}  # the candidates are scored eager; the chosen one is compiled last
     dynamic = compile(model, example_inputs, config=dataclasses.replace(config, activation_scheme="dynamic-per-token"),
                       **kwargs)
     scores["dynamic-per-token"] = score(dynamic)
@@ -697,13 +794,17 @@ def _compile_auto_scheme(model, example_inputs, config: QuantConfig, calibration
                                 if held else "(the only one, also the static scales' data)")
                              + f", mean / min per sample: {table}", "compile")
     chosen.scheme_scores = scores
+    chosen._report.notes.drop([NoteKind.COMPILED])
+    _compile_forward_now(chosen, example_inputs, compile_forward)
     return chosen
 
 
 def _float_runner(gm: fx.GraphModule, fixed_kwargs: dict[str, Any]):
     """Run an annotated float graph as the user calls the model (SmoothQuant's statistics pass)."""
     program = Program({"forward": Method(gm, fixed_kwargs)}, None, WeightStore(), None)
-    return QuantizedModel(program, None)._run_unchecked
+    qm = QuantizedModel(program, None)
+    qm._compile_forward = False
+    return qm._run_unchecked
 
 
 def calibrate(qmodel: QuantizedModel, batches: Iterable[Any], *, method: Optional[str] = None,
@@ -749,7 +850,12 @@ def calibrate(qmodel: QuantizedModel, batches: Iterable[Any], *, method: Optiona
 
 def _calibrate_calls(qmodel: QuantizedModel, calls: list, method: str, percentile: float, progress: bool) -> QuantizedModel:
     graphs = [m.graph_module for m in qmodel.program.methods.values()]
-    n = calib.calibrate_graphs(graphs, qmodel._run_unchecked, calls, method, percentile, qmodel.program.store, progress)
+
+    def eager(args, kwargs, name="forward"):  # the observers are nodes of the eager graphs
+        return qmodel._run_unchecked(args, kwargs, name, compiled=False)
+
+    n = calib.calibrate_graphs(graphs, eager, calls, method, percentile, qmodel.program.store, progress)
+    qmodel._generation_state.compiled.clear()  # the graphs changed: compile again on next use
     qmodel._calibrated(f"static per-tensor activation scales of {n} quantizing node(s) calibrated "
                        f"({method}{f' {percentile:g}' if method == 'percentile' else ''}) on {len(calls)} batch(es)")
     return qmodel

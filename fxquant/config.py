@@ -85,7 +85,9 @@ class QuantConfig:
             model's own float tensors stay the masters (referenced, not copied: the user's model must not be
             changed in place afterwards), so ``save_pretrained``, ``export_onnx`` and ``state_dict`` write
             byte for byte what the model compiled without ``compute_dtype`` writes. Weight scales stay fp32.
-            Not the default yet (issue #24).
+            ``"auto"`` (the default): ``torch.bfloat16`` for an fp32 model on the ``cpu`` target when this CPU has
+            native bf16 and the model's parameters are on the CPU (MiniLM, 2 AMX cores: the fast form,
+            docs/benchmarks.md), else the model's own dtype; the report's ``compute_dtype`` note says which.
         decode_weight_only: at decode (the ``"decode"`` method of a generating program), run every Linear whose
             rows fit a weight-only kernel (:func:`fxquant.targets.backends.weight_only_max_m`) as W8A16: the same
             int8 weights, float activations (no activation quantization: more accurate than W8A8, and faster at
@@ -115,7 +117,7 @@ class QuantConfig:
     smoothquant: Optional[float] = None
     calibration_method: str = "minmax"
     percentile: float = 99.99
-    compute_dtype: Optional[torch.dtype] = None
+    compute_dtype: Optional[torch.dtype] | str = "auto"
     decode_weight_only: bool = True
 
     def __post_init__(self) -> None:
@@ -157,8 +159,8 @@ class QuantConfig:
         check_calibration(self.calibration_method, self.percentile, "QuantConfig.")
         if self.out_dtype not in _OUT_DTYPES:
             raise ValueError(f"QuantConfig.out_dtype={self.out_dtype!r} must be one of {_OUT_DTYPES}")
-        if self.compute_dtype not in _OUT_DTYPES:
-            raise ValueError(f"QuantConfig.compute_dtype={self.compute_dtype!r} must be one of {_OUT_DTYPES}")
+        if self.compute_dtype != "auto" and self.compute_dtype not in _OUT_DTYPES:
+            raise ValueError(f"QuantConfig.compute_dtype={self.compute_dtype!r} must be 'auto' or one of {_OUT_DTYPES}")
         if self.backend not in _BACKENDS:
             raise ValueError(f"QuantConfig.backend={self.backend!r} is unknown; choose one of {_BACKENDS}")
 

@@ -15,6 +15,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# fxquant.compile runs forward through torch.compile by default where a C++ compiler is present (seconds to a
+# minute per model): the suite tests the eager graphs, and the tests of the compiled default ask for it explicitly
+# (compile_forward=True).
+os.environ.setdefault("FXQUANT_COMPILE_FORWARD", "0")
+# QuantConfig's compute_dtype="auto" is bf16 on CPUs with native bf16 (the AMX Xeon) and fp32 elsewhere (the AVX2
+# EPYC): the suite pins fp32 so that its golden graphs and numbers are the same on every CPU; the tests of "auto"
+# unset this and state what each ISA gets (tests/test_cpu_paths.py).
+os.environ.setdefault("FXQUANT_AUTO_BF16", "0")
+
 # ------------------------------------------------------------------------------------------ tolerances
 # Relative tolerance of a fused op's output against fxquant.ir.reference, keyed by the *output* dtype.
 # Both sides compute the same fp32 epilogue from the same exact int32 accumulator; they may differ only

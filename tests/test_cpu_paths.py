@@ -217,3 +217,139 @@ def test_an_isa_cap_below_amx_warns(monkeypatch, cap, warns):
         warnings.simplefilter("always")
         backends.warn_if_isa_capped()
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def _float_dtypes(qm) -> set:
+    return {p.dtype for p in qm.parameters() if p.is_floating_point()}
+
+
+def test_compute_dtype_auto_is_bf16_exactly_where_the_cpu_has_native_bf16(small_bert, monkeypatch):
+    """QuantConfig's default ``compute_dtype="auto"``: bf16 float work for an fp32 model of the cpu target on a CPU
+    with native bf16 (AMX-BF16 / AVX512-BF16: the AMX Xeon), the model's fp32 on one without (the AVX2 EPYC, or any
+    CPU with FXQUANT_CPU_ISA=avx2 / vnni), never for a bf16 model, with ``compute_dtype=None`` or with
+    FXQUANT_AUTO_BF16=0 (the suite's setting); fp32 in and out."""
+    monkeypatch.delenv("FXQUANT_AUTO_BF16")
+    torch.manual_seed(0)
+    model = small_bert(1)
+    enc = dict(input_ids=torch.randint(0, 512, (2, 12)))
+    native = backends.cpu_native_bf16()
+    qm = fxquant.compile(model, enc)
+    assert _float_dtypes(qm) == ({torch.bfloat16} if native else {torch.float32})
+    assert any("compute_dtype='auto'" in n for n in qm.report().notes) == native
+    with torch.no_grad():
+        assert qm(**enc).last_hidden_state.dtype == torch.float32
+    assert _float_dtypes(fxquant.compile(model, enc, config=fxquant.QuantConfig(compute_dtype=None))) == {torch.float32}
+    assert _float_dtypes(fxquant.compile(model.to(torch.bfloat16), enc)) == {torch.bfloat16}
+    model.float()
+    monkeypatch.setenv("FXQUANT_CPU_ISA", "avx2")
+    backends.clear_cpu_isa_caches()
+    try:
+        qm = fxquant.compile(model, enc)
+        assert _float_dtypes(qm) == {torch.float32}
+        assert not any("compute_dtype='auto'" in n for n in qm.report().notes)
+    finally:
+        monkeypatch.delenv("FXQUANT_CPU_ISA")
+        backends.clear_cpu_isa_caches()
+    monkeypatch.setenv("FXQUANT_AUTO_BF16", "0")
+    assert _float_dtypes(fxquant.compile(model, enc)) == {torch.float32}
+    with pytest.raises(ValueError, match="must be 'auto' or one of"):
+        fxquant.QuantConfig(compute_dtype="bf16")
+
+
+@pytest.mark.skipif(not backends.cpu_native_bf16(), reason="compute_dtype='auto' is the model's fp32 on this CPU")
+def test_compute_dtype_auto_keeps_fp32_where_the_graph_cannot_run_in_bf16(monkeypatch, tmp_path):
+    """A Hugging Face Llama captured in fp32 casts RoPE's cos / sin to fp32 inside the graph, so after a bf16 move its
+    SDPA would get fp32 queries and keys beside bf16 values (a RuntimeError): "auto" tries the example inputs once
+    and, when they fail, hands the model's own tensors back (fp32, what compute_dtype=None computes) with a note."""
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.delenv("FXQUANT_AUTO_BF16")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=256, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 256, (1, 9))
+    qm = fxquant.compile(model, (ids,), generation=False)
+    ref = fxquant.compile(model, (ids,), generation=False, config=fxquant.QuantConfig(compute_dtype=None))
+    assert _float_dtypes(qm) == {torch.float32}
+    assert any("compute_dtype='auto': float work stays float32; the graph does not run in bf16" in n
+               for n in qm.report().notes)
+    with torch.no_grad():
+        assert torch.equal(qm(ids).logits, ref(ids).logits)
+    qm.save_pretrained(tmp_path / "a")
+    ref.save_pretrained(tmp_path / "b")
+    for f in (tmp_path / "b").iterdir():
+        assert (tmp_path / "a" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_compile_forward_default_follows_the_machine(small_bert, monkeypatch):
+    """``compile_forward=None``: ``$FXQUANT_COMPILE_FORWARD`` (0 / 1) when set (the suite sets 0), else on exactly when
+    a C++ compiler is found for this CPU model; an explicit True / False wins; anything else is a TypeError."""
+    torch.manual_seed(0)
+    model = small_bert(1)
+    enc = dict(input_ids=torch.randint(0, 512, (2, 12)))
+    qm = fxquant.compile(model, enc, compile_forward=False)
+    assert not qm.compiles_forward()
+    assert any("forward runs eager (compile_forward=False)" in n for n in qm.report().notes)
+    qm._compile_forward = None
+    for env, want in (("0", False), ("1", True)):
+        monkeypatch.setenv("FXQUANT_COMPILE_FORWARD", env)
+        assert qm.compiles_forward() is want
+    monkeypatch.delenv("FXQUANT_COMPILE_FORWARD")
+    assert qm.compiles_forward() is (backends.cpp_compiler() is not None)
+    with pytest.raises(TypeError, match="compile_forward must be True, False or None"):
+        fxquant.compile(model, enc, compile_forward="yes")
+
+
+def test_compiled_forward_runs_the_fused_form_and_compiles_once(small_bert, monkeypatch):
+    """``compile_forward=True``: ``fxquant.compile`` compiles forward on the example inputs (the report gives the time);
+    calls under no_grad and under inference_mode reuse that compile (Dynamo guards on the inputs' dispatch keys,
+    which inference_mode changes: the graph runs under one mode); outputs equal the eager graph's within the compute
+    dtype's rounding (bf16 where auto picks it: Inductor's epilogue rounds once where the eager op rounds after oneDNN's
+    fp32 output)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.delenv("FXQUANT_AUTO_BF16")  # the default form of this CPU
+    torch.manual_seed(0)
+    model = small_bert(1)
+    ids = torch.randint(0, 512, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    enc = dict(input_ids=ids, attention_mask=mask)
+    eager = fxquant.compile(model, enc, compile_forward=False)
+    qm = fxquant.compile(model, enc, compile_forward=True)
+    assert any(n.startswith("forward: compiled by torch.compile (Inductor) on first use in") for n in qm.report().notes)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        want = eager(**enc).last_hidden_state
+        got = qm(**enc).last_hidden_state
+    with torch.inference_mode():
+        again = qm(**enc).last_hidden_state
+    assert counters["stats"]["unique_graphs"] == graphs  # no second compile
+    assert torch.equal(got, again) and got.dtype == torch.float32
+    rtol = 2 * torch.finfo(torch.bfloat16).eps if backends.cpu_native_bf16() else 1e-5
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], rtol=rtol, atol=rtol * float(want[real].abs().max()))
+
+
+def test_compiled_forward_falls_back_to_eager_when_torch_compile_fails(small_bert, monkeypatch):
+    """Where torch.compile cannot build the graph (no C++ compiler, an Inductor error), forward runs its eager graph
+    for good, and the report says so and why; the model's outputs are the eager ones."""
+    torch.manual_seed(0)
+    model = small_bert(1)
+    enc = dict(input_ids=torch.randint(0, 512, (2, 12)))
+
+    class BackendCompilerFailed(RuntimeError):  # what Dynamo raises (matched by name, as torch's own class)
+        pass
+
+    def failing_compile(gm, **kwargs):
+        def run(*args, **kw):
+            raise BackendCompilerFailed("backend='inductor' raised: CppCompileError: C++ compile error")
+        return run
+
+    eager = fxquant.compile(model, enc, compile_forward=False)
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    qm = fxquant.compile(model, enc, compile_forward=True)
+    assert not qm.compiles_forward()
+    assert any("forward: runs eager; torch.compile failed (backend='inductor' raised" in n for n in qm.report().notes)
+    with torch.no_grad():
+        assert torch.equal(qm(**enc).last_hidden_state, eager(**enc).last_hidden_state)

@@ -27,6 +27,7 @@ class NoteKind(str, enum.Enum):
     PLAN = "plan"                              # the plan overrode a method's own decision
     GENERATION = "generation"                  # prefill/decode methods with a KV cache; decode's weight-only Linears
     SCHEME = "scheme"                          # activation_scheme="auto": the scheme measured and chosen
+    COMPILED = "compiled"                      # which form runs: torch.compile (Inductor) or eager, and the compile time
 
 
 class Note(str):

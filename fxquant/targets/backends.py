@@ -198,6 +198,19 @@ def cpu_native_bf16() -> bool:
     return native
 
 
+@functools.lru_cache(maxsize=None)
+def cpp_compiler() -> Optional[str]:
+    """The C++ compiler Inductor would use on a CPU (``$CXX``, else ``g++``, ``c++``, ``clang++`` on the PATH), or
+    None: without one, ``torch.compile`` cannot build CPU kernels."""
+    import shutil
+
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        path = shutil.which(name) if name else None
+        if path:
+            return path
+    return None
+
+
 def clear_cpu_isa_caches() -> None:
     """Forget the cached per-CPU choices (:func:`cpu_int8_full_range_exact`, :func:`cpu_native_bf16`) so that the
     next call reads ``FXQUANT_CPU_ISA`` again (the hardware probe itself stays cached). Models compiled before keep
