@@ -3,8 +3,10 @@ medians of whole forward passes):
 
 * ``eager``: the bf16 model; ``compile``: ``torch.compile(model)``;
 * ``torchao``: torchao ``Int8DynamicActivationInt8WeightConfig`` (W8A8 dynamic) + ``torch.compile``;
-* ``fxquant``: ``fxquant.compile(model, inputs)`` (target ``cuda``: Triton kernels), eager;
-* ``fxquant+compile``: ``torch.compile`` of the fxquant model;
+* ``fxquant``: ``fxquant.compile(model, inputs)`` (target ``cuda``: Triton kernels) called as it is: its default
+  form (``compile_forward``: forward through torch.compile since issue 24);
+* ``fxquant eager``: the same with ``compile_forward=False`` (the graph op by op);
+* ``fxquant+compile``: ``torch.compile`` of the eager fxquant model;
 * ``fxquant+compile all int8``: the same with every int8 candidate quantized: also where its input needs a
   separate per-token pass (``min_n_unfused=0``) and the gated MLPs' ``down_proj`` (``gated_output_int8``);
 * ``bf16 capture+compile`` (a control, not a contender): fxquant's capture with nothing quantized
@@ -12,6 +14,8 @@ medians of whole forward passes):
   masks removed, ``fxquant.frontend.attention``), to separate their gain from int8's.
 
 Models:
+* ``bert-large``: HF ``BertModel`` with BERT-large's shapes (24 layers, hidden 1024, MLP 4096), batch 32 x 512
+  tokens with a padding mask (the last 128 positions of every other row masked), ``last_hidden_state``;
 * ``vit``: HF ``ViTModel(ViTConfig())`` = ViT-B/16 at 224² (12 layers, hidden 768, MLP 3072), batch 64,
   compared on the encoder's features (``last_hidden_state``, cosine per image);
 * ``llama``: HF ``LlamaForCausalLM(LlamaConfig(hidden_size=2048, intermediate_size=8192,
@@ -25,7 +29,7 @@ Models:
 Per model it also prints how many Linears went int8 and why the others did not. Where the accuracy goes
 (``down_proj``, the tied LM head): ``bench/llm_accuracy.py``.
 
-    python bench/gpu_models.py --model vit llama qwen2 [--json out.json] [--skip torchao]
+    python bench/gpu_models.py --model bert-large vit llama qwen2 [--json out.json] [--skip torchao]
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from triton.testing import do_bench  # noqa: E402
 import fxquant  # noqa: E402
 from bench.gpu_ops import device_line  # noqa: E402
 
-COLUMNS = ("eager", "compile", "torchao", "fxquant", "fxquant+compile", "fxquant+compile all int8",
+COLUMNS = ("eager", "compile", "torchao", "fxquant", "fxquant eager", "fxquant+compile", "fxquant+compile all int8",
            "bf16 capture+compile")
 
 
@@ -60,6 +64,17 @@ def build(name: str):
         model = ViTModel(ViTConfig(attn_implementation="sdpa"), add_pooling_layer=False)
         inputs = {"pixel_values": torch.randn(64, 3, 224, 224, device="cuda", dtype=torch.bfloat16)}
         return model, inputs, lambda out: out.last_hidden_state, lambda t: t.reshape(t.shape[0], -1)
+    if name == "bert-large":
+        from transformers import BertConfig, BertModel
+
+        cfg = BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                         attn_implementation="sdpa")
+        model = BertModel(cfg, add_pooling_layer=False)
+        ids = torch.randint(0, cfg.vocab_size, (32, 512), device="cuda")
+        mask = torch.ones_like(ids)
+        mask[::2, 384:] = 0
+        return (model, {"input_ids": ids, "attention_mask": mask}, lambda out: out.last_hidden_state,
+                lambda t: t.reshape(t.shape[0], -1))
     if name == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -125,19 +140,23 @@ def bench_model(name: str, skip: set[str]) -> dict:
         floats = collections.Counter(f"{d.name.rpartition('.')[2]}: {d.reason}" for d in rep.decisions if not d.quantize)
         res["fxquant_summary"] = {"int8": sum(d.quantize for d in rep.decisions), "linears": len(rep.decisions),
                                   "node_counts": rep.node_counts, "backends": sorted({d.backend or "-" for d in rep.decisions}),
-                                  "float_reasons": dict(floats), "patterns": {k: v["matched"] for k, v in rep.pattern_stats.items()},
+                                  "float_reasons": dict(floats), "patterns": {k: v.matched for k, v in rep.pattern_stats.items()},
                                   "notes": rep.notes}
         runners["fxquant"] = lambda: qm(**kw)
+        qe = fxquant.compile(model, kw, compile_forward=False)
+        runners["fxquant eager"] = lambda: qe(**kw)
         if "fxquant+compile" not in skip:
-            qm_c = torch.compile(qm)
+            qm_c = torch.compile(qe)
             runners["fxquant+compile"] = lambda: qm_c(**kw)
         if "fxquant+compile all int8" not in skip:  # also down_proj, and every separate quantization pass
-            qa = fxquant.compile(model, kw, config=fxquant.QuantConfig(target="cuda", min_n_unfused=0, gated_output_int8=True))
+            qa = fxquant.compile(model, kw, config=fxquant.QuantConfig(target="cuda", min_n_unfused=0, gated_output_int8=True),
+                                 compile_forward=False)
             res["fxquant_all_int8"] = {"int8": qa.report().num_int8, "linears": len(qa.report().decisions)}
             qa_c = torch.compile(qa)
             runners["fxquant+compile all int8"] = lambda: qa_c(**kw)
         if "bf16 capture+compile" not in skip:
-            fl = fxquant.compile(model, kw, config=fxquant.QuantConfig(target="cuda", min_ratio=float("inf")))
+            fl = fxquant.compile(model, kw, config=fxquant.QuantConfig(target="cuda", min_ratio=float("inf")),
+                                 compile_forward=False)
             assert not any(d.quantize for d in fl.report().decisions)
             fl_c = torch.compile(fl)
             runners["bf16 capture+compile"] = lambda: fl_c(**kw)
