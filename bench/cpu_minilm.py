@@ -13,8 +13,10 @@ Every *contender* runs the same sentence-transformers model (all-MiniLM-L6-v2, t
 4. ``ONNX Runtime int8 (quantize_dynamic)`` -- that ONNX file passed through
                                  ``onnxruntime.quantization.quantize_dynamic`` (QInt8 weights, defaults
                                  otherwise).
-5. ``fxquant W8A8``           -- ``fxquant.compile(model, example_inputs=enc)``.
-6. ``fxquant W8A8 + torch.compile`` -- ``torch.compile`` of the module from 5.
+5. ``fxquant W8A8 (default: what compile returns)`` -- ``fxquant.compile(model, example_inputs=enc)``, called as it
+                                 is: since issue 24 forward runs through torch.compile where a C++ compiler is
+                                 present, with bf16 float work on CPUs with native bf16 (``compute_dtype="auto"``).
+6. ``fxquant W8A8 eager + torch.compile`` -- ``torch.compile`` of 18.
 7. ``ONNX Runtime running fxquant's export (MatMulInteger)`` -- ``fxquant.export_onnx`` of the module from 5
                                  (dynamic per-token activations), run like 3.
 8. ``torch bf16 eager``       -- the model of 1 after ``.to(torch.bfloat16)``; inputs unchanged, the output
@@ -53,6 +55,7 @@ Every *contender* runs the same sentence-transformers model (all-MiniLM-L6-v2, t
                                  calibration set>)`` with nothing else set: fxquant measures dynamic per-token and
                                  static per-tensor + SmoothQuant at each α on the calibration set and returns the
                                  form it chose (the notes give the choice and the scores).
+18. ``fxquant W8A8 eager (compile_forward=False)`` -- 5 without its torch.compile: the graph op by op.
 
 Calibration set (11-17): the first 100 sentences of ``fxquant.app.evaluation.load_sentences()`` (which are also
 in the accuracy set), tokenized padded/truncated to ``--seq`` tokens in batches of ``--batch`` (by default
@@ -134,8 +137,9 @@ FP32 = "torch fp32 eager"
 TORCH_AO = "torch.ao quantize_dynamic"
 ORT_FP32 = "ONNX Runtime fp32"
 ORT_INT8 = "ONNX Runtime int8 (quantize_dynamic)"
-FXQUANT = "fxquant W8A8"
-FXQUANT_COMPILE = "fxquant W8A8 + torch.compile"
+FXQUANT = "fxquant W8A8 (default: what compile returns)"
+FXQUANT_COMPILE = "fxquant W8A8 eager + torch.compile"
+FXQUANT_EAGER = "fxquant W8A8 eager (compile_forward=False)"
 ORT_FXQUANT = "ONNX Runtime running fxquant's export (MatMulInteger)"
 TORCH_BF16 = "torch bf16 eager"
 OV_FP32 = "OpenVINO fp32"
@@ -149,7 +153,7 @@ FXQUANT_STATIC_BF16_COMPILE = "fxquant W8A8 static, bf16 compute + torch.compile
 FXQUANT_AUTO = "fxquant, calibration only (activation_scheme auto)"
 CONTENDERS = [FP32, TORCH_AO, ORT_FP32, ORT_INT8, FXQUANT, FXQUANT_COMPILE, ORT_FXQUANT, TORCH_BF16,
               OV_FP32, OV_DEFAULT, OV_NNCF, FXQUANT_STATIC, ORT_FXQUANT_STATIC, OV_FXQUANT_STATIC,
-              FXQUANT_STATIC_BF16, FXQUANT_STATIC_BF16_COMPILE, FXQUANT_AUTO]
+              FXQUANT_STATIC_BF16, FXQUANT_STATIC_BF16_COMPILE, FXQUANT_AUTO, FXQUANT_EAGER]
 CALIBRATION_SENTENCES = 100  # calibration budget of NNCF and fxquant's static scales (first N sentences)
 
 @dataclass
@@ -588,7 +592,7 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path) -> tuple[R
         elif name == ORT_FXQUANT:
             import fxquant
 
-            qm, _ = build_fxquant(model, timing_enc)
+            qm, _ = build_fxquant(model, timing_enc, compile_forward=False)
             path = fxquant.export_onnx(qm, workdir / "minilm_fxquant.onnx", dict(timing_enc))
             run = build_ort(path)
             result.notes.append(f"onnxruntime {_version('onnxruntime')}, fxquant.export_onnx (dynamic per-token, MatMulInteger)")
@@ -632,8 +636,10 @@ def run_contender(name: str, args: argparse.Namespace, workdir: Path) -> tuple[R
                                 f"{qm.config.activation_scheme}, smoothquant={qm.config.smoothquant}; {calib_note}")
             result.notes.append("auto scores (mean / min output cosine on the calibration batches): " + "; ".join(
                 f"{k} {m:.4f}/{lo:.4f}" for k, (m, lo) in (qm.scheme_scores or {}).items()))
+        elif name == FXQUANT_EAGER:
+            _, run = build_fxquant(model, timing_enc, compile_forward=False)
         elif name == FXQUANT_COMPILE:
-            qm, _ = build_fxquant(model, timing_enc)
+            qm, _ = build_fxquant(model, timing_enc, compile_forward=False)
             run = build_compiled(qm, timing_enc, calls=max(3, args.warmup))
             result.notes.append(f"{max(3, args.warmup)} compile/warm-up calls before timing")
         else:  # pragma: no cover

@@ -353,3 +353,31 @@ def test_compiled_forward_falls_back_to_eager_when_torch_compile_fails(small_ber
     assert any("forward: runs eager; torch.compile failed (backend='inductor' raised" in n for n in qm.report().notes)
     with torch.no_grad():
         assert torch.equal(qm(**enc).last_hidden_state, eager(**enc).last_hidden_state)
+
+
+@pytest.mark.skipif(not backends.onednn_available(), reason="this torch build has no oneDNN int8 Linear")
+def test_inductor_takes_per_token_epilogues_and_leaves_one_scale_linears_to_onednn():
+    """Under Inductor on a CPU, ``int8_linear_q`` with per-token scales decomposes into the oneDNN GEMM (src scale 1,
+    no bias: fp32 acc·s_w) plus the epilogue as ATen ops, equal to the eager op; with one scale for every row (a
+    static quantizer's [1] scale broadcast with stride 0, as the quantizers' decompositions return it) it declines,
+    so oneDNN applies scale, bias and activation inside the GEMM."""
+    from torch._inductor.decomposition import decompositions
+
+    ops.register_inductor_decompositions()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 64, generator=g)
+    w_q = torch.randint(-127, 128, (48, 64), dtype=torch.int8, generator=g)
+    w_scale = torch.rand(48, 1, generator=g) * 0.01
+    bias = torch.randn(48, generator=g)
+    x_q, x_scale = reference.quantize_per_token(x)
+    decomposed = decompositions[ops.INT8_LINEAR_Q]
+    for act in ("none", "gelu", "relu"):
+        args = (x_q, x_scale, w_q, w_scale, bias, act, "onednn", 127, torch.float32)
+        got = decomposed(*args)
+        want = ops.INT8_LINEAR_Q(*args)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    one = torch.tensor([0.02]).expand(37, 1)
+    assert decomposed(x_q, one, w_q, w_scale, bias, "gelu", "onednn", 127, torch.float32) is NotImplemented
+    quantize = decompositions[ops.QUANTIZE_PER_TOKEN]
+    q, s = quantize(x, torch.tensor([0.02]))
+    assert s.shape == (37, 1) and s.stride() == (0, 1) and torch.equal(q, reference.quantize_per_token(x, torch.tensor([0.02]))[0])

@@ -134,7 +134,8 @@ def format_result(r: DemoResult, model_dir: str) -> str:
     rows = [["torch fp32 eager", f"{r.fp32_ms:.1f}", f"{r.baseline_ms / r.fp32_ms:.2f}x"]]
     if r.bf16_ms is not None:
         rows.append(["torch bf16 eager (this CPU's native bf16)", f"{r.bf16_ms:.1f}", "1.00x"])
-    rows.append(["fxquant W8A8", f"{r.int8_ms:.1f}", f"{r.baseline_ms / r.int8_ms:.2f}x"])
+    form = "compiled by fxquant.compile" if r.model.compiles_forward() else "eager"
+    rows.append([f"fxquant W8A8 ({form})", f"{r.int8_ms:.1f}", f"{r.baseline_ms / r.int8_ms:.2f}x"])
     if r.compiled_ms is not None:
         rows.append(["fxquant W8A8 + torch.compile", f"{r.compiled_ms:.1f}", f"{r.baseline_ms / r.compiled_ms:.2f}x"])
     speed = tabulate(rows, headers=["", f"median ms (batch {r.batch} x {r.seq} tokens)", f"speed-up over torch {base}"])

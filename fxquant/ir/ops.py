@@ -301,18 +301,26 @@ def _register_inductor_decompositions() -> bool:
     def declined(x: torch.Tensor) -> bool:
         return mode == "cuda" and x.device.type != "cuda"
 
+    def broadcast_scale(out: tuple, act_scale) -> tuple:
+        """A static quantizer's scale (last output) as the [1] scale broadcast to [..., 1] (stride 0), not the
+        per-row copy the eager op must return: the Linear reading it then sees one scale for every row (below)."""
+        if act_scale is None:
+            return out
+        scale = out[-1]
+        return (*out[:-1], act_scale.to(torch.float32).reshape(1).expand(scale.shape))
+
     @register_decomposition([QUANTIZE_PER_TOKEN])
     def _quantize(x, act_scale=None, act_smooth=None):
         if declined(x):
             return NotImplemented
-        return reference.quantize_per_token(x, act_scale, act_smooth)
+        return broadcast_scale(reference.quantize_per_token(x, act_scale, act_smooth), act_scale)
 
     @register_decomposition([INT8_LINEAR])
     def _int8_linear(*args, **kwargs):
         r = INT8_LINEAR_C.record(*args, **kwargs)
         if declined(r.x):
             return NotImplemented
-        x_q, x_scale = reference.quantize_per_token(r.x, r.act_scale, r.act_smooth)
+        x_q, x_scale = broadcast_scale(reference.quantize_per_token(r.x, r.act_scale, r.act_smooth), r.act_scale)
         return INT8_LINEAR_Q(x_q, x_scale, r.w_q, r.w_scale, r.bias, r.activation, r.backend, r.w_qmax, r.out_dtype or r.x.dtype)
 
     @register_decomposition([INT8_LINEAR_Q])
@@ -322,8 +330,11 @@ def _register_inductor_decompositions() -> bool:
         # src scale 1, no bias, no activation, fp32 out: the same acc·s_w) and the epilogue becomes ATen ops that
         # Inductor fuses with whatever follows (the next LayerNorm / residual add / quantization).
         r = INT8_LINEAR_Q_C.record(*args, **kwargs)
-        if declined(r.x_q) or r.x_q.device.type != "cpu" or r.x_scale.dim() < 2 or r.x_scale.shape[-2] == 1:
-            return NotImplemented  # static / single-token scales: oneDNN's own epilogue does it in the GEMM
+        s = r.x_scale
+        if declined(r.x_q) or r.x_q.device.type != "cpu" or s.dim() < 2 or s.shape[-2] == 1 or s.stride(-2) == 0:
+            # one scale for every row (static: a [1] scale broadcast to [M, 1]; a single token): oneDNN's own
+            # epilogue applies it, the bias and the activation inside the GEMM, with a bf16 output where native
+            return NotImplemented
         one = torch.ones(1, dtype=torch.float32, device=r.x_q.device)
         y = INT8_LINEAR_Q(r.x_q, one, r.w_q, r.w_scale, None, "none", r.backend, r.w_qmax, torch.float32)
         return reference.epilogue(y, r.x_scale, r.bias, r.activation, r.out_dtype)
@@ -332,13 +343,15 @@ def _register_inductor_decompositions() -> bool:
     def _layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float, act_scale=None, act_smooth=None):
         if declined(x):
             return NotImplemented
-        return reference.layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float, act_scale, act_smooth)
+        return broadcast_scale(reference.layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float,
+                                                          act_scale, act_smooth), act_scale)
 
     @register_decomposition([RMS_NORM_QUANT])
     def _rms_norm_quant(x, weight, eps, cast_before_weight, return_float, act_scale=None, act_smooth=None):
         if declined(x):
             return NotImplemented
-        return reference.rms_norm_quant(x, weight, eps, cast_before_weight, return_float, act_scale, act_smooth)
+        return broadcast_scale(reference.rms_norm_quant(x, weight, eps, cast_before_weight, return_float, act_scale,
+                                                        act_smooth), act_scale)
 
     # Inductor copies this registry into a cached table the first time anything is compiled
     # (``fast_random_decomps``, an lru_cache, private): after a torch.compile that ran before this registration
