@@ -18,6 +18,7 @@ the block left-padded to a multiple of :data:`PREFILL_BUCKET` slots (masked out)
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -57,6 +58,46 @@ PREFILL_GRAPHS = 8  # captured prefill graphs kept per program
 CPU_INDUCTOR_OPTIONS = {"realize_opcount_threshold": 4}
 
 
+def _inductor_options(on_cpu: bool) -> dict:
+    """Options of the graphs fxquant compiles: :data:`CPU_INDUCTOR_OPTIONS` on a CPU, and everywhere a no-op
+    post-grad pass whose ``uuid`` is a hash of fxquant's decomposition sources, so that Inductor's on-disk caches
+    (FX graph, AOT autograd), which do not see decompositions, never serve a graph compiled by another fxquant."""
+    options = dict(CPU_INDUCTOR_OPTIONS) if on_cpu else {}
+    key = _cache_key_pass()
+    if key is not None:
+        options["post_grad_custom_pre_pass"] = key
+    return options
+
+
+@functools.cache
+def _cache_key_pass():
+    try:
+        from torch._inductor.custom_graph_pass import CustomGraphPass
+    except ImportError:  # pragma: no cover - an Inductor without custom passes: its caches are not keyed on fxquant
+        return None
+    import hashlib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in (root / "ir" / "ops.py", root / "ir" / "reference.py", root.parent / "kernels" / "quantize.py",
+                 root.parent / "kernels" / "layer_norm_quant.py", root.parent / "kernels" / "common.py"):
+        if path.is_file():
+            digest.update(path.read_bytes())
+    fingerprint = digest.hexdigest()
+
+    class FxquantCacheKey(CustomGraphPass):
+        """No-op pass; its uuid keys Inductor's caches on fxquant's decompositions."""
+
+        def __call__(self, graph) -> None:
+            return None
+
+        def uuid(self) -> str:
+            return "fxquant-" + fingerprint
+
+    return FxquantCacheKey()
+
+
 def _compile_failure(e: BaseException) -> bool:
     """An error of torch.compile itself (Dynamo, Inductor, the C++ / Triton compile), not of the model's inputs."""
     names = {c.__name__ for c in type(e).__mro__}
@@ -77,7 +118,7 @@ def compiled_graph(qmodel, method: str, gm):
         return fn
     on_cpu = all(t.device.type == "cpu" for t in (*gm.parameters(), *gm.buffers()))
     dynamic = {"prefill": True, "decode": False}.get(method)
-    compiled = torch.compile(gm, dynamic=dynamic, options=CPU_INDUCTOR_OPTIONS if on_cpu else None)
+    compiled = torch.compile(gm, dynamic=dynamic, options=_inductor_options(on_cpu))
 
     def first_call(*args, **kwargs):
         t0 = time.perf_counter()
