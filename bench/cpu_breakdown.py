@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = random_minilm(args.config)
     x = random_batch(args.batch, args.seq, 1)
-    qm = fxquant.compile(copy.deepcopy(model), x, progress=False)
+    qm = fxquant.compile(copy.deepcopy(model), x, progress=False, compile_forward=False)  # the eager steps
     runs = {("torch fp32 eager", d): (lambda: model(**x), d) for d in range(2)}
     runs.update({("fxquant W8A8 eager", d): (lambda: qm(**x), d) for d in range(len(STAGES))})
     times: dict = {k: [] for k in runs}

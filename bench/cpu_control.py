@@ -83,10 +83,11 @@ def build(args: argparse.Namespace) -> dict[str, Callable[[], torch.Tensor]]:
         if args.recipe == "amx":
             config = fxquant.QuantConfig(activation_scheme="static-per-tensor", smoothquant=0.9,
                                          compute_dtype=torch.bfloat16, fuse_siblings=siblings)
-            qm = fxquant.compile(copy.deepcopy(model), x, config=config, calibration=calibration, progress=False)
+            qm = fxquant.compile(copy.deepcopy(model), x, config=config, calibration=calibration, progress=False,
+                                 compile_forward=False)  # eager here; torch.compile below
         else:
             qm = fxquant.compile(copy.deepcopy(model), x, config=fxquant.QuantConfig(fuse_siblings=siblings),
-                                 progress=False)
+                                 progress=False, compile_forward=False)
         tag = "" if siblings else ", fuse_siblings=False"
         runs[FXQ + tag] = lambda qm=qm: qm(**x).last_hidden_state
         runs[FXQ_COMPILE + tag] = lambda cq=torch.compile(qm): cq(**x).last_hidden_state

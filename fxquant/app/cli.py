@@ -147,7 +147,7 @@ def run_inspect(args: argparse.Namespace) -> None:
     _check_inspect_args(args)
     model_dir = args.model_dir or evaluation.default_model_dir()
     loaded = load_model(model_dir)
-    qmodel = _compile(loaded, example_inputs(loaded), config=QuantConfig(target=args.target))
+    qmodel = _compile(loaded, example_inputs(loaded), config=QuantConfig(target=args.target), compile_forward=False)
     rep = qmodel.report()
     drawing = qmodel.draw(args.draw, block=args.block) if args.draw else None
     if args.json:
@@ -211,7 +211,8 @@ def run_quantize(args: argparse.Namespace) -> None:
     texts = read_calibration(args.calibration) if args.calibration else None
     loaded = load_model(args.model_dir)
     calibration = tokenize_calibration(texts, loaded) if texts else None
-    qmodel = _compile(loaded, example_inputs(loaded), config=config, calibration=calibration, generation=False)
+    qmodel = _compile(loaded, example_inputs(loaded), config=config, calibration=calibration, generation=False,
+                      compile_forward=False)  # writes files only: nothing runs forward
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         written = [p.name for p in qmodel.save_pretrained(tmp, max_shard_size=args.max_shard_size)]
@@ -257,7 +258,8 @@ def run_export_onnx(args: argparse.Namespace) -> None:
     loaded = load_model(args.model_dir)
     calibration = tokenize_calibration(texts, loaded) if texts else None
     example = example_inputs(loaded, batch=2)  # batch and sequence stay dynamic in the ONNX graph
-    qmodel = _compile(loaded, example, config=config, calibration=calibration, generation=False)
+    qmodel = _compile(loaded, example, config=config, calibration=calibration, generation=False,
+                      compile_forward=False)  # exports only: nothing runs forward
     existed = out.exists()
     export_onnx(qmodel, out, example, qdq_dtype=args.qdq_dtype)
     if not existed:  # export_onnx's temporary file is private; a new model file is shared like any other
