@@ -305,6 +305,7 @@ def test_compile_forward_default_follows_the_machine(small_bert, monkeypatch):
         fxquant.compile(model, enc, compile_forward="yes")
 
 
+@pytest.mark.skipif(backends.cpp_compiler() is None, reason="torch.compile on a CPU needs a C++ compiler")
 def test_compiled_forward_runs_the_fused_form_and_compiles_once(small_bert, monkeypatch):
     """``compile_forward=True``: ``fxquant.compile`` compiles forward on the example inputs (the report gives the time);
     calls under no_grad and under inference_mode reuse that compile (Dynamo guards on the inputs' dispatch keys,
