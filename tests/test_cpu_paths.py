@@ -242,6 +242,12 @@ def test_compute_dtype_auto_is_bf16_exactly_where_the_cpu_has_native_bf16(small_
     assert _float_dtypes(fxquant.compile(model, enc, config=fxquant.QuantConfig(compute_dtype=None))) == {torch.float32}
     assert _float_dtypes(fxquant.compile(model.to(torch.bfloat16), enc)) == {torch.bfloat16}
     model.float()
+    with pytest.raises(ValueError, match="must be 'auto' or one of"):
+        fxquant.QuantConfig(compute_dtype="bf16")
+    monkeypatch.setenv("FXQUANT_AUTO_BF16", "0")
+    assert _float_dtypes(fxquant.compile(model, enc)) == {torch.float32}
+    monkeypatch.delenv("FXQUANT_AUTO_BF16")
+    was = os.environ.get("FXQUANT_CPU_ISA")  # a run forcing an ISA keeps it for the tests after this one
     monkeypatch.setenv("FXQUANT_CPU_ISA", "avx2")
     backends.clear_cpu_isa_caches()
     try:
@@ -249,12 +255,11 @@ def test_compute_dtype_auto_is_bf16_exactly_where_the_cpu_has_native_bf16(small_
         assert _float_dtypes(qm) == {torch.float32}
         assert not any("compute_dtype='auto'" in n for n in qm.report().notes)
     finally:
-        monkeypatch.delenv("FXQUANT_CPU_ISA")
+        if was is None:
+            monkeypatch.delenv("FXQUANT_CPU_ISA")
+        else:
+            monkeypatch.setenv("FXQUANT_CPU_ISA", was)
         backends.clear_cpu_isa_caches()
-    monkeypatch.setenv("FXQUANT_AUTO_BF16", "0")
-    assert _float_dtypes(fxquant.compile(model, enc)) == {torch.float32}
-    with pytest.raises(ValueError, match="must be 'auto' or one of"):
-        fxquant.QuantConfig(compute_dtype="bf16")
 
 
 @pytest.mark.skipif(not backends.cpu_native_bf16(), reason="compute_dtype='auto' is the model's fp32 on this CPU")
