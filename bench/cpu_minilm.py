@@ -154,6 +154,8 @@ FXQUANT_AUTO = "fxquant, calibration only (activation_scheme auto)"
 CONTENDERS = [FP32, TORCH_AO, ORT_FP32, ORT_INT8, FXQUANT, FXQUANT_COMPILE, ORT_FXQUANT, TORCH_BF16,
               OV_FP32, OV_DEFAULT, OV_NNCF, FXQUANT_STATIC, ORT_FXQUANT_STATIC, OV_FXQUANT_STATIC,
               FXQUANT_STATIC_BF16, FXQUANT_STATIC_BF16_COMPILE, FXQUANT_AUTO, FXQUANT_EAGER]
+# glibc malloc: serve large blocks from the heap (no mmap + page faults per call), the same for every contender
+GLIBC_HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)}
 CALIBRATION_SENTENCES = 100  # calibration budget of NNCF and fxquant's static scales (first N sentences)
 
 @dataclass
@@ -224,6 +226,8 @@ def environment_header(args: argparse.Namespace, n_sentences: int, sentence_sour
         ("ISA flags", ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in isa_flags)),
         ("cores", f"{logical} logical ({affinity} usable by this process)"),
         ("torch threads", str(torch.get_num_threads())),
+        ("malloc", "glibc defaults (--glibc-mmap)" if args.glibc_mmap else
+         "workers with " + " ".join(f"{k}={v}" for k, v in GLIBC_HEAP_ENV.items())),
         ("load average", " / ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1/5/15 min, at start; > 0 means other work shares the CPU)"),
         ("python", platform.python_version()),
         ("torch", torch.__version__),
@@ -537,6 +541,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="round-robin passes over all contenders; the table shows the median of the rounds' medians (default 3)")
     parser.add_argument("--smoothquant", type=float, default=0.8,
                         help="SmoothQuant alpha for fxquant's static contenders; 0 or negative = off (default 0.8: on MiniLM, static minmax, 0.5 gave mean cosine 0.946, 0.8 0.996, 0.9 0.995, 0.95 0.995)")
+    parser.add_argument("--glibc-mmap", action="store_true",
+                        help="leave glibc's malloc at its defaults in the worker processes (default: every worker gets "
+                             "MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ of 4 GiB, so large temporaries are reused "
+                             "from the heap instead of being mmapped and page-faulted on every call; without it torch bf16 "
+                             "eager ran MiniLM 32 x 128 in ~100 ms in a fresh process and ~67 ms with it, while any "
+                             "contender that imports Inductor or frees a large block early gets the fast case by accident)")
     parser.add_argument("--no-embed", action="store_true", help=argparse.SUPPRESS)  # internal: timing-only round
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: measure one contender
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
@@ -665,13 +675,16 @@ def main(argv: list[str] | None = None) -> int:
     reference: torch.Tensor | None = None
     forwarded = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
                  "--repeat", str(args.repeat), "--warmup", str(args.warmup), "--smoothquant", str(args.smoothquant)]
+    worker_env = dict(os.environ)
+    if not args.glibc_mmap:
+        worker_env.update(GLIBC_HEAP_ENV)
     with tempfile.TemporaryDirectory(prefix="fxquant-bench-") as tmp:
         out = Path(tmp) / "result.pt"
 
         def worker(name: str, embed: bool) -> tuple[Result, torch.Tensor | None]:
             out.unlink(missing_ok=True)
             cmd = [sys.executable, __file__, *forwarded, "--worker", name, "--workdir", tmp] + ([] if embed else ["--no-embed"])
-            proc = subprocess.run(cmd)
+            proc = subprocess.run(cmd, env=worker_env)
             if proc.returncode != 0 or not out.exists():
                 return Result(name, error=f"worker exited with {proc.returncode}"), None
             saved = torch.load(out, weights_only=False)

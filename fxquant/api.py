@@ -569,8 +569,8 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
             Default (None): on with a CUDA device or an x86 CPU with a C++ compiler
             (``$FXQUANT_COMPILE_FORWARD=0`` / ``1`` overrides); where torch.compile fails, the eager graph runs and
             the report says why. Measured
-            (docs/benchmarks.md): MiniLM 32 x 128, 2 AMX cores, dynamic per-token with bf16 float work, 152 ms eager
-            against 80 ms compiled; BERT-large 32 x 512 on an H100, 22.2 against 20.6 ms.
+            (docs/benchmarks.md): MiniLM 32 x 128, 2 AMX cores, dynamic per-token with bf16 float work, 134 ms eager
+            against 82 ms compiled; BERT-large 32 x 512 on an H100, 22.2 against 20.6 ms.
 
     Returns:
         A :class:`QuantizedModel`.
