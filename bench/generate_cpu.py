@@ -89,6 +89,8 @@ def worker(args) -> None:
 
 def run_batch(args, batch: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    if not args.glibc_mmap:  # the same malloc for every contender (see --glibc-mmap)
+        env.update({"MALLOC_MMAP_THRESHOLD_": str(4 << 30), "MALLOC_TRIM_THRESHOLD_": str(4 << 30)})
     procs = {}
     for name in args.contenders:
         cmd = [sys.executable, "-P", __file__, "--worker", name, "--model", args.model, "--batch", str(batch),
@@ -130,6 +132,10 @@ def main():
     ap.add_argument("--worker", choices=CONTENDERS, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                     help="the model's dtype (auto: bf16 on CPUs with native bf16, else fp32)")
+    ap.add_argument("--glibc-mmap", action="store_true",
+                    help="leave glibc's malloc at its defaults in the workers (default: MALLOC_MMAP_THRESHOLD_ and "
+                         "MALLOC_TRIM_THRESHOLD_ of 4 GiB for every contender, so no contender's large temporaries are "
+                         "mmapped and page-faulted per call while another's, after a large free, are not)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.worker:
@@ -146,7 +152,7 @@ def main():
     header = {"cpu_isa": isa, "aten_dispatch": torch.backends.cpu.get_cpu_capability(), "isa_limits": forced,
               "torch": torch.__version__, "transformers": transformers.__version__,
               "threads": args.threads, "model": args.model, "prompt": args.prompt, "new": args.new,
-              "date": time.strftime("%Y-%m-%d")}
+              "date": time.strftime("%Y-%m-%d"), "malloc": "glibc defaults" if args.glibc_mmap else "4 GiB thresholds"}
     print(json.dumps(header), flush=True)
     results = []
     for b in args.batches:

@@ -167,21 +167,24 @@ class QuantizedModel(torch.nn.Module):
 
     def compiles_generation(self) -> bool:
         """Whether ``generate`` runs the prefill and decode graphs through ``torch.compile``:
-        ``compile(..., compile_generation=)`` when given, else True exactly when the program is on a CUDA device."""
+        ``compile(..., compile_generation=)`` when given, else as :meth:`compiles_forward` decides by default (the
+        same machine rule and ``$FXQUANT_TORCH_COMPILE``); False without generation methods."""
         if self._compile_generation is not None:
             return self._compile_generation
-        decode = self.program.methods.get("decode")
-        return decode is not None and decode.graph_module.kv_cache.k_0.is_cuda
+        return "decode" in self.program.methods and self._torch_compile_default()
 
     def compiles_forward(self) -> bool:
         """Whether ``qmodel(...)`` (and the methods captured with ``methods=``) run the graph through ``torch.compile``
         (Inductor fuses the quantizations and epilogues with the float work around them): ``compile(...,
-        compile_forward=)`` when given, else ``$FXQUANT_COMPILE_FORWARD`` (``0`` / ``1``) when set, else True on a CUDA
+        compile_forward=)`` when given, else ``$FXQUANT_TORCH_COMPILE`` (``0`` / ``1``) when set, else True on a CUDA
         device and on an x86 CPU with a C++ compiler (:func:`fxquant.targets.backends.cpp_compiler`; ARM CPUs: not
         measured there, so off)."""
         if self._compile_forward is not None:
             return self._compile_forward
-        env = os.environ.get("FXQUANT_COMPILE_FORWARD", "").strip()
+        return self._torch_compile_default()
+
+    def _torch_compile_default(self) -> bool:
+        env = os.environ.get("FXQUANT_TORCH_COMPILE", "").strip()
         if env in ("0", "1"):
             return env == "1"
         if any(t.is_cuda for t in (*self.parameters(), *self.buffers())):
@@ -559,15 +562,15 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
             ``generation_config.cache_config["max_cache_len"]``, else ``min(max_position_embeddings, 4096)``.
         compile_generation: run the prefill and decode methods through ``torch.compile`` (Inductor fuses the
             float work around fxquant's ops; compiled on the first ``generate``: seconds to a minute; a CPU needs
-            a C++ compiler). Default (None): on when the program is on a CUDA device (Triton compiles the fused
-            kernels), off on a CPU. Measured (docs/benchmarks.md): H100, Llama-3-8B shapes cut to 8 layers,
-            decode step 1.63 → 1.10 ms; Qwen2-0.5B shapes, 2 AMX cores: decode step 49.5 → 41.7 ms.
+            a C++ compiler). Default (None): as ``compile_forward``'s (a CUDA device, or an x86 CPU with a C++
+            compiler; ``$FXQUANT_TORCH_COMPILE`` overrides). Measured (docs/benchmarks.md): H100, Llama-3-8B shapes
+            cut to 8 layers, decode step 1.63 → 1.10 ms; Qwen2-0.5B shapes, 2 AMX cores: decode step 49.5 → 41.7 ms.
         compile_forward: run ``forward`` (and the ``methods``) through ``torch.compile``, so that what ``compile``
             returns, called as it is, runs the fused form: Inductor fuses each quantization with the norm or residual
             add before it, and on a CPU each per-token GEMM epilogue with what follows. Compiled here on the example
             inputs (its time goes to the report); another input shape compiles once more with dynamic shapes.
             Default (None): on with a CUDA device or an x86 CPU with a C++ compiler
-            (``$FXQUANT_COMPILE_FORWARD=0`` / ``1`` overrides); where torch.compile fails, the eager graph runs and
+            (``$FXQUANT_TORCH_COMPILE=0`` / ``1`` overrides); where torch.compile fails, the eager graph runs and
             the report says why. Measured
             (docs/benchmarks.md): MiniLM 32 x 128, 2 AMX cores, dynamic per-token with bf16 float work, 134 ms eager
             against 82 ms compiled; BERT-large 32 x 512 on an H100, 22.2 against 20.6 ms.
@@ -600,7 +603,7 @@ def compile(  # noqa: A001 - the project's front door is named like torch.compil
     elif not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a fxquant.QuantConfig, got {type(config).__name__}")
     if compile_generation is not None and not isinstance(compile_generation, bool):
-        raise TypeError(f"compile_generation must be True, False or None (on CUDA only), got {compile_generation!r}")
+        raise TypeError(f"compile_generation must be True, False or None (the machine decides), got {compile_generation!r}")
     if compile_forward is not None and not isinstance(compile_forward, bool):
         raise TypeError(f"compile_forward must be True, False or None (on with a CUDA device or an x86 C++ compiler), got "
                         f"{compile_forward!r}")
@@ -705,8 +708,8 @@ def _compile_forward_now(qm: QuantizedModel, example_inputs, compile_forward: Op
     static model not calibrated) or may never run (a model with generation methods): then on first use."""
     qm._compile_forward = compile_forward
     if not qm.compiles_forward():
-        why = ("compile_forward=False" if compile_forward is False else "FXQUANT_COMPILE_FORWARD=0"
-               if os.environ.get("FXQUANT_COMPILE_FORWARD", "").strip() == "0" else "not an x86 CPU: unmeasured there"
+        why = ("compile_forward=False" if compile_forward is False else "FXQUANT_TORCH_COMPILE=0"
+               if os.environ.get("FXQUANT_TORCH_COMPILE", "").strip() == "0" else "not an x86 CPU: unmeasured there"
                if platform.machine().lower() not in ("x86_64", "amd64") else "no C++ compiler for torch.compile")
         qm._report.notes.add(NoteKind.COMPILED, f"forward runs eager ({why}): the quantizations and GEMM epilogues are "
                              "separate passes", "compile")

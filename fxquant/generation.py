@@ -12,7 +12,7 @@ then one decode call per token. On CUDA the decode step is captured once as a CU
 input buffers, replayed per token: no host work per token beyond the replay and the sampling step); it is
 captured again after the program's tensors move (``.to()``); prefill likewise, one graph per prompt-block length,
 the block left-padded to a multiple of :data:`PREFILL_BUCKET` slots (masked out). Both graphs run through ``torch.compile`` where
-``fxquant.compile(..., compile_generation=...)`` says so (default: on CUDA), see :func:`compiled_graph`; the first
+``fxquant.compile(..., compile_generation=...)`` says so (default: on CUDA and x86 CPUs with a C++ compiler), see :func:`compiled_graph`; the first
 ``generate`` pays the compile (seconds to a minute; a CPU needs a C++ compiler).
 """
 

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 # fxquant.compile runs forward through torch.compile by default where a C++ compiler is present (seconds to a
 # minute per model): the suite tests the eager graphs, and the tests of the compiled default ask for it explicitly
 # (compile_forward=True).
-os.environ.setdefault("FXQUANT_COMPILE_FORWARD", "0")
+os.environ.setdefault("FXQUANT_TORCH_COMPILE", "0")
 # QuantConfig's compute_dtype="auto" is bf16 on CPUs with native bf16 (the AMX Xeon) and fp32 elsewhere (the AVX2
 # EPYC): the suite pins fp32 so that its golden graphs and numbers are the same on every CPU; the tests of "auto"
 # unset this and state what each ISA gets (tests/test_cpu_paths.py).

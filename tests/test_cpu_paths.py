@@ -288,7 +288,7 @@ def test_compute_dtype_auto_keeps_fp32_where_the_graph_cannot_run_in_bf16(monkey
 
 
 def test_compile_forward_default_follows_the_machine(small_bert, monkeypatch):
-    """``compile_forward=None``: ``$FXQUANT_COMPILE_FORWARD`` (0 / 1) when set (the suite sets 0), else on exactly when
+    """``compile_forward=None``: ``$FXQUANT_TORCH_COMPILE`` (0 / 1) when set (the suite sets 0), else on exactly when
     a C++ compiler is found for this CPU model on an x86 CPU (off on ARM); an explicit True / False wins; anything else
     is a TypeError."""
     torch.manual_seed(0)
@@ -299,9 +299,9 @@ def test_compile_forward_default_follows_the_machine(small_bert, monkeypatch):
     assert any("forward runs eager (compile_forward=False)" in n for n in qm.report().notes)
     qm._compile_forward = None
     for env, want in (("0", False), ("1", True)):
-        monkeypatch.setenv("FXQUANT_COMPILE_FORWARD", env)
+        monkeypatch.setenv("FXQUANT_TORCH_COMPILE", env)
         assert qm.compiles_forward() is want
-    monkeypatch.delenv("FXQUANT_COMPILE_FORWARD")
+    monkeypatch.delenv("FXQUANT_TORCH_COMPILE")
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     assert qm.compiles_forward() is (x86 and backends.cpp_compiler() is not None)
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")  # ARM: not measured there, so off

@@ -311,7 +311,7 @@ def test_weight_only_op_matches_reference():
 
 def test_compiled_decode_generates_what_eager_decode_generates():
     """compile_generation=True runs the prefill and decode graphs through torch.compile (Inductor; the default on
-    CUDA, opt-in on a CPU): the same tokens (fp32, greedy, up to float-rounding ties) and the same cache writes, so
+    CUDA and x86 CPUs with a C++ compiler; the suite pins it off): the same tokens (fp32, greedy, up to float-rounding ties) and the same cache writes, so
     a later eager call continues correctly; prompts of two lengths share the prefill compile; the report names
     the compile."""
     model = _model("llama")
@@ -334,3 +334,22 @@ def test_compiled_decode_generates_what_eager_decode_generates():
     with torch.no_grad():
         ties = _check_against(b, 7, lambda prefix: eager(input_ids=prefix).logits[:, -1])
     assert ties <= 2 and (a == b).float().mean() > 0.9
+
+
+def test_compile_generation_default_follows_the_machine(monkeypatch):
+    """``compile_generation=None``: as ``compile_forward``'s default: ``$FXQUANT_TORCH_COMPILE`` (0 / 1) when set (the
+    suite sets 0), else on a CUDA device or an x86 CPU with a C++ compiler; a program without generation methods
+    never compiles them."""
+    import platform
+
+    model = _model("llama")
+    ids = _prompts(1, 5, seed=3)
+    qm = fxquant.compile(model, {"input_ids": ids}, max_cache_len=16, progress=False)
+    for env, want in (("0", False), ("1", True)):
+        monkeypatch.setenv("FXQUANT_TORCH_COMPILE", env)
+        assert qm.compiles_generation() is want
+    monkeypatch.delenv("FXQUANT_TORCH_COMPILE")
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    assert qm.compiles_generation() is (x86 and backends.cpp_compiler() is not None)
+    plain = fxquant.compile(model, {"input_ids": ids}, generation=False, compile_forward=False, progress=False)
+    assert not plain.compiles_generation()
