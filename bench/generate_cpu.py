@@ -1,7 +1,9 @@
 """Decode speed on a CPU, side by side (issue 23): fxquant's ``generate`` against transformers' ``generate`` in the
 machine's float baseline (bf16 where the CPU has native bf16 — AMX or AVX512-BF16 — else fp32), and fxquant's float
-control (the same prefill/decode program, nothing quantized), and fxquant with ``compile_generation=True``
-(the prefill and decode graphs through torch.compile; its compile time is spent in the warm-up, not timed).
+control (the same prefill/decode program, nothing quantized), ``fxquant`` (the defaults: prefill and decode through
+torch.compile where the machine has a C++ compiler; the compile is spent in the warm-up, not timed),
+``fxquant-compiled`` (``compile_generation=True``) and ``fxquant-eager`` (``compile_generation=False``). Every worker
+gets the same glibc malloc thresholds unless ``--glibc-mmap``.
 
 Every contender runs in its own process (``--threads`` threads, default 2), built once (random weights of the model's
 shapes, seed 0), warmed up, then timed in round-robin rounds: in each round every process in turn runs one 1-token
@@ -30,7 +32,7 @@ SHAPES = {
         hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
         vocab_size=1024, max_position_embeddings=2048)),
 }
-CONTENDERS = ("transformers", "fxquant-float", "fxquant", "fxquant-compiled")
+CONTENDERS = ("transformers", "fxquant-float", "fxquant", "fxquant-compiled", "fxquant-eager")
 
 
 def _float_dtype(name: str = "auto"):
@@ -67,7 +69,7 @@ def worker(args) -> None:
         config = fxquant.QuantConfig(skip=["re:.*"]) if args.worker == "fxquant-float" else fxquant.QuantConfig()
         qm = fxquant.compile(model, {"input_ids": ids[:, :8]}, config=config, max_batch_size=b,
                              max_cache_len=args.prompt + args.new, progress=False,
-                             compile_generation=args.worker == "fxquant-compiled")
+                             compile_generation={"fxquant-compiled": True, "fxquant-eager": False}.get(args.worker))
 
         def gen(n):
             return qm.generate(ids, max_new_tokens=n)
