@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import platform
 from collections.abc import Iterable, Mapping
@@ -183,11 +184,16 @@ class QuantizedModel(torch.nn.Module):
             return self._compile_forward
         return self._torch_compile_default()
 
+    def _device(self) -> torch.device:
+        """The program's device (every method's tensors live on one): its first parameter's or buffer's."""
+        t = next(itertools.chain(self.parameters(), self.buffers()), None)
+        return t.device if t is not None else torch.device("cpu")
+
     def _torch_compile_default(self) -> bool:
         env = os.environ.get("FXQUANT_TORCH_COMPILE", "").strip()
         if env in ("0", "1"):
             return env == "1"
-        if any(t.is_cuda for t in (*self.parameters(), *self.buffers())):
+        if self._device().type == "cuda":
             return True
         # x86 only: Inductor's CPU code for fxquant's decompositions is measured and tested there, not on ARM
         return platform.machine().lower() in ("x86_64", "amd64") and backends.cpp_compiler() is not None
@@ -355,7 +361,7 @@ class QuantizedModel(torch.nn.Module):
             return None
         if self.config.target != "cpu" or self._float_dtype != torch.float32 or not backends.cpu_native_bf16():
             return None
-        if any(t.device.type != "cpu" for t in (*self.parameters(), *self.buffers())):
+        if self._device().type != "cpu":
             return None
         self._report.notes.add(NoteKind.COMPUTE_DTYPE, "compute_dtype='auto': this CPU has native bf16, so the float "
                                "work runs in bf16 (pass QuantConfig(compute_dtype=None) to keep the model's fp32)", "compile")
@@ -367,17 +373,14 @@ class QuantizedModel(torch.nn.Module):
         Hugging Face's LLMs), hand the model's own tensors back and compute in its dtype, with a note."""
         if example_inputs is None or not self._masters or self.config.compute_dtype != "auto":
             return
-        args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
+        args, kwargs = calib._as_call(example_inputs, 0)
         try:
             self._run_unchecked(args, kwargs, compiled=False)
             return
         except RuntimeError as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        compute, io = self._float_dtype, self._io_dtype
-        self._swap_tensors(self._masters)
-        for m in self.program.methods.values():
-            _retarget_out_dtype(m.graph_module, compute, io)
-        self._float_dtype, self._io_dtype, self._masters = io, None, {}
+        self._hand_back_masters()
+        io = self._float_dtype
         self._generation_state = GenerationState()
         notes = self._report.notes
         notes.drop([NoteKind.COMPUTE_DTYPE])
@@ -401,10 +404,7 @@ class QuantizedModel(torch.nn.Module):
             yield
             return
         compute, io, masters = self._float_dtype, self._io_dtype, self._masters
-        back = self._swap_tensors(masters)
-        for m in self.program.methods.values():
-            _retarget_out_dtype(m.graph_module, compute, io)
-        self._float_dtype, self._io_dtype, self._masters = io, None, {}
+        back = self._hand_back_masters()
         try:
             yield
         finally:
@@ -412,6 +412,17 @@ class QuantizedModel(torch.nn.Module):
             for m in self.program.methods.values():
                 _retarget_out_dtype(m.graph_module, io, compute)
             self._float_dtype, self._io_dtype, self._masters = compute, io, masters
+
+    def _hand_back_masters(self) -> dict[int, torch.Tensor]:
+        """Put the model's own float tensors (the masters) back into every graph and the store, and the fused Linears'
+        output dtype back to the model's: the program is then what a model compiled without ``compute_dtype`` is.
+        Returns the reverse mapping of the swap (to undo it)."""
+        compute, io = self._float_dtype, self._io_dtype
+        back = self._swap_tensors(self._masters)
+        for m in self.program.methods.values():
+            _retarget_out_dtype(m.graph_module, compute, io)
+        self._float_dtype, self._io_dtype, self._masters = io, None, {}
+        return back
 
     def _graph_submodules(self):
         """Every submodule of every method's graph, once (the methods share the model's submodules)."""
@@ -716,7 +727,7 @@ def _compile_forward_now(qm: QuantizedModel, example_inputs, compile_forward: Op
         return
     if example_inputs is None or qm._uncalibrated or qm.program.generation is not None:
         return  # compiled on first use (a generating model may never call forward)
-    args, kwargs = (example_inputs, {}) if isinstance(example_inputs, tuple) else ((), dict(example_inputs))
+    args, kwargs = calib._as_call(example_inputs, 0)
     qm._run_unchecked(args, kwargs)
 
 

@@ -337,7 +337,7 @@ def _register_inductor_decompositions() -> bool:
             return NotImplemented
         one = torch.ones(1, dtype=torch.float32, device=r.x_q.device)
         y = INT8_LINEAR_Q(r.x_q, one, r.w_q, r.w_scale, None, "none", r.backend, r.w_qmax, torch.float32)
-        return reference.epilogue(y, r.x_scale, r.bias, r.activation, r.out_dtype)
+        return reference.apply_epilogue(y, r.x_scale, r.bias, r.activation, r.out_dtype, inplace=False)
 
     @register_decomposition([LAYER_NORM_QUANT])
     def _layer_norm_quant(x, normalized_shape, weight, bias, eps, return_float, act_scale=None, act_smooth=None):

@@ -87,26 +87,20 @@ def apply_epilogue(
     bias: Optional[torch.Tensor],
     activation: str,
     out_dtype: torch.dtype,
+    inplace: bool = True,
 ) -> torch.Tensor:
     """Finish a Linear whose fp32 ``y = acc · s_w`` is computed: ``act(y · s_x + b)`` → ``out_dtype``.
 
-    Works in place on ``y`` (fp32 [M, N]); ``x_scale`` fp32 [M, 1]; ``bias`` [N] or None. The activation
-    is ``kernels.common.activation_torch``, the one torch definition of the epilogue beside the kernels'
-    (a gated ``swiglu`` returns [M, N/2]).
+    Works in place on ``y`` (fp32 [M, N]) unless ``inplace=False`` (traced graphs: Inductor's decompositions);
+    ``x_scale`` fp32 [M, 1]; ``bias`` [N] or None. The activation is ``kernels.common.activation_torch``, the one
+    torch definition of the epilogue beside the kernels' (a gated ``swiglu`` returns [M, N/2]).
     """
+    out = {"out": y} if inplace else {}
     if bias is not None:
-        y = torch.addcmul(bias.to(torch.float32), y, x_scale, out=y)
+        y = torch.addcmul(bias.to(torch.float32), y, x_scale, **out)
     else:
-        y = y.mul_(x_scale)
-    y = _kc.activation_torch(y, activation)
-    return y if out_dtype == torch.float32 else y.to(out_dtype)
-
-
-def epilogue(y: torch.Tensor, x_scale: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
-             out_dtype: torch.dtype) -> torch.Tensor:
-    """:func:`apply_epilogue` without writing into ``y`` (for traced graphs: Inductor's decompositions)."""
-    y = y * x_scale if bias is None else torch.addcmul(bias.to(torch.float32), y, x_scale)
-    y = _kc.activation_torch(y, activation, inplace=False)
+        y = y.mul_(x_scale) if inplace else y * x_scale
+    y = _kc.activation_torch(y, activation, inplace)
     return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
