@@ -238,14 +238,24 @@ def candidates(m, n_w, k, gated, num_sms):
         kinds = [(16, 256, 4, 4), (16, 512, 4, 4), (32, 256, 4, 4), (64, 256, 8, 4)]
     else:
         kinds = [(16, 512, 4, 4), (32, 256, 4, 4), (32, 512, 4, 4), (64, 256, 4, 4), (64, 512, 4, 4), (128, 256, 8, 4)]
+    kinds = [kd + (False,) for kd in kinds]
+    if m > 1:  # the transposed product with W tiles of 64 / 128 rows: W on the MMA's M side, where sm_90's
+        # wgmma (64 rows a warpgroup) takes it from registers after the conversion; x rows are the MMA's N (8..32)
+        kinds += [(64, 128, 4, 4, True), (64, 256, 4, 3, True), (128, 128, 4, 3, True), (128, 128, 8, 3, True)]
+    if m > 8:  # M = 32: fewer stages (two programs an SM: 48 KB a stage gated at 64x256) and shorter K blocks
+        kinds += ([(64, 256, 8, 2, False), (64, 256, 8, 3, False), (64, 128, 8, 4, False), (64, 128, 4, 3, False),
+                   (128, 128, 8, 3, False)] if gated else
+                  [(64, 256, 4, 2, False), (64, 256, 4, 3, False), (128, 256, 8, 3, False), (128, 128, 8, 4, False)])
     out = []
-    for bn, bk, w, st in kinds:
+    for bn, bk, w, st, swap in kinds:
         tiles = math.ceil(m / kw.block_m(m)) * math.ceil(n / bn)
         kblocks = math.ceil(k / bk)
         for split in (1, 2, 3, 4, 6, 8):
-            if split > 1 and (gated or tiles * split > 6 * num_sms or kblocks < 2 * split or tiles >= 2 * num_sms):
+            # gated: split-K only at M > 8 and against wave quantization (fewer than 2 tiles per SM)
+            if split > 1 and (gated and (m <= 8 or split > 2) or tiles * split > 6 * num_sms or kblocks < 2 * split
+                              or tiles >= 2 * num_sms):
                 continue
-            out.append(kw.W8A16Config(bn, bk, split, w, st, swap=False, cvt=0))
+            out.append(kw.W8A16Config(bn, bk, split, w, st, swap=swap, cvt=0))
     for bn, bk in ((16, 512), (32, 256)):  # the transposed product, against its plain twin above
         out.append(kw.W8A16Config(bn, bk, 1, 4, 5, swap=True, cvt=0))
     return out
@@ -527,10 +537,16 @@ def main():
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--gemv-only", action="store_true", help="only pick_config's config against the GEMV configs")
     ap.add_argument("--gemv-ms", default="1", help="M values (<= GEMV_MAX_M) given GEMV candidates, e.g. 1,2,4")
+    ap.add_argument("--ms", default=None, help="M values of the tl.dot sweep and table (default 1,8,32)")
+    ap.add_argument("--shapes", default=None, help="only the shapes whose label contains this text (e.g. L3-8B)")
     args = ap.parse_args()
+    global MS, SHAPES
+    if args.ms:
+        MS = tuple(int(v) for v in args.ms.split(","))
+    if args.shapes:
+        SHAPES = [s for s in SHAPES if args.shapes in s[3]]
     ms_gemv = gemv_ms(args.gemv_ms)
     if args.smoke:
-        global SHAPES, MS
         SHAPES, MS = [(48, 40, "none", "tiny"), (64, 96, "swiglu", "tiny gated")], (1, 8)
         correctness(SHAPES, MS, torch.device("cpu"), act_shapes=((40, 100),))
         gemv_smoke(ms_gemv)

@@ -204,6 +204,21 @@ def test_gemv_selection(monkeypatch):
         kw.w8a16_gemm(x, w, s, config=GEMV_CONFIGS[0])
 
 
+def test_rule_at_block_m_32(monkeypatch):
+    """From BLOCK_M 32 (M = 17..64) the rule takes the H100 M = 32 sweep's winners: gated 64x128, 4 warps, 3 stages;
+    LM-head widths 128x256, 8 warps, 3 stages; M ≤ 16 keeps the H200 sweep's configs."""
+    monkeypatch.setattr(kw, "interpreting", lambda: False)
+    for n, k in ((14336, 4096), (8960, 1536)):
+        got = kw.pick_config(32, n, k, True, 132)
+        assert (got.block_n, got.block_k, got.split_k, got.num_warps, got.num_stages) == (64, 128, 1, 4, 3)
+        got = kw.pick_config(8, n, k, True, 132)
+        assert (got.block_k, got.num_stages) == (256, 4)
+    for n, k in ((128256, 4096), (151936, 1536)):
+        got = kw.pick_config(32, n, k, False, 132)
+        assert (got.block_n, got.block_k, got.split_k, got.num_warps, got.num_stages) == (128, 256, 1, 8, 3)
+        assert kw.pick_config(8, n, k, False, 132).block_n == 64
+
+
 def test_operand_layouts():
     """w_scale as [N] or [N, 1], a transposed (non-contiguous) x, a bias of another dtype, M = 0 and K = 0."""
     x, w, s, b = _operands(3, 40, 24, torch.bfloat16, seed=9)
