@@ -17,7 +17,8 @@ from torch.utils import _pytree
 from .config import QuantConfig, check_calibration
 from .errors import CalibrationError, InputError
 from .export import compressed_tensors
-from .generation import GENERATION_METHODS, GenerationState, compiled_graph
+from .compiled import compiled_graph
+from .generation import GENERATION_METHODS, GenerationState
 from .generation import generate as _generate
 from .frontend import kv_cache
 from .frontend.capture import capture
