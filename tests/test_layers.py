@@ -23,7 +23,7 @@ LAYERS = [
     ("fxquant.config", "fxquant.plan"),
     ("fxquant.weights",),
     ("fxquant.passes",),
-    ("fxquant.program", "fxquant.generation"),
+    ("fxquant.program", "fxquant.generation", "fxquant.compiled"),
     ("fxquant.export", "fxquant.tools"),
     ("fxquant.api",),
     ("fxquant.app", "fxquant.__main__", "fxquant"),
