@@ -12,6 +12,10 @@ read at (the Linear weights' bytes per decode step / time per step) as a share o
 same tokens and the same (its own) cache is printed too.
 
     python bench/generate_gpu.py --model llama3-8b --batches 1 32 --prompt 512 --new 256 --out gen.json
+
+torchao is not on the lent GPU host: carry its wheel and install it into the interpreter that runs this script,
+``python3 -m pip install --no-deps .whl/torchao-*.whl`` (a bare ``pip`` there belongs to another Python, and the
+torchao contenders then report "No module named 'torchao'").
 """
 
 from __future__ import annotations
