@@ -21,7 +21,9 @@ __all__ = ["CPU_INDUCTOR_OPTIONS", "compiled_graph"]
 # Inductor options for the graphs fxquant compiles on a CPU. realize_opcount_threshold 4 (default 30): an epilogue
 # read by a reduction and a pointwise consumer (GELU, then the next Linear's per-token amax and its quantization) is
 # stored once instead of being recomputed in both loops; MiniLM 32 x 128, 2 AMX cores, dynamic per-token, bf16 compute:
-# 89.4 -> 74.4 ms (the erf of the GELU ran twice per element). CUDA keeps Inductor's defaults (not measured there).
+# 89.4 -> 74.4 ms (the erf of the GELU ran twice per element). 8 keeps one row of the GELU in a local buffer instead
+# (one pass per row), but measured slower: 79.6 -> 86.2 ms (docs/benchmarks.md, issue #24's fourth session). CUDA
+# keeps Inductor's defaults (not measured there).
 CPU_INDUCTOR_OPTIONS = {"realize_opcount_threshold": 4}
 
 
