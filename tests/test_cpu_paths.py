@@ -198,15 +198,11 @@ def test_torch_compile_of_a_cpu_model_fuses_the_quantizers(tmp_path, mode, compi
     assert calls == [want, want]
 
 
-TORCH_2_13 = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 13)
-
-
-@pytest.mark.parametrize("cap, warns", [("AVX512_CORE_VNNI", True), ("AVX2_VNNI", True), ("avx2", not TORCH_2_13),
-                                        ("AVX512_CORE_AMX", False), ("ALL", False), ("", False)])
+@pytest.mark.parametrize("cap, warns", [("AVX512_CORE_VNNI", True), ("avx2", True), ("AVX512_CORE_AMX", False),
+                                        ("ALL", False), ("", False)])
 def test_an_isa_cap_below_amx_warns(monkeypatch, cap, warns):
     """oneDNN capped below an AMX CPU runs torch's AMX-packed int8 weights with its reference kernel: a warning names
-    the variable (measured on the H200 host's Xeon: 1.3 s for one 128 x 384 x 1152 GEMM). Plain AVX2 with torch ≥ 2.13
-    does not warn: the weights are then prepacked plain and oneDNN runs its AVX2 kernel (measured, verbose log)."""
+    the variable (measured on the H200 host's Xeon: 1.3 s for one 128 x 384 x 1152 GEMM)."""
     monkeypatch.setattr(backends, "cpu_flags", lambda: frozenset({"avx512_vnni", "amx_int8", "amx_tile"}))
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)

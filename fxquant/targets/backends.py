@@ -101,14 +101,9 @@ def warn_if_isa_capped() -> None:
     """Warn when oneDNN's ISA is capped below an AMX CPU's (``ONEDNN_MAX_CPU_ISA``, say ``AVX512_CORE_VNNI``): torch's
     int8 weight prepacking (``onednn::qlinear_prepack``) still picks AMX's blocked layout there, and oneDNN then runs
     that layout with its reference kernel (``ref_int8``). Measured on 2 cores of the H200 host's AMX Xeon, torch 2.11:
-    1.3 s for one 128 x 384 x 1152 GEMM, and ~30 s for one MiniLM forward at batch 1; torch 2.13 on an AMX Xeon: the
-    same under ``AVX512_CORE_VNNI``, ``AVX512_CORE`` and ``AVX2_VNNI``. Not for ``AVX2`` with torch ≥ 2.13: the
-    prepacking then writes a plain layout and oneDNN runs its AVX2 kernel (``gemm:jit``), so the cap emulates an
-    AVX2-only CPU faithfully (docs/benchmarks.md)."""
+    1.3 s for one 128 x 384 x 1152 GEMM, and ~30 s for one MiniLM forward at batch 1."""
     for name in _ISA_CAPS:
         cap = os.environ.get(name, "").strip().upper()
-        if cap == "AVX2" and _torch_at_least(2, 13):
-            continue
         if cap and cap not in ("ALL", "DEFAULT") and "AMX" not in cap and "amx_int8" in cpu_flags():
             warnings.warn(
                 f"{name}={os.environ[name]} caps oneDNN below this CPU's AMX, but torch's int8 weight prepacking still "
@@ -645,10 +640,6 @@ WEIGHT_ONLY_MAX_M = {"cpu": 4, "cuda": 64}
 _WEIGHT_ONLY_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _torch_at_least(major: int, minor: int) -> bool:
-    return tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (major, minor)
-
-
 @functools.lru_cache(maxsize=None)
 def _cpu_int8pack_vectorized() -> bool:
     """ATen's ``_weight_int8pack_mm`` CPU kernel runs vectorized here: AVX-512 (AMX) dispatch, or AVX2 dispatch in
@@ -659,7 +650,8 @@ def _cpu_int8pack_vectorized() -> bool:
     cap = torch.backends.cpu.get_cpu_capability()
     if cap in ("AVX512", "AMX"):
         return True
-    return cap == "AVX2" and _torch_at_least(2, 13)
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    return cap == "AVX2" and version >= (2, 13)
 
 
 def _w8a16_triton():
