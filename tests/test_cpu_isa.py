@@ -182,37 +182,3 @@ def test_key_numerics_with_another_cpu_kinds_choices(value):
     assert done.returncode == 0, tail
     last = done.stdout.strip().splitlines()[-1]
     assert " passed" in last and "failed" not in last and "error" not in last, tail
-
-
-@pytest.mark.skipif(not backends.onednn_available(), reason="oneDNN's int8 ops are not in this torch build")
-def test_small_m_takes_aten_without_vnni(isa, monkeypatch):
-    """Without VNNI (avx2 forced), a per-token W8A8 call of at most SMALL_M_ATEN_MAX_M rows runs torch._int_mm ('aten',
-    measured faster there than oneDNN's u8s8 matmul), and the same int32 products come out of both GEMMs; more rows,
-    or a static scale with bias for oneDNN's fused epilogue, stay with oneDNN; with VNNI nothing changes."""
-    isa("avx2")
-    calls = []
-    for name in ("aten", "onednn"):
-        monkeypatch.setitem(backends.BACKENDS, name, lambda *a, _f=backends.BACKENDS[name], _n=name: calls.append(_n) or _f(*a))
-    static = backends._onednn_static_linear
-    monkeypatch.setattr(backends, "_onednn_static_linear", lambda *a: calls.append("onednn-static") or static(*a))
-    gen = torch.Generator().manual_seed(0)
-    k, n = 64, 48
-    w_q = torch.randint(-63, 64, (n, k), dtype=torch.int8, generator=gen)
-    w_s = torch.rand(n, 1, generator=gen) * 1e-2
-    bias = torch.randn(n, generator=gen)
-    limit = backends.SMALL_M_ATEN_MAX_M
-
-    def linear(m, scale=None, b=None, qmax=63):
-        x = torch.randn(m, k, generator=gen)
-        calls.clear()
-        fxquant.ir.ops.INT8_LINEAR(x, w_q, w_s, b, "none", "onednn", qmax, torch.float32, scale)
-        return list(calls)
-
-    assert linear(8) == ["aten"]
-    assert linear(limit) == ["aten"]
-    assert linear(limit + 1) == ["onednn"]
-    assert linear(8, scale=torch.tensor([0.05]), b=bias) == ["onednn-static"]
-    x_q = torch.randint(-127, 128, (8, k), dtype=torch.int8, generator=gen)
-    assert torch.equal(backends.BACKENDS["aten"](x_q, w_q, w_s), backends.BACKENDS["onednn"](x_q, w_q, w_s))
-    monkeypatch.setattr(backends, "cpu_int8_full_range_exact", lambda: True)
-    assert linear(8) == ["onednn"]

@@ -522,22 +522,6 @@ def pick_backend(requested: str, device: torch.device, m: int, k: int, n: int, w
     return "reference"
 
 
-# On a CPU without VNNI (AVX2: oneDNN's int8 matmul is u8s8 with a source zero point there), torch._int_mm (s8s8,
-# oneDNN's gemm API) beats onednn::qlinear_pointwise up to this many rows. Measured on 2 cores of the AMX Xeon
-# with ATen, MKL, oneDNN and fxquant forced to AVX2 (torch 2.13, Qwen2-0.5B shapes, weights streamed from DRAM,
-# per-token; µs for q/k/v + o + gate/up + down of one layer, qlinear / _int_mm): M = 1 2090 / 1546, 8 3806 / 2414,
-# 16 4771 / 2951, 64 9065 / 7006, 128 13601 / 11530, 256 24086 / 23210, 512 45329 / 51041. The int32 products are
-# exact on both paths (|W_q| <= 63 there), so only the time changes.
-SMALL_M_ATEN_MAX_M = 256
-
-
-def _small_m_aten(m: int, gemm_only: bool) -> bool:
-    """Run this CPU call through ``aten`` instead of ``onednn`` (:data:`SMALL_M_ATEN_MAX_M`): few rows on a CPU
-    without VNNI, and nothing for oneDNN's epilogue to fuse (``gemm_only``: per-token scales, or scale 1 without
-    bias and activation, the form the Inductor decomposition calls)."""
-    return gemm_only and m <= SMALL_M_ATEN_MAX_M and not cpu_int8_full_range_exact()
-
-
 def run_linear(x_q: torch.Tensor, x_scale: torch.Tensor, linear, out_dtype: torch.dtype) -> torch.Tensor:
     """W8A8 Linear on 2-D operands through the chosen backend (see :func:`fxquant.ir.reference.int8_linear`).
 
@@ -561,10 +545,8 @@ def run_linear(x_q: torch.Tensor, x_scale: torch.Tensor, linear, out_dtype: torc
         return _triton_w8a8_linear(x_q, x_scale, w_q, w_scale, bias, activation, out_dtype)
     if name == "onednn" and activation in _ONEDNN_POST_OPS and _onednn_out_ok(out_dtype):
         scale = _one_scale(x_scale)
-        if scale is not None and not _small_m_aten(m, scale == 1.0 and bias is None and activation == "none"):
+        if scale is not None:
             return _onednn_static_linear(x_q, scale, w_q, w_scale, bias, activation, out_dtype)
-    if name == "onednn" and _small_m_aten(m, True):
-        name = "aten"
     y = BACKENDS[name](x_q, w_q, w_scale)
     return reference.apply_epilogue(y, x_scale, bias, activation, out_dtype)
 
