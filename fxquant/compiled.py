@@ -85,7 +85,7 @@ def compiled_graph(qmodel, method: str, gm):
     fn = state.compiled.get(method)
     if fn is not None:
         return fn
-    on_cpu = all(t.device.type == "cpu" for t in (*gm.parameters(), *gm.buffers()))
+    on_cpu = qmodel._device().type == "cpu"  # a program lives on one device
     dynamic = {"prefill": True, "decode": False}.get(method)
     compiled = torch.compile(gm, dynamic=dynamic, options=_inductor_options(on_cpu))
 
