@@ -4,7 +4,8 @@ the top kernels; the gap between replay time and kernel time is what launches an
 Prefill (one prompt) is timed and profiled the same way.
 
 Variants: ``bf16`` (fxquant's control: nothing quantized), ``int8`` (the default), each as ``compile`` runs it on
-CUDA (prefill and decode through ``torch.compile``) and with ``+eager`` (``compile_generation=False``).
+CUDA (prefill and decode through ``torch.compile``), with ``+eager`` (``compile_generation=False``), and with
+``+matmul`` (decode attention as two batched GEMMs and a softmax, the form before ``fxquant::decode_attention``).
 
     python bench/decode_profile_gpu.py --layers 32 --prompt 512 --rows 12
 """
@@ -23,6 +24,7 @@ from generate_gpu import PEAK_BYTES_PER_S, build, linear_bytes  # noqa: E402
 
 import fxquant  # noqa: E402
 from fxquant.generation import _decoder, _prefill  # noqa: E402
+from fxquant.passes import decode_attention as pda  # noqa: E402
 
 
 def kernels(fn, rows: int) -> tuple[float, int, list[tuple[str, float, int]]]:
@@ -67,11 +69,16 @@ def main():
     ids = torch.randint(0, model.config.vocab_size, (b, p), device="cuda")
     print(f"{dev}, torch {torch.__version__}, {args.model} ({args.layers or 'all'} layers), batch {b}, prompt {p}")
     for variant in args.variants:
-        base, _, eager_ = variant.partition("+")
+        base, *flags = variant.split("+")
+        eager_ = "eager" in flags
+        plain = pda.decode_attention
+        if "matmul" in flags:  # the grouped-matmul form on CUDA too (fused=False)
+            pda.decode_attention = lambda gm, fused=False: plain(gm, fused=False)
         cfg = fxquant.QuantConfig(target="cuda", **({} if base == "int8" else {"skip": ["re:.*"]}))
         t0 = time.perf_counter()
         qm = fxquant.compile(model, {"input_ids": ids[:, :8]}, config=cfg, max_batch_size=b, max_cache_len=p + 64,
                              compile_generation=False if eager_ else None, progress=False)
+        pda.decode_attention = plain
         spec = qm.program.generation
         mask = torch.zeros(b, spec.max_cache_len, dtype=torch.long, device="cuda")
         mask[:, :p + 1] = 1

@@ -14,6 +14,8 @@ op                                  meaning (numerics: :mod:`fxquant.ir.referenc
                                     → [..., N]; no activation quantization (decode-sized M, memory-bound)
 ``fxquant::layer_norm_quant``       LayerNorm + per-token quantize: (y float or empty, y_q int8, scale fp32)
 ``fxquant::rms_norm_quant``         RMSNorm + per-token quantize: the same three outputs
+``fxquant::decode_attention``       grouped-query attention of a decode step over the KV cache: q [B, H, S, D],
+                                    K / V [B, KV, L, D], additive mask [B or 1, 1, S, L] → [B, H, S, D] (CUDA)
 ==================================  ==========================================================================
 
 Arguments shared by the Linear ops: ``w_q`` int8 [N, K], ``w_scale`` fp32 [N, 1], ``bias`` [N] or None,
@@ -142,6 +144,8 @@ RMS_NORM_QUANT_C = _Contract(
     "Tensor? act_smooth=None",
     "(Tensor, Tensor, Tensor)",
 )
+DECODE_ATTENTION_C = _Contract(
+    "decode_attention", "Tensor q, Tensor k_cache, Tensor v_cache, Tensor mask, float scale", "Tensor")
 # Ops whose outputs are (y float or empty, y_q int8, scale fp32): a norm that quantizes its own output.
 NORM_QUANT_CONTRACTS = (LAYER_NORM_QUANT_C, RMS_NORM_QUANT_C)
 NORM_QUANT_FLOAT, NORM_QUANT_Q, NORM_QUANT_SCALE = 0, 1, 2  # output indices of the norm-quant ops
@@ -188,6 +192,11 @@ def _norm_quant_fake(x, return_float):
     return y, x.new_empty(x.shape, dtype=torch.int8), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
 
 
+@torch.library.register_fake(f"{_NS}::decode_attention")
+def _(q, k_cache, v_cache, mask, scale):
+    return q.new_empty(q.shape)  # contiguous [B, H, S, D]
+
+
 torch.library.register_fake(f"{_NS}::layer_norm_quant", _layer_norm_quant_fake)
 torch.library.register_fake(f"{_NS}::rms_norm_quant", _rms_norm_quant_fake)
 
@@ -198,6 +207,7 @@ INT8_LINEAR = INT8_LINEAR_C.op
 INT8_LINEAR_Q = INT8_LINEAR_Q_C.op
 INT8_WEIGHT_LINEAR = INT8_WEIGHT_LINEAR_C.op
 LAYER_NORM_QUANT = LAYER_NORM_QUANT_C.op
+DECODE_ATTENTION = DECODE_ATTENTION_C.op
 RMS_NORM_QUANT = RMS_NORM_QUANT_C.op
 CONTRACTS = {c.op: c for c in (QUANTIZE_PER_TOKEN_C, INT8_LINEAR_C, INT8_LINEAR_Q_C, INT8_WEIGHT_LINEAR_C,
                                *NORM_QUANT_CONTRACTS)}

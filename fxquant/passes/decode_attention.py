@@ -18,6 +18,11 @@ heads of a group stacked as rows, reading K and V once (a batched GEMM per (batc
 which is the eager attention of Hugging Face (``eager_attention_forward``: matmul in the model's dtype, softmax
 in fp32) and SDPA's math (Vaswani et al. 2017, eq. 1) per head. Only the decode method is rewritten
 (``CompileContext.decode_methods``); prefill keeps SDPA.
+
+On CUDA targets the step becomes one ``fxquant::decode_attention`` node instead: a Triton kernel that computes the
+same grouped attention reading K and V once, with an online softmax split along the cache (flash-decoding; see
+``fxquant.kernels.decode_attention``), where the form above is two batched GEMMs and Inductor's softmax between
+them. CPU targets keep the form above, which Inductor fuses on CPUs.
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from ..ir import ops
 from ..ir.notes import NoteKind
 from ..ir.views import static_shape
+from ..targets import backends
 from .base import FxquantPass
 
 aten = torch.ops.aten
@@ -53,8 +60,9 @@ def _repeated(node) -> Optional[tuple[fx.Node, int]]:
     return uns.args[0], sizes[2]
 
 
-def decode_attention(gm: fx.GraphModule) -> int:
-    """Rewrite every eligible SDPA of ``gm`` (module docstring); returns how many."""
+def decode_attention(gm: fx.GraphModule, fused: bool = False) -> int:
+    """Rewrite every eligible SDPA of ``gm`` (module docstring); returns how many. ``fused``: as one
+    ``fxquant::decode_attention`` node where its kernel takes the shapes and dtypes (CUDA targets)."""
     g = gm.graph
     done = 0
     for node in list(g.nodes):
@@ -77,20 +85,12 @@ def decode_attention(gm: fx.GraphModule) -> int:
         kv = h // rep
         scale = kw.get("scale")
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-        with g.inserting_before(node):
-            qg = g.call_function(aten.reshape.default, (q, [b, kv, rep * s, d]))
-            kt = g.call_function(aten.transpose.int, (k_cache, -1, -2))
-            scores = g.call_function(aten.matmul.default, (qg, kt))
-            scores = g.call_function(aten._to_copy.default, (scores,), {"dtype": torch.float32})
-            scores = g.call_function(aten.mul.Tensor, (scores, scale))
-            m = g.call_function(aten.unsqueeze.default, (mask, 2))
-            m = g.call_function(aten.expand.default, (m, [mshape[0], 1, rep, s, mshape[3]]))
-            m = g.call_function(aten.reshape.default, (m, [mshape[0], 1, rep * s, mshape[3]]))
-            scores = g.call_function(aten.add.Tensor, (scores, m))
-            p = g.call_function(aten._softmax.default, (scores, -1, False))
-            p = g.call_function(aten._to_copy.default, (p,), {"dtype": q.meta["val"].dtype})
-            o = g.call_function(aten.matmul.default, (p, v_cache))
-            out = g.call_function(aten.reshape.default, (o, [b, h, s, d]))
+        dtypes = {a.meta["val"].dtype for a in (q, k_cache, v_cache) if "val" in a.meta}
+        if fused and len(dtypes) == 1 and backends.decode_attention_fits(shape, kv, d):
+            with g.inserting_before(node):
+                out = ops.DECODE_ATTENTION_C.call(g, ops.DECODE_ATTENTION_C.record(q, k_cache, v_cache, mask, scale))
+        else:
+            out = _grouped_matmuls(g, node, q, k_cache, v_cache, mask, (b, h, s, d), mshape, kv, rep, scale)
         out.meta.update({key: val for key, val in node.meta.items() if key in ("val", "nn_module_stack", "stack_trace")})
         node.replace_all_uses_with(out)
         g.erase_node(node)
@@ -102,14 +102,36 @@ def decode_attention(gm: fx.GraphModule) -> int:
     return done
 
 
+def _grouped_matmuls(g: fx.Graph, node: fx.Node, q, k_cache, v_cache, mask, shape, mshape, kv, rep, scale) -> fx.Node:
+    """The module docstring's form, inserted before ``node``: two batched GEMMs over K and V read once per kv head."""
+    b, h, s, d = shape
+    with g.inserting_before(node):
+        qg = g.call_function(aten.reshape.default, (q, [b, kv, rep * s, d]))
+        kt = g.call_function(aten.transpose.int, (k_cache, -1, -2))
+        scores = g.call_function(aten.matmul.default, (qg, kt))
+        scores = g.call_function(aten._to_copy.default, (scores,), {"dtype": torch.float32})
+        scores = g.call_function(aten.mul.Tensor, (scores, scale))
+        m = g.call_function(aten.unsqueeze.default, (mask, 2))
+        m = g.call_function(aten.expand.default, (m, [mshape[0], 1, rep, s, mshape[3]]))
+        m = g.call_function(aten.reshape.default, (m, [mshape[0], 1, rep * s, mshape[3]]))
+        scores = g.call_function(aten.add.Tensor, (scores, m))
+        p = g.call_function(aten._softmax.default, (scores, -1, False))
+        p = g.call_function(aten._to_copy.default, (p,), {"dtype": q.meta["val"].dtype})
+        o = g.call_function(aten.matmul.default, (p, v_cache))
+        return g.call_function(aten.reshape.default, (o, [b, h, s, d]))
+
+
 class DecodeAttention(FxquantPass):
     name = "decode_attention"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         if self.ctx.method not in self.ctx.decode_methods:
             return PassResult(gm, False)
-        n = decode_attention(gm)
+        n = decode_attention(gm, fused=self.ctx.spec.device == "cuda")
         if n:
+            k = sum(1 for node in gm.graph.nodes if node.target is ops.DECODE_ATTENTION)
+            how = (f"{k} as one Triton kernel each (fxquant::decode_attention: online softmax, split along the cache)"
+                   if k else "two batched GEMMs each")
             self.ctx.note(NoteKind.GENERATION, f"decode: {n} attention(s) read the KV cache once per kv head (grouped "
-                          "queries), not once per query head (Hugging Face's repeat_kv)", self.name)
+                          f"queries), not once per query head (Hugging Face's repeat_kv): {how}", self.name)
         return PassResult(gm, n > 0)

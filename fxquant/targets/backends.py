@@ -718,6 +718,33 @@ def _scale_as(w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return converted
 
 
+def _decode_attention_triton():
+    try:
+        from ..kernels import decode_attention
+    except ImportError:  # no Triton
+        return None
+    return decode_attention if decode_attention.HAS_TRITON else None
+
+
+def decode_attention_fits(q_shape, kv_heads: int, head_dim: int) -> bool:
+    """The Triton decode attention kernel takes this step: rep·S query rows in one tile, D ≥ 16 (``tl.dot``)."""
+    from ..kernels.decode_attention import MAX_ROWS
+
+    return q_shape[1] % kv_heads == 0 and q_shape[1] // kv_heads * q_shape[2] <= MAX_ROWS and head_dim >= 16
+
+
+@_impl("decode_attention")
+def _op_decode_attention(q, k_cache, v_cache, mask, scale):
+    """``fxquant::decode_attention``: the Triton kernel on CUDA (``fxquant.kernels.decode_attention``), else its
+    reference (Hugging Face's eager attention with grouped queries)."""
+    kernel = _decode_attention_triton() if q.is_cuda else None
+    if kernel is not None and q.dtype == k_cache.dtype == v_cache.dtype:
+        return kernel.decode_attention(q, k_cache, v_cache, mask, scale)
+    from ..kernels.decode_attention import decode_attention_reference
+
+    return decode_attention_reference(q, k_cache, v_cache, mask, scale).contiguous()
+
+
 @_impl("int8_weight_linear")
 def _op_int8_weight_linear(*args, **kwargs) -> torch.Tensor:
     r = ops.INT8_WEIGHT_LINEAR_C.record(*args, **kwargs)

@@ -1,0 +1,147 @@
+"""The decode attention kernel of ``fxquant.kernels.decode_attention`` against float64 attention, and the pass that
+puts it into CUDA decode graphs.
+
+Without a GPU the kernel runs under ``TRITON_INTERPRET=1`` (set in conftest.py); on a GPU the same tests compile
+it. Shapes are small and odd: L not a multiple of the 64-position block, D = 24 (not a power of two), rep 1 / 3 / 4,
+S = 1 and 2, a mask broadcast over the batch, dtype-min and -inf masks, one split and several.
+
+Tolerances: the float64 reference is SDPA's math on the same (rounded) inputs. fp32 runs IEEE fp32 dot products,
+so its error is fp32 accumulation: SQNR ≥ 100 dB. bf16 rounds e^(s−m) to bf16 before P·V and O to bf16 at the end
+(8 significant bits each, ≈ 50 dB each): ≥ 40 dB, as the eager attention it replaces (also checked).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from fxquant.kernels import common
+from fxquant.kernels import decode_attention as kd
+
+needs_triton = pytest.mark.skipif(not (common.HAS_TRITON and (torch.cuda.is_available() or common.interpreting())),
+                                  reason="needs Triton on a GPU, or TRITON_INTERPRET=1")
+DEVICE = "cuda" if torch.cuda.is_available() and not common.interpreting() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_interpreter():
+    with warnings.catch_warnings():  # NumPy's exp of -inf and 0/0 of masked-out rows (never stored)
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
+        yield
+
+
+def _operands(b, kv, rep, s, length, d, dtype, seed, mask_batch=True, filled=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, s, kv * rep, d, generator=g).to(dtype).transpose(1, 2)  # a transposed view, as in the graph
+    k = torch.randn(b, kv, length, d, generator=g).to(dtype)
+    v = torch.randn(b, kv, length, d, generator=g).to(dtype)
+    filled = filled if filled is not None else [length - 3 - i for i in range(b)]
+    neg = torch.finfo(dtype).min
+    mask = torch.zeros(b if mask_batch else 1, 1, s, length, dtype=dtype)
+    for row in range(mask.shape[0]):
+        mask[row, :, :, filled[row]:] = neg  # the unfilled cache, as Hugging Face masks it
+        mask[row, :, :, : row] = neg        # left padding
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), mask.to(DEVICE)
+
+
+def _exact(q, k, v, mask, scale):
+    """SDPA's math in float64 with query head h reading kv head h // rep."""
+    rep = q.shape[1] // k.shape[1]
+    k64 = k.cpu().double().repeat_interleave(rep, dim=1)
+    v64 = v.cpu().double().repeat_interleave(rep, dim=1)
+    scores = q.cpu().double() @ k64.transpose(-1, -2) * scale + mask.cpu().double()
+    return torch.softmax(scores, -1) @ v64
+
+
+def _sqnr(got, exact):
+    err = (got.cpu().double() - exact).pow(2).mean()
+    return float(10 * torch.log10(exact.pow(2).mean() / err))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,kv,rep,s,length,d,splits", [
+    (1, 2, 4, 1, 70, 32, 1),      # Llama-like group, L past one block, one split
+    (1, 2, 4, 1, 200, 32, 3),     # three splits (the batch-1 case), the last one short
+    (3, 1, 3, 2, 45, 24, None),   # D not a power of two, S = 2, rep 3, the splits the kernel picks
+    (2, 3, 1, 1, 130, 16, 2),     # no grouping (MHA), D at tl.dot's minimum
+])
+def test_kernel_matches_float64(dtype, b, kv, rep, s, length, d, splits):
+    q, k, v, mask = _operands(b, kv, rep, s, length, d, dtype, seed=length)
+    scale = d ** -0.5
+    got = kd.decode_attention(q, k, v, mask, scale, splits=splits)
+    assert got.shape == (b, kv * rep, s, d) and got.dtype == dtype and got.is_contiguous()
+    exact = _exact(q, k, v, mask, scale)
+    assert _sqnr(got, exact) >= (100.0 if dtype == torch.float32 else 40.0)
+    # the eager form the pass writes elsewhere (Hugging Face's eager attention) is as close
+    ref = kd.decode_attention_reference(q, k, v, mask, scale)
+    assert _sqnr(ref, exact) >= (100.0 if dtype == torch.float32 else 35.0)
+
+
+@needs_triton
+def test_kernel_masks_broadcast_and_minus_inf():
+    """A mask of batch 1 broadcasts over the rows; -inf masks (not only dtype-min) give weight 0, including a split
+    whose every position is masked (its partial must not poison the combine)."""
+    q, k, v, mask = _operands(2, 2, 2, 1, 150, 32, torch.float32, seed=7, mask_batch=False, filled=[40])
+    mask = torch.where(mask < 0, float("-inf"), 0.0)
+    got = kd.decode_attention(q, k, v, mask, 0.2, splits=3)  # splits 2 and 3 are fully masked
+    exact = _exact(q, k, v, mask.expand(2, 1, 1, 150), 0.2)
+    assert _sqnr(got, exact) >= 100.0
+    # stale values in the masked tail (a reused cache row) must not matter
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 40:], v2[:, :, 40:] = 1e4, -1e4  # finite: 0 · NaN is NaN here as in SDPA
+    assert torch.equal(kd.decode_attention(q, k2, v2, mask, 0.2, splits=3), got)
+
+
+def test_pick_splits():
+    # batch 1, Llama-3-8B (8 kv heads), 132 SMs, L = 640: 10 blocks, at most 5 splits of two blocks each
+    assert kd.pick_splits(8, 640, 132) == 5
+    # batch 32: 256 programs, just under two per SM: two splits
+    assert kd.pick_splits(256, 640, 132) == 2
+    assert kd.pick_splits(512, 640, 132) == 1
+    assert kd.pick_splits(8, 64, 132) == 1  # one block: nothing to split
+
+
+def test_reference_rejects_nothing_the_kernel_accepts():
+    """The reference is the eager math the pass writes on CPUs: same shapes in, same [B, H, S, D] out."""
+    q, k, v, mask = _operands(2, 2, 3, 2, 33, 24, torch.float32, seed=3)
+    ref = kd.decode_attention_reference(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), 0.3)
+    assert ref.shape == (2, 6, 2, 24)
+    assert _sqnr(ref, _exact(q, k, v, mask, 0.3)) >= 100.0
+
+
+def test_pass_writes_the_op_on_cuda_targets_and_matmuls_elsewhere(monkeypatch):
+    """The decode graph of a small Llama: the CPU target keeps two batched GEMMs per layer; rewritten as for a CUDA
+    target it holds one fxquant::decode_attention per layer (whose CPU implementation is the reference, the same
+    math), and generates the same tokens."""
+    transformers = pytest.importorskip("transformers")
+    import fxquant
+    from fxquant.ir import ops
+    from fxquant.ir.notes import NoteKind
+    from fxquant.passes import decode_attention as pda
+    from fxquant.program import program_of
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
+                                   attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(1))
+
+    def build():
+        qm = fxquant.compile(model, {"input_ids": prompt}, config=fxquant.QuantConfig(min_ratio=0), max_batch_size=2,
+                             max_cache_len=24, progress=False, compile_generation=False)
+        return qm, [n.target for n in program_of(qm, "decode").methods["decode"].graph_module.graph.nodes]
+
+    qm, targets = build()
+    assert targets.count(torch.ops.aten.matmul.default) == 4 and ops.DECODE_ATTENTION not in targets
+    want = qm.generate(prompt, max_new_tokens=6)
+
+    plain = pda.decode_attention
+    monkeypatch.setattr(pda, "decode_attention", lambda gm, fused=False: plain(gm, fused=True))
+    qm, targets = build()
+    assert targets.count(ops.DECODE_ATTENTION) == 2 and torch.ops.aten.matmul.default not in targets
+    assert torch.equal(qm.generate(prompt, max_new_tokens=6), want)
+    assert any("2 as one Triton kernel" in note for note in qm.report().notes.of(NoteKind.GENERATION))
