@@ -14,33 +14,12 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # python -P leaves the script's folder out
+from w8a16_gpu import graph_time_us, sqnr_db  # noqa: E402
+
 from fxquant.kernels import decode_attention as kd  # noqa: E402
 
 PEAK = {"H100": 3.35e12, "H200": 4.8e12}
-
-
-def graph_time(fn, calls: int, reps: int = 20) -> float:
-    """µs per call of ``fn(i)`` for i in range(calls), captured as one CUDA graph and replayed."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(calls):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fn(i)
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / (reps * calls)
 
 
 def main():
@@ -70,16 +49,13 @@ def main():
         rk, rv = ks[0].double().repeat_interleave(args.rep, 1), vs[0].double().repeat_interleave(args.rep, 1)
         exact = torch.softmax(q.double() @ rk.transpose(-1, -2) * scale + mask.double(), -1) @ rv
 
-        def sqnr(y):
-            return float(10 * torch.log10(exact.pow(2).mean() / (y.double() - exact).pow(2).mean()))
-
         rows = [("grouped matmuls, torch.compile", lambda i: grouped(q, ks[i], vs[i], mask, scale))]
         for sp in args.splits:
             rows.append((f"kernel, splits {sp or 'auto (' + str(kd.pick_splits(b * args.kv, length, torch.cuda.get_device_properties(0).multi_processor_count)) + ')'}",
                          lambda i, sp=sp: kd.decode_attention(q, ks[i], vs[i], mask, scale, splits=sp or None)))
         for name, fn in rows:
-            err = sqnr(fn(0))
-            us = graph_time(fn, copies)
+            err = sqnr_db(exact, fn(0))
+            us = graph_time_us([lambda i=i, fn=fn: fn(i) for i in range(copies)])
             bw = cache_bytes / (us * 1e-6)
             print(f"batch {b:3d}  {name:34s} {us:8.2f} µs  {bw / 1e9:6.0f} GB/s"
                   + (f" {bw / peak:5.1%}" if peak else "") + f"  SQNR {err:5.1f} dB", flush=True)
