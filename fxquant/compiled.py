@@ -18,13 +18,13 @@ from .ir.notes import NoteKind
 __all__ = ["CPU_INDUCTOR_OPTIONS", "compiled_graph"]
 
 
-# Inductor options for the graphs fxquant compiles on a CPU. realize_opcount_threshold 4 (default 30): an epilogue
-# read by a reduction and a pointwise consumer (GELU, then the next Linear's per-token amax and its quantization) is
-# stored once instead of being recomputed in both loops; MiniLM 32 x 128, 2 AMX cores, dynamic per-token, bf16 compute:
-# 89.4 -> 74.4 ms (the erf of the GELU ran twice per element). 8 keeps one row of the GELU in a local buffer instead
-# (one pass per row), but measured slower: 79.6 -> 86.2 ms (docs/benchmarks.md, issue #24's fourth session). CUDA
-# keeps Inductor's defaults (not measured there).
-CPU_INDUCTOR_OPTIONS = {"realize_opcount_threshold": 4}
+# Inductor options for the graphs fxquant compiles on a CPU: Inductor's defaults. realize_opcount_threshold 4 (default
+# 30) was set while the per-token GELU epilogue used erf: it stored the GELU once instead of recomputing it in the
+# next Linear's amax and quantization loops (MiniLM 32 x 128, 2 AMX cores: 89.4 -> 74.4 ms). With the sigmoid form
+# of that GELU (fxquant.ir.ops, the int8_linear_q decomposition) recomputing is cheaper than the memory traffic of
+# storing and re-reading the [M, N] fp32 tensor: threshold 30 75-77 ms against 81-82 with 4, alternating processes
+# (docs/benchmarks.md, issue #24). CUDA keeps Inductor's defaults too (not measured there).
+CPU_INDUCTOR_OPTIONS: dict = {}
 
 
 def _inductor_options(on_cpu: bool) -> dict:

@@ -339,6 +339,16 @@ def _register_inductor_decompositions() -> bool:
         # its epilogue as separate passes inside the opaque op. Here the GEMM stays fxquant's op (called with
         # src scale 1, no bias, no activation, fp32 out: the same acc·s_w) and the epilogue becomes ATen ops that
         # Inductor fuses with whatever follows (the next LayerNorm / residual add / quantization).
+        #
+        # Two departures from the eager op's numerics, both far below the int8 activations' own error, because this
+        # epilogue is bound by memory traffic over the [M, N] GEMM output (MiniLM's FFN: [4096, 1536], 25 MB in fp32;
+        # 2 AMX cores): (1) where the Linear's output is bf16, the GEMM hands it over in bf16 (acc·s_w rounded to
+        # 8 significant bits before ·s_x + b, then rounded again: at most one more bf16 rounding, relative 2⁻⁹);
+        # (2) GELU (erf) and GELU-tanh run as the sigmoid form of the tanh approximation
+        # (:func:`fxquant.ir.reference.gelu_sigmoid_form`, |Δ| ≤ 4.7e-4 from erf), cheap enough for Inductor to
+        # recompute in the next Linear's amax and quantization loops instead of storing it (Inductor's vectorized
+        # erf would cost that twice). MiniLM 32 x 128, 2 AMX cores, alternating processes: 80-85 -> 75-77 ms, mean
+        # cosine 0.99710 -> 0.99701 (docs/benchmarks.md, issue #24).
         r = INT8_LINEAR_Q_C.record(*args, **kwargs)
         s = r.x_scale
         if declined(r.x_q) or r.x_q.device.type != "cpu" or s.dim() < 2 or s.shape[-2] == 1 or s.stride(-2) == 0:
@@ -346,7 +356,11 @@ def _register_inductor_decompositions() -> bool:
             # epilogue applies it, the bias and the activation inside the GEMM, with a bf16 output where native
             return NotImplemented
         one = torch.ones(1, dtype=torch.float32, device=r.x_q.device)
-        y = INT8_LINEAR_Q(r.x_q, one, r.w_q, r.w_scale, None, "none", r.backend, r.w_qmax, torch.float32)
+        gemm_dtype = torch.bfloat16 if r.out_dtype == torch.bfloat16 else torch.float32
+        y = INT8_LINEAR_Q(r.x_q, one, r.w_q, r.w_scale, None, "none", r.backend, r.w_qmax, gemm_dtype).float()
+        if r.activation in ("gelu", "gelu_tanh"):
+            y = reference.apply_epilogue(y, r.x_scale, r.bias, "none", torch.float32, inplace=False)
+            return reference.gelu_sigmoid_form(y).to(r.out_dtype)
         return reference.apply_epilogue(y, r.x_scale, r.bias, r.activation, r.out_dtype, inplace=False)
 
     @register_decomposition([LAYER_NORM_QUANT])

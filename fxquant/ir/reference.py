@@ -35,6 +35,7 @@ __all__ = [
     "int8_gemm",
     "apply_epilogue",
     "int8_linear",
+    "gelu_sigmoid_form",
     "int8_weight_linear",
     "layer_norm_quant",
     "rms_norm",
@@ -102,6 +103,23 @@ def apply_epilogue(
         y = y.mul_(x_scale) if inplace else y * x_scale
     y = _kc.activation_torch(y, activation, inplace)
     return y if out_dtype == torch.float32 else y.to(out_dtype)
+
+
+# 2·√(2/π) and 2·√(2/π)·0.044715: GELU-tanh as a sigmoid (below)
+GELU_SIGMOID_C1 = 1.5957691216057308
+GELU_SIGMOID_C3 = 1.5957691216057308 * 0.044715
+
+
+def gelu_sigmoid_form(y: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation written as a sigmoid: ``y · σ(2·√(2/π)·(y + 0.044715·y³))``, same shape and dtype
+    as ``y``.
+
+    Hendrycks & Gimpel 2016 ("Gaussian Error Linear Units", §2) give GELU(y) ≈ ½y(1 + tanh(√(2/π)(y + 0.044715y³)));
+    since ½(1 + tanh z) = σ(2z), this is that approximation exactly (to fp32 rounding), and it differs from the
+    exact (erf) GELU by at most 4.7e-4 absolutely (near |y| = 2). fxquant's CPU compiled form uses it for the GELU
+    epilogue of per-token int8 Linears (see ``fxquant.ir.ops``' Inductor decompositions), where it costs an exp
+    and a division against Inductor's vectorized erf's long polynomial."""
+    return y * torch.sigmoid(y * (GELU_SIGMOID_C1 + GELU_SIGMOID_C3 * (y * y)))
 
 
 def int8_linear(
