@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 __all__ = [
     "HAS_TRITON", "interpreting", "triton_device_ok", "cpu_backend_available", "launch_options", "ACTIVATIONS",
     "GATED_ACTIVATIONS", "SCALE_EPS", "ROUND_MAGIC",
-    "activation_torch", "row_block_params", "cdiv", "next_pow2",
+    "activation_torch", "row_block_params", "cdiv", "next_pow2", "num_sms",
 ]
 
 HAS_TRITON = triton is not None
@@ -98,6 +98,18 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two ≥ n (n ≥ 1)."""
     return 1 << (n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms_cached(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (how many programs fill it; cached per device); 1 off CUDA."""
+    if device.type != "cuda":
+        return 1
+    return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)

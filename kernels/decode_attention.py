@@ -42,13 +42,13 @@ from typing import Optional
 
 import torch
 
-from .common import HAS_TRITON, cdiv, interpreting, next_pow2
+from .common import HAS_TRITON, cdiv, interpreting, next_pow2, num_sms
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["decode_attention", "decode_attention_reference", "pick_splits", "MAX_ROWS"]
+__all__ = ["decode_attention", "decode_attention_reference", "fits", "pick_splits", "MAX_ROWS"]
 
 MAX_ROWS = 64  # rep · S query rows per program (one tile; Llama-3: rep 4, S 1)
 BLOCK_L = 64   # cache positions per step of a program's loop
@@ -66,6 +66,12 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     m = mask.unsqueeze(2).expand(mask.shape[0], 1, rep, s, mask.shape[-1]).reshape(mask.shape[0], 1, rep * s, -1)
     p = torch.softmax(scores + m, dim=-1).to(q.dtype)
     return torch.matmul(p, v_cache).reshape(b, h, s, d)
+
+
+def fits(heads: int, kv_heads: int, queries: int, head_dim: int) -> bool:
+    """The kernel takes this step: query heads a multiple of the kv heads, rep·S query rows in one tile
+    (≤ :data:`MAX_ROWS`), D ≥ 16 (``tl.dot``'s minimum)."""
+    return heads % kv_heads == 0 and heads // kv_heads * queries <= MAX_ROWS and head_dim >= 16
 
 
 def pick_splits(programs: int, length: int, num_sms: int) -> int:
@@ -178,12 +184,6 @@ if HAS_TRITON:
         tl.store(o_ptrs, (acc / den[:, None]).to(o_ptr.dtype.element_ty), mask=ok)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
-
-
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
                      scale: float, splits: Optional[int] = None) -> torch.Tensor:
     """Grouped-query decode attention (module docstring) as one Triton kernel (plus the split combine).
@@ -204,18 +204,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise RuntimeError("fxquant.kernels.decode_attention needs Triton; use decode_attention_reference")
     b, h, s, d = q.shape
     kb, kv, length, kd = k_cache.shape
-    if (kb != b or kd != d or v_cache.shape != k_cache.shape or h % kv or mask.dim() != 4 or mask.shape[1] != 1
+    if (kb != b or kd != d or v_cache.shape != k_cache.shape or mask.dim() != 4 or mask.shape[1] != 1
             or mask.shape[0] not in (1, b) or mask.shape[2] != s or mask.shape[3] != length):
         raise ValueError(f"decode_attention: q {tuple(q.shape)}, k/v {tuple(k_cache.shape)} / {tuple(v_cache.shape)}, "
                          f"mask {tuple(mask.shape)} do not fit [B, H, S, D], [B, KV, L, D] and [B or 1, 1, S, L]")
+    if not fits(h, kv, s, d) or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"decode_attention: H = {h} over KV = {kv} heads, rep·S = {h // kv * s} (at most {MAX_ROWS}), "
+                         f"D = {d} (at least 16), dtypes {q.dtype} / {k_cache.dtype} / {v_cache.dtype} (one dtype)")
     rep = h // kv
-    if rep * s > MAX_ROWS or d < 16 or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"decode_attention: rep·S = {rep * s} (at most {MAX_ROWS}), D = {d} (at least 16), dtypes "
-                         f"{q.dtype} / {k_cache.dtype} / {v_cache.dtype} (one dtype)")
     rows, block_d = max(16, next_pow2(rep * s)), max(16, next_pow2(d))
     out = torch.empty(b, h, s, d, dtype=q.dtype, device=q.device)
     if splits is None:
-        splits = pick_splits(b * kv, length, _num_sms(q.device))
+        splits = pick_splits(b * kv, length, num_sms(q.device))
     l_split = cdiv(cdiv(length, splits), BLOCK_L) * BLOCK_L
     splits = cdiv(length, l_split)
     dot_f32 = interpreting() or q.dtype == torch.float32

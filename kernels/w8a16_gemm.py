@@ -105,12 +105,12 @@ products, so the tests still check the bf16 path's indexing, masking and epilogu
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple, Optional
 
 import torch
 
 from .common import ACTIVATIONS, GATED_ACTIVATIONS, HAS_TRITON, activation_torch, cdiv, interpreting
+from .common import num_sms as _num_sms
 from .launch import LaunchCache
 
 if HAS_TRITON:
@@ -779,18 +779,6 @@ def _counters(device: torch.device, tiles: int) -> torch.Tensor:
     if buf is None or tiles > buf.numel():
         return torch.zeros(tiles, dtype=torch.int32, device=device)
     return buf
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms_cached(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (how many programs fill it); 1 off CUDA."""
-    if device.type != "cuda":
-        return 1
-    return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
 
 
 # ------------------------------------------------------------------------------------ pure-torch reference

@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 
 from .common import ACTIVATIONS, GATED_ACTIVATIONS, HAS_TRITON, activation_torch, cdiv, interpreting
+from .common import num_sms as _num_sms
 from .launch import LaunchCache
 
 _TensorDescriptor = None
@@ -456,16 +457,6 @@ def _programs(tiles: int, num_sms: int, per_sm: int) -> int:
     """Grid size: one program per tile, or for a persistent config (``per_sm`` > 0) ``per_sm`` programs per
     SM striding over the tiles, never more programs than tiles."""
     return min(tiles, num_sms * per_sm) if per_sm else tiles
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms_cached(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (the persistent configs' program count); 1 off CUDA."""
-    return _num_sms_cached(device.index or 0) if device.type == "cuda" else 1
 
 
 # ------------------------------------------------------------------------------------ pure-torch reference

@@ -37,7 +37,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from ..ir import ops
 from ..ir.notes import NoteKind
 from ..ir.views import static_shape
-from ..targets import backends
+from ..kernels.decode_attention import fits as kernel_fits
 from .base import FxquantPass
 
 aten = torch.ops.aten
@@ -86,7 +86,7 @@ def decode_attention(gm: fx.GraphModule, fused: bool = False) -> int:
         scale = kw.get("scale")
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
         dtypes = {a.meta["val"].dtype for a in (q, k_cache, v_cache) if "val" in a.meta}
-        if fused and len(dtypes) == 1 and backends.decode_attention_fits(shape, kv, d):
+        if fused and len(dtypes) == 1 and kernel_fits(h, kv, s, d):
             with g.inserting_before(node):
                 out = ops.DECODE_ATTENTION_C.call(g, ops.DECODE_ATTENTION_C.record(q, k_cache, v_cache, mask, scale))
         else:

@@ -58,6 +58,8 @@ import torch
 from ..ir import ops, reference
 from .spec import TARGETS, TargetSpec  # noqa: F401 (TargetSpec: annotations)
 from ..kernels import common as _kc
+from ..kernels import decode_attention as _kda
+from ..kernels import w8a16_gemm as _kw16
 from ..kernels.layer_norm_quant import MAX_K as _LN_MAX_K
 from ..kernels.layer_norm_quant import layer_norm_quant as _triton_layer_norm_quant
 from ..kernels.layer_norm_quant import norm_outputs as _norm_outputs
@@ -637,11 +639,8 @@ def _cpu_int8pack_vectorized() -> bool:
 
 
 def _w8a16_triton():
-    try:
-        from ..kernels import w8a16_gemm
-    except ImportError:  # no Triton
-        return None
-    return w8a16_gemm
+    """The W8A16 kernel module where Triton is installed, else None (its launcher needs Triton)."""
+    return _kw16 if _kw16.HAS_TRITON else None
 
 
 def _int8pack_ok(x_dtype: torch.dtype, k: int) -> bool:
@@ -718,31 +717,13 @@ def _scale_as(w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return converted
 
 
-def _decode_attention_triton():
-    try:
-        from ..kernels import decode_attention
-    except ImportError:  # no Triton
-        return None
-    return decode_attention if decode_attention.HAS_TRITON else None
-
-
-def decode_attention_fits(q_shape, kv_heads: int, head_dim: int) -> bool:
-    """The Triton decode attention kernel takes this step: rep·S query rows in one tile, D ≥ 16 (``tl.dot``)."""
-    from ..kernels.decode_attention import MAX_ROWS
-
-    return q_shape[1] % kv_heads == 0 and q_shape[1] // kv_heads * q_shape[2] <= MAX_ROWS and head_dim >= 16
-
-
 @_impl("decode_attention")
 def _op_decode_attention(q, k_cache, v_cache, mask, scale):
     """``fxquant::decode_attention``: the Triton kernel on CUDA (``fxquant.kernels.decode_attention``), else its
     reference (Hugging Face's eager attention with grouped queries)."""
-    kernel = _decode_attention_triton() if q.is_cuda else None
-    if kernel is not None and q.dtype == k_cache.dtype == v_cache.dtype:
-        return kernel.decode_attention(q, k_cache, v_cache, mask, scale)
-    from ..kernels.decode_attention import decode_attention_reference
-
-    return decode_attention_reference(q, k_cache, v_cache, mask, scale).contiguous()
+    if q.is_cuda and _kda.HAS_TRITON and q.dtype == k_cache.dtype == v_cache.dtype:
+        return _kda.decode_attention(q, k_cache, v_cache, mask, scale)
+    return _kda.decode_attention_reference(q, k_cache, v_cache, mask, scale).contiguous()
 
 
 @_impl("int8_weight_linear")
