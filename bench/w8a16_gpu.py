@@ -246,11 +246,16 @@ def candidates(m, n_w, k, gated, num_sms):
         kinds += ([(64, 256, 8, 2, False), (64, 256, 8, 3, False), (64, 128, 8, 4, False), (64, 128, 4, 3, False),
                    (128, 128, 8, 3, False)] if gated else
                   [(64, 256, 4, 2, False), (64, 256, 4, 3, False), (128, 256, 8, 3, False), (128, 128, 8, 4, False)])
+        if not gated:  # wide W tiles with deep split-K: x [32, BLOCK_K] is re-read per W tile (as many bytes as a
+            # 64-row int8 W tile), so wider tiles halve that traffic; split-K up to 16 keeps the SMs fed
+            kinds += [(128, 128, 4, 3, False), (128, 64, 4, 4, False), (128, 128, 4, 4, False), (256, 64, 8, 3, False),
+                      (256, 128, 8, 3, False), (256, 64, 8, 4, False), (64, 128, 4, 4, False), (128, 256, 4, 3, False)]
+    splits = (1, 2, 3, 4, 6, 8, 12, 16) if m > 8 and not gated else (1, 2, 3, 4, 6, 8)
     out = []
     for bn, bk, w, st, swap in kinds:
         tiles = math.ceil(m / kw.block_m(m)) * math.ceil(n / bn)
         kblocks = math.ceil(k / bk)
-        for split in (1, 2, 3, 4, 6, 8):
+        for split in splits:
             # gated: split-K only at M > 8 and against wave quantization (fewer than 2 tiles per SM)
             if split > 1 and (gated and (m <= 8 or split > 2) or tiles * split > 6 * num_sms or kblocks < 2 * split
                               or tiles >= 2 * num_sms):
