@@ -95,6 +95,43 @@ def test_kernel_masks_broadcast_and_minus_inf():
     assert torch.equal(kd.decode_attention(q, k2, v2, mask, 0.2, splits=3), got)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,kv,rep,s,length,filled,splits", [
+    (1, 2, 4, 1, 300, 70, 4),    # 70 filled of 300: two of four splits get work, two are empty
+    (2, 1, 3, 2, 200, 133, 3),   # S = 2 (cache_position of two slots), filled not a multiple of the block
+    (3, 2, 2, 1, 160, 5, None),  # almost empty cache, the splits the kernel picks
+    (1, 2, 4, 1, 90, 90, 2),     # full cache: the bound reads what the unbounded kernel reads
+])
+def test_kernel_reads_only_the_filled_cache(dtype, b, kv, rep, s, length, filled, splits):
+    """With cache_position the slots past cache_position[-1] are never read: NaN there (K, V and the mask) leaves
+    the result equal to attention over the filled slots alone, and to the unbounded kernel on a clean cache."""
+    q, k, v, mask = _operands(b, kv, rep, s, length, 32, dtype, seed=filled, filled=[length] * b)
+    pos = torch.arange(filled - s, filled, device=DEVICE)
+    scale = 32 ** -0.5
+    k[:, :, filled:], v[:, :, filled:], mask[..., filled:] = float("nan"), float("nan"), float("nan")
+    got = kd.decode_attention(q, k, v, mask, scale, cache_position=pos, splits=splits)
+    exact = _exact(q, k[:, :, :filled], v[:, :, :filled], mask[..., :filled], scale)
+    assert torch.isfinite(got).all()
+    assert _sqnr(got, exact) >= (100.0 if dtype == torch.float32 else 40.0)
+    clean = [t.clone() for t in (k, v, mask)]
+    for t in clean[:2]:
+        t[:, :, filled:] = 0
+    clean[2][..., filled:] = torch.finfo(dtype).min
+    full = kd.decode_attention(q, *clean, scale, splits=splits)
+    assert _sqnr(got, full.cpu().double()) >= (100.0 if dtype == torch.float32 else 40.0)
+    ref = kd.decode_attention_reference(q, k, v, mask, scale, cache_position=pos)
+    assert torch.isfinite(ref).all() and _sqnr(ref, exact) >= (100.0 if dtype == torch.float32 else 35.0)
+
+
+def test_kernel_rejects_a_malformed_cache_position():
+    q, k, v, mask = _operands(1, 2, 2, 1, 64, 16, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="cache_position must be an int32 / int64 \\[S\\] = \\[1\\]"):
+        kd.decode_attention(q, k, v, mask, 0.25, cache_position=torch.zeros(2, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="cache_position"):
+        kd.decode_attention(q, k, v, mask, 0.25, cache_position=torch.zeros(1, device=DEVICE))
+
+
 def test_pick_splits():
     # batch 1, Llama-3-8B (8 kv heads), 132 SMs, L = 640: 10 blocks, at most 5 splits of two blocks each (the
     # split counts measured fastest on an H100: see pick_splits)
@@ -143,5 +180,9 @@ def test_pass_writes_the_op_on_cuda_targets_and_matmuls_elsewhere(monkeypatch):
     monkeypatch.setattr(pda, "decode_attention", lambda gm, fused=False: plain(gm, fused=True))
     qm, targets = build()
     assert targets.count(ops.DECODE_ATTENTION) == 2 and torch.ops.aten.matmul.default not in targets
+    # each op reads only the filled cache: it takes the graph's cache_position input
+    nodes = [n for n in program_of(qm, "decode").methods["decode"].graph_module.graph.nodes
+             if n.target is ops.DECODE_ATTENTION]
+    assert [(n.args[5].op, n.args[5].target) for n in nodes] == [("placeholder", "cache_position")] * 2
     assert torch.equal(qm.generate(prompt, max_new_tokens=6), want)
     assert any("2 as one Triton kernel" in note for note in qm.report().notes.of(NoteKind.GENERATION))

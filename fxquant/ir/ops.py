@@ -15,7 +15,8 @@ op                                  meaning (numerics: :mod:`fxquant.ir.referenc
 ``fxquant::layer_norm_quant``       LayerNorm + per-token quantize: (y float or empty, y_q int8, scale fp32)
 ``fxquant::rms_norm_quant``         RMSNorm + per-token quantize: the same three outputs
 ``fxquant::decode_attention``       grouped-query attention of a decode step over the KV cache: q [B, H, S, D],
-                                    K / V [B, KV, L, D], additive mask [B or 1, 1, S, L] → [B, H, S, D] (CUDA)
+                                    K / V [B, KV, L, D], additive mask [B or 1, 1, S, L] → [B, H, S, D] (CUDA);
+                                    with ``cache_position`` [S] only slots ≤ cache_position[S-1] are read
 ==================================  ==========================================================================
 
 Arguments shared by the Linear ops: ``w_q`` int8 [N, K], ``w_scale`` fp32 [N, 1], ``bias`` [N] or None,
@@ -145,7 +146,8 @@ RMS_NORM_QUANT_C = _Contract(
     "(Tensor, Tensor, Tensor)",
 )
 DECODE_ATTENTION_C = _Contract(
-    "decode_attention", "Tensor q, Tensor k_cache, Tensor v_cache, Tensor mask, float scale", "Tensor")
+    "decode_attention", "Tensor q, Tensor k_cache, Tensor v_cache, Tensor mask, float scale, "
+    "Tensor? cache_position=None", "Tensor")
 # Ops whose outputs are (y float or empty, y_q int8, scale fp32): a norm that quantizes its own output.
 NORM_QUANT_CONTRACTS = (LAYER_NORM_QUANT_C, RMS_NORM_QUANT_C)
 NORM_QUANT_FLOAT, NORM_QUANT_Q, NORM_QUANT_SCALE = 0, 1, 2  # output indices of the norm-quant ops
@@ -193,7 +195,7 @@ def _norm_quant_fake(x, return_float):
 
 
 @torch.library.register_fake(f"{_NS}::decode_attention")
-def _(q, k_cache, v_cache, mask, scale):
+def _(q, k_cache, v_cache, mask, scale, cache_position=None):
     return q.new_empty(q.shape)  # contiguous [B, H, S, D]
 
 

@@ -23,6 +23,11 @@ On CUDA targets the step becomes one ``fxquant::decode_attention`` node instead:
 same grouped attention reading K and V once, with an online softmax split along the cache (flash-decoding; see
 ``fxquant.kernels.decode_attention``), where the form above is two batched GEMMs and Inductor's softmax between
 them. CPU targets keep the form above, which Inductor fuses on CPUs.
+
+The op also takes the decode graph's ``cache_position`` input (the placeholder of ``CausalLMWithCache.forward``'s
+argument of that name, :data:`CACHE_POSITION`), so the kernel reads only the slots filled so far instead of all
+``max_cache_len`` of them: the wrapper's mask already excludes every slot past ``cache_position``, so the
+result is the same. The matmul form has static shapes and reads every slot.
 """
 
 from __future__ import annotations
@@ -42,6 +47,17 @@ from .base import FxquantPass
 
 aten = torch.ops.aten
 MAX_QUERY = 8  # query rows per row of the batch up to which the grouped form is used (decode: 1)
+CACHE_POSITION = "cache_position"  # the decode graph's input of that name (fxquant.frontend.kv_cache.CausalLMWithCache)
+
+
+def _cache_position(g: fx.Graph) -> Optional[fx.Node]:
+    """The graph's ``cache_position`` input (int [S]), or None (a graph not captured by the KV-cache wrapper)."""
+    for node in g.nodes:
+        if node.op == "placeholder" and node.target == CACHE_POSITION:
+            val = node.meta.get("val")
+            if val is None or (val.dim() == 1 and val.dtype in (torch.int32, torch.int64)):
+                return node
+    return None
 
 
 def _repeated(node) -> Optional[tuple[fx.Node, int]]:
@@ -65,6 +81,7 @@ def decode_attention(gm: fx.GraphModule, fused: bool = False) -> int:
     ``fxquant::decode_attention`` node where its kernel takes the shapes and dtypes (CUDA targets)."""
     g = gm.graph
     done = 0
+    position = _cache_position(g) if fused else None
     for node in list(g.nodes):
         if node.target is not aten.scaled_dot_product_attention.default:
             continue
@@ -88,7 +105,9 @@ def decode_attention(gm: fx.GraphModule, fused: bool = False) -> int:
         dtypes = {a.meta["val"].dtype for a in (q, k_cache, v_cache) if "val" in a.meta}
         if fused and len(dtypes) == 1 and kernel_fits(h, kv, s, d):
             with g.inserting_before(node):
-                out = ops.DECODE_ATTENTION_C.call(g, ops.DECODE_ATTENTION_C.record(q, k_cache, v_cache, mask, scale))
+                out = ops.DECODE_ATTENTION_C.call(g, ops.DECODE_ATTENTION_C.record(
+                    q, k_cache, v_cache, mask, scale, position if position is not None and static_shape(position) == (s,)
+                    else None))
         else:
             out = _grouped_matmuls(g, node, q, k_cache, v_cache, mask, (b, h, s, d), mshape, kv, rep, scale)
         out.meta.update({key: val for key, val in node.meta.items() if key in ("val", "nn_module_stack", "stack_trace")})

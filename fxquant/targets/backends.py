@@ -718,12 +718,13 @@ def _scale_as(w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @_impl("decode_attention")
-def _op_decode_attention(q, k_cache, v_cache, mask, scale):
+def _op_decode_attention(q, k_cache, v_cache, mask, scale, cache_position=None):
     """``fxquant::decode_attention``: the Triton kernel on CUDA (``fxquant.kernels.decode_attention``), else its
-    reference (Hugging Face's eager attention with grouped queries)."""
+    reference (Hugging Face's eager attention with grouped queries); both read the cache only up to
+    ``cache_position[-1]`` when it is given."""
     if q.is_cuda and _kda.HAS_TRITON and q.dtype == k_cache.dtype == v_cache.dtype:
-        return _kda.decode_attention(q, k_cache, v_cache, mask, scale)
-    return _kda.decode_attention_reference(q, k_cache, v_cache, mask, scale).contiguous()
+        return _kda.decode_attention(q, k_cache, v_cache, mask, scale, cache_position)
+    return _kda.decode_attention_reference(q, k_cache, v_cache, mask, scale, cache_position).contiguous()
 
 
 @_impl("int8_weight_linear")
