@@ -13,6 +13,10 @@ same tokens and the same (its own) cache is printed too.
 
     python bench/generate_gpu.py --model llama3-8b --batches 1 32 --prompt 512 --new 256 --out gen.json
 
+``--max-cache-len`` sizes fxquant's static cache (default prompt + new; fxquant's own default is
+``min(max_position_embeddings, 4096)``); ``fxq-allslots`` is fxquant with its decode attention reading every slot
+of that cache, as before it took ``cache_position`` (the A/B of reading only the filled slots).
+
 torchao is not on the lent GPU host: carry its wheel and install it into the interpreter that runs this script,
 ``python3 -m pip install --no-deps .whl/torchao-*.whl`` (a bare ``pip`` there belongs to another Python, and the
 torchao contenders then report "No module named 'torchao'").
@@ -142,6 +146,7 @@ def main():
     ap.add_argument("--contenders", nargs="+",
                     default=["hf-static", "fxq-bf16", "fxq", "torchao-int8wo", "torchao-int8dq"])
     ap.add_argument("--cos-steps", type=int, default=32)
+    ap.add_argument("--max-cache-len", type=int, default=None, help="fxquant's cache slots (default prompt + new)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -156,7 +161,7 @@ def main():
     model = build(args.model, args.layers)
     bf16_bytes, int8_bytes = linear_bytes(model, 2), linear_bytes(model, 1)
     results = []
-    length = args.prompt + args.new
+    length = args.max_cache_len or args.prompt + args.new
     for b in args.batches:
         ids = torch.randint(0, model.config.vocab_size, (b, args.prompt), device="cuda",
                             generator=torch.Generator("cuda").manual_seed(b))
@@ -165,12 +170,19 @@ def main():
             t0 = time.perf_counter()
             if name == "hf-static":
                 gen, nbytes = hf_generate(model), bf16_bytes
-            elif name in ("fxq", "fxq-bf16", "fxq-eager"):
+            elif name in ("fxq", "fxq-bf16", "fxq-eager", "fxq-allslots"):
+                from unittest import mock
+
+                from fxquant.passes import decode_attention as pda
+
                 config = fxquant.QuantConfig(target="cuda", **({"skip": ["re:.*"]} if name == "fxq-bf16" else {}))
-                qm = fxquant.compile(model, {"input_ids": ids[:, :8]}, config=config, max_batch_size=b,
-                                     max_cache_len=length, progress=False,
-                                     compile_generation=False if name == "fxq-eager" else None)
-                programs[name] = qm
+                with mock.patch.object(pda, "_cache_position", (lambda g: None) if name == "fxq-allslots"
+                                       else pda._cache_position):
+                    qm = fxquant.compile(model, {"input_ids": ids[:, :8]}, config=config, max_batch_size=b,
+                                         max_cache_len=length, progress=False,
+                                         compile_generation=False if name == "fxq-eager" else None)
+                if args.cos_steps:  # kept for the cosine check only (each program holds its own KV cache)
+                    programs[name] = qm
                 gen, nbytes = fxq_generate(qm), (bf16_bytes if name == "fxq-bf16" else int8_bytes)
             elif name == "torchao-int8dq" and b <= 16:
                 # torchao's int8 dynamic-activation path runs torch._int_mm, which needs M > 16 (seen on an H100:
@@ -211,7 +223,8 @@ def main():
                                 "steps": len(cos)})
                 print(json.dumps(results[-1]), flush=True)
             if name.startswith("torchao"):
-                del tmodel, gen
+                del tmodel
+            gen = qm = None  # a program's KV cache goes before the next contender allocates its own
             gc.collect()
             torch.cuda.empty_cache()
         programs.clear()
