@@ -68,7 +68,7 @@ def worker(args) -> None:
     else:
         config = fxquant.QuantConfig(skip=["re:.*"]) if args.worker == "fxquant-float" else fxquant.QuantConfig()
         qm = fxquant.compile(model, {"input_ids": ids[:, :8]}, config=config, max_batch_size=b,
-                             max_cache_len=args.prompt + args.new, progress=False,
+                             max_cache_len=args.max_cache_len or args.prompt + args.new, progress=False,
                              compile_generation={"fxquant-compiled": True, "fxquant-eager": False}.get(args.worker))
 
         def gen(n):
@@ -97,7 +97,7 @@ def run_batch(args, batch: int) -> dict:
     for name in args.contenders:
         cmd = [sys.executable, "-P", __file__, "--worker", name, "--model", args.model, "--batch", str(batch),
                "--prompt", str(args.prompt), "--new", str(args.new), "--threads", str(args.threads),
-               "--dtype", args.dtype]
+               "--dtype", args.dtype] + (["--max-cache-len", str(args.max_cache_len)] if args.max_cache_len else [])
         if args.taskset:
             cmd = ["taskset", "-c", args.taskset, *cmd]
         procs[name] = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -129,6 +129,9 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-cache-len", type=int, default=None,
+                    help="fxquant's cache slots (default prompt + new; fxquant's own default is "
+                         "min(max_position_embeddings, 4096))")
     ap.add_argument("--taskset", default=None, help="CPU list for taskset (e.g. 0,1 on a larger host)")
     ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS[:3]), choices=CONTENDERS)
     ap.add_argument("--worker", choices=CONTENDERS, default=None, help=argparse.SUPPRESS)

@@ -78,6 +78,8 @@ def test_kernel_matches_float64(dtype, b, kv, rep, s, length, d, splits):
     # the eager form the pass writes elsewhere (Hugging Face's eager attention) is as close
     ref = kd.decode_attention_reference(q, k, v, mask, scale)
     assert _sqnr(ref, exact) >= (100.0 if dtype == torch.float32 else 35.0)
+    sdpa = kd.decode_attention_sdpa(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), scale)
+    assert _sqnr(sdpa, exact) >= (100.0 if dtype == torch.float32 else 35.0)
 
 
 @needs_triton
@@ -122,6 +124,10 @@ def test_kernel_reads_only_the_filled_cache(dtype, b, kv, rep, s, length, filled
     assert _sqnr(got, full.cpu().double()) >= (100.0 if dtype == torch.float32 else 40.0)
     ref = kd.decode_attention_reference(q, k, v, mask, scale, cache_position=pos)
     assert torch.isfinite(ref).all() and _sqnr(ref, exact) >= (100.0 if dtype == torch.float32 else 35.0)
+    # the form the op takes where the kernel does not run (CPUs): one SDPA call over the filled slots
+    sdpa = kd.decode_attention_sdpa(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), scale, cache_position=pos.cpu())
+    assert sdpa.shape == got.shape and sdpa.is_contiguous()
+    assert torch.isfinite(sdpa).all() and _sqnr(sdpa, exact) >= (100.0 if dtype == torch.float32 else 35.0)
 
 
 def test_kernel_rejects_a_malformed_cache_position():
@@ -149,10 +155,11 @@ def test_reference_rejects_nothing_the_kernel_accepts():
     assert _sqnr(ref, _exact(q, k, v, mask, 0.3)) >= 100.0
 
 
-def test_pass_writes_the_op_on_cuda_targets_and_matmuls_elsewhere(monkeypatch):
-    """The decode graph of a small Llama: the CPU target keeps two batched GEMMs per layer; rewritten as for a CUDA
-    target it holds one fxquant::decode_attention per layer (whose CPU implementation is the reference, the same
-    math), and generates the same tokens."""
+def test_pass_writes_one_op_per_layer_reading_only_the_filled_cache(monkeypatch):
+    """The decode graph of a small Llama holds one fxquant::decode_attention per layer, each taking the graph's
+    cache_position (its CPU form: one SDPA call over the filled slots), and generates the tokens Hugging Face's
+    attention (SDPA over repeat_kv's copies of the whole cache) generates. On a CUDA target the op takes
+    cache_position only where the Triton kernel runs (the SDPA form would read it on the host)."""
     transformers = pytest.importorskip("transformers")
     import fxquant
     from fxquant.ir import ops
@@ -170,19 +177,27 @@ def test_pass_writes_the_op_on_cuda_targets_and_matmuls_elsewhere(monkeypatch):
     def build():
         qm = fxquant.compile(model, {"input_ids": prompt}, config=fxquant.QuantConfig(min_ratio=0), max_batch_size=2,
                              max_cache_len=24, progress=False, compile_generation=False)
-        return qm, [n.target for n in program_of(qm, "decode").methods["decode"].graph_module.graph.nodes]
+        return qm, program_of(qm, "decode").methods["decode"].graph_module
 
-    qm, targets = build()
-    assert targets.count(torch.ops.aten.matmul.default) == 4 and ops.DECODE_ATTENTION not in targets
-    want = qm.generate(prompt, max_new_tokens=6)
-
-    plain = pda.decode_attention
-    monkeypatch.setattr(pda, "decode_attention", lambda gm, fused=False: plain(gm, fused=True))
-    qm, targets = build()
-    assert targets.count(ops.DECODE_ATTENTION) == 2 and torch.ops.aten.matmul.default not in targets
-    # each op reads only the filled cache: it takes the graph's cache_position input
-    nodes = [n for n in program_of(qm, "decode").methods["decode"].graph_module.graph.nodes
-             if n.target is ops.DECODE_ATTENTION]
+    qm, gm = build()
+    nodes = [n for n in gm.graph.nodes if n.target is ops.DECODE_ATTENTION]
+    assert len(nodes) == 2 and torch.ops.aten.scaled_dot_product_attention.default not in [n.target for n in gm.graph.nodes]
     assert [(n.args[5].op, n.args[5].target) for n in nodes] == [("placeholder", "cache_position")] * 2
-    assert torch.equal(qm.generate(prompt, max_new_tokens=6), want)
-    assert any("2 as one Triton kernel" in note for note in qm.report().notes.of(NoteKind.GENERATION))
+    assert any("2 of them only up to cache_position" in note for note in qm.report().notes.of(NoteKind.GENERATION))
+    got = qm.generate(prompt, max_new_tokens=6)
+
+    rewrite = pda.decode_attention
+    monkeypatch.setattr(pda, "decode_attention", lambda gm, on_cuda=False: 0)  # Hugging Face's attention as captured
+    plain, plain_gm = build()
+    assert torch.equal(plain.generate(prompt, max_new_tokens=6), got)
+
+    # a CUDA target: cache_position where the kernel takes the shapes, not where the SDPA form would run
+    def rewritten(fits):
+        monkeypatch.setattr(pda, "kernel_fits", lambda *a: fits)
+        graph = torch.fx.Graph()
+        graph.output(graph.graph_copy(plain_gm.graph, {}))
+        g = torch.fx.GraphModule(plain_gm, graph)
+        assert rewrite(g, on_cuda=True) == 2
+        return [len(n.args) > 5 for n in g.graph.nodes if n.target is ops.DECODE_ATTENTION]
+
+    assert rewritten(True) == [True, True] and rewritten(False) == [False, False]

@@ -8,26 +8,24 @@ Hugging Face's ``repeat_kv`` gives SDPA keys and values with one copy per query 
 With a mask, SDPA's fused kernels take no grouped keys (``enable_gqa`` serves the flash and math kernels only), so
 each decode step would write and read ``rep`` copies of the whole cache per layer: at Llama-3-8B shapes
 (rep = 4, L = 768) 0.8 GB a token at batch 1 and 25 GB at batch 32, beside 7.5 GB of int8 weights. For a short
-static query block (S ≤ ``MAX_QUERY``, the decode method) this pass computes the same attention with the query
-heads of a group stacked as rows, reading K and V once (a batched GEMM per (batch, kv head))::
+static query block (S ≤ ``MAX_QUERY``, the decode method) this pass replaces that with one
+``fxquant::decode_attention`` node, which computes the same attention with the query heads of a group stacked as
+rows, reading K and V once::
 
     q_g = reshape(q, [B, kv, rep·S, D])                      (heads h = j·rep + r of kv head j, as repeat_kv)
     P   = softmax_fp32(q_g · Kᵀ · s + mask_g)                mask_g[b, 0, r·S + i, :] = mask[b, 0, i, :]
-    o   = reshape(P.to(dtype) · V, [B, kv·rep, S, D])
+    o   = reshape(P · V, [B, kv·rep, S, D])
 
-which is the eager attention of Hugging Face (``eager_attention_forward``: matmul in the model's dtype, softmax
-in fp32) and SDPA's math (Vaswani et al. 2017, eq. 1) per head. Only the decode method is rewritten
-(``CompileContext.decode_methods``); prefill keeps SDPA.
-
-On CUDA targets the step becomes one ``fxquant::decode_attention`` node instead: a Triton kernel that computes the
-same grouped attention reading K and V once, with an online softmax split along the cache (flash-decoding; see
-``fxquant.kernels.decode_attention``), where the form above is two batched GEMMs and Inductor's softmax between
-them. CPU targets keep the form above, which Inductor fuses on CPUs.
+(SDPA's math, Vaswani et al. 2017, eq. 1, per head; ``fxquant.kernels.decode_attention.decode_attention_reference``
+is Hugging Face's eager form of it). Only the decode method is rewritten (``CompileContext.decode_methods``); prefill
+keeps SDPA. The op runs a Triton kernel on CUDA (online softmax split along the cache, flash-decoding) and one
+SDPA call over the stacked rows elsewhere (ATen's flash attention on CPUs).
 
 The op also takes the decode graph's ``cache_position`` input (the placeholder of ``CausalLMWithCache.forward``'s
-argument of that name, :data:`CACHE_POSITION`), so the kernel reads only the slots filled so far instead of all
+argument of that name, :data:`CACHE_POSITION`), so it reads only the slots filled so far instead of all
 ``max_cache_len`` of them: the wrapper's mask already excludes every slot past ``cache_position``, so the
-result is the same. The matmul form has static shapes and reads every slot.
+result is the same. The Triton kernel reads it on the device; the SDPA form on the host, so on CUDA, where that
+would synchronize inside a CUDA graph, the SDPA form (shapes the kernel does not take) reads every slot.
 """
 
 from __future__ import annotations
@@ -76,12 +74,12 @@ def _repeated(node) -> Optional[tuple[fx.Node, int]]:
     return uns.args[0], sizes[2]
 
 
-def decode_attention(gm: fx.GraphModule, fused: bool = False) -> int:
-    """Rewrite every eligible SDPA of ``gm`` (module docstring); returns how many. ``fused``: as one
-    ``fxquant::decode_attention`` node where its kernel takes the shapes and dtypes (CUDA targets)."""
+def decode_attention(gm: fx.GraphModule, on_cuda: bool = False) -> int:
+    """Rewrite every eligible SDPA of ``gm`` into ``fxquant::decode_attention`` (module docstring); returns how many.
+    ``on_cuda``: the graph runs on a CUDA target (the op reads ``cache_position`` only where its kernel runs)."""
     g = gm.graph
     done = 0
-    position = _cache_position(g) if fused else None
+    position = _cache_position(g)
     for node in list(g.nodes):
         if node.target is not aten.scaled_dot_product_attention.default:
             continue
@@ -103,13 +101,12 @@ def decode_attention(gm: fx.GraphModule, fused: bool = False) -> int:
         scale = kw.get("scale")
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
         dtypes = {a.meta["val"].dtype for a in (q, k_cache, v_cache) if "val" in a.meta}
-        if fused and len(dtypes) == 1 and kernel_fits(h, kv, s, d):
-            with g.inserting_before(node):
-                out = ops.DECODE_ATTENTION_C.call(g, ops.DECODE_ATTENTION_C.record(
-                    q, k_cache, v_cache, mask, scale, position if position is not None and static_shape(position) == (s,)
-                    else None))
-        else:
-            out = _grouped_matmuls(g, node, q, k_cache, v_cache, mask, (b, h, s, d), mshape, kv, rep, scale)
+        # the filled slots only, where the op reads cache_position without a host synchronization
+        bounded = position is not None and static_shape(position) == (s,) and (
+            not on_cuda or len(dtypes) == 1 and kernel_fits(h, kv, s, d))
+        with g.inserting_before(node):
+            out = ops.DECODE_ATTENTION_C.call(g, ops.DECODE_ATTENTION_C.record(
+                q, k_cache, v_cache, mask, scale, position if bounded else None))
         out.meta.update({key: val for key, val in node.meta.items() if key in ("val", "nn_module_stack", "stack_trace")})
         node.replace_all_uses_with(out)
         g.erase_node(node)
@@ -121,36 +118,19 @@ def decode_attention(gm: fx.GraphModule, fused: bool = False) -> int:
     return done
 
 
-def _grouped_matmuls(g: fx.Graph, node: fx.Node, q, k_cache, v_cache, mask, shape, mshape, kv, rep, scale) -> fx.Node:
-    """The module docstring's form, inserted before ``node``: two batched GEMMs over K and V read once per kv head."""
-    b, h, s, d = shape
-    with g.inserting_before(node):
-        qg = g.call_function(aten.reshape.default, (q, [b, kv, rep * s, d]))
-        kt = g.call_function(aten.transpose.int, (k_cache, -1, -2))
-        scores = g.call_function(aten.matmul.default, (qg, kt))
-        scores = g.call_function(aten._to_copy.default, (scores,), {"dtype": torch.float32})
-        scores = g.call_function(aten.mul.Tensor, (scores, scale))
-        m = g.call_function(aten.unsqueeze.default, (mask, 2))
-        m = g.call_function(aten.expand.default, (m, [mshape[0], 1, rep, s, mshape[3]]))
-        m = g.call_function(aten.reshape.default, (m, [mshape[0], 1, rep * s, mshape[3]]))
-        scores = g.call_function(aten.add.Tensor, (scores, m))
-        p = g.call_function(aten._softmax.default, (scores, -1, False))
-        p = g.call_function(aten._to_copy.default, (p,), {"dtype": q.meta["val"].dtype})
-        o = g.call_function(aten.matmul.default, (p, v_cache))
-        return g.call_function(aten.reshape.default, (o, [b, h, s, d]))
-
-
 class DecodeAttention(FxquantPass):
     name = "decode_attention"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         if self.ctx.method not in self.ctx.decode_methods:
             return PassResult(gm, False)
-        n = decode_attention(gm, fused=self.ctx.spec.device == "cuda")
+        on_cuda = self.ctx.spec.device == "cuda"
+        n = decode_attention(gm, on_cuda=on_cuda)
         if n:
-            k = sum(1 for node in gm.graph.nodes if node.target is ops.DECODE_ATTENTION)
-            how = (f"{k} as one Triton kernel each (fxquant::decode_attention: online softmax, split along the cache)"
-                   if k else "two batched GEMMs each")
-            self.ctx.note(NoteKind.GENERATION, f"decode: {n} attention(s) read the KV cache once per kv head (grouped "
-                          f"queries), not once per query head (Hugging Face's repeat_kv): {how}", self.name)
+            bounded = sum(1 for node in gm.graph.nodes if node.target is ops.DECODE_ATTENTION and len(node.args) > 5)
+            how = ("a Triton kernel on CUDA (online softmax, split along the cache), one SDPA call elsewhere" if on_cuda
+                   else "one SDPA call each (ATen's flash attention)")
+            self.ctx.note(NoteKind.GENERATION, f"decode: {n} attention(s) as fxquant::decode_attention, reading the KV "
+                          f"cache once per kv head (grouped queries), not once per query head (Hugging Face's "
+                          f"repeat_kv), {bounded} of them only up to cache_position: {how}", self.name)
         return PassResult(gm, n > 0)

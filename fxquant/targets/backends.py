@@ -719,12 +719,15 @@ def _scale_as(w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @_impl("decode_attention")
 def _op_decode_attention(q, k_cache, v_cache, mask, scale, cache_position=None):
-    """``fxquant::decode_attention``: the Triton kernel on CUDA (``fxquant.kernels.decode_attention``), else its
-    reference (Hugging Face's eager attention with grouped queries); both read the cache only up to
-    ``cache_position[-1]`` when it is given."""
-    if q.is_cuda and _kda.HAS_TRITON and q.dtype == k_cache.dtype == v_cache.dtype:
+    """``fxquant::decode_attention``: the Triton kernel on CUDA where it takes the shapes
+    (``fxquant.kernels.decode_attention``), else one SDPA call with the grouped queries stacked
+    (``decode_attention_sdpa``: ATen's flash attention on CPUs); both read the cache only up to
+    ``cache_position[-1]`` when it is given (the SDPA form reads that on the host)."""
+    b, h, s, d = q.shape
+    if (q.is_cuda and _kda.HAS_TRITON and q.dtype == k_cache.dtype == v_cache.dtype
+            and _kda.fits(h, k_cache.shape[1], s, d)):
         return _kda.decode_attention(q, k_cache, v_cache, mask, scale, cache_position)
-    return _kda.decode_attention_reference(q, k_cache, v_cache, mask, scale, cache_position).contiguous()
+    return _kda.decode_attention_sdpa(q, k_cache, v_cache, mask, scale, cache_position)
 
 
 @_impl("int8_weight_linear")
