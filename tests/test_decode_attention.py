@@ -174,20 +174,23 @@ def test_pass_writes_one_op_per_layer_reading_only_the_filled_cache(monkeypatch)
     model = transformers.LlamaForCausalLM(cfg).eval()
     prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(1))
 
-    def build():
+    def build(method="decode"):
         qm = fxquant.compile(model, {"input_ids": prompt}, config=fxquant.QuantConfig(min_ratio=0), max_batch_size=2,
                              max_cache_len=24, progress=False, compile_generation=False)
-        return qm, program_of(qm, "decode").methods["decode"].graph_module
+        return qm, program_of(qm, method).methods[method].graph_module
 
     qm, gm = build()
-    nodes = [n for n in gm.graph.nodes if n.target is ops.DECODE_ATTENTION]
-    assert len(nodes) == 2 and torch.ops.aten.scaled_dot_product_attention.default not in [n.target for n in gm.graph.nodes]
-    assert [(n.args[5].op, n.args[5].target) for n in nodes] == [("placeholder", "cache_position")] * 2
-    assert any("2 of them only up to cache_position" in note for note in qm.report().notes.of(NoteKind.GENERATION))
+    for graph in (gm, program_of(qm, "prefill").methods["prefill"].graph_module):  # the prefill block too (CPU)
+        nodes = [n for n in graph.graph.nodes if n.target is ops.DECODE_ATTENTION]
+        assert len(nodes) == 2
+        assert torch.ops.aten.scaled_dot_product_attention.default not in [n.target for n in graph.graph.nodes]
+        assert [(n.args[5].op, n.args[5].target) for n in nodes] == [("placeholder", "cache_position")] * 2
+    notes = qm.report().notes.of(NoteKind.GENERATION)
+    assert sum("2 of them only up to cache_position" in note for note in notes) == 2
     got = qm.generate(prompt, max_new_tokens=6)
 
     rewrite = pda.decode_attention
-    monkeypatch.setattr(pda, "decode_attention", lambda gm, on_cuda=False: 0)  # Hugging Face's attention as captured
+    monkeypatch.setattr(pda, "decode_attention", lambda gm, **kw: 0)  # Hugging Face's attention as captured
     plain, plain_gm = build()
     assert torch.equal(plain.generate(prompt, max_new_tokens=6), got)
 
@@ -201,3 +204,6 @@ def test_pass_writes_one_op_per_layer_reading_only_the_filled_cache(monkeypatch)
         return [len(n.args) > 5 for n in g.graph.nodes if n.target is ops.DECODE_ATTENTION]
 
     assert rewritten(True) == [True, True] and rewritten(False) == [False, False]
+    # CUDA prefill keeps Hugging Face's SDPA: a block's bound would be a host read inside its CUDA graph
+    prefill = build("prefill")[1]
+    assert rewrite(prefill, on_cuda=True, blocks=False) == 0

@@ -17,9 +17,11 @@ rows, reading K and V once::
     o   = reshape(P · V, [B, kv·rep, S, D])
 
 (SDPA's math, Vaswani et al. 2017, eq. 1, per head; ``fxquant.kernels.decode_attention.decode_attention_reference``
-is Hugging Face's eager form of it). Only the decode method is rewritten (``CompileContext.decode_methods``); prefill
-keeps SDPA. The op runs a Triton kernel on CUDA (online softmax split along the cache, flash-decoding) and one
-SDPA call over the stacked rows elsewhere (ATen's flash attention on CPUs).
+is Hugging Face's eager form of it). The decode method is rewritten (``CompileContext.decode_methods``) on every
+target; the prefill method (a block of S tokens, S dynamic) on CPU targets, where the op is one SDPA call with
+grouped heads (``enable_gqa``) over the filled slots; CUDA prefill keeps Hugging Face's SDPA (its bound would need a
+host read inside the prefill's CUDA graph). The op runs a Triton kernel on CUDA (online softmax split along the
+cache, flash-decoding) and one SDPA call elsewhere (ATen's flash attention on CPUs).
 
 The op also takes the decode graph's ``cache_position`` input (the placeholder of ``CausalLMWithCache.forward``'s
 argument of that name, :data:`CACHE_POSITION`), so it reads only the slots filled so far instead of all
@@ -74,9 +76,17 @@ def _repeated(node) -> Optional[tuple[fx.Node, int]]:
     return uns.args[0], sizes[2]
 
 
-def decode_attention(gm: fx.GraphModule, on_cuda: bool = False) -> int:
+def _sizes(node) -> Optional[tuple]:
+    """The captured shape of a tensor node, dimensions as ints or SymInts (dynamic), or None."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if hasattr(val, "shape") else None
+
+
+def decode_attention(gm: fx.GraphModule, on_cuda: bool = False, blocks: bool = False) -> int:
     """Rewrite every eligible SDPA of ``gm`` into ``fxquant::decode_attention`` (module docstring); returns how many.
-    ``on_cuda``: the graph runs on a CUDA target (the op reads ``cache_position`` only where its kernel runs)."""
+    ``on_cuda``: the graph runs on a CUDA target (the op reads ``cache_position`` only where its kernel runs);
+    ``blocks``: also query blocks longer than :data:`MAX_QUERY` or dynamic (prefill), bounded by the graph's
+    ``cache_position`` (none: nothing to rewrite there)."""
     g = gm.graph
     done = 0
     position = _cache_position(g)
@@ -90,20 +100,23 @@ def decode_attention(gm: fx.GraphModule, on_cuda: bool = False) -> int:
             continue  # dropout, is_causal, enable_gqa: not this pass's form
         mask = mask if mask is not None else kw["attn_mask"]
         rk, rv = _repeated(k), _repeated(v)
-        shape, mshape = static_shape(q), static_shape(mask)
+        shape, mshape = _sizes(q), _sizes(mask)
         if rk is None or rv is None or rk[1] != rv[1] or shape is None or mshape is None or len(shape) != 4:
             continue
         b, h, s, d = shape
         (k_cache, rep), (v_cache, _) = rk, rv
-        if s > MAX_QUERY or h % rep or len(mshape) != 4 or mshape[1] != 1:
+        if not all(isinstance(x, int) for x in (b, h, d)) or h % rep or len(mshape) != 4 or mshape[1] != 1:
+            continue
+        step = isinstance(s, int) and s <= MAX_QUERY  # a decode step: a static block of a few queries
+        if not step and not (blocks and position is not None):
             continue
         kv = h // rep
         scale = kw.get("scale")
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
         dtypes = {a.meta["val"].dtype for a in (q, k_cache, v_cache) if "val" in a.meta}
         # the filled slots only, where the op reads cache_position without a host synchronization
-        bounded = position is not None and static_shape(position) == (s,) and (
-            not on_cuda or len(dtypes) == 1 and kernel_fits(h, kv, s, d))
+        bounded = position is not None and (not step or static_shape(position) == (s,)) and (
+            not on_cuda or len(dtypes) == 1 and step and kernel_fits(h, kv, s, d))
         with g.inserting_before(node):
             out = ops.DECODE_ATTENTION_C.call(g, ops.DECODE_ATTENTION_C.record(
                 q, k_cache, v_cache, mask, scale, position if bounded else None))
@@ -122,15 +135,16 @@ class DecodeAttention(FxquantPass):
     name = "decode_attention"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        if self.ctx.method not in self.ctx.decode_methods:
-            return PassResult(gm, False)
         on_cuda = self.ctx.spec.device == "cuda"
-        n = decode_attention(gm, on_cuda=on_cuda)
+        decode = self.ctx.method in self.ctx.decode_methods
+        if not decode and (on_cuda or _cache_position(gm.graph) is None):
+            return PassResult(gm, False)  # forward; CUDA prefill (see the module docstring)
+        n = decode_attention(gm, on_cuda=on_cuda, blocks=not decode)
         if n:
             bounded = sum(1 for node in gm.graph.nodes if node.target is ops.DECODE_ATTENTION and len(node.args) > 5)
             how = ("a Triton kernel on CUDA (online softmax, split along the cache), one SDPA call elsewhere" if on_cuda
                    else "one SDPA call each (ATen's flash attention)")
-            self.ctx.note(NoteKind.GENERATION, f"decode: {n} attention(s) as fxquant::decode_attention, reading the KV "
-                          f"cache once per kv head (grouped queries), not once per query head (Hugging Face's "
+            self.ctx.note(NoteKind.GENERATION, f"{self.ctx.method}: {n} attention(s) as fxquant::decode_attention, "
+                          f"reading the KV cache once per kv head (grouped queries), not once per query head (Hugging Face's "
                           f"repeat_kv), {bounded} of them only up to cache_position: {how}", self.name)
         return PassResult(gm, n > 0)
