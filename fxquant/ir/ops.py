@@ -14,8 +14,8 @@ op                                  meaning (numerics: :mod:`fxquant.ir.referenc
                                     → [..., N]; no activation quantization (decode-sized M, memory-bound)
 ``fxquant::layer_norm_quant``       LayerNorm + per-token quantize: (y float or empty, y_q int8, scale fp32)
 ``fxquant::rms_norm_quant``         RMSNorm + per-token quantize: the same three outputs
-``fxquant::decode_attention``       grouped-query attention of a decode step over the KV cache: q [B, H, S, D],
-                                    K / V [B, KV, L, D], additive mask [B or 1, 1, S, L] → [B, H, S, D] (CUDA);
+``fxquant::decode_attention``       grouped-query attention over the KV cache (decode; prefill on CPUs): q [B, H,
+                                    S, D], K / V [B, KV, L, D], additive mask [B or 1, 1, S, L] → [B, H, S, D];
                                     with ``cache_position`` [S] only slots ≤ cache_position[S-1] are read
 ==================================  ==========================================================================
 
