@@ -66,9 +66,10 @@ BLOCK_L = 64   # cache positions per step of a program's loop
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
                                scale: float, cache_position: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The module docstring's math as Hugging Face's eager attention computes it (scores in the model's dtype,
-    softmax in fp32, P rounded to the model's dtype): the form ``fxquant.passes.decode_attention`` writes into the
-    graph where this kernel does not run. Shapes as :func:`decode_attention`; with ``cache_position`` only the
-    slots up to ``cache_position[-1]`` are read (one host read of it)."""
+    softmax in fp32, P rounded to the model's dtype): the definition the kernel and :func:`decode_attention_sdpa`
+    are tested against, and the grouped-matmul form the GPU bench compares with. Shapes as
+    :func:`decode_attention`; with ``cache_position`` only the slots up to ``cache_position[-1]`` are read (one
+    host read of it)."""
     if cache_position is not None:
         n = filled_slots(cache_position, k_cache.shape[2])
         k_cache, v_cache, mask = k_cache[:, :, :n], v_cache[:, :, :n], mask[..., :n]

@@ -145,6 +145,6 @@ class DecodeAttention(FxquantPass):
             how = ("a Triton kernel on CUDA (online softmax, split along the cache), one SDPA call elsewhere" if on_cuda
                    else "one SDPA call each (ATen's flash attention)")
             self.ctx.note(NoteKind.GENERATION, f"{self.ctx.method}: {n} attention(s) as fxquant::decode_attention, "
-                          f"reading the KV cache once per kv head (grouped queries), not once per query head (Hugging Face's "
-                          f"repeat_kv), {bounded} of them only up to cache_position: {how}", self.name)
+                          "reading the KV cache once per kv head (grouped queries), not once per query head "
+                          f"(Hugging Face's repeat_kv), {bounded} of them only up to cache_position: {how}", self.name)
         return PassResult(gm, n > 0)
