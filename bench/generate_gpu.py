@@ -29,6 +29,7 @@ import gc
 import json
 import statistics
 import time
+from unittest import mock
 
 import torch
 
@@ -153,6 +154,7 @@ def main():
     import transformers
 
     import fxquant
+    from fxquant.passes import decode_attention as pda
 
     dev = torch.cuda.get_device_name()
     peak = next((v for k, v in PEAK_BYTES_PER_S.items() if k in dev), None)
@@ -171,10 +173,6 @@ def main():
             if name == "hf-static":
                 gen, nbytes = hf_generate(model), bf16_bytes
             elif name in ("fxq", "fxq-bf16", "fxq-eager", "fxq-allslots"):
-                from unittest import mock
-
-                from fxquant.passes import decode_attention as pda
-
                 config = fxquant.QuantConfig(target="cuda", **({"skip": ["re:.*"]} if name == "fxq-bf16" else {}))
                 with mock.patch.object(pda, "_cache_position", (lambda g: None) if name == "fxq-allslots"
                                        else pda._cache_position):

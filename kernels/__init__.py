@@ -8,8 +8,9 @@ module                     kernel (each file: math + source, configs, ``@triton.
 ``w8a16_gemm``             float [M, K] × int8 [N, K] (int8 → x's dtype in registers, fp32 acc) → (·s_w + b,
                            activation, swiglu) for decode (M ≤ 64): split-K with an in-kernel last-arriver reduction
 ``quantize``               one-pass dynamic per-token quantization: float [M, K] → int8 [M, K] + fp32 [M, 1]
-``decode_attention``       decode-step grouped-query attention over the KV cache: online softmax split along the
-                           cache (flash-decoding), K and V read once per kv head
+``decode_attention``       grouped-query attention over the filled KV cache (up to ``cache_position``): online
+                           softmax split along the cache (flash-decoding), K and V read once per kv head; its SDPA
+                           form (``decode_attention_sdpa``) where the kernel does not run
 ``layer_norm_quant``       LayerNorm or RMSNorm (``rms_norm_quant``; HF Llama or torch/Gemma weight order) +
                            per-token quantization in one read of x (float output optional)
 ``common``                 activation epilogue (Triton, and ``activation_torch``), exact rounding, device detection

@@ -56,7 +56,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-__all__ = ["decode_attention", "decode_attention_reference", "decode_attention_sdpa", "filled_slots", "fits",
+__all__ = ["decode_attention", "decode_attention_reference", "decode_attention_sdpa", "filled_cache", "fits",
            "pick_splits", "MAX_ROWS"]
 
 MAX_ROWS = 64  # rep · S query rows per program (one tile; Llama-3: rep 4, S 1)
@@ -70,22 +70,30 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     are tested against, and the grouped-matmul form the GPU bench compares with. Shapes as
     :func:`decode_attention`; with ``cache_position`` only the slots up to ``cache_position[-1]`` are read (one
     host read of it)."""
-    if cache_position is not None:
-        n = filled_slots(cache_position, k_cache.shape[2])
-        k_cache, v_cache, mask = k_cache[:, :, :n], v_cache[:, :, :n], mask[..., :n]
+    k_cache, v_cache, mask = filled_cache(k_cache, v_cache, mask, cache_position)
     b, h, s, d = q.shape
     kv = k_cache.shape[1]
     rep = h // kv
     scores = torch.matmul(q.reshape(b, kv, rep * s, d), k_cache.transpose(-1, -2)).to(torch.float32) * scale
-    m = mask.unsqueeze(2).expand(mask.shape[0], 1, rep, s, mask.shape[-1]).reshape(mask.shape[0], 1, rep * s, -1)
-    p = torch.softmax(scores + m, dim=-1).to(q.dtype)
+    p = torch.softmax(scores + _grouped_mask(mask, rep, s), dim=-1).to(q.dtype)
     return torch.matmul(p, v_cache).reshape(b, h, s, d)
 
 
-def filled_slots(cache_position: torch.Tensor, length: int) -> int:
-    """Slots ``0 .. cache_position[-1]`` of a cache of ``length``: the ones a step attends to (at least 1, at most
-    ``length``). Reads ``cache_position`` on the host: a device synchronization on a GPU."""
-    return max(1, min(int(cache_position[-1]) + 1, length))
+def filled_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
+                 cache_position: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K, V [B, KV, L, D] and the mask [.., L] cut to slots ``0 .. cache_position[-1]`` (at least 1, at most L):
+    the ones a step attends to; unchanged for ``cache_position`` None. Reads ``cache_position`` on the host: a
+    device synchronization on a GPU."""
+    if cache_position is None:
+        return k_cache, v_cache, mask
+    n = max(1, min(int(cache_position[-1]) + 1, k_cache.shape[2]))
+    return k_cache[:, :, :n], v_cache[:, :, :n], mask[..., :n]
+
+
+def _grouped_mask(mask: torch.Tensor, rep: int, s: int) -> torch.Tensor:
+    """mask [B or 1, 1, S, L] as the stacked query rows' [B or 1, 1, rep·S, L]: row r·S + i is query i of head
+    j·rep + r (``repeat_kv``'s order)."""
+    return mask.unsqueeze(2).expand(mask.shape[0], 1, rep, s, mask.shape[-1]).reshape(mask.shape[0], 1, rep * s, -1)
 
 
 def decode_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
@@ -105,16 +113,13 @@ def decode_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     b, h, s, d = q.shape
     kv = k_cache.shape[1]
     rep = h // kv
-    if cache_position is not None:
-        n = filled_slots(cache_position, k_cache.shape[2])
-        k_cache, v_cache, mask = k_cache[:, :, :n], v_cache[:, :, :n], mask[..., :n]
+    k_cache, v_cache, mask = filled_cache(k_cache, v_cache, mask, cache_position)
     mask = mask if mask.dtype == torch.bool else mask.to(q.dtype)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if rep * s > MAX_ROWS:
         return sdpa(q, k_cache, v_cache, attn_mask=mask, scale=scale, enable_gqa=rep > 1).contiguous()
-    if s > 1:  # row r·S + i of the stacked queries is query i of head j·rep + r (repeat_kv's order)
-        mask = mask.unsqueeze(2).expand(mask.shape[0], 1, rep, s, mask.shape[-1]).reshape(mask.shape[0], 1, rep * s, -1)
-    out = sdpa(q.reshape(b, kv, rep * s, d), k_cache, v_cache, attn_mask=mask, scale=scale)
+    out = sdpa(q.reshape(b, kv, rep * s, d), k_cache, v_cache, attn_mask=_grouped_mask(mask, rep, s) if s > 1 else mask,
+               scale=scale)
     return out.reshape(b, h, s, d).contiguous()
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 __all__ = ["AtenView", "AtenLinear", "AtenLayerNorm", "AtenSDPA", "AtenSlice", "AtenEmbedding", "attr_target",
-           "static_size", "static_shape"]
+           "static_size", "sizes", "static_shape"]
 
 aten = torch.ops.aten
 
@@ -93,11 +93,15 @@ def static_size(d: Any) -> Optional[int]:
     return int(expr) if expr is not None and getattr(expr, "is_number", False) else None
 
 
+def sizes(node: Any) -> Optional[tuple[Optional[int], ...]]:
+    """The shape of a tensor node's captured value (``meta["val"]``), each dimension its :func:`static_size` (None
+    where dynamic), or None (no value, not a tensor)."""
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(static_size(d) for d in val.shape) if hasattr(val, "shape") else None
+
+
 def static_shape(node: Any) -> Optional[tuple[int, ...]]:
     """The shape of a tensor node's captured value (``meta["val"]``) when every dimension is fixed, else None (no
     value, not a tensor, or a dynamic dimension)."""
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if not hasattr(val, "shape"):
-        return None
-    sizes = tuple(static_size(d) for d in val.shape)
-    return None if any(d is None for d in sizes) else sizes
+    shape = sizes(node)
+    return None if shape is None or None in shape else shape

@@ -41,7 +41,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ir import ops
 from ..ir.notes import NoteKind
-from ..ir.views import static_shape
+from ..ir.views import sizes, static_shape
 from ..kernels.decode_attention import fits as kernel_fits
 from .base import FxquantPass
 
@@ -76,12 +76,6 @@ def _repeated(node) -> Optional[tuple[fx.Node, int]]:
     return uns.args[0], sizes[2]
 
 
-def _sizes(node) -> Optional[tuple]:
-    """The captured shape of a tensor node, dimensions as ints or SymInts (dynamic), or None."""
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return tuple(val.shape) if hasattr(val, "shape") else None
-
-
 def decode_attention(gm: fx.GraphModule, on_cuda: bool = False, blocks: bool = False) -> int:
     """Rewrite every eligible SDPA of ``gm`` into ``fxquant::decode_attention`` (module docstring); returns how many.
     ``on_cuda``: the graph runs on a CUDA target (the op reads ``cache_position`` only where its kernel runs);
@@ -100,14 +94,14 @@ def decode_attention(gm: fx.GraphModule, on_cuda: bool = False, blocks: bool = F
             continue  # dropout, is_causal, enable_gqa: not this pass's form
         mask = mask if mask is not None else kw["attn_mask"]
         rk, rv = _repeated(k), _repeated(v)
-        shape, mshape = _sizes(q), _sizes(mask)
+        shape, mshape = sizes(q), sizes(mask)  # None for a dynamic dimension (a prefill block's S)
         if rk is None or rv is None or rk[1] != rv[1] or shape is None or mshape is None or len(shape) != 4:
             continue
         b, h, s, d = shape
         (k_cache, rep), (v_cache, _) = rk, rv
-        if not all(isinstance(x, int) for x in (b, h, d)) or h % rep or len(mshape) != 4 or mshape[1] != 1:
+        if None in (b, h, d) or h % rep or len(mshape) != 4 or mshape[1] != 1:
             continue
-        step = isinstance(s, int) and s <= MAX_QUERY  # a decode step: a static block of a few queries
+        step = s is not None and s <= MAX_QUERY  # a decode step: a static block of a few queries
         if not step and not (blocks and position is not None):
             continue
         kv = h // rep

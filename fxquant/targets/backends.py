@@ -723,7 +723,7 @@ def _op_decode_attention(q, k_cache, v_cache, mask, scale, cache_position=None):
     (``fxquant.kernels.decode_attention``), else one SDPA call with the grouped queries stacked
     (``decode_attention_sdpa``: ATen's flash attention on CPUs); both read the cache only up to
     ``cache_position[-1]`` when it is given (the SDPA form reads that on the host)."""
-    b, h, s, d = q.shape
+    _, h, s, d = q.shape
     if (q.is_cuda and _kda.HAS_TRITON and q.dtype == k_cache.dtype == v_cache.dtype
             and _kda.fits(h, k_cache.shape[1], s, d)):
         return _kda.decode_attention(q, k_cache, v_cache, mask, scale, cache_position)
