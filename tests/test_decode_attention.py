@@ -190,7 +190,7 @@ def test_pass_writes_one_op_per_layer_reading_only_the_filled_cache(monkeypatch)
     got = qm.generate(prompt, max_new_tokens=6)
 
     rewrite = pda.decode_attention
-    monkeypatch.setattr(pda, "decode_attention", lambda gm, **kw: 0)  # Hugging Face's attention as captured
+    monkeypatch.setattr(pda, "decode_attention", lambda gm, position, **kw: (0, 0))  # Hugging Face's attention as captured
     plain, plain_gm = build()
     assert torch.equal(plain.generate(prompt, max_new_tokens=6), got)
 
@@ -200,10 +200,10 @@ def test_pass_writes_one_op_per_layer_reading_only_the_filled_cache(monkeypatch)
         graph = torch.fx.Graph()
         graph.output(graph.graph_copy(plain_gm.graph, {}))
         g = torch.fx.GraphModule(plain_gm, graph)
-        assert rewrite(g, on_cuda=True) == 2
+        assert rewrite(g, pda._cache_position(g.graph), on_cuda=True) == (2, 2 if fits else 0)
         return [len(n.args) > 5 for n in g.graph.nodes if n.target is ops.DECODE_ATTENTION]
 
     assert rewritten(True) == [True, True] and rewritten(False) == [False, False]
     # CUDA prefill keeps Hugging Face's SDPA: a block's bound would be a host read inside its CUDA graph
     prefill = build("prefill")[1]
-    assert rewrite(prefill, on_cuda=True, blocks=False) == 0
+    assert rewrite(prefill, pda._cache_position(prefill.graph), on_cuda=True, blocks=False) == (0, 0)

@@ -76,14 +76,15 @@ def _repeated(node) -> Optional[tuple[fx.Node, int]]:
     return uns.args[0], sizes[2]
 
 
-def decode_attention(gm: fx.GraphModule, on_cuda: bool = False, blocks: bool = False) -> int:
-    """Rewrite every eligible SDPA of ``gm`` into ``fxquant::decode_attention`` (module docstring); returns how many.
-    ``on_cuda``: the graph runs on a CUDA target (the op reads ``cache_position`` only where its kernel runs);
-    ``blocks``: also query blocks longer than :data:`MAX_QUERY` or dynamic (prefill), bounded by the graph's
-    ``cache_position`` (none: nothing to rewrite there)."""
+def decode_attention(gm: fx.GraphModule, position: Optional[fx.Node], on_cuda: bool = False,
+                     blocks: bool = False) -> tuple[int, int]:
+    """Rewrite every eligible SDPA of ``gm`` into ``fxquant::decode_attention`` (module docstring); returns how many,
+    and how many of them read only up to ``cache_position``. ``position``: the graph's ``cache_position`` input
+    (:func:`_cache_position`) or None; ``on_cuda``: the graph runs on a CUDA target (the op reads
+    ``cache_position`` only where its kernel runs); ``blocks``: also query blocks longer than :data:`MAX_QUERY` or
+    dynamic (prefill), bounded by ``position`` (None: nothing to rewrite there)."""
     g = gm.graph
-    done = 0
-    position = _cache_position(g)
+    done = bounded_done = 0
     for node in list(g.nodes):
         if node.target is not aten.scaled_dot_product_attention.default:
             continue
@@ -118,11 +119,12 @@ def decode_attention(gm: fx.GraphModule, on_cuda: bool = False, blocks: bool = F
         node.replace_all_uses_with(out)
         g.erase_node(node)
         done += 1
+        bounded_done += bounded
     if done:
         g.eliminate_dead_code()
         g.lint()
         gm.recompile()
-    return done
+    return done, bounded_done
 
 
 class DecodeAttention(FxquantPass):
@@ -131,11 +133,11 @@ class DecodeAttention(FxquantPass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         on_cuda = self.ctx.spec.device == "cuda"
         decode = self.ctx.method in self.ctx.decode_methods
-        if not decode and (on_cuda or _cache_position(gm.graph) is None):
+        position = _cache_position(gm.graph)
+        if not decode and (on_cuda or position is None):
             return PassResult(gm, False)  # forward; CUDA prefill (see the module docstring)
-        n = decode_attention(gm, on_cuda=on_cuda, blocks=not decode)
+        n, bounded = decode_attention(gm, position, on_cuda=on_cuda, blocks=not decode)
         if n:
-            bounded = sum(1 for node in gm.graph.nodes if node.target is ops.DECODE_ATTENTION and len(node.args) > 5)
             how = ("a Triton kernel on CUDA (online softmax, split along the cache), one SDPA call elsewhere" if on_cuda
                    else "one SDPA call each (ATen's flash attention)")
             self.ctx.note(NoteKind.GENERATION, f"{self.ctx.method}: {n} attention(s) as fxquant::decode_attention, "
