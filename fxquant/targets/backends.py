@@ -620,7 +620,13 @@ def _op_int8_linear(*args, **kwargs) -> torch.Tensor:
 #   Qwen2-1.5B shapes); Llama-3-8B decode at batch 32 ran 1.11x the bf16 control. W8A8 at M = 32 measured against it
 #   on an H100 (2026-12-06, Llama-3-8B shapes, 32 layers, compiled, CUDA graph): 5.82 ms/token with this cap at 16
 #   against 5.69 with 64 (W8A16), one run each: no gain from W8A8 at M = 32, and W8A16 is the more accurate.
-WEIGHT_ONLY_MAX_M = {"cpu": 4, "cuda": 64}
+# * cpu without exact full-range int8 (AVX2 only: no VNNI, see cpu_int8_full_range_exact), fp32 the float baseline:
+#   oneDNN's int8 GEMM (7-bit weights) is slow at small M, and _weight_int8pack_mm at AVX2 dispatch stays level with
+#   fp32 F.linear up to M = 8 (2 threads of the AMX Xeon, ATen / MKL / oneDNN capped to AVX2, torch 2.13, Qwen2-0.5B
+#   q/k/v, o, gate/up, down, µs, fp32 F.linear against int8pack: M=4 94/73/1057/440 against 70/63/616/301; M=8
+#   130/99/1320/595 against 140/109/1239/585; M=16 0.72-0.78x). Decode at batch 8 (fp32 model): 131 ms/token with
+#   weight-only against 174 with W8A8 and transformers' 148, one process each (docs/benchmarks.md).
+WEIGHT_ONLY_MAX_M = {"cpu": 4, "cpu-avx2": 8, "cuda": 64}
 _WEIGHT_ONLY_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -652,15 +658,16 @@ def _int8pack_ok(x_dtype: torch.dtype, k: int) -> bool:
 
 def weight_only_max_m(device: str, dtype: Optional[torch.dtype], k: int = 16) -> int:
     """The largest M at which a Linear with ``k`` input features reading ``dtype`` activations on ``device``
-    (``"cpu"`` / ``"cuda"``) runs weight-only (``fxquant::int8_weight_linear``); 0 where no weight-only kernel beats
-    the W8A8 path (a CPU whose ATen kernel is not vectorized, K % 16 on a CPU, CUDA without Triton)."""
+    (``"cpu"`` / ``"cuda"``) runs weight-only (``fxquant::int8_weight_linear``): :data:`WEIGHT_ONLY_MAX_M`, on a CPU
+    without exact full-range int8 (AVX2 only) its ``"cpu-avx2"`` entry; 0 where no weight-only kernel beats the W8A8
+    path (a CPU whose ATen kernel is not vectorized, K % 16 on a CPU, CUDA without Triton)."""
     if device == "cpu":
-        ok = _int8pack_ok(dtype, k)
-    elif device == "cuda":
-        ok = dtype in (*_WEIGHT_ONLY_DTYPES, torch.float32) and _w8a16_triton() is not None
-    else:
-        ok = False
-    return WEIGHT_ONLY_MAX_M.get(device, 0) if ok else 0
+        if not _int8pack_ok(dtype, k):
+            return 0
+        return WEIGHT_ONLY_MAX_M["cpu" if cpu_int8_full_range_exact() else "cpu-avx2"]
+    if device == "cuda" and dtype in (*_WEIGHT_ONLY_DTYPES, torch.float32) and _w8a16_triton() is not None:
+        return WEIGHT_ONLY_MAX_M["cuda"]
+    return 0
 
 
 def weight_only_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor],
