@@ -155,9 +155,9 @@ if HAS_TRITON:
     ):
         """Program (b · KV + j, c): the rep·S query rows of kv head j of batch row b over cache range c. SPLIT 0:
         normalize and store O [B, H, S, D] (contiguous); 1: store acc, m and ℓ into the workspaces. HAS_POS: the
-        cache holds ``pos_ptr[S - 1] + 1`` filled slots (read here, on the device), cut into ``num_programs(1)``
-        ranges of whole BLOCK_L steps; else all L slots in ranges of L_SPLIT. A range past the filled slots is
-        empty (m = −inf, ℓ = 0: weight 0 in the combine)."""
+        cache holds ``pos_ptr[S - 1] + 1`` filled slots (read here, on the device), cut into ranges of whole
+        BLOCK_L steps, at least two a range, one range a program of axis 1; else all L slots in ranges of L_SPLIT.
+        A range past the filled slots is empty (m = −inf, ℓ = 0: weight 0 in the combine)."""
         pid = tl.program_id(0)
         c = tl.program_id(1)
         b = pid // KV
@@ -177,7 +177,9 @@ if HAS_TRITON:
         m_base = mask_ptr + b.to(tl.int64) * stride_mb + qi * stride_ms
         if HAS_POS:
             filled = tl.minimum(tl.maximum(tl.load(pos_ptr + S - 1).to(tl.int32) + 1, 0), L)
-            l_split = tl.cdiv(tl.cdiv(filled, tl.num_programs(1)), BLOCK_L) * BLOCK_L
+            # at least two BLOCK_L steps a split, as pick_splits asks of the host's split (splits chosen for all
+            # L slots would otherwise cut a short filled cache into one-step ranges)
+            l_split = tl.maximum(tl.cdiv(tl.cdiv(filled, tl.num_programs(1)), BLOCK_L), 2) * BLOCK_L
         else:
             filled = L
             l_split = L_SPLIT

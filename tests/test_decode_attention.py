@@ -100,7 +100,8 @@ def test_kernel_masks_broadcast_and_minus_inf():
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b,kv,rep,s,length,filled,splits", [
-    (1, 2, 4, 1, 300, 70, 4),    # 70 filled of 300: two of four splits get work, two are empty
+    (1, 2, 4, 1, 300, 200, 4),   # 200 filled of 300: two of four splits get work (two blocks each), two are empty
+    (1, 2, 4, 1, 1024, 70, None),  # splits picked for 1024 slots, 70 filled: one busy split, the rest empty
     (2, 1, 3, 2, 200, 133, 3),   # S = 2 (cache_position of two slots), filled not a multiple of the block
     (3, 2, 2, 1, 160, 5, None),  # almost empty cache, the splits the kernel picks
     (1, 2, 4, 1, 90, 90, 2),     # full cache: the bound reads what the unbounded kernel reads
