@@ -7,7 +7,11 @@ Llama-3-8B shapes. Two measures, both fed the same greedy tokens:
   the decode graph's alone (issue 23's "logits cosine per decode step against the float model with the same
   cache").
 
-    python bench/decode_numerics_gpu.py --layers 32 --steps 16
+* ``--fp32``: the same model in fp32 as the reference (same cache, its cache copied into the other program's,
+  cast): the bf16 control against it is the floor that bf16 arithmetic alone sets, and fxquant compiled from the
+  fp32 model against it is what int8 weights alone cost.
+
+    python bench/decode_numerics_gpu.py --layers 32 --steps 16 [--fp32]
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--fp32", action="store_true", help="also compare with the model in fp32 (module docstring)")
     args = ap.parse_args()
     model = build("llama3-8b", args.layers)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), device="cuda",
@@ -77,6 +82,16 @@ def main():
         cos = same_cache_cosine(qm, ctrl, ids, args.steps)
         print(f"{name:>18}, same cache: decode min {min(cos):.5f} mean {sum(cos) / len(cos):.5f}; "
               f"{[round(c, 4) for c in cos]}", flush=True)
+    if args.fp32:
+        del w8a8
+        model32 = build("llama3-8b", args.layers).float()  # the same values (built in bf16 from the same seed)
+        ctrl32 = fxquant.compile(model32, {"input_ids": ids[:, :8]},
+                                 config=fxquant.QuantConfig(target="cuda", skip=["re:.*"]), **kw)
+        w32 = fxquant.compile(model32, {"input_ids": ids[:, :8]}, config=fxquant.QuantConfig(target="cuda"), **kw)
+        for name, qm in (("bf16 control", ctrl), ("fxquant bf16", w8a16), ("fxquant fp32", w32)):
+            cos = same_cache_cosine(qm, ctrl32, ids, args.steps)
+            print(f"{name:>18} against fp32, same cache: decode min {min(cos):.5f} mean {sum(cos) / len(cos):.5f}; "
+                  f"{[round(c, 4) for c in cos]}", flush=True)
 
 
 if __name__ == "__main__":
