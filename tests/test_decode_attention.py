@@ -160,7 +160,8 @@ def test_pass_writes_one_op_per_layer_reading_only_the_filled_cache(monkeypatch)
     """The decode graph of a small Llama holds one fxquant::decode_attention per layer, each taking the graph's
     cache_position (its CPU form: one SDPA call over the filled slots), and generates the tokens Hugging Face's
     attention (SDPA over repeat_kv's copies of the whole cache) generates. On a CUDA target the op takes
-    cache_position only where the Triton kernel runs (the SDPA form would read it on the host)."""
+    cache_position only where the Triton kernel runs (the SDPA form would read it on the host), and prefill keeps
+    Hugging Face's SDPA over the prompt block's own slots."""
     transformers = pytest.importorskip("transformers")
     import fxquant
     from fxquant.ir import ops
@@ -208,3 +209,22 @@ def test_pass_writes_one_op_per_layer_reading_only_the_filled_cache(monkeypatch)
     # CUDA prefill keeps Hugging Face's SDPA: a block's bound would be a host read inside its CUDA graph
     prefill = build("prefill")[1]
     assert rewrite(prefill, pda._cache_position(prefill.graph), on_cuda=True, blocks=False) == (0, 0)
+
+    # ... but over the prompt block's own slots [0, S): with NaN in every cache slot, the prefill that reads the
+    # whole cache (Hugging Face's form) gives NaN logits (masked weights are 0, and 0 · NaN is NaN); the block-only
+    # prefill generates the tokens above
+    monkeypatch.setattr(pda, "decode_attention", lambda gm, position, blocks=False, **kw:
+                        (0, 0) if blocks else rewrite(gm, position, blocks=blocks, **kw))
+    cuda_like, prefill = build("prefill")
+
+    def poisoned():
+        for buf in prefill.kv_cache.buffers():
+            buf.fill_(float("nan"))
+        return cuda_like.generate(prompt, max_new_tokens=6)
+
+    assert not torch.equal(poisoned(), got)
+    assert pda.prefill_block_only(prefill) == 2
+    sliced = [n for n in prefill.graph.nodes if n.target is torch.ops.aten.slice.Tensor and len(n.args) == 4
+              and isinstance(n.args[3], torch.fx.Node) and n.args[3].target is torch.ops.aten.sym_size.int]
+    assert len(sliced) == 2 * 3  # K, V and the mask of each layer, up to the query block's length
+    assert torch.equal(poisoned(), got)

@@ -19,9 +19,14 @@ rows, reading K and V once::
 (SDPA's math, Vaswani et al. 2017, eq. 1, per head; ``fxquant.kernels.decode_attention.decode_attention_reference``
 is Hugging Face's eager form of it). The decode method is rewritten (``CompileContext.decode_methods``) on every
 target; the prefill method (a block of S tokens, S dynamic) on CPU targets, where the op is one SDPA call with
-grouped heads (``enable_gqa``) over the filled slots; CUDA prefill keeps Hugging Face's SDPA (its bound would need a
-host read inside the prefill's CUDA graph). The op runs a Triton kernel on CUDA (online softmax split along the
-cache, flash-decoding) and one SDPA call elsewhere (ATen's flash attention on CPUs).
+grouped heads (``enable_gqa``) over the filled slots. The op runs a Triton kernel on CUDA (online softmax split
+along the cache, flash-decoding) and one SDPA call elsewhere (ATen's flash attention on CPUs).
+
+CUDA prefill keeps Hugging Face's SDPA (a bound read from ``cache_position`` would be a host read inside the
+prefill's CUDA graph), but over the block's own slots only (:func:`prefill_block_only`): ``fxquant.generation``
+prefills a prompt block of S tokens into slots [0, S) of an empty cache, so ``repeat_kv`` copies and SDPA reads
+``k_cache[:, :, :S]`` (and the mask's first S columns) instead of all ``max_cache_len`` slots, with S the query's
+own (symbolic) length, no host read.
 
 The op also takes the decode graph's ``cache_position`` input (the placeholder of ``CausalLMWithCache.forward``'s
 argument of that name, :data:`CACHE_POSITION`), so it reads only the slots filled so far instead of all
@@ -127,6 +132,45 @@ def decode_attention(gm: fx.GraphModule, position: Optional[fx.Node], on_cuda: b
     return done, bounded_done
 
 
+def prefill_block_only(gm: fx.GraphModule) -> int:
+    """CUDA prefill: every SDPA over ``repeat_kv`` of the cache reads the first S slots (S = the query block's
+    length, ``q.size(2)``) of K, V and the mask (module docstring); returns how many. The prefill method's contract
+    (``fxquant.generation._prefill``): its block of S tokens fills slots [0, S), so the mask already excludes every
+    later slot."""
+    g = gm.graph
+    done = 0
+    for node in list(g.nodes):
+        if node.target is not aten.scaled_dot_product_attention.default:
+            continue
+        q, k, v = node.args[:3]
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if len(node.args) > 4 or set(node.kwargs) - {"scale", "attn_mask"} or not isinstance(mask, fx.Node):
+            continue  # dropout, is_causal, enable_gqa, no mask: not Hugging Face's form over the cache
+        if _repeated(k) is None or _repeated(v) is None:
+            continue
+        shape, mshape = sizes(q), sizes(mask)
+        if shape is None or mshape is None or len(shape) != 4 or len(mshape) != 4 or shape[2] is not None:
+            continue  # a static block (the decode method's form) or not [B, H, S, D]
+        if any(len(r.args[1]) != 4 or len(r.args[0].args[1]) != 5 for r in (k, v)):
+            continue
+        with g.inserting_before(node):  # repeat_kv again, over the first S slots, just before the SDPA
+            length = g.call_function(aten.sym_size.int, (q, 2))
+            for old in (k, v):
+                exp = old.args[0]
+                cache, big, flat = exp.args[0].args[0], exp.args[1], old.args[1]
+                cut = g.call_function(aten.slice.Tensor, (cache, 2, 0, length))
+                grown = g.call_function(aten.expand.default, (g.call_function(aten.unsqueeze.default, (cut, 2)),
+                                                              [*big[:3], length, big[4]]))
+                node.replace_input_with(old, g.call_function(old.target, (grown, [*flat[:2], length, flat[3]])))
+            node.replace_input_with(mask, g.call_function(aten.slice.Tensor, (mask, 3, 0, length)))
+        done += 1
+    if done:
+        g.eliminate_dead_code()
+        g.lint()
+        gm.recompile()
+    return done
+
+
 class DecodeAttention(FxquantPass):
     name = "decode_attention"
 
@@ -134,8 +178,14 @@ class DecodeAttention(FxquantPass):
         on_cuda = self.ctx.spec.device == "cuda"
         decode = self.ctx.method in self.ctx.decode_methods
         position = _cache_position(gm.graph)
-        if not decode and (on_cuda or position is None):
-            return PassResult(gm, False)  # forward; CUDA prefill (see the module docstring)
+        if not decode and position is None:
+            return PassResult(gm, False)  # forward: no KV cache
+        if not decode and on_cuda:
+            n = prefill_block_only(gm)
+            if n:
+                self.ctx.note(NoteKind.GENERATION, f"{self.ctx.method}: {n} attention(s) over the prompt block's own "
+                              "cache slots, not all max_cache_len of them (Hugging Face's SDPA otherwise)", self.name)
+            return PassResult(gm, n > 0)
         n, bounded = decode_attention(gm, position, on_cuda=on_cuda, blocks=not decode)
         if n:
             how = ("a Triton kernel on CUDA (online softmax, split along the cache), one SDPA call elsewhere" if on_cuda
