@@ -232,7 +232,9 @@ def _padded_length(qmodel, prompt: int, new: int, spec, device: torch.device) ->
 
 def _prefill(qmodel, rows, positions, mask_full):
     """One prefill call: ``rows`` [B, S] fill cache slots [0, S); returns the last position's logits [B, 1, V]
-    (a tensor of the caller's own). On CUDA a CUDA graph per S (:func:`_prefill_graph`)."""
+    (a tensor of the caller's own). On CUDA a CUDA graph per S (:func:`_prefill_graph`). The prefill method's
+    contract: its block starts at slot 0 (CUDA prefill attends over slots [0, S) only,
+    ``passes.decode_attention.prefill_block_only``)."""
     prompt = rows.shape[1]
     cache_position = torch.arange(prompt, device=rows.device)
     method = "prefill" if prompt > 1 else "decode"
