@@ -624,8 +624,8 @@ def _op_int8_linear(*args, **kwargs) -> torch.Tensor:
 #   oneDNN's int8 GEMM (7-bit weights) is slow at small M, and _weight_int8pack_mm at AVX2 dispatch stays level with
 #   fp32 F.linear up to M = 8 (2 threads of the AMX Xeon, ATen / MKL / oneDNN capped to AVX2, torch 2.13, Qwen2-0.5B
 #   q/k/v, o, gate/up, down, µs, fp32 F.linear against int8pack: M=4 94/73/1057/440 against 70/63/616/301; M=8
-#   130/99/1320/595 against 140/109/1239/585; M=16 0.72-0.78x). Decode at batch 8 (fp32 model): 131 ms/token with
-#   weight-only against 174 with W8A8 and transformers' 148, one process each (docs/benchmarks.md).
+#   130/99/1320/595 against 140/109/1239/585; M=16 0.72-0.78x). Decode at batch 8 (fp32 model): 128-129 ms/token
+#   with weight-only against 173 with W8A8 and transformers' 145-149, alternating runs (docs/benchmarks.md).
 WEIGHT_ONLY_MAX_M = {"cpu": 4, "cpu-avx2": 8, "cuda": 64}
 _WEIGHT_ONLY_DTYPES = (torch.bfloat16, torch.float16)
 
