@@ -228,3 +228,41 @@ def test_pass_writes_one_op_per_layer_reading_only_the_filled_cache(monkeypatch)
               and isinstance(n.args[3], torch.fx.Node) and n.args[3].target is torch.ops.aten.sym_size.int]
     assert len(sliced) == 2 * 3  # K, V and the mask of each layer, up to the query block's length
     assert torch.equal(poisoned(), got)
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "phi3"])
+def test_block_only_prefill_generates_the_same_tokens(kind, monkeypatch):
+    """CUDA's prefill form (Hugging Face's SDPA over repeat_kv, sliced to the prompt block's own slots by
+    prefill_block_only) on the other model families, a left-padded batch, Mistral with a sliding window: with NaN in
+    every cache slot before generating, the tokens equal those of the program whose prefill is left as captured
+    (clean cache)."""
+    transformers = pytest.importorskip("transformers")
+    import fxquant
+    from fxquant.passes import decode_attention as pda
+    from fxquant.program import program_of
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=64, attn_implementation="sdpa")
+    if kind == "mistral":
+        common["sliding_window"] = 16  # the 8 + 10 tokens cross it
+    if kind == "phi3":
+        common.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = {"qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig,
+           "phi3": transformers.Phi3Config}[kind](**common)
+    model = getattr(transformers, {"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
+                                   "phi3": "Phi3ForCausalLM"}[kind])(cfg).eval()
+    model.generation_config.eos_token_id = None
+    prompt = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(prompt)
+    mask[1, :3] = 0  # left padding
+    rewrite = pda.decode_attention
+    monkeypatch.setattr(pda, "decode_attention", lambda gm, position, blocks=False, **kw:
+                        (0, 0) if blocks else rewrite(gm, position, blocks=blocks, **kw))  # prefill as on CUDA
+    qm = fxquant.compile(model, {"input_ids": prompt}, config=fxquant.QuantConfig(min_ratio=0), max_batch_size=2,
+                         max_cache_len=18, progress=False, compile_generation=False)
+    want = qm.generate(prompt, attention_mask=mask, max_new_tokens=10)
+    prefill = program_of(qm, "prefill").methods["prefill"].graph_module
+    assert pda.prefill_block_only(prefill) == 2
+    for buf in prefill.kv_cache.buffers():
+        buf.fill_(float("nan"))
+    assert torch.equal(qm.generate(prompt, attention_mask=mask, max_new_tokens=10), want)
