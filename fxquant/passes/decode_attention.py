@@ -76,9 +76,25 @@ def _repeated(node) -> Optional[tuple[fx.Node, int]]:
     if not (isinstance(uns, fx.Node) and uns.target is aten.unsqueeze.default and uns.args[1] == 2 and len(uns.users) == 1):
         return None
     sizes = exp.args[1]
-    if len(sizes) != 5 or not isinstance(sizes[2], int):
+    if len(sizes) != 5 or not isinstance(sizes[2], int) or len(node.args[1]) != 4:
         return None
     return uns.args[0], sizes[2]
+
+
+def _sdpa_over_repeat_kv(node: fx.Node) -> Optional[tuple[fx.Node, fx.Node, fx.Node, fx.Node, int]]:
+    """``(q, k_cache, v_cache, mask, rep)`` when ``node`` is Hugging Face's attention over the cache: SDPA of q over
+    ``repeat_kv`` copies of K and V (:func:`_repeated`, one ``rep``) with an additive mask and no option beyond
+    ``scale`` (no dropout, ``is_causal`` or ``enable_gqa``); else None."""
+    if node.target is not aten.scaled_dot_product_attention.default or len(node.args) > 4:
+        return None
+    if set(node.kwargs) - {"scale", "attn_mask"}:
+        return None
+    q, k, v = node.args[:3]
+    mask = node.args[3] if len(node.args) > 3 and node.args[3] is not None else node.kwargs.get("attn_mask")
+    rk, rv = _repeated(k), _repeated(v)
+    if not isinstance(mask, fx.Node) or rk is None or rv is None or rk[1] != rv[1]:
+        return None
+    return q, rk[0], rv[0], mask, rk[1]
 
 
 def decode_attention(gm: fx.GraphModule, position: Optional[fx.Node], on_cuda: bool = False,
@@ -91,27 +107,21 @@ def decode_attention(gm: fx.GraphModule, position: Optional[fx.Node], on_cuda: b
     g = gm.graph
     done = bounded_done = 0
     for node in list(g.nodes):
-        if node.target is not aten.scaled_dot_product_attention.default:
+        match = _sdpa_over_repeat_kv(node)
+        if match is None:
             continue
-        args = list(node.args) + [None] * (4 - len(node.args))
-        q, k, v, mask = args[:4]
-        kw = dict(node.kwargs)
-        if len(node.args) > 4 or set(kw) - {"scale", "attn_mask"} or mask is None and kw.get("attn_mask") is None:
-            continue  # dropout, is_causal, enable_gqa: not this pass's form
-        mask = mask if mask is not None else kw["attn_mask"]
-        rk, rv = _repeated(k), _repeated(v)
+        q, k_cache, v_cache, mask, rep = match
         shape, mshape = sizes(q), sizes(mask)  # None for a dynamic dimension (a prefill block's S)
-        if rk is None or rv is None or rk[1] != rv[1] or shape is None or mshape is None or len(shape) != 4:
+        if shape is None or mshape is None or len(shape) != 4:
             continue
         b, h, s, d = shape
-        (k_cache, rep), (v_cache, _) = rk, rv
         if None in (b, h, d) or h % rep or len(mshape) != 4 or mshape[1] != 1:
             continue
         step = s is not None and s <= MAX_QUERY  # a decode step: a static block of a few queries
         if not step and not (blocks and position is not None):
             continue
         kv = h // rep
-        scale = kw.get("scale")
+        scale = node.kwargs.get("scale")
         scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
         dtypes = {a.meta["val"].dtype for a in (q, k_cache, v_cache) if "val" in a.meta}
         # the filled slots only, where the op reads cache_position without a host synchronization
@@ -140,24 +150,17 @@ def prefill_block_only(gm: fx.GraphModule) -> int:
     g = gm.graph
     done = 0
     for node in list(g.nodes):
-        if node.target is not aten.scaled_dot_product_attention.default:
+        match = _sdpa_over_repeat_kv(node)
+        if match is None:
             continue
-        q, k, v = node.args[:3]
-        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        if len(node.args) > 4 or set(node.kwargs) - {"scale", "attn_mask"} or not isinstance(mask, fx.Node):
-            continue  # dropout, is_causal, enable_gqa, no mask: not Hugging Face's form over the cache
-        if _repeated(k) is None or _repeated(v) is None:
-            continue
+        q, k_cache, v_cache, mask, _ = match
         shape, mshape = sizes(q), sizes(mask)
         if shape is None or mshape is None or len(shape) != 4 or len(mshape) != 4 or shape[2] is not None:
             continue  # a static block (the decode method's form) or not [B, H, S, D]
-        if any(len(r.args[1]) != 4 or len(r.args[0].args[1]) != 5 for r in (k, v)):
-            continue
         with g.inserting_before(node):  # repeat_kv again, over the first S slots, just before the SDPA
             length = g.call_function(aten.sym_size.int, (q, 2))
-            for old in (k, v):
-                exp = old.args[0]
-                cache, big, flat = exp.args[0].args[0], exp.args[1], old.args[1]
+            for old, cache in ((node.args[1], k_cache), (node.args[2], v_cache)):
+                big, flat = old.args[0].args[1], old.args[1]  # repeat_kv's expand and reshape sizes
                 cut = g.call_function(aten.slice.Tensor, (cache, 2, 0, length))
                 grown = g.call_function(aten.expand.default, (g.call_function(aten.unsqueeze.default, (cut, 2)),
                                                               [*big[:3], length, big[4]]))
