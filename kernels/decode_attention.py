@@ -50,7 +50,7 @@ from typing import Optional
 
 import torch
 
-from .common import HAS_TRITON, cdiv, interpreting, next_pow2, num_sms
+from .common import HAS_TRITON, cdiv, interpreting, next_pow2, num_sms, use_pdl
 
 if HAS_TRITON:
     import triton
@@ -143,6 +143,20 @@ def pick_splits(programs: int, length: int, num_sms: int) -> int:
 if HAS_TRITON:
 
     @triton.jit
+    def _ranges(pos_ptr, S, L, L_SPLIT, SPLITS, BLOCK_L: tl.constexpr, HAS_POS: tl.constexpr):
+        """(filled slots, slots per range) of a launch with SPLITS ranges per (b, kv head). HAS_POS: the cache
+        holds ``pos_ptr[S - 1] + 1`` filled slots (read here, on the device), cut into ranges of whole BLOCK_L
+        steps, at least two a range (as :func:`pick_splits` asks of the host's split: splits chosen for all L slots
+        would otherwise cut a short filled cache into one-step ranges); else all L slots in ranges of L_SPLIT."""
+        if HAS_POS:
+            filled = tl.minimum(tl.maximum(tl.load(pos_ptr + S - 1).to(tl.int32) + 1, 0), L)
+            l_split = tl.maximum(tl.cdiv(tl.cdiv(filled, SPLITS), BLOCK_L), 2) * BLOCK_L
+        else:
+            filled = L
+            l_split = L_SPLIT
+        return filled, l_split
+
+    @triton.jit
     def _decode_attention_kernel(
         q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, ws_ptr, ml_ptr, pos_ptr,
         KV, S, L, L_SPLIT, scale,
@@ -151,13 +165,13 @@ if HAS_TRITON:
         stride_vb, stride_vh, stride_vl, stride_vd,
         stride_mb, stride_ms, stride_ml,
         REP: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-        SPLIT: tl.constexpr, DOT_F32: tl.constexpr, HAS_POS: tl.constexpr,
+        SPLIT: tl.constexpr, DOT_F32: tl.constexpr, HAS_POS: tl.constexpr, PDL: tl.constexpr,
     ):
         """Program (b · KV + j, c): the rep·S query rows of kv head j of batch row b over cache range c. SPLIT 0:
-        normalize and store O [B, H, S, D] (contiguous); 1: store acc, m and ℓ into the workspaces. HAS_POS: the
-        cache holds ``pos_ptr[S - 1] + 1`` filled slots (read here, on the device), cut into ranges of whole
-        BLOCK_L steps, at least two a range, one range a program of axis 1; else all L slots in ranges of L_SPLIT.
-        A range past the filled slots is empty (m = −inf, ℓ = 0: weight 0 in the combine)."""
+        normalize and store O [B, H, S, D] (contiguous); 1: store acc, m and ℓ into the workspaces. The ranges,
+        one a program of axis 1, are :func:`_ranges`'; a range past the filled slots reads and stores nothing."""
+        if PDL:  # launched before the previous kernel ended (common.use_pdl): nothing is read before it has
+            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         c = tl.program_id(1)
         b = pid // KV
@@ -175,14 +189,7 @@ if HAS_TRITON:
         k_base = k_ptr + b.to(tl.int64) * stride_kb + j.to(tl.int64) * stride_kh
         v_base = v_ptr + b.to(tl.int64) * stride_vb + j.to(tl.int64) * stride_vh
         m_base = mask_ptr + b.to(tl.int64) * stride_mb + qi * stride_ms
-        if HAS_POS:
-            filled = tl.minimum(tl.maximum(tl.load(pos_ptr + S - 1).to(tl.int32) + 1, 0), L)
-            # at least two BLOCK_L steps a split, as pick_splits asks of the host's split (splits chosen for all
-            # L slots would otherwise cut a short filled cache into one-step ranges)
-            l_split = tl.maximum(tl.cdiv(tl.cdiv(filled, tl.num_programs(1)), BLOCK_L), 2) * BLOCK_L
-        else:
-            filled = L
-            l_split = L_SPLIT
+        filled, l_split = _ranges(pos_ptr, S, L, L_SPLIT, tl.num_programs(1), BLOCK_L, HAS_POS)
         lo = c * l_split
         hi = tl.minimum(filled, lo + l_split)
         m_i = tl.full((ROWS,), float("-inf"), tl.float32)
@@ -218,28 +225,37 @@ if HAS_TRITON:
             o_ptrs = o_ptr + ((b.to(tl.int64) * KV * REP + head[:, None]) * S + qi[:, None]) * D + d[None, :]
             tl.store(o_ptrs, (acc / l_i[:, None]).to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
         else:
+            # a range past the filled slots stores nothing: the combine reads only the busy ranges (c = 0 always is)
+            busy = r < tl.where((lo < filled) | (c == 0), ROWS, 0)  # [ROWS], all alike (no scalar mask)
             part = pid.to(tl.int64) * tl.num_programs(1) + c
-            tl.store(ws_ptr + (part * ROWS + r[:, None]) * BLOCK_D + d[None, :], acc)
-            tl.store(ml_ptr + (part * 2) * ROWS + r, m_i)
-            tl.store(ml_ptr + (part * 2 + 1) * ROWS + r, l_i)
+            tl.store(ws_ptr + (part * ROWS + r[:, None]) * BLOCK_D + d[None, :], acc, mask=busy[:, None])
+            tl.store(ml_ptr + (part * 2) * ROWS + r, m_i, mask=busy)
+            tl.store(ml_ptr + (part * 2 + 1) * ROWS + r, l_i, mask=busy)
 
     @triton.jit
-    def _decode_attention_combine(ws_ptr, ml_ptr, o_ptr, KV, S, SPLITS,
-                                  REP: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
-        """Program b · KV + j: O of its rows from the SPLITS partials (acc, m, ℓ), summed in split order."""
+    def _decode_attention_combine(ws_ptr, ml_ptr, o_ptr, pos_ptr, KV, S, L, L_SPLIT, SPLITS,
+                                  REP: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+                                  BLOCK_L: tl.constexpr, HAS_POS: tl.constexpr, PDL: tl.constexpr):
+        """Program b · KV + j: O of its rows from the partials (acc, m, ℓ) of the SPLITS ranges, summed in split
+        order. HAS_POS: only the ranges that hold filled slots (the first kernel's :func:`_ranges`) are read; the
+        others stored nothing (a 4096-slot cache with 600 filled: 5 of 17)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         b = pid // KV
         j = pid % KV
         r = tl.arange(0, ROWS)
         d = tl.arange(0, BLOCK_D)
         base = pid.to(tl.int64) * SPLITS
+        filled, l_split = _ranges(pos_ptr, S, L, L_SPLIT, SPLITS, BLOCK_L, HAS_POS)
+        busy = tl.minimum(tl.maximum(tl.cdiv(filled, l_split), 1), SPLITS)
         m_max = tl.full((ROWS,), float("-inf"), tl.float32)
-        for c in range(0, SPLITS):
+        for c in range(0, busy):
             m_max = tl.maximum(m_max, tl.load(ml_ptr + ((base + c) * 2) * ROWS + r))
         m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
         acc = tl.zeros((ROWS, BLOCK_D), tl.float32)
         den = tl.zeros((ROWS,), tl.float32)
-        for c in range(0, SPLITS):
+        for c in range(0, busy):
             w = tl.exp(tl.load(ml_ptr + ((base + c) * 2) * ROWS + r) - m_use)
             den += w * tl.load(ml_ptr + ((base + c) * 2 + 1) * ROWS + r)
             acc += w[:, None] * tl.load(ws_ptr + ((base + c) * ROWS + r[:, None]) * BLOCK_D + d[None, :])
@@ -298,14 +314,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         ws = ml = out
     smb = mask.stride(0) if mask.shape[0] > 1 else 0
+    pos = out if cache_position is None else cache_position.contiguous()
+    pdl = use_pdl(q.device)
+    launch = {"launch_pdl": True} if pdl else {}
     _decode_attention_kernel[(b * kv, splits)](
-        q, k_cache, v_cache, mask, out, ws, ml, out if cache_position is None else cache_position.contiguous(),
+        q, k_cache, v_cache, mask, out, ws, ml, pos,
         kv, s, length, l_split, float(scale),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), smb, mask.stride(2), mask.stride(3),
         REP=rep, D=d, ROWS=rows, BLOCK_D=block_d, BLOCK_L=BLOCK_L, SPLIT=int(splits > 1), DOT_F32=dot_f32,
-        HAS_POS=cache_position is not None,
-        num_warps=4, num_stages=2)
+        HAS_POS=cache_position is not None, PDL=pdl,
+        num_warps=4, num_stages=2, **launch)
     if splits > 1:
-        _decode_attention_combine[(b * kv,)](ws, ml, out, kv, s, splits, REP=rep, D=d, ROWS=rows, BLOCK_D=block_d,
-                                             num_warps=4)
+        _decode_attention_combine[(b * kv,)](ws, ml, out, pos, kv, s, length, l_split, splits, REP=rep, D=d, ROWS=rows,
+                                             BLOCK_D=block_d, BLOCK_L=BLOCK_L, HAS_POS=cache_position is not None,
+                                             PDL=pdl, num_warps=4, **launch)
     return out

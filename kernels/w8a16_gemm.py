@@ -64,6 +64,13 @@ only the K tail (odd K, in the last split) takes a masked step. Its speed is UNM
 ``bench/w8a16_gpu.py --gemv-only`` (or ``--sweep``) has been run on an H100 / H200 and its winners entered in
 :data:`_GEMV_TUNED`, which :func:`pick_config` consults first.
 
+Programmatic dependent launch (``common.use_pdl``: sm_90+, on by default, ``FXQUANT_PDL=0`` turns it off): the
+kernels are launched with the PDL attribute and wait (``griddepcontrol.wait``) before their first read of x, W, the
+workspace or the counters, so a launch overlaps the previous kernel's tail. They signal no dependent early (the
+implicit trigger at exit), so a kernel after them starts only once they read nothing more. Two other forms were
+measured slower and dropped (docs/benchmarks.md): the first W block loaded before the wait (it forces the
+prefetching loop on configs tuned without it), and the dependents signalled once x is read.
+
 CUDA graphs: the launch does no host synchronization and no data-dependent allocation (the workspace's
 size follows the shape). The config comes from a fixed table (:func:`pick_config`, measured on an H100 /
 H200), never from autotuning, so no call benchmarks. Before capturing, call once eagerly with each shape
@@ -109,7 +116,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .common import ACTIVATIONS, GATED_ACTIVATIONS, HAS_TRITON, activation_torch, cdiv, interpreting
+from .common import ACTIVATIONS, GATED_ACTIVATIONS, HAS_TRITON, activation_torch, cdiv, interpreting, use_pdl
 from .common import num_sms as _num_sms
 from .launch import LaunchCache
 
@@ -360,7 +367,7 @@ if HAS_TRITON:
         stride_xm, stride_xk, stride_wn, stride_wk, stride_cm, stride_cn,
         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, EVEN_M: tl.constexpr,
         EVEN_K: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, CVT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
     ):
         """One [BLOCK_M, BLOCK_N] output tile (and, GATED, its up_proj twin at W rows N + n) over the K range
         [pid_k · K_SPLIT, (pid_k + 1) · K_SPLIT) of program (tile, pid_k). SPLIT: 0 no split-K, 1 serial
@@ -383,6 +390,8 @@ if HAS_TRITON:
         x_ptrs = x_ptr + offs_xm[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk  # [BM, BK]
         w_ptrs = w_ptr + offs_wn[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk  # [BN, BK]
         u_ptrs = w_ptrs + tl.cast(N, tl.int64) * stride_wn  # GATED only: up_proj rows N + n
+        if PDL:  # launched before the previous kernel ended (common.use_pdl): nothing is read before it has
+            tl.extra.cuda.gdc_wait()
         if SWAP:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             acc_up = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # GATED only
@@ -524,6 +533,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, EVEN_M: tl.constexpr,
         EVEN_K: tl.constexpr, SPLIT: tl.constexpr, CVT: tl.constexpr, DEFER: tl.constexpr, PREFETCH: tl.constexpr,
         LOOP_STAGES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """The GEMV variant (M ≤ BLOCK_M ≤ 4, no tl.dot): program (pid_n, pid_k) computes the [BLOCK_M, BLOCK_N]
         output tile of W rows pid_n · BLOCK_N + [0, BLOCK_N) (GATED: and their up_proj twins N + n) over the K
@@ -559,6 +569,8 @@ if HAS_TRITON:
         g1 = a0
         g2 = a0
         g3 = a0
+        if PDL:  # launched before the previous kernel ended: nothing is read before it has (common.use_pdl)
+            tl.extra.cuda.gdc_wait()
         if PREFETCH:  # the first block; each step then loads the next before using the current one
             first = _uniform_mask(k_full - k_lo, 1, BLOCK_K)[None, :]
             wn = tl.load(w_ptrs, mask=first, other=0, eviction_policy="evict_first")
@@ -717,8 +729,9 @@ def w8a16_gemm(
     ints = (m, n, k, k_split, x.stride(0), x.stride(1), w_q.stride(0), w_q.stride(1), c.stride(0), c.stride(1))
     tensors = (x, w_q, c, w_scale, bias_arg, ws, cnt)
     if gemv:  # constexprs in the kernel's signature order (the cached relaunch passes them positionally)
+        pdl = use_pdl(x.device)
         consts = (has_bias, activation, gated, m % bm == 0, even_k, split_mode, cfg.cvt, gemv == 2, bool(cfg.prefetch),
-                  cfg.num_stages, bm, bn, bk)
+                  cfg.num_stages, bm, bn, bk, pdl)
         key, hit = _GEMV_LAUNCHES.lookup(x.device, (consts, cfg.num_warps, cfg.num_stages), tensors, ints)
         if hit is not None:
             hit((tiles, split_k), x.device, tensors + ints + consts)
@@ -726,14 +739,17 @@ def w8a16_gemm(
             compiled = _w8a16_gemv_kernel[(tiles, split_k)](
                 *tensors, *ints, HAS_BIAS=has_bias, ACTIVATION=activation, GATED=gated, EVEN_M=m % bm == 0, EVEN_K=even_k,
                 SPLIT=split_mode, CVT=cfg.cvt, DEFER=gemv == 2, PREFETCH=bool(cfg.prefetch), LOOP_STAGES=cfg.num_stages,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **({"launch_pdl": True} if pdl else {}))
             _GEMV_LAUNCHES.put(key, compiled)
     else:
         precision = "tf32x3" if x.dtype == torch.float32 else "tf32"  # "tf32" is unused for 16-bit x
         # Triton's interpreter (3.9) multiplies bf16 tiles as their uint16 bit patterns in tl.dot and casts int8 to
         # bf16 the same way; there the bf16 product runs in fp32, which gives the same exact products
         dot_dtype = tl.float32 if x.dtype == torch.bfloat16 and interpreting() else _TL_DTYPES[x.dtype]
-        consts = (has_bias, activation, gated, m % bm == 0, even_k, split_mode, bool(cfg.swap), cfg.cvt, precision, dot_dtype, bm, bn, bk)
+        pdl = use_pdl(x.device)
+        consts = (has_bias, activation, gated, m % bm == 0, even_k, split_mode, bool(cfg.swap), cfg.cvt, precision,
+                  dot_dtype, bm, bn, bk, pdl)
         key, hit = _LAUNCHES.lookup(x.device, (consts, cfg.num_warps, cfg.num_stages), tensors, ints)
         if hit is not None:
             hit((tiles, split_k), x.device, tensors + ints + consts)
@@ -741,7 +757,8 @@ def w8a16_gemm(
             compiled = _w8a16_gemm_kernel[(tiles, split_k)](
                 *tensors, *ints, HAS_BIAS=has_bias, ACTIVATION=activation, GATED=gated, EVEN_M=m % bm == 0, EVEN_K=even_k,
                 SPLIT=split_mode, SWAP=bool(cfg.swap), CVT=cfg.cvt, PRECISION=precision, DOT_DTYPE=dot_dtype, BLOCK_M=bm,
-                BLOCK_N=bn, BLOCK_K=bk, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                BLOCK_N=bn, BLOCK_K=bk, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                **({"launch_pdl": True} if pdl else {}))
             _LAUNCHES.put(key, compiled)
     if split_mode == 2:
         rbm, rbn = min(bm, 16), 128

@@ -106,14 +106,19 @@ def test_kernel_masks_broadcast_and_minus_inf():
     (3, 2, 2, 1, 160, 5, None),  # almost empty cache, the splits the kernel picks
     (1, 2, 4, 1, 90, 90, 2),     # full cache: the bound reads what the unbounded kernel reads
 ])
-def test_kernel_reads_only_the_filled_cache(dtype, b, kv, rep, s, length, filled, splits):
+def test_kernel_reads_only_the_filled_cache(dtype, b, kv, rep, s, length, filled, splits, monkeypatch):
     """With cache_position the slots past cache_position[-1] are never read: NaN there (K, V and the mask) leaves
-    the result equal to attention over the filled slots alone, and to the unbounded kernel on a clean cache."""
+    the result equal to attention over the filled slots alone, and to the unbounded kernel on a clean cache. The
+    split workspaces start as NaN: ranges past the filled slots store nothing, and the combine must not read them."""
     q, k, v, mask = _operands(b, kv, rep, s, length, 32, dtype, seed=filled, filled=[length] * b)
     pos = torch.arange(filled - s, filled, device=DEVICE)
     scale = 32 ** -0.5
     k[:, :, filled:], v[:, :, filled:], mask[..., filled:] = float("nan"), float("nan"), float("nan")
+    empty = torch.empty
+    nan_workspace = lambda *a, **kw: empty(*a, **kw).fill_(float("nan"))  # noqa: E731
+    monkeypatch.setattr(kd.torch, "empty", nan_workspace)
     got = kd.decode_attention(q, k, v, mask, scale, cache_position=pos, splits=splits)
+    monkeypatch.setattr(kd.torch, "empty", empty)
     exact = _exact(q, k[:, :, :filled], v[:, :, :filled], mask[..., :filled], scale)
     assert torch.isfinite(got).all()
     assert _sqnr(got, exact) >= (100.0 if dtype == torch.float32 else 40.0)
@@ -129,6 +134,28 @@ def test_kernel_reads_only_the_filled_cache(dtype, b, kv, rep, s, length, filled
     sdpa = kd.decode_attention_sdpa(q.cpu(), k.cpu(), v.cpu(), mask.cpu(), scale, cache_position=pos.cpu())
     assert sdpa.shape == got.shape and sdpa.is_contiguous()
     assert torch.isfinite(sdpa).all() and _sqnr(sdpa, exact) >= (100.0 if dtype == torch.float32 else 35.0)
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs an sm_90+ GPU")
+def test_pdl_computes_the_same(monkeypatch):
+    """PDL changes when the kernel and its combine may launch, not what they compute: one split and several, with
+    and without cache_position, eager and in a CUDA graph, bit for bit the output without PDL (common.use_pdl)."""
+    q, k, v, mask = _operands(2, 2, 4, 1, 700, 64, torch.bfloat16, seed=7)
+    pos = torch.tensor([650], device=DEVICE)
+    for splits, cache_position in ((1, None), (5, None), (5, pos), (None, pos)):
+        monkeypatch.setenv("FXQUANT_PDL", "0")
+        want = kd.decode_attention(q, k, v, mask, 0.125, cache_position=cache_position, splits=splits)
+        monkeypatch.setenv("FXQUANT_PDL", "1")
+        assert common.use_pdl(q.device)
+        assert torch.equal(kd.decode_attention(q, k, v, mask, 0.125, cache_position=cache_position, splits=splits),
+                           want)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = kd.decode_attention(q, k, v, mask, 0.125, cache_position=cache_position, splits=splits)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
 
 
 def test_kernel_rejects_a_malformed_cache_position():

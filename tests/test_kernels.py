@@ -596,6 +596,25 @@ def test_plain_integer_launch_arithmetic():
     assert [common.next_pow2(n) for n in (1, 2, 3, 768, 4096, 4097)] == [1, 2, 4, 1024, 4096, 8192]
 
 
+@pytest.mark.parametrize("raw", [None, "0", "1", "", " 1 "])
+def test_pdl_is_off_where_no_gpu_launches(raw, monkeypatch):
+    """Programmatic dependent launch (on by default on sm_90+ GPUs): a CPU, or the interpreter, never gets it."""
+    if raw is None:
+        monkeypatch.delenv("FXQUANT_PDL", raising=False)
+    else:
+        monkeypatch.setenv("FXQUANT_PDL", raw)
+    assert common.use_pdl(torch.device("cpu")) is False
+    if common.interpreting():
+        assert common.use_pdl(torch.device("cuda")) is False
+
+
+@pytest.mark.parametrize("raw", ["2", "-1", "on", "true"])
+def test_pdl_setting_names_a_bad_value(raw, monkeypatch):
+    monkeypatch.setenv("FXQUANT_PDL", raw)
+    with pytest.raises(ValueError, match=f"FXQUANT_PDL='{raw}': expected 1 \\(on, the default on sm_90\\+ GPUs"):
+        common.use_pdl(torch.device("cpu"))
+
+
 def test_launch_cache_lookup_serves_only_cuda():
     key, hit = launch.LaunchCache().lookup(torch.device("cpu"), ("k",), (torch.zeros(2),), (4,))
     assert key is None and hit is None

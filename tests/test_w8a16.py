@@ -288,3 +288,25 @@ def test_cuda_graph_replay():
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, kw.w8a16_gemm(x, w, s, b, "silu", config=cfg))
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs an sm_90+ GPU")
+def test_pdl_computes_the_same(monkeypatch):
+    """PDL changes when a launch may start, not what it computes: each GEMV config, and the tl.dot kernel at M = 8
+    and 32, give the output without PDL bit for bit, in a CUDA graph too (kernels.common.use_pdl)."""
+    cases = [(cfg, 4) for cfg in GEMV_CONFIGS] + [(None, 8), (None, 32)]
+    for cfg, m in cases:
+        x, w, s, b = _operands(m, 300, 96, torch.bfloat16, seed=m, bias=True)
+        monkeypatch.setenv("FXQUANT_PDL", "0")
+        assert not common.use_pdl(x.device)
+        want = kw.w8a16_gemm(x, w, s, b, "swiglu", config=cfg)
+        monkeypatch.setenv("FXQUANT_PDL", "1")
+        assert common.use_pdl(x.device)
+        assert torch.equal(kw.w8a16_gemm(x, w, s, b, "swiglu", config=cfg), want)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = kw.w8a16_gemm(x, w, s, b, "swiglu", config=cfg)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
