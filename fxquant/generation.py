@@ -178,6 +178,10 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     decode = _decoder(qmodel, spec, device)
     eos_ids = torch.tensor(eos, device=device) if eos else None
+    # Where the device runs ahead of the host (CUDA), "has every row finished?" is read one step late, so that the
+    # host never waits for the GPU between tokens; a step past the end is trimmed below (_trim_after_eos)
+    lagged = bool(eos) and streamer is None and _lag_eos_check(device)
+    done_prev = None
     for step in range(new):
         scores = warpers(torch.cat(out, 1), logits[:batch, -1].float())
         if s["do_sample"]:
@@ -190,10 +194,14 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
             streamer.put(token.cpu())
         if eos:
             finished |= torch.isin(token, eos_ids)
-            if bool(finished.all()):
+            if not lagged and bool(finished.all()):
                 break
         if step == new - 1:
             break
+        if lagged:  # the previous step's flag, queued before the decode step the GPU is running: no stall
+            if done_prev is not None and _host_flag(done_prev):
+                break
+            done_prev = _flag_to_host(finished.all())
         slot = padded + step
         mask_full[:, slot] = 1
         step_ids = torch.zeros(spec.max_batch_size, 1, dtype=torch.long, device=device)
@@ -202,7 +210,44 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
         next_pos = next_pos + 1
     if streamer is not None:
         streamer.end()
-    return torch.cat(out, 1)
+    result = torch.cat(out, 1)
+    return _trim_after_eos(result, prompt, eos_ids) if lagged else result
+
+
+def _lag_eos_check(device: torch.device) -> bool:
+    """Whether generate reads its all-rows-finished flag one step late: on CUDA, where a read at once would make the
+    host wait for each token's kernels and leave the GPU idle while it prepares the next step."""
+    return device.type == "cuda"
+
+
+def _flag_to_host(flag: torch.Tensor):
+    """Start copying a 0-d bool tensor to the host without waiting: (host tensor, CUDA event after the copy, or
+    None where the device is the host)."""
+    if flag.device.type != "cuda":
+        return flag.clone(), None
+    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def _host_flag(pending) -> bool:
+    host, event = pending
+    if event is not None:
+        event.synchronize()
+    return bool(host)
+
+
+def _trim_after_eos(result: torch.Tensor, prompt: int, eos_ids: torch.Tensor) -> torch.Tensor:
+    """``result`` [B, prompt + T] cut after the step at which the last row emitted its first EOS (what stopping at
+    once gives: transformers' semantics), where every row emitted one; else unchanged. The columns cut are the
+    pad-only steps a one-step-late check lets through."""
+    hit = torch.isin(result[:, prompt:], eos_ids)
+    if result.shape[1] == prompt or not bool(hit.any(1).all()):
+        return result
+    end = int(hit.int().argmax(1).max()) + 1  # argmax of a 0/1 row: its first EOS
+    return result[:, :prompt + end]
 
 
 def _device_of(program) -> torch.device:

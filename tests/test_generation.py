@@ -4,10 +4,13 @@ pays (per ISA, stated below)."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
 import fxquant
+from fxquant import generation
 from fxquant.frontend import kv_cache
 from fxquant.ir import ops
 from fxquant.targets import backends
@@ -110,7 +113,6 @@ def test_prefill_block_padded_to_a_bucket_generates_the_same(monkeypatch):
     """On CUDA the prompt block is left-padded to a multiple of PREFILL_BUCKET slots (one prefill CUDA graph per
     bucket). Forced on the CPU here with a bucket of 16: the same tokens as unpadded (fp32, greedy, a left-padded
     batch), and no padding where the padded block plus the new tokens would not fit the cache."""
-    from fxquant import generation
 
     model = _model("llama")
     long, short = _prompts(1, 10, seed=2), _prompts(1, 6, seed=3)
@@ -153,6 +155,26 @@ def test_same_as_transformers_generate_unquantized_with_eos():
     assert torch.equal(default.generate(ids, attention_mask=mask, max_new_tokens=20), theirs)
     row0 = ours[0, 7:].tolist()
     assert row0[:6] == free[0, 7:13].tolist() and all(t == 255 for t in row0[6:])
+    # every row stops early: generate stops where transformers does, whether it reads the all-finished flag at once
+    # (CPUs) or one step late (CUDA, no host wait per token; the pad-only step after is trimmed)
+    both = [eos, int(free[1, 7 + 8])]
+    theirs = model.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=both, pad_token_id=255,
+                            do_sample=False)
+    assert theirs.shape[1] < 7 + 20
+    real_decoder, steps = generation._decoder, []
+
+    def counting_decoder(*args):
+        step = real_decoder(*args)
+        return lambda *a: steps.append(1) or step(*a)
+
+    for lagged in (False, True):
+        steps.clear()
+        with mock.patch.object(generation, "_lag_eos_check", lambda device: lagged), \
+                mock.patch.object(generation, "_decoder", counting_decoder):
+            got = qm.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=both, pad_token_id=255)
+        assert torch.equal(got, theirs), lagged
+        # decode steps: one per token after the first, up to the last row's EOS; one more when read late
+        assert len(steps) == theirs.shape[1] - 7 - 1 + lagged, (lagged, len(steps))
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
