@@ -15,7 +15,12 @@ same tokens and the same (its own) cache is printed too.
 
 ``--max-cache-len`` sizes fxquant's static cache (default prompt + new; fxquant's own default is
 ``min(max_position_embeddings, 4096)``); ``fxq-allslots`` is fxquant with its decode attention reading every slot
-of that cache, as before it took ``cache_position`` (the A/B of reading only the filled slots).
+of that cache, as before it took ``cache_position`` (the A/B of reading only the filled slots). A ``+pdlN`` suffix
+(``fxq+pdl0``, ``fxq-bf16+pdl0``) builds and runs that contender with ``FXQUANT_PDL=N`` (programmatic dependent
+launch, ``kernels.common.use_pdl``; on by default on sm_90+): the A/B of PDL in one run; ``+eos`` gives fxquant's generate an EOS id (the
+vocabulary's last, all but never generated), so its per-step EOS check runs as with a real model (``+eossync``:
+the same, the check read at once, the host waiting for every token: the form before); ``x ctrl`` compares with
+the control of the same suffixes.
 
 torchao is not on the lent GPU host: carry its wheel and install it into the interpreter that runs this script,
 ``python3 -m pip install --no-deps .whl/torchao-*.whl`` (a bare ``pip`` there belongs to another Python, and the
@@ -25,8 +30,10 @@ torchao contenders then report "No module named 'torchao'").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
 import statistics
 import time
 from unittest import mock
@@ -106,9 +113,11 @@ def hf_generate(model):
     return gen
 
 
-def fxq_generate(qm):
+def fxq_generate(qm, eos: int | None = None):
+    """fxquant's generate; ``eos``: an EOS id (the last of the vocabulary, which random weights all but never pick
+    in a few hundred greedy steps) whose check runs every step, as a real model's does."""
     def gen(ids, new):
-        return qm.generate(ids, max_new_tokens=new)
+        return qm.generate(ids, max_new_tokens=new, **({"eos_token_id": eos} if eos is not None else {}))
     return gen
 
 
@@ -168,63 +177,77 @@ def main():
         ids = torch.randint(0, model.config.vocab_size, (b, args.prompt), device="cuda",
                             generator=torch.Generator("cuda").manual_seed(b))
         programs = {}
-        for name in args.contenders:
-            t0 = time.perf_counter()
-            if name == "hf-static":
-                gen, nbytes = hf_generate(model), bf16_bytes
-            elif name in ("fxq", "fxq-bf16", "fxq-eager", "fxq-allslots"):
-                config = fxquant.QuantConfig(target="cuda", **({"skip": ["re:.*"]} if name == "fxq-bf16" else {}))
-                with mock.patch.object(pda, "_cache_position", (lambda g: None) if name == "fxq-allslots"
-                                       else pda._cache_position):
-                    qm = fxquant.compile(model, {"input_ids": ids[:, :8]}, config=config, max_batch_size=b,
-                                         max_cache_len=length, progress=False,
-                                         compile_generation=False if name == "fxq-eager" else None)
-                if args.cos_steps:  # kept for the cosine check only (each program holds its own KV cache)
-                    programs[name] = qm
-                gen, nbytes = fxq_generate(qm), (bf16_bytes if name == "fxq-bf16" else int8_bytes)
-            elif name == "torchao-int8dq" and b <= 16:
-                # torchao's int8 dynamic-activation path runs torch._int_mm, which needs M > 16 (seen on an H100:
-                # "self.size(0) needs to be greater than 16, but got 1"): no decode below batch 17
-                results.append({"contender": name, "batch": b, "error": "torch._int_mm needs M > 16"})
-                print(json.dumps(results[-1]), flush=True)
-                continue
-            elif name.startswith("torchao"):
-                try:
-                    import torchao
-                    print(f"torchao {torchao.__version__}", flush=True)
-                except Exception as e:
-                    print(json.dumps({"contender": name, "error": f"torchao: {type(e).__name__}: {e}"[:300]}))
+        for full_name in args.contenders:
+            name, *options = full_name.split("+")
+            suffix = full_name[len(name):]
+            pdl = next((o[3:] for o in options if o.startswith("pdl")), "")
+            env = contextlib.ExitStack()
+            if pdl:
+                env.enter_context(mock.patch.dict(os.environ, {"FXQUANT_PDL": pdl}))
+            if "eossync" in options:  # the EOS check read at once, the host waiting for every token (the A/B)
+                from fxquant import generation
+                env.enter_context(mock.patch.object(generation, "_lag_eos_check", lambda device: False))
+            with env:
+                t0 = time.perf_counter()
+                if name == "hf-static":
+                    gen, nbytes = hf_generate(model), bf16_bytes
+                elif name in ("fxq", "fxq-bf16", "fxq-eager", "fxq-allslots"):
+                    config = fxquant.QuantConfig(target="cuda", **({"skip": ["re:.*"]} if name == "fxq-bf16" else {}))
+                    with mock.patch.object(pda, "_cache_position", (lambda g: None) if name == "fxq-allslots"
+                                           else pda._cache_position):
+                        qm = fxquant.compile(model, {"input_ids": ids[:, :8]}, config=config, max_batch_size=b,
+                                             max_cache_len=length, progress=False,
+                                             compile_generation=False if name == "fxq-eager" else None)
+                    if args.cos_steps:  # kept for the cosine check only (each program holds its own KV cache)
+                        programs[full_name] = qm
+                    eos = model.config.vocab_size - 1 if {"eos", "eossync"} & set(options) else None
+                    gen = fxq_generate(qm, eos)
+                    nbytes = bf16_bytes if name == "fxq-bf16" else int8_bytes
+                elif name == "torchao-int8dq" and b <= 16:
+                    # torchao's int8 dynamic-activation path runs torch._int_mm, which needs M > 16 (seen on an H100:
+                    # "self.size(0) needs to be greater than 16, but got 1"): no decode below batch 17
+                    results.append({"contender": full_name, "batch": b, "error": "torch._int_mm needs M > 16"})
+                    print(json.dumps(results[-1]), flush=True)
                     continue
-                from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
-                                                  quantize_)
-                tmodel = build(args.model, args.layers)
-                quantize_(tmodel, Int8WeightOnlyConfig() if name == "torchao-int8wo" else
-                          Int8DynamicActivationInt8WeightConfig())
-                gen, nbytes = hf_generate(tmodel), int8_bytes
-            else:
-                raise SystemExit(f"unknown contender {name}")
-            setup = time.perf_counter() - t0
-            try:
-                r = measure(gen, ids, args.new, args.reps)
-            except Exception as e:  # one contender failing must not lose the others' figures
-                print(json.dumps({"contender": name, "batch": b, "error": f"{type(e).__name__}: {e}"[:500]}), flush=True)
-                continue
-            r.update(contender=name, batch=b, setup_s=setup, weight_gb=nbytes / 1e9,
-                     weight_gb_per_s=nbytes / (r["decode_ms_per_token"] / 1e3) / 1e9)
-            if peak:
-                r["share_of_peak"] = r["weight_gb_per_s"] * 1e9 / peak
-            results.append(r)
-            print(json.dumps(r), flush=True)
-            if name == "fxq" and "fxq-bf16" in programs and args.cos_steps:  # before torchao, which may fail mid-graph
-                cos = cosine_per_step(programs["fxq"], programs["fxq-bf16"], ids, args.cos_steps)
-                results.append({"batch": b, "cosine_min": min(cos), "cosine_mean": sum(cos) / len(cos),
-                                "steps": len(cos)})
-                print(json.dumps(results[-1]), flush=True)
-            if name.startswith("torchao"):
-                del tmodel
-            gen = qm = None  # a program's KV cache goes before the next contender allocates its own
-            gc.collect()
-            torch.cuda.empty_cache()
+                elif name.startswith("torchao"):
+                    try:
+                        import torchao
+                        print(f"torchao {torchao.__version__}", flush=True)
+                    except Exception as e:
+                        print(json.dumps({"contender": name, "error": f"torchao: {type(e).__name__}: {e}"[:300]}))
+                        continue
+                    from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
+                                                      quantize_)
+                    tmodel = build(args.model, args.layers)
+                    quantize_(tmodel, Int8WeightOnlyConfig() if name == "torchao-int8wo" else
+                              Int8DynamicActivationInt8WeightConfig())
+                    gen, nbytes = hf_generate(tmodel), int8_bytes
+                else:
+                    raise SystemExit(f"unknown contender {name}")
+                setup = time.perf_counter() - t0
+                try:
+                    r = measure(gen, ids, args.new, args.reps)
+                except Exception as e:  # one contender failing must not lose the others' figures
+                    print(json.dumps({"contender": full_name, "batch": b, "error": f"{type(e).__name__}: {e}"[:500]}),
+                          flush=True)
+                    continue
+                r.update(contender=full_name, batch=b, setup_s=setup, weight_gb=nbytes / 1e9,
+                         weight_gb_per_s=nbytes / (r["decode_ms_per_token"] / 1e3) / 1e9)
+                if peak:
+                    r["share_of_peak"] = r["weight_gb_per_s"] * 1e9 / peak
+                results.append(r)
+                print(json.dumps(r), flush=True)
+                # before torchao, which may fail mid-graph
+                if name == "fxq" and "fxq-bf16" + suffix in programs and args.cos_steps:
+                    cos = cosine_per_step(programs[full_name], programs["fxq-bf16" + suffix], ids, args.cos_steps)
+                    results.append({"batch": b, "cosine_min": min(cos), "cosine_mean": sum(cos) / len(cos),
+                                    "steps": len(cos)})
+                    print(json.dumps(results[-1]), flush=True)
+                if name.startswith("torchao"):
+                    del tmodel
+                gen = qm = None  # a program's KV cache goes before the next contender allocates its own
+                gc.collect()
+                torch.cuda.empty_cache()
         programs.clear()
         gc.collect()
         torch.cuda.empty_cache()
@@ -235,7 +258,8 @@ def main():
             continue
         same = {x["contender"]: x for x in results if x.get("batch") == r["batch"] and "contender" in x}
         hf = same.get("hf-static", {}).get("decode_ms_per_token")
-        ctrl = same.get("fxq-bf16", {}).get("decode_ms_per_token")
+        ctrl = same.get("fxq-bf16" + r["contender"][len(r["contender"].split("+")[0]):], {}).get(
+            "decode_ms_per_token")
         print(f"{r['batch']:>5} {r['contender']:>16} {r['ttft_ms']:>9.1f} {r['decode_ms_per_token']:>9.3f} "
               f"{r['tokens_per_s_per_row']:>10.1f} {r['weight_gb_per_s']:>7.0f} {r.get('share_of_peak', 0):>6.1%} "
               f"{(hf / r['decode_ms_per_token']) if hf else float('nan'):>6.2f} "
