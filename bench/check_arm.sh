@@ -24,8 +24,9 @@
 #   FXQUANT_ARM_SETUP_ONLY=1   build or update the guest and stop
 #   FXQUANT_ARM_SUITE=bookworm, FXQUANT_ARM_MIRROR=http://deb.debian.org/debian   the Debian release and mirror
 # Needs: root (chroot and mounts), binfmt_misc with a qemu-aarch64 handler (Debian/Ubuntu: qemu-user-static
-# binfmt-support), mmdebstrap for the first run, python3 with pip on the host (else the guest downloads), network
-# for the first run (Debian mirror, PyPI). Exits non-zero when anything fails.
+# binfmt-support), mmdebstrap and arch-test for the first run (mmdebstrap recommends arch-test; installed without
+# recommends it stops with "E: install arch-test for foreign architecture support"), python3 with pip on the host
+# (else the guest downloads), network for the first run (Debian mirror, PyPI). Exits non-zero when anything fails.
 set -euo pipefail
 
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -111,7 +112,7 @@ EOF
 # ------------------------------------------------------------------------------------------------ root file system
 mkdir -p "$BASE" "$WHEELS"
 if [ ! -e "$ROOT/.fxquant-rootfs" ]; then
-  command -v mmdebstrap >/dev/null || die "$ROOT does not exist and mmdebstrap is missing. Fix: apt-get install mmdebstrap"
+  command -v mmdebstrap >/dev/null || die "$ROOT does not exist and mmdebstrap is missing. Fix: apt-get install mmdebstrap arch-test"
   say "building $ROOT: Debian $SUITE arm64, minbase + python3 (mmdebstrap)"
   rm -rf "$ROOT.partial"
   mmdebstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,ca-certificates \
