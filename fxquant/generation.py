@@ -244,7 +244,7 @@ def _trim_after_eos(result: torch.Tensor, prompt: int, eos_ids: torch.Tensor) ->
     once gives: transformers' semantics), where every row emitted one; else unchanged. The columns cut are the
     pad-only steps a one-step-late check lets through."""
     hit = torch.isin(result[:, prompt:], eos_ids)
-    if result.shape[1] == prompt or not bool(hit.any(1).all()):
+    if not bool(hit.any(1).all()):  # also when nothing was generated (no column to hit)
         return result
     end = int(hit.int().argmax(1).max()) + 1  # argmax of a 0/1 row: its first EOS
     return result[:, :prompt + end]
