@@ -105,11 +105,16 @@ def _num_sms_cached(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _cuda_index(device: torch.device) -> int:
+    """The CUDA ordinal of ``device`` (the current device for a bare ``"cuda"``): the key of the per-device caches."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (how many programs fill it; cached per device); 1 off CUDA."""
     if device.type != "cuda":
         return 1
-    return _num_sms_cached(device.index if device.index is not None else torch.cuda.current_device())
+    return _num_sms_cached(_cuda_index(device))
 
 
 @functools.lru_cache(maxsize=None)
@@ -132,7 +137,7 @@ def use_pdl(device: torch.device) -> bool:
         raise ValueError(f"FXQUANT_PDL={raw!r}: expected 1 (on, the default on sm_90+ GPUs) or 0 (off)")
     if raw == "0" or device.type != "cuda" or interpreting() or not HAS_TRITON or not _has_gdc():
         return False
-    return _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
+    return _pdl_capable(_cuda_index(device))
 
 
 @functools.lru_cache(maxsize=None)
