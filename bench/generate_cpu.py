@@ -2,7 +2,8 @@
 machine's float baseline (bf16 where the CPU has native bf16 — AMX or AVX512-BF16 — else fp32), and fxquant's float
 control (the same prefill/decode program, nothing quantized), ``fxquant`` (the defaults: prefill and decode through
 torch.compile where the machine has a C++ compiler; the compile is spent in the warm-up, not timed),
-``fxquant-compiled`` (``compile_generation=True``) and ``fxquant-eager`` (``compile_generation=False``). Every worker
+``fxquant-compiled`` (``compile_generation=True``), ``fxquant-eager`` (``compile_generation=False``) and
+``fxquant-stepwise`` (greedy through the per-token loop instead of the greedy step: its A/B). Every worker
 gets the same glibc malloc thresholds unless ``--glibc-mmap``.
 
 Every contender runs in its own process (``--threads`` threads, default 2), built once (random weights of the model's
@@ -32,7 +33,7 @@ SHAPES = {
         hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
         vocab_size=1024, max_position_embeddings=2048)),
 }
-CONTENDERS = ("transformers", "fxquant-float", "fxquant", "fxquant-compiled", "fxquant-eager")
+CONTENDERS = ("transformers", "fxquant-float", "fxquant", "fxquant-compiled", "fxquant-eager", "fxquant-stepwise")
 
 
 def _float_dtype(name: str = "auto"):
@@ -70,6 +71,10 @@ def worker(args) -> None:
         qm = fxquant.compile(model, {"input_ids": ids[:, :8]}, config=config, max_batch_size=b,
                              max_cache_len=args.max_cache_len or args.prompt + args.new, progress=False,
                              compile_generation={"fxquant-compiled": True, "fxquant-eager": False}.get(args.worker))
+
+        if args.worker == "fxquant-stepwise":  # greedy through the per-token loop (the A/B of the greedy step)
+            from fxquant import generation
+            generation._fused_greedy = lambda device: False
 
         def gen(n):
             return qm.generate(ids, max_new_tokens=n)

@@ -19,8 +19,10 @@ of that cache, as before it took ``cache_position`` (the A/B of reading only the
 (``fxq+pdl0``, ``fxq-bf16+pdl0``) builds and runs that contender with ``FXQUANT_PDL=N`` (programmatic dependent
 launch, ``kernels.common.use_pdl``; on by default on sm_90+): the A/B of PDL in one run; ``+eos`` gives fxquant's generate an EOS id (the
 vocabulary's last, all but never generated), so its per-step EOS check runs as with a real model (``+eossync``:
-the same, the check read at once, the host waiting for every token: the form before); ``x ctrl`` compares with
-the control of the same suffixes.
+the same, the check read at once, the host waiting for every token: the form before); ``+stepwise`` runs greedy
+decoding through the per-token loop (argmax and the next step's inputs as eager ops between CUDA graph replays:
+the form before the greedy step was captured with the decode graph); ``x ctrl`` compares with the control of the
+same suffixes.
 
 torchao is not on the lent GPU host: carry its wheel and install it into the interpreter that runs this script,
 ``python3 -m pip install --no-deps .whl/torchao-*.whl`` (a bare ``pip`` there belongs to another Python, and the
@@ -187,6 +189,9 @@ def main():
             if "eossync" in options:  # the EOS check read at once, the host waiting for every token (the A/B)
                 from fxquant import generation
                 env.enter_context(mock.patch.object(generation, "_lag_eos_check", lambda device: False))
+            if "stepwise" in options:  # greedy through the per-token loop (host argmax and input updates; the A/B)
+                from fxquant import generation
+                env.enter_context(mock.patch.object(generation, "_fused_greedy", lambda device: False))
             with env:
                 t0 = time.perf_counter()
                 if name == "hf-static":

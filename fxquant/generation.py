@@ -9,8 +9,11 @@ token, then ``end``), and the result ``[batch, prompt + new]`` int64.
 
 One prefill call writes the prompt's keys and values into the cache and returns the last position's logits;
 then one decode call per token. On CUDA the decode step is captured once as a CUDA graph per program (static
-input buffers, replayed per token: no host work per token beyond the replay and the sampling step); it is
-captured again after the program's tensors move (``.to()``); prefill likewise, one graph per prompt-block length,
+input buffers, replayed per token: no host work per token beyond the replay and the sampling step); greedy
+decoding without a streamer captures the token choice and the next step's inputs with it (:func:`_greedy_loop`),
+so a token costs one replay and nothing between replays (sampling and streamers keep the per-token loop, whose
+argmax / multinomial, EOS bookkeeping and input copies run as a dozen small eager launches between replays). The
+graphs are captured again after the program's tensors move (``.to()``); prefill likewise, one graph per prompt-block length,
 the block left-padded to a multiple of :data:`PREFILL_BUCKET` slots (masked out). Both graphs run through ``torch.compile`` where
 ``fxquant.compile(..., compile_generation=...)`` says so (default: on CUDA and x86 CPUs with a C++ compiler), see :func:`fxquant.compiled.compiled_graph`; the first
 ``generate`` pays the compile (seconds to a minute; a CPU needs a C++ compiler).
@@ -39,6 +42,7 @@ class GenerationState:
     logits: Optional[torch.Tensor] = None
     prefill: dict = field(default_factory=dict)  # (prompt block length, ...) -> (graph, static inputs, logits), LRU order
     pool: Any = None  # the prefill graphs' shared memory pool
+    greedy: Any = None  # (key, _GreedyStep) of the greedy decode loop's body (:func:`_greedy_step`)
     graphs: bool = True  # CUDA graphs on CUDA (False: every call runs the graph module, for measurements)
     # method -> torch.compile of its graph (compile(..., compile_generation=..., compile_forward=...)), made on first use
     compiled: dict = field(default_factory=dict)
@@ -47,6 +51,7 @@ class GenerationState:
 GENERATION_METHODS = ("prefill", "decode")
 PREFILL_BUCKET = 64  # on CUDA, prompt blocks are left-padded to a multiple of this many slots (one graph each)
 PREFILL_GRAPHS = 8  # captured prefill graphs kept per program
+GREEDY_MAX_EOS = 16  # EOS ids the greedy step's static buffer holds (more: the per-token loop serves the call)
 
 
 _SAMPLING_KEYS = ("temperature", "top_k", "top_p")
@@ -181,6 +186,10 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
     # Where the device runs ahead of the host (CUDA), "has every row finished?" is read one step late, so that the
     # host never waits for the GPU between tokens; a step past the end is trimmed below (_trim_after_eos)
     lagged = bool(eos) and streamer is None and _lag_eos_check(device)
+    if not s["do_sample"] and streamer is None and len(eos) <= GREEDY_MAX_EOS and _fused_greedy(device):
+        result = _greedy_loop(qmodel, spec, device, logits, ids, new, padded, next_pos, mask_full, eos, pad, lagged)
+        if result is not None:
+            return _trim_after_eos(result, prompt, eos_ids) if lagged else result
     done_prev = None
     for step in range(new):
         scores = warpers(torch.cat(out, 1), logits[:batch, -1].float())
@@ -212,6 +221,140 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
         streamer.end()
     result = torch.cat(out, 1)
     return _trim_after_eos(result, prompt, eos_ids) if lagged else result
+
+
+def _fused_greedy(device: torch.device) -> bool:
+    """Whether greedy generation without a streamer runs :func:`_greedy_loop` (the token choice and the next step's
+    inputs computed on the device, captured with the decode step as one CUDA graph) rather than the per-token loop
+    of :func:`generate` (sampling's and streamers'): on CUDA. A CPU has no graph to capture, and the same step run
+    eagerly there measured no faster (Qwen2-0.5B shapes, 2 cores of an AVX2 EPYC, alternating in one process:
+    within the runs' ±6 % spread), so CPUs keep the per-token loop; the tests run both loops on the CPU."""
+    return device.type == "cuda"
+
+
+def _greedy_loop(qmodel, spec, device, logits, ids, new, padded, next_pos, mask_full, eos, pad,
+                 lagged) -> Optional[torch.Tensor]:
+    """Greedy decoding after prefill, one :func:`_greedy_step` per token after the first: ``[batch, prompt + T]``
+    int64, T ≤ ``new`` (fewer where every row emitted an EOS; with ``lagged``, one pad-only step may follow, which
+    the caller trims); None where the step could not be captured (the caller runs the per-token loop). The first
+    token comes from the prefill logits here; each step then decodes the last token, takes the argmax of its logits
+    (the first of equal maxima, as ``torch.argmax`` and transformers), writes the pad id for rows already finished,
+    and advances the positions, the cache slot and the mask on the device."""
+    step = _greedy_step(qmodel, spec, device) if new > 1 else None
+    if new > 1 and step is None:
+        return None
+    batch = ids.shape[0]
+    token = logits[:batch, -1].float().argmax(-1)
+    eos_ids = torch.tensor(eos, device=device) if eos else None
+    finished = torch.isin(token, eos_ids) if eos else torch.zeros(batch, dtype=torch.bool, device=device)
+    if new == 1 or (eos and not lagged and bool(finished.all())):
+        return torch.cat([ids, token[:, None]], 1)
+    step.tok.zero_()
+    step.tok[:batch, 0] = token
+    step.pos.copy_(next_pos)
+    step.slot.fill_(padded)
+    step.mask.copy_(mask_full)
+    step.finished.fill_(True)  # rows past the batch are filler: finished from the start, so all() reads the batch's
+    step.finished[:batch] = finished
+    step.col.zero_()
+    step.pad.fill_(pad)
+    step.eos.fill_(-1)  # never a token id
+    if eos:
+        step.eos[:len(eos)] = eos_ids
+    done = 0
+    pending = _flag_to_host(step.finished.all()) if lagged else None
+    while done < new - 1:
+        step.run()
+        done += 1
+        if not eos:
+            continue
+        if lagged:  # the flag queued before this step: all finished then, so this step was pad-only (trimmed)
+            if _host_flag(pending):
+                break
+            pending = _flag_to_host(step.finished.all())
+        elif bool(step.finished.all()):
+            break
+    return torch.cat([ids, token[:, None], step.out[:batch, :done]], 1)
+
+
+@dataclass
+class _GreedyStep:
+    """The static buffers of the greedy decode step (max_batch_size rows B, max_cache_len slots L) and ``run``, which
+    performs one step: a CUDA graph replay on CUDA, the eager step elsewhere."""
+
+    tok: torch.Tensor  # [B, 1] int64: the token each row decodes next
+    pos: torch.Tensor  # [B, 1] int64: its position
+    slot: torch.Tensor  # [1] int64: the cache slot it is written to
+    mask: torch.Tensor  # [B, L] int64: the attention mask over the cache
+    finished: torch.Tensor  # [B] bool: rows that emitted an EOS (filler rows: True)
+    out: torch.Tensor  # [B, L] int64: the tokens chosen, column per step
+    col: torch.Tensor  # [1] int64: the next column of ``out``
+    pad: torch.Tensor  # [] int64: the pad id
+    eos: torch.Tensor  # [GREEDY_MAX_EOS] int64: the EOS ids, -1 where unused
+    run: Any = None
+
+
+def _greedy_body(qmodel, st: _GreedyStep) -> None:
+    """One greedy step on ``st``'s buffers, in place (the function the CUDA graph captures)."""
+    st.mask.index_fill_(1, st.slot, 1)
+    logits = qmodel._call_graph("decode", st.tok, st.pos, st.slot, st.mask)
+    token = torch.where(st.finished, st.pad, logits[:, -1].argmax(-1))  # bf16 → fp32 is exact: the same argmax
+    st.out.index_copy_(1, st.col, token[:, None])
+    st.finished.logical_or_((token[:, None] == st.eos).any(-1))  # isin by broadcasting: no size-dependent path
+    st.tok.copy_(token[:, None])
+    st.pos.add_(1)
+    st.slot.add_(1)
+    st.col.add_(1)
+
+
+def _greedy_step(qmodel, spec, device: torch.device) -> Optional[_GreedyStep]:
+    """The program's greedy step, made once per program and device placement: on CUDA (graphs on) the body is
+    captured as one CUDA graph after warm-up calls (which write cache slot L-1, as :func:`_capture_decode`'s do);
+    None, for good and with a note in the report, where that capture fails."""
+    state: GenerationState = qmodel._generation_state
+    gm = qmodel.program.methods["decode"].graph_module
+    key = (device, gm.kv_cache.k_0.data_ptr(), gm.kv_cache.k_0.dtype, qmodel._io_dtype, _graphed(qmodel, device))
+    if state.greedy is not None and state.greedy[0] == key:
+        return state.greedy[1]
+    b, length = spec.max_batch_size, spec.max_cache_len
+
+    def long(*shape, fill=0):
+        return torch.full(shape, fill, dtype=torch.long, device=device)
+
+    st = _GreedyStep(tok=long(b, 1), pos=long(b, 1, fill=length - 1), slot=long(1, fill=length - 1),
+                     mask=long(b, length, fill=1), finished=torch.ones(b, dtype=torch.bool, device=device),
+                     out=long(b, length), col=long(1, fill=length - 1), pad=long(), eos=long(GREEDY_MAX_EOS, fill=-1))
+    if not _graphed(qmodel, device):
+        def run():
+            with torch.no_grad():
+                _greedy_body(qmodel, st)
+    else:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.no_grad(), torch.cuda.stream(stream):
+            for _ in range(3):  # compile and warm every kernel outside the capture; slot L-1 each time
+                st.pos.fill_(length - 1)
+                st.slot.fill_(length - 1)
+                st.col.fill_(length - 1)
+                _greedy_body(qmodel, st)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.no_grad(), torch.cuda.graph(graph, stream=stream):
+                _greedy_body(qmodel, st)
+        except RuntimeError as e:  # an op that cannot be captured: the per-token loop serves greedy decoding
+            torch.cuda.current_stream(device).wait_stream(stream)
+            state.greedy = (key, None)
+            if qmodel._report is not None:
+                qmodel._report.notes.add(NoteKind.GENERATION, f"decode: the greedy step's CUDA graph capture failed; "
+                                         f"greedy decoding runs the per-token loop ({type(e).__name__}: "
+                                         f"{str(e)[:200]})", "generate")
+            return None
+        torch.cuda.current_stream(device).wait_stream(stream)
+        run = graph.replay
+    st.run = run
+    state.greedy = (key, st)
+    return st
 
 
 def _lag_eos_check(device: torch.device) -> bool:

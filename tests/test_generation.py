@@ -91,8 +91,12 @@ def _fused_counts(qm, method):
     return {"int8": fused, "weight_only": wo}
 
 
-def test_left_padded_rows_equal_rows_alone():
-    """Each row of a left-padded batch generates what it generates alone (fp32, greedy)."""
+@pytest.mark.parametrize("fused", [False, True], ids=["per-token-loop", "greedy-step"])
+def test_left_padded_rows_equal_rows_alone(fused, monkeypatch):
+    """Each row of a left-padded batch generates what it generates alone (fp32, greedy), through the per-token loop
+    (CPUs, sampling) and the greedy step (CUDA's, captured as a CUDA graph there; eager here), whose buffers hold
+    max_batch_size rows: filler rows past the batch."""
+    monkeypatch.setattr(generation, "_fused_greedy", lambda device: fused)
     model = _model("llama")
     long, short = _prompts(1, 10, seed=2), _prompts(1, 6, seed=3)
     qm = fxquant.compile(model, {"input_ids": long}, config=QUANT_ALL, max_batch_size=3, max_cache_len=48, progress=False)
@@ -161,20 +165,22 @@ def test_same_as_transformers_generate_unquantized_with_eos():
     theirs = model.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=both, pad_token_id=255,
                             do_sample=False)
     assert theirs.shape[1] < 7 + 20
-    real_decoder, steps = generation._decoder, []
+    real_call, steps = qm._call_graph, []
 
-    def counting_decoder(*args):
-        step = real_decoder(*args)
-        return lambda *a: steps.append(1) or step(*a)
+    def counting_call(method, *args):
+        steps.append(method)
+        return real_call(method, *args)
 
-    for lagged in (False, True):
+    # both loops: the greedy step (token choice and next inputs on the device) and the per-token one (sampling's)
+    for lagged, fused in ((False, True), (True, True), (False, False), (True, False)):
         steps.clear()
         with mock.patch.object(generation, "_lag_eos_check", lambda device: lagged), \
-                mock.patch.object(generation, "_decoder", counting_decoder):
+                mock.patch.object(generation, "_fused_greedy", lambda device: fused), \
+                mock.patch.object(qm, "_call_graph", counting_call):
             got = qm.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=both, pad_token_id=255)
-        assert torch.equal(got, theirs), lagged
+        assert torch.equal(got, theirs), (lagged, fused)
         # decode steps: one per token after the first, up to the last row's EOS; one more when read late
-        assert len(steps) == theirs.shape[1] - 7 - 1 + lagged, (lagged, len(steps))
+        assert steps.count("decode") == theirs.shape[1] - 7 - 1 + lagged, (lagged, fused, steps)
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
@@ -377,3 +383,29 @@ def test_compile_generation_default_follows_the_machine(monkeypatch):
     assert qm.compiles_generation() is (x86 and backends.cpp_compiler() is not None)
     plain = fxquant.compile(model, {"input_ids": ids}, generation=False, compile_forward=False, progress=False)
     assert not plain.compiles_generation()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the greedy step's CUDA graph needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_greedy_step_graph_generates_what_the_per_token_loop_does(dtype):
+    """On CUDA the greedy step (decode, argmax, the next step's inputs) is one captured CUDA graph: the tokens equal
+    the per-token loop's (host-side argmax between decode graph replays), with a left-padded batch smaller than
+    max_batch_size (filler rows), with and without EOS ids (read one step late there), and when called again."""
+    model = _model("llama", dtype).cuda()
+    ids = _prompts(2, 9, seed=6).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    qm = fxquant.compile(model, {"input_ids": ids}, config=QUANT_ALL, max_batch_size=3, max_cache_len=64, progress=False)
+    with mock.patch.object(generation, "_fused_greedy", lambda device: False):
+        stepwise = qm.generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0)
+    fused = qm.generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0)
+    key, step = qm._generation_state.greedy
+    assert step is not None and key[-1]  # the captured form ran (key[-1]: CUDA graphs on)
+    assert torch.equal(fused, stepwise)
+    assert torch.equal(qm.generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0), fused)
+    both = [int(fused[0, 9 + 4]), int(fused[1, 9 + 7])]  # every row stops early
+    with mock.patch.object(generation, "_fused_greedy", lambda device: False):
+        stepwise = qm.generate(ids, attention_mask=mask, max_new_tokens=24, eos_token_id=both, pad_token_id=0)
+    fused = qm.generate(ids, attention_mask=mask, max_new_tokens=24, eos_token_id=both, pad_token_id=0)
+    assert fused.shape[1] < 9 + 24
+    assert torch.equal(fused, stepwise)
