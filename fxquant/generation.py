@@ -227,8 +227,9 @@ def _fused_greedy(device: torch.device) -> bool:
     """Whether greedy generation without a streamer runs :func:`_greedy_loop` (the token choice and the next step's
     inputs computed on the device, captured with the decode step as one CUDA graph) rather than the per-token loop
     of :func:`generate` (sampling's and streamers'): on CUDA. A CPU has no graph to capture, and the same step run
-    eagerly there measured no faster (Qwen2-0.5B shapes, 2 cores of an AVX2 EPYC, alternating in one process:
-    within the runs' ±6 % spread), so CPUs keep the per-token loop; the tests run both loops on the CPU."""
+    eagerly there was slower or level (Qwen2-0.5B shapes, 2 cores of an AVX2 EPYC: 66.1 against 58.8 ms/token at
+    batch 1 in ``bench/generate_cpu.py``, mixed when alternated in one process; docs/benchmarks.md), so CPUs keep the
+    per-token loop; the tests run both loops on the CPU."""
     return device.type == "cuda"
 
 
