@@ -181,15 +181,15 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
     logits = _prefill(qmodel, rows, positions, mask_full)
     next_pos = positions[:, -1:] + 1
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    decode = _decoder(qmodel, spec, device)
     eos_ids = torch.tensor(eos, device=device) if eos else None
     # Where the device runs ahead of the host (CUDA), "has every row finished?" is read one step late, so that the
     # host never waits for the GPU between tokens; a step past the end is trimmed below (_trim_after_eos)
     lagged = bool(eos) and streamer is None and _lag_eos_check(device)
     if not s["do_sample"] and streamer is None and len(eos) <= GREEDY_MAX_EOS and _fused_greedy(device):
-        result = _greedy_loop(qmodel, spec, device, logits, ids, new, padded, next_pos, mask_full, eos, pad, lagged)
+        result = _greedy_loop(qmodel, spec, device, logits, ids, new, padded, next_pos, mask_full, eos_ids, pad, lagged)
         if result is not None:
             return _trim_after_eos(result, prompt, eos_ids) if lagged else result
+    decode = _decoder(qmodel, spec, device)  # here, not before: the greedy step captures its own graph
     done_prev = None
     for step in range(new):
         scores = warpers(torch.cat(out, 1), logits[:batch, -1].float())
@@ -233,7 +233,7 @@ def _fused_greedy(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _greedy_loop(qmodel, spec, device, logits, ids, new, padded, next_pos, mask_full, eos, pad,
+def _greedy_loop(qmodel, spec, device, logits, ids, new, padded, next_pos, mask_full, eos_ids, pad,
                  lagged) -> Optional[torch.Tensor]:
     """Greedy decoding after prefill, one :func:`_greedy_step` per token after the first: ``[batch, prompt + T]``
     int64, T ≤ ``new`` (fewer where every row emitted an EOS; with ``lagged``, one pad-only step may follow, which
@@ -241,14 +241,16 @@ def _greedy_loop(qmodel, spec, device, logits, ids, new, padded, next_pos, mask_
     token comes from the prefill logits here; each step then decodes the last token, takes the argmax of its logits
     (the first of equal maxima, as ``torch.argmax`` and transformers), writes the pad id for rows already finished,
     and advances the positions, the cache slot and the mask on the device."""
-    step = _greedy_step(qmodel, spec, device) if new > 1 else None
-    if new > 1 and step is None:
-        return None
+    step = None
+    if new > 1:
+        step = _greedy_step(qmodel, spec, device)
+        if step is None:
+            return None
+    eos = eos_ids is not None
     batch = ids.shape[0]
     token = logits[:batch, -1].float().argmax(-1)
-    eos_ids = torch.tensor(eos, device=device) if eos else None
     finished = torch.isin(token, eos_ids) if eos else torch.zeros(batch, dtype=torch.bool, device=device)
-    if new == 1 or (eos and not lagged and bool(finished.all())):
+    if step is None or (eos and not lagged and bool(finished.all())):
         return torch.cat([ids, token[:, None]], 1)
     step.tok.zero_()
     step.tok[:batch, 0] = token
@@ -261,7 +263,7 @@ def _greedy_loop(qmodel, spec, device, logits, ids, new, padded, next_pos, mask_
     step.pad.fill_(pad)
     step.eos.fill_(-1)  # never a token id
     if eos:
-        step.eos[:len(eos)] = eos_ids
+        step.eos[:len(eos_ids)] = eos_ids
     done = 0
     pending = _flag_to_host(step.finished.all()) if lagged else None
     while done < new - 1:
