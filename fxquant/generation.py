@@ -192,7 +192,9 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
     decode = _decoder(qmodel, spec, device)  # here, not before: the greedy step captures its own graph
     done_prev = None
     for step in range(new):
-        scores = warpers(torch.cat(out, 1), logits[:batch, -1].float())
+        scores = logits[:batch, -1].float()
+        if len(warpers):  # the warpers read the ids so far; greedy and plain sampling need none (no concatenation)
+            scores = warpers(torch.cat(out, 1), scores)
         if s["do_sample"]:
             token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:
