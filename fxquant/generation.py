@@ -317,8 +317,7 @@ def _greedy_step(qmodel, spec, device: torch.device) -> Optional[_GreedyStep]:
     captured as one CUDA graph after warm-up calls (which write cache slot L-1, as :func:`_capture_decode`'s do);
     None, for good and with a note in the report, where that capture fails."""
     state: GenerationState = qmodel._generation_state
-    gm = qmodel.program.methods["decode"].graph_module
-    key = (device, gm.kv_cache.k_0.data_ptr(), gm.kv_cache.k_0.dtype, qmodel._io_dtype, _graphed(qmodel, device))
+    key = (*_decode_key(qmodel, device), _graphed(qmodel, device))
     if state.greedy is not None and state.greedy[0] == key:
         return state.greedy[1]
     b, length = spec.max_batch_size, spec.max_cache_len
@@ -490,8 +489,7 @@ def _decoder(qmodel, spec, device: torch.device):
                 return qmodel._call_graph("decode", ids, positions, torch.tensor([slot], device=device), mask_full)
         return step
     state: GenerationState = qmodel._generation_state
-    gm = qmodel.program.methods["decode"].graph_module
-    key = (device, gm.kv_cache.k_0.data_ptr(), gm.kv_cache.k_0.dtype, qmodel._io_dtype)
+    key = _decode_key(qmodel, device)
     if state.graph is None or state.key != key:
         _capture_decode(qmodel, spec, device, state, key)
     g_ids, g_pos, g_slot, g_mask = state.inputs
@@ -505,6 +503,13 @@ def _decoder(qmodel, spec, device: torch.device):
         return state.logits
 
     return step
+
+
+def _decode_key(qmodel, device: torch.device) -> tuple:
+    """What a captured decode graph depends on: the device, the KV cache's storage and dtype (both change when the
+    program's tensors move, ``.to()``), and the program's input/output dtype."""
+    kv = qmodel.program.methods["decode"].graph_module.kv_cache
+    return (device, kv.k_0.data_ptr(), kv.k_0.dtype, qmodel._io_dtype)
 
 
 def _capture_decode(qmodel, spec, device, state: GenerationState, key) -> None:

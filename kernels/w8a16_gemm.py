@@ -117,6 +117,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .common import ACTIVATIONS, GATED_ACTIVATIONS, HAS_TRITON, activation_torch, cdiv, interpreting, use_pdl
+from .common import _cuda_index
 from .common import num_sms as _num_sms
 from .launch import LaunchCache
 
@@ -786,7 +787,7 @@ def _counters(device: torch.device, tiles: int) -> torch.Tensor:
     before any eager launch, or more tiles than the buffer holds, gets a fresh zeroed buffer (a memset)."""
     if device.type != "cuda":  # the interpreter (CPU tensors, programs run one after another)
         return torch.zeros(tiles, dtype=torch.int32, device=device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _cuda_index(device)
     capturing = torch.cuda.is_current_stream_capturing()
     key = (index, None) if capturing else (index, torch.cuda.current_stream(index).cuda_stream)
     buf = _COUNTERS.get(key)
