@@ -317,7 +317,7 @@ def _greedy_step(qmodel, spec, device: torch.device) -> Optional[_GreedyStep]:
     captured as one CUDA graph after warm-up calls (which write cache slot L-1, as :func:`_capture_decode`'s do);
     None, for good and with a note in the report, where that capture fails."""
     state: GenerationState = qmodel._generation_state
-    key = (*_decode_key(qmodel, device), _graphed(qmodel, device))
+    key = (*_graph_key(qmodel, device), _graphed(qmodel, device))
     if state.greedy is not None and state.greedy[0] == key:
         return state.greedy[1]
     b, length = spec.max_batch_size, spec.max_cache_len
@@ -333,28 +333,20 @@ def _greedy_step(qmodel, spec, device: torch.device) -> Optional[_GreedyStep]:
             with torch.no_grad():
                 _greedy_body(qmodel, st)
     else:
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.no_grad(), torch.cuda.stream(stream):
-            for _ in range(3):  # compile and warm every kernel outside the capture; slot L-1 each time
-                st.pos.fill_(length - 1)
-                st.slot.fill_(length - 1)
-                st.col.fill_(length - 1)
-                _greedy_body(qmodel, st)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
+        def warm():  # compile and warm every kernel outside the capture; slot L-1 each time
+            st.pos.fill_(length - 1)
+            st.slot.fill_(length - 1)
+            st.col.fill_(length - 1)
+            _greedy_body(qmodel, st)
+
         try:
-            with torch.no_grad(), torch.cuda.graph(graph, stream=stream):
-                _greedy_body(qmodel, st)
-        except RuntimeError as e:  # an op that cannot be captured: the per-token loop serves greedy decoding
-            torch.cuda.current_stream(device).wait_stream(stream)
+            graph, _ = _cuda_graph(device, lambda: _greedy_body(qmodel, st), warm=warm, warmups=3)
+        except _CaptureFailed as e:  # an op that cannot be captured: the per-token loop serves greedy decoding
             state.greedy = (key, None)
             if qmodel._report is not None:
                 qmodel._report.notes.add(NoteKind.GENERATION, f"decode: the greedy step's CUDA graph capture failed; "
-                                         f"greedy decoding runs the per-token loop ({type(e).__name__}: "
-                                         f"{str(e)[:200]})", "generate")
+                                         f"greedy decoding runs the per-token loop ({e})", "generate")
             return None
-        torch.cuda.current_stream(device).wait_stream(stream)
         run = graph.replay
     st.run = run
     state.greedy = (key, st)
@@ -444,30 +436,23 @@ def _prefill_graph(qmodel, rows, positions, cache_position, mask_full):
     one memory pool (they are replayed one at a time and their logits copied out at once), at most
     :data:`PREFILL_GRAPHS` of them (least recently used dropped)."""
     state: GenerationState = qmodel._generation_state
-    gm = qmodel.program.methods["prefill"].graph_module
     device = rows.device
-    key = (rows.shape[1], device, gm.kv_cache.k_0.data_ptr(), gm.kv_cache.k_0.dtype, qmodel._io_dtype)
+    key = (rows.shape[1], *_graph_key(qmodel, device))
     entry = state.prefill.get(key)
     if entry is None:
         logits = qmodel._call_graph("prefill", rows, positions, cache_position, mask_full)
         if state.pool is None:
             state.pool = torch.cuda.graph_pool_handle()
         static = tuple(t.clone() for t in (rows, positions, cache_position, mask_full))
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
         try:
             # capture records the kernels without running them: the cache is untouched until a replay
-            with torch.cuda.graph(graph, pool=state.pool, stream=stream):
-                out = qmodel._call_graph("prefill", *static)
-        except RuntimeError as e:  # an op that cannot be captured: prefill runs without graphs from now on
-            torch.cuda.current_stream(device).wait_stream(stream)
+            graph, out = _cuda_graph(device, lambda: qmodel._call_graph("prefill", *static), pool=state.pool)
+        except _CaptureFailed as e:  # an op that cannot be captured: prefill runs without graphs from now on
             state.graphs = False
             if qmodel._report is not None:
                 qmodel._report.notes.add(NoteKind.GENERATION, f"prefill: CUDA graph capture failed, prefill and decode "
-                                         f"run without graphs ({type(e).__name__}: {str(e)[:200]})", "generate")
+                                         f"run without graphs ({e})", "generate")
             return logits
-        torch.cuda.current_stream(device).wait_stream(stream)
         state.prefill[key] = (graph, static, out)
         while len(state.prefill) > PREFILL_GRAPHS:
             state.prefill.pop(next(iter(state.prefill)))
@@ -489,7 +474,7 @@ def _decoder(qmodel, spec, device: torch.device):
                 return qmodel._call_graph("decode", ids, positions, torch.tensor([slot], device=device), mask_full)
         return step
     state: GenerationState = qmodel._generation_state
-    key = _decode_key(qmodel, device)
+    key = _graph_key(qmodel, device)
     if state.graph is None or state.key != key:
         _capture_decode(qmodel, spec, device, state, key)
     g_ids, g_pos, g_slot, g_mask = state.inputs
@@ -505,30 +490,61 @@ def _decoder(qmodel, spec, device: torch.device):
     return step
 
 
-def _decode_key(qmodel, device: torch.device) -> tuple:
-    """What a captured decode graph depends on: the device, the KV cache's storage and dtype (both change when the
-    program's tensors move, ``.to()``), and the program's input/output dtype."""
+def _graph_key(qmodel, device: torch.device) -> tuple:
+    """What a captured prefill or decode graph depends on: the device, the KV cache's storage and dtype (both change
+    when the program's tensors move, ``.to()``; prefill and decode share the cache buffers), and the program's
+    input/output dtype."""
     kv = qmodel.program.methods["decode"].graph_module.kv_cache
     return (device, kv.k_0.data_ptr(), kv.k_0.dtype, qmodel._io_dtype)
 
 
 def _capture_decode(qmodel, spec, device, state: GenerationState, key) -> None:
-    """Capture one decode call as a CUDA graph. Warm-up calls run first on a side stream (Triton autotuning and
-    lazy initialisation must not happen inside the capture); they write cache slot L-1, which every later
-    prefill or decode overwrites before it is read (a slot is read only at or before its own position)."""
+    """Capture one decode call as a CUDA graph (:func:`_cuda_graph`, three warm-up calls). The warm-up calls write
+    cache slot L-1, which every later prefill or decode overwrites before it is read (a slot is read only at or
+    before its own position).
+
+    Raises:
+        _CaptureFailed: an op of the decode graph cannot be captured."""
     b, length = spec.max_batch_size, spec.max_cache_len
     ids = torch.zeros(b, 1, dtype=torch.long, device=device)
     pos = torch.full((b, 1), length - 1, dtype=torch.long, device=device)
     slot = torch.full((1,), length - 1, dtype=torch.long, device=device)
     mask = torch.ones(b, length, dtype=torch.long, device=device)
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.no_grad(), torch.cuda.stream(stream):
-        for _ in range(3):
-            qmodel._call_graph("decode", ids, pos, slot, mask)
-    torch.cuda.current_stream(device).wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    # captured on the warm-up stream: kernels that keep per-stream state (the W8A16 split-K counters) find it made
-    with torch.no_grad(), torch.cuda.graph(graph, stream=stream):
-        logits = qmodel._call_graph("decode", ids, pos, slot, mask)
+    graph, logits = _cuda_graph(device, lambda: qmodel._call_graph("decode", ids, pos, slot, mask), warmups=3)
     state.graph, state.key, state.inputs, state.logits = graph, key, (ids, pos, slot, mask), logits
+
+
+class _CaptureFailed(RuntimeError):
+    """A CUDA graph capture raised (an op that cannot be captured); ``__cause__`` holds the error."""
+
+
+def _cuda_graph(device: torch.device, fn, *, warm=None, warmups: int = 0, pool=None):
+    """``fn`` captured as a CUDA graph: ``(graph, what fn returned during the capture)`` (its output tensors are the
+    graph's static outputs, rewritten by each replay). Under no_grad, a side stream first waits on the current one;
+    ``warm`` (default ``fn``) runs ``warmups`` times on it (Triton's compilation and autotuning and lazy
+    initialisation must not first happen inside a capture), the current stream waits for that, and ``fn`` is
+    captured on the same side stream (kernels that keep per-stream state, the W8A16 split-K counters, find it made);
+    the current stream then waits on the side stream, also when the capture fails. ``pool``: a memory pool shared
+    with other graphs (``torch.cuda.graph_pool_handle()``), else the graph's own.
+
+    Raises:
+        _CaptureFailed: the capture raised RuntimeError (an op that cannot be captured); the caller falls back. An
+            error of a warm-up call propagates as it is (it would fail without graphs too)."""
+    current = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(current)
+    with torch.no_grad():
+        if warmups:
+            with torch.cuda.stream(stream):
+                for _ in range(warmups):
+                    (warm or fn)()
+            current.wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                out = fn()
+        except RuntimeError as e:
+            raise _CaptureFailed(f"{type(e).__name__}: {str(e)[:200]}") from e
+        finally:
+            current.wait_stream(stream)
+    return graph, out

@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 __all__ = [
     "HAS_TRITON", "interpreting", "triton_device_ok", "cpu_backend_available", "launch_options", "ACTIVATIONS",
     "GATED_ACTIVATIONS", "SCALE_EPS", "ROUND_MAGIC",
-    "activation_torch", "row_block_params", "cdiv", "next_pow2", "num_sms", "use_pdl",
+    "activation_torch", "row_block_params", "cdiv", "next_pow2", "num_sms", "use_pdl", "pdl_launch",
 ]
 
 HAS_TRITON = triton is not None
@@ -138,6 +138,13 @@ def use_pdl(device: torch.device) -> bool:
     if raw == "0" or device.type != "cuda" or interpreting() or not HAS_TRITON or not _has_gdc():
         return False
     return _pdl_capable(_cuda_index(device))
+
+
+def pdl_launch(device: torch.device) -> tuple[bool, dict]:
+    """``(use_pdl(device), the Triton launch keywords that go with it)``: the kernel's ``PDL`` constexpr and
+    ``{"launch_pdl": True}``, or ``(False, {})``. Raises as :func:`use_pdl`."""
+    pdl = use_pdl(device)
+    return pdl, ({"launch_pdl": True} if pdl else {})
 
 
 @functools.lru_cache(maxsize=None)

@@ -50,7 +50,7 @@ from typing import Optional
 
 import torch
 
-from .common import HAS_TRITON, cdiv, interpreting, next_pow2, num_sms, use_pdl
+from .common import HAS_TRITON, cdiv, interpreting, next_pow2, num_sms, pdl_launch
 
 if HAS_TRITON:
     import triton
@@ -315,8 +315,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         ws = ml = out
     smb = mask.stride(0) if mask.shape[0] > 1 else 0
     pos = out if cache_position is None else cache_position.contiguous()
-    pdl = use_pdl(q.device)
-    launch = {"launch_pdl": True} if pdl else {}
+    pdl, launch = pdl_launch(q.device)
     _decode_attention_kernel[(b * kv, splits)](
         q, k_cache, v_cache, mask, out, ws, ml, pos,
         kv, s, length, l_split, float(scale),

@@ -116,7 +116,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .common import ACTIVATIONS, GATED_ACTIVATIONS, HAS_TRITON, activation_torch, cdiv, interpreting, use_pdl
+from .common import ACTIVATIONS, GATED_ACTIVATIONS, HAS_TRITON, activation_torch, cdiv, interpreting, pdl_launch
 from .common import _cuda_index
 from .common import num_sms as _num_sms
 from .launch import LaunchCache
@@ -730,7 +730,7 @@ def w8a16_gemm(
     ints = (m, n, k, k_split, x.stride(0), x.stride(1), w_q.stride(0), w_q.stride(1), c.stride(0), c.stride(1))
     tensors = (x, w_q, c, w_scale, bias_arg, ws, cnt)
     if gemv:  # constexprs in the kernel's signature order (the cached relaunch passes them positionally)
-        pdl = use_pdl(x.device)
+        pdl, launch = pdl_launch(x.device)
         consts = (has_bias, activation, gated, m % bm == 0, even_k, split_mode, cfg.cvt, gemv == 2, bool(cfg.prefetch),
                   cfg.num_stages, bm, bn, bk, pdl)
         key, hit = _GEMV_LAUNCHES.lookup(x.device, (consts, cfg.num_warps, cfg.num_stages), tensors, ints)
@@ -741,14 +741,14 @@ def w8a16_gemm(
                 *tensors, *ints, HAS_BIAS=has_bias, ACTIVATION=activation, GATED=gated, EVEN_M=m % bm == 0, EVEN_K=even_k,
                 SPLIT=split_mode, CVT=cfg.cvt, DEFER=gemv == 2, PREFETCH=bool(cfg.prefetch), LOOP_STAGES=cfg.num_stages,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                **({"launch_pdl": True} if pdl else {}))
+                **launch)
             _GEMV_LAUNCHES.put(key, compiled)
     else:
         precision = "tf32x3" if x.dtype == torch.float32 else "tf32"  # "tf32" is unused for 16-bit x
         # Triton's interpreter (3.9) multiplies bf16 tiles as their uint16 bit patterns in tl.dot and casts int8 to
         # bf16 the same way; there the bf16 product runs in fp32, which gives the same exact products
         dot_dtype = tl.float32 if x.dtype == torch.bfloat16 and interpreting() else _TL_DTYPES[x.dtype]
-        pdl = use_pdl(x.device)
+        pdl, launch = pdl_launch(x.device)
         consts = (has_bias, activation, gated, m % bm == 0, even_k, split_mode, bool(cfg.swap), cfg.cvt, precision,
                   dot_dtype, bm, bn, bk, pdl)
         key, hit = _LAUNCHES.lookup(x.device, (consts, cfg.num_warps, cfg.num_stages), tensors, ints)
@@ -759,7 +759,7 @@ def w8a16_gemm(
                 *tensors, *ints, HAS_BIAS=has_bias, ACTIVATION=activation, GATED=gated, EVEN_M=m % bm == 0, EVEN_K=even_k,
                 SPLIT=split_mode, SWAP=bool(cfg.swap), CVT=cfg.cvt, PRECISION=precision, DOT_DTYPE=dot_dtype, BLOCK_M=bm,
                 BLOCK_N=bn, BLOCK_K=bk, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                **({"launch_pdl": True} if pdl else {}))
+                **launch)
             _LAUNCHES.put(key, compiled)
     if split_mode == 2:
         rbm, rbn = min(bm, 16), 128

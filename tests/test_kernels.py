@@ -604,8 +604,18 @@ def test_pdl_is_off_where_no_gpu_launches(raw, monkeypatch):
     else:
         monkeypatch.setenv("FXQUANT_PDL", raw)
     assert common.use_pdl(torch.device("cpu")) is False
+    assert common.pdl_launch(torch.device("cpu")) == (False, {})
     if common.interpreting():
         assert common.use_pdl(torch.device("cuda")) is False
+        assert common.pdl_launch(torch.device("cuda")) == (False, {})
+
+
+def test_pdl_launch_gives_the_keyword_with_the_flag(monkeypatch):
+    """``pdl_launch``: the kernel's PDL constexpr and Triton's ``launch_pdl`` keyword come together."""
+    monkeypatch.setattr(common, "use_pdl", lambda device: True)
+    assert common.pdl_launch(torch.device("cuda")) == (True, {"launch_pdl": True})
+    monkeypatch.setattr(common, "use_pdl", lambda device: False)
+    assert common.pdl_launch(torch.device("cuda")) == (False, {})
 
 
 @pytest.mark.parametrize("raw", ["2", "-1", "on", "true"])
