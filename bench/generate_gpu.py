@@ -178,7 +178,7 @@ def main():
     for b in args.batches:
         ids = torch.randint(0, model.config.vocab_size, (b, args.prompt), device="cuda",
                             generator=torch.Generator("cuda").manual_seed(b))
-        programs = {}
+        programs, cosined = {}, set()
         for full_name in args.contenders:
             name, *options = full_name.split("+")
             suffix = full_name[len(name):]
@@ -243,8 +243,10 @@ def main():
                 results.append(r)
                 print(json.dumps(r), flush=True)
                 # before torchao, which may fail mid-graph
-                if name == "fxq" and "fxq-bf16" + suffix in programs and args.cos_steps:
-                    cos = cosine_per_step(programs[full_name], programs["fxq-bf16" + suffix], ids, args.cos_steps)
+                pair = ("fxq" + suffix, "fxq-bf16" + suffix)  # the cosine once both are built, in either order
+                if name in ("fxq", "fxq-bf16") and set(pair) <= set(programs) and args.cos_steps and pair not in cosined:
+                    cosined.add(pair)
+                    cos = cosine_per_step(programs[pair[0]], programs[pair[1]], ids, args.cos_steps)
                     results.append({"batch": b, "cosine_min": min(cos), "cosine_mean": sum(cos) / len(cos),
                                     "steps": len(cos)})
                     print(json.dumps(results[-1]), flush=True)
