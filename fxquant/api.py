@@ -123,6 +123,9 @@ class QuantizedModel(torch.nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *,
                  max_new_tokens: Optional[int] = None, do_sample: Optional[bool] = None,
                  temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 min_p: Optional[float] = None, num_return_sequences: Optional[int] = None,
+                 repetition_penalty: Optional[float] = None, no_repeat_ngram_size: Optional[int] = None,
+                 min_length: Optional[int] = None, min_new_tokens: Optional[int] = None,
                  eos_token_id: Optional[int | list[int]] = None, pad_token_id: Optional[int] = None,
                  generation_config=None, streamer=None, **kwargs: Any) -> torch.Tensor:
         """Generate tokens with the program's KV cache, as transformers' ``generate`` does for a decoder-only LM
@@ -134,7 +137,16 @@ class QuantizedModel(torch.nn.Module):
             attention_mask: [batch, prompt], 1 for real tokens and 0 for (left) padding; default all ones.
             max_new_tokens: tokens to add per row; default from ``generation_config`` (``max_length`` 20).
             do_sample: sample instead of taking the argmax (seed with ``torch.manual_seed``).
-            temperature, top_k, top_p: sampling warpers (transformers' ``TemperatureLogitsWarper`` ...).
+            temperature, top_k, top_p, min_p: sampling warpers (transformers' ``TemperatureLogitsWarper``,
+                ``TopKLogitsWarper``, ``TopPLogitsWarper``, ``MinPLogitsWarper``, in that order).
+            num_return_sequences: samples per prompt (needs ``do_sample``); the result holds them in consecutive
+                rows, ``batch × num_return_sequences`` ≤ ``max_batch_size``.
+            repetition_penalty: transformers' ``RepetitionPenaltyLogitsProcessor`` (CTRL, Keskar et al., 2019:
+                a logit of a token already in the row is divided by the penalty where positive, multiplied where
+                negative); left padding is skipped as transformers ≥ 5.2x skips it.
+            no_repeat_ngram_size: no n-gram of this size occurs twice in a row (``NoRepeatNGramLogitsProcessor``).
+            min_length, min_new_tokens: EOS is masked until the row holds this many tokens (prompt included) /
+                new tokens (``MinLengthLogitsProcessor``, ``MinNewTokensLengthLogitsProcessor``; with an EOS id).
             eos_token_id: one id or a list; a row stops at its first EOS and is then padded. Default the model's
                 (``generation_config.eos_token_id`` when compiled).
             pad_token_id: what finished rows are padded with; default the model's, else the first EOS id, else 0.
@@ -143,19 +155,24 @@ class QuantizedModel(torch.nn.Module):
             streamer: a transformers streamer (``put``/``end``), e.g. ``TextStreamer`` (batch 1).
 
         Returns:
-            int64 [batch, prompt + n] on the model's device: the prompt, then n ≤ max_new_tokens tokens (n is
-            less when every row reached EOS).
+            int64 [batch × num_return_sequences, prompt + n] on the model's device: the prompt, then n ≤
+            max_new_tokens tokens (n is less when every row reached EOS).
 
         Raises:
             InputError: no generation methods (compiled with ``generation=False`` or not a causal LM), bad
                 ``input_ids`` / ``attention_mask``, more rows than ``max_batch_size``, or prompt +
                 ``max_new_tokens`` above ``max_cache_len`` (the message names both and what to compile with).
-            ValueError: a generation feature fxquant does not implement (beam search, repetition penalty...).
+            ValueError: a generation feature fxquant does not implement (beam search, assisted decoding, ...),
+                from the keyword arguments or ``generation_config``; a setting out of range;
+                ``num_return_sequences`` > 1 without ``do_sample``.
             CalibrationError: a static-scheme model that is not calibrated.
         """
         return _generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                         temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                         pad_token_id=pad_token_id, generation_config=generation_config, streamer=streamer, **kwargs)
+                         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                         num_return_sequences=num_return_sequences, repetition_penalty=repetition_penalty,
+                         no_repeat_ngram_size=no_repeat_ngram_size, min_length=min_length, min_new_tokens=min_new_tokens,
+                         eos_token_id=eos_token_id, pad_token_id=pad_token_id, generation_config=generation_config,
+                         streamer=streamer, **kwargs)
 
     def _call_graph(self, method: str, *args: torch.Tensor) -> Any:
         """Run a method's graph on inputs fxquant built itself (no binding or shape checks; outputs in the

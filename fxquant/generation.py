@@ -1,11 +1,15 @@
 """Token generation over a program's ``"prefill"`` and ``"decode"`` methods (:mod:`fxquant.frontend.kv_cache`).
 
 :func:`generate` follows transformers' ``GenerationMixin.generate`` for decoder-only models: greedy or
-multinomial sampling (``temperature``, ``top_k``, ``top_p`` through transformers' own logits warpers; the
-draw is ``torch.multinomial`` on the default generator, so ``torch.manual_seed`` reproduces a run), per-row
-EOS with finished rows padded with ``pad_token_id``, left-padded batches with an attention mask (positions
-``cumsum(mask) - 1``, as transformers computes them), a streamer (``put`` of the prompt, then of each new
-token, then ``end``), and the result ``[batch, prompt + new]`` int64.
+multinomial sampling (``temperature``, ``top_k``, ``top_p``, ``min_p`` through transformers' own logits warpers;
+the draw is ``torch.multinomial`` on the default generator, so ``torch.manual_seed`` reproduces a run, and with
+transformers' order of processors and draws the same seed gives transformers' tokens), ``num_return_sequences``
+samples per prompt, ``repetition_penalty``, ``no_repeat_ngram_size``, ``min_length`` and ``min_new_tokens``
+(transformers' logits processors, in its order), per-row EOS with finished rows padded with ``pad_token_id``,
+left-padded batches with an attention mask (positions ``cumsum(mask) - 1``, as transformers computes them), a
+streamer (``put`` of the prompt, then of each new token, then ``end``), and the result ``[batch, prompt + new]``
+int64. Every other transformers generation feature (beam search, assisted decoding, ...) is refused by name, from
+keyword arguments and from ``generation_config`` alike, rather than ignored.
 
 One prefill call writes the prompt's keys and values into the cache and returns the last position's logits;
 then one decode call per token. On CUDA the decode step is captured once as a CUDA graph per program (static
@@ -54,9 +58,20 @@ PREFILL_GRAPHS = 8  # captured prefill graphs kept per program
 GREEDY_MAX_EOS = 16  # EOS ids the greedy step's static buffer holds (more: the per-token loop serves the call)
 
 
-_SAMPLING_KEYS = ("temperature", "top_k", "top_p")
-_UNSUPPORTED = {"num_beams": 1, "num_beam_groups": 1, "penalty_alpha": None, "repetition_penalty": 1.0,
-                "no_repeat_ngram_size": 0, "num_return_sequences": 1, "assistant_model": None}
+# the settings generate implements (keyword arguments override generation_config's fields)
+_SETTINGS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "min_p",
+             "repetition_penalty", "no_repeat_ngram_size", "min_length", "min_new_tokens", "num_return_sequences",
+             "eos_token_id", "pad_token_id")
+# transformers' generation features it does not, each with the value that leaves it off (None is off too); from
+# generation_config as from keyword arguments, any other value is refused rather than ignored
+_UNSUPPORTED = {"num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": None,
+                "assistant_model": None, "prompt_lookup_num_tokens": None, "dola_layers": None, "typical_p": 1.0,
+                "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None, "guidance_scale": 1.0, "sequence_bias": None,
+                "bad_words_ids": None, "force_words_ids": None, "constraints": None, "forced_bos_token_id": None,
+                "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                "exponential_decay_length_penalty": None, "renormalize_logits": False, "remove_invalid_values": False,
+                "watermarking_config": None, "stop_strings": None, "max_time": None,
+                "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0}
 
 
 def _settings(generation_config, kwargs: dict, spec) -> dict:
@@ -69,32 +84,57 @@ def _settings(generation_config, kwargs: dict, spec) -> dict:
         generation_config = transformers.GenerationConfig(eos_token_id=spec.eos_token_id, pad_token_id=spec.pad_token_id)
     elif not isinstance(generation_config, transformers.GenerationConfig):
         raise TypeError(f"generation_config must be a transformers.GenerationConfig, got {type(generation_config).__name__}")
-    out = {k: getattr(generation_config, k, None) for k in
-           ("max_new_tokens", "do_sample", *_SAMPLING_KEYS, "eos_token_id", "pad_token_id", "max_length")}
+    out = {k: getattr(generation_config, k, None) for k in _SETTINGS}
     for k, v in kwargs.items():
         if v is not None:
             out[k] = v
     for k, neutral in _UNSUPPORTED.items():
         v = kwargs.get(k, getattr(generation_config, k, neutral))
         if v is not None and v != neutral:
-            raise ValueError(f"fxquant's generate does not implement {k}={v!r} (greedy and sampling with temperature, "
-                             f"top_k, top_p only); leave {k} at {neutral!r}")
+            where = "" if k in kwargs else " (from generation_config)"
+            raise ValueError(f"fxquant's generate does not implement {k}={v!r}{where}: it implements greedy decoding "
+                             "and sampling (temperature, top_k, top_p, min_p, num_return_sequences) with "
+                             f"repetition_penalty, no_repeat_ngram_size, min_length and min_new_tokens; leave {k} at "
+                             f"{neutral!r}")
     return out
 
 
-def _warpers(s: dict):
-    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+def _processors(s: dict, prompt: int, pads: Optional[torch.Tensor], eos_ids: Optional[torch.Tensor]):
+    """transformers' logits processors for ``s``, in the order of its ``GenerationMixin._get_logits_processor``
+    (repetition penalty, n-gram ban, minimum lengths; then, when sampling, the warpers temperature, top-k, top-p,
+    min-p), each called as transformers calls it: ``(ids so far [B, t] int64, scores [B, V] fp32) -> scores``. The
+    minimum lengths act only where there is an EOS id, as there. ``pads`` [B]: the left padding of each row, which
+    the repetition penalty skips (transformers ≥ 5.2x; earlier it penalises the pad id as transformers did).
 
-    out = LogitsProcessorList()
+    Raises:
+        ValueError: a setting out of its range (transformers' own messages)."""
+    import inspect
+
+    from transformers.generation import logits_process as lp
+
+    out = lp.LogitsProcessorList()
+    penalty = s["repetition_penalty"]
+    if penalty is not None and penalty != 1.0:
+        takes_pads = "prompt_ignore_length" in inspect.signature(lp.RepetitionPenaltyLogitsProcessor).parameters
+        out.append(lp.RepetitionPenaltyLogitsProcessor(float(penalty), **(
+            {"prompt_ignore_length": pads} if takes_pads and pads is not None else {})))
+    if s["no_repeat_ngram_size"]:
+        out.append(lp.NoRepeatNGramLogitsProcessor(int(s["no_repeat_ngram_size"])))
+    if eos_ids is not None and s["min_length"]:
+        out.append(lp.MinLengthLogitsProcessor(int(s["min_length"]), eos_ids, device=str(eos_ids.device)))
+    if eos_ids is not None and s["min_new_tokens"]:
+        out.append(lp.MinNewTokensLengthLogitsProcessor(prompt, int(s["min_new_tokens"]), eos_ids,
+                                                        device=str(eos_ids.device)))
     if not s["do_sample"]:
         return out
     if s["temperature"] is not None and s["temperature"] != 1.0:
-        out.append(TemperatureLogitsWarper(float(s["temperature"])))
+        out.append(lp.TemperatureLogitsWarper(float(s["temperature"])))
     if s["top_k"] is not None and s["top_k"] != 0:
-        out.append(TopKLogitsWarper(int(s["top_k"])))
+        out.append(lp.TopKLogitsWarper(int(s["top_k"])))
     if s["top_p"] is not None and s["top_p"] < 1.0:
-        out.append(TopPLogitsWarper(float(s["top_p"])))
+        out.append(lp.TopPLogitsWarper(float(s["top_p"])))
+    if s["min_p"] is not None:
+        out.append(lp.MinPLogitsWarper(float(s["min_p"])))
     return out
 
 
@@ -121,12 +161,23 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
         raise InputError(f"input_ids must be an int64 tensor [batch, prompt_length], got "
                          f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} {tuple(getattr(input_ids, 'shape', ()))}")
-    unknown = set(unsupported) - set(_UNSUPPORTED)
+    unknown = set(unsupported) - set(_UNSUPPORTED) - set(_SETTINGS)
     if unknown:
         raise TypeError(f"generate() got unexpected keyword argument(s) {sorted(unknown)}")
     s = _settings(generation_config, {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
                                       "top_k": top_k, "top_p": top_p, "eos_token_id": eos_token_id,
                                       "pad_token_id": pad_token_id, **unsupported}, spec)
+    copies = s["num_return_sequences"] or 1
+    if not isinstance(copies, int) or copies < 1:
+        raise ValueError(f"num_return_sequences must be an int ≥ 1, got {copies!r}")
+    if copies > 1:
+        if not s["do_sample"]:  # transformers refuses it too: every copy would be the same greedy tokens
+            raise ValueError(f"num_return_sequences={copies} needs do_sample=True (greedy decoding would return "
+                             f"{copies} equal rows per prompt)")
+        # as transformers: each prompt repeated in place, its samples in consecutive rows of the result
+        input_ids = input_ids.repeat_interleave(copies, 0)
+        if isinstance(attention_mask, torch.Tensor):
+            attention_mask = attention_mask.repeat_interleave(copies, 0)
     batch, prompt = input_ids.shape
     new = s["max_new_tokens"]
     if new is None:
@@ -141,7 +192,9 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
         raise InputError(f"input_ids holds token id {bad}, outside the model's vocabulary [0, {spec.vocab_size}): "
                          "tokenize with the model's own tokenizer")
     if batch > spec.max_batch_size:
-        raise InputError(f"{batch} prompts, but the KV cache holds max_batch_size={spec.max_batch_size} rows: "
+        rows = f"{batch // copies} prompts × num_return_sequences={copies} = {batch} rows" if copies > 1 else \
+            f"{batch} prompts"
+        raise InputError(f"{rows}, but the KV cache holds max_batch_size={spec.max_batch_size} rows: "
                          f"compile with max_batch_size={batch} or generate in smaller batches")
     if prompt + new > spec.max_cache_len:
         raise InputError(f"prompt length {prompt} + max_new_tokens {new} = {prompt + new} tokens per row exceeds the KV "
@@ -158,10 +211,11 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
     pad = s["pad_token_id"]
     if pad is None:
         pad = eos[0] if eos else 0
-    warpers = _warpers(s)
-
     device = _device_of(program)
     ids = input_ids.to(device)
+    eos_ids = torch.tensor(eos, device=device) if eos else None
+    pads = (attention_mask.to(device) != 0).int().argmax(1) if attention_mask is not None else None
+    processors = _processors(s, prompt, pads, eos_ids)
     # the prompt block, left-padded to `padded` slots where prefill replays CUDA graphs (padding is masked out)
     padded = _padded_length(qmodel, prompt, new, spec, device)
     lead = padded - prompt
@@ -181,11 +235,11 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
     logits = _prefill(qmodel, rows, positions, mask_full)
     next_pos = positions[:, -1:] + 1
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    eos_ids = torch.tensor(eos, device=device) if eos else None
     # Where the device runs ahead of the host (CUDA), "has every row finished?" is read one step late, so that the
     # host never waits for the GPU between tokens; a step past the end is trimmed below (_trim_after_eos)
     lagged = bool(eos) and streamer is None and _lag_eos_check(device)
-    if not s["do_sample"] and streamer is None and len(eos) <= GREEDY_MAX_EOS and _fused_greedy(device):
+    if (not s["do_sample"] and not len(processors) and streamer is None and len(eos) <= GREEDY_MAX_EOS
+            and _fused_greedy(device)):
         result = _greedy_loop(qmodel, spec, device, logits, ids, new, padded, next_pos, mask_full, eos_ids, pad, lagged)
         if result is not None:
             return _trim_after_eos(result, prompt, eos_ids) if lagged else result
@@ -193,8 +247,8 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
     done_prev = None
     for step in range(new):
         scores = logits[:batch, -1].float()
-        if len(warpers):  # the warpers read the ids so far; greedy and plain sampling need none (no concatenation)
-            scores = warpers(torch.cat(out, 1), scores)
+        if len(processors):  # they read the ids so far; greedy and plain sampling need none (no concatenation)
+            scores = processors(torch.cat(out, 1), scores)
         if s["do_sample"]:
             token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:

@@ -183,6 +183,51 @@ def test_same_as_transformers_generate_unquantized_with_eos():
         assert steps.count("decode") == theirs.shape[1] - 7 - 1 + lagged, (lagged, fused, steps)
 
 
+def test_processors_and_seeded_samples_equal_transformers():
+    """repetition_penalty, no_repeat_ngram_size and min_new_tokens (transformers' own logits processors, in its
+    order) give transformers' greedy tokens on a left-padded batch, from keyword arguments or a generation_config;
+    seeded sampling with temperature, top_k, top_p, min_p and num_return_sequences draws transformers' tokens (the
+    same scores, the same multinomial draws on the default generator); what is not implemented is refused by name
+    (fp32, nothing quantized: the program is the float model)."""
+    model = _model("qwen2")
+    ids = _prompts(2, 7, seed=8)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    qm = fxquant.compile(model, {"input_ids": ids}, config=fxquant.QuantConfig(skip=["re:.*"]), max_batch_size=6,
+                         max_cache_len=64, progress=False)
+    free = qm.generate(ids, attention_mask=mask, max_new_tokens=16)
+    eos = int(free[0, 7 + 2])  # row 0 emits it at step 2 without min_new_tokens
+    kw = dict(attention_mask=mask, max_new_tokens=16, repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=6,
+              eos_token_id=eos, pad_token_id=255)
+    theirs = model.generate(ids, do_sample=False, **kw)
+    assert eos not in theirs[0, 7:7 + 6].tolist() and not torch.equal(theirs, free[:, :theirs.shape[1]])
+    for fused in (True, False):  # with processors the per-token loop serves greedy decoding on every device
+        with mock.patch.object(generation, "_fused_greedy", lambda device: fused):
+            assert torch.equal(qm.generate(ids, **kw), theirs), fused
+    config = transformers.GenerationConfig(repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=6,
+                                           eos_token_id=eos, pad_token_id=255)
+    assert torch.equal(qm.generate(ids, attention_mask=mask, max_new_tokens=16, generation_config=config), theirs)
+
+    sampling = dict(attention_mask=mask, max_new_tokens=12, do_sample=True, temperature=0.5, top_k=40, top_p=0.9,
+                    min_p=0.7, repetition_penalty=1.2, num_return_sequences=3, pad_token_id=255)
+    torch.manual_seed(11)
+    ours = qm.generate(ids, **sampling)
+    torch.manual_seed(11)
+    theirs = model.generate(ids, **sampling)
+    assert ours.shape == (6, 7 + 12) and torch.equal(ours, theirs)
+    assert torch.equal(ours[:3, :7], ids[:1].expand(3, 7)) and not torch.equal(ours[0], ours[1])
+
+    with pytest.raises(ValueError, match=r"typical_p=0\.5 \(from generation_config\)"):
+        qm.generate(ids, max_new_tokens=2, generation_config=transformers.GenerationConfig(do_sample=True, typical_p=0.5))
+    with pytest.raises(ValueError, match=r"num_return_sequences=2 needs do_sample=True"):
+        qm.generate(ids, max_new_tokens=2, num_return_sequences=2)
+    with pytest.raises(fxquant.InputError, match=r"2 prompts × num_return_sequences=4 = 8 rows, but the KV cache holds "
+                                                 r"max_batch_size=6"):
+        qm.generate(ids, max_new_tokens=2, do_sample=True, num_return_sequences=4)
+    with pytest.raises(ValueError, match=r"penalty"):  # transformers' own range check, before any work
+        qm.generate(ids, max_new_tokens=2, repetition_penalty=-1.0)
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
     """Seeded sampling repeats; top_k=1 sampling is greedy. Decode in W8A8 (fp32 logits): the weight-only decode of
     an fp32 model gives bf16-precision logits (ATen's kernel rounds its output), whose exact ties top_k=1 keeps
