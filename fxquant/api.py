@@ -127,7 +127,8 @@ class QuantizedModel(torch.nn.Module):
                  repetition_penalty: Optional[float] = None, no_repeat_ngram_size: Optional[int] = None,
                  min_length: Optional[int] = None, min_new_tokens: Optional[int] = None,
                  eos_token_id: Optional[int | list[int]] = None, pad_token_id: Optional[int] = None,
-                 generation_config=None, streamer=None, **kwargs: Any) -> torch.Tensor:
+                 generation_config=None, streamer=None, logits_processor=None, stopping_criteria=None,
+                 use_cache: Optional[bool] = None, **kwargs: Any) -> torch.Tensor:
         """Generate tokens with the program's KV cache, as transformers' ``generate`` does for a decoder-only LM
         (:mod:`fxquant.generation`).
 
@@ -153,6 +154,14 @@ class QuantizedModel(torch.nn.Module):
             generation_config: a ``transformers.GenerationConfig``; keyword arguments override its fields
                 (pass ``model.generation_config`` to use the model's sampling settings too).
             streamer: a transformers streamer (``put``/``end``), e.g. ``TextStreamer`` (batch 1).
+            logits_processor: transformers ``LogitsProcessor`` objects (a ``LogitsProcessorList``) run after the
+                built ones, before the sampling warpers; one of a built one's type replaces it (transformers'
+                rule). Each is called ``(ids so far [B, t] int64, scores [B, V] fp32) -> scores``.
+            stopping_criteria: transformers ``StoppingCriteria`` objects, called after each token as
+                ``(ids so far, None) -> [B] bool``; a row stops where one says so (padded after it only when an
+                EOS id is set, as transformers does).
+            use_cache: accepted for callers written for transformers; the KV cache is always used (the tokens
+                are the same).
 
         Returns:
             int64 [batch × num_return_sequences, prompt + n] on the model's device: the prompt, then n ≤
@@ -172,7 +181,8 @@ class QuantizedModel(torch.nn.Module):
                          num_return_sequences=num_return_sequences, repetition_penalty=repetition_penalty,
                          no_repeat_ngram_size=no_repeat_ngram_size, min_length=min_length, min_new_tokens=min_new_tokens,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, generation_config=generation_config,
-                         streamer=streamer, **kwargs)
+                         streamer=streamer, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                         use_cache=use_cache, **kwargs)
 
     def _call_graph(self, method: str, *args: torch.Tensor) -> Any:
         """Run a method's graph on inputs fxquant built itself (no binding or shape checks; outputs in the

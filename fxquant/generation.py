@@ -99,12 +99,14 @@ def _settings(generation_config, kwargs: dict, spec) -> dict:
     return out
 
 
-def _processors(s: dict, prompt: int, pads: Optional[torch.Tensor], eos_ids: Optional[torch.Tensor]):
+def _processors(s: dict, prompt: int, pads: Optional[torch.Tensor], eos_ids: Optional[torch.Tensor], custom=None):
     """transformers' logits processors for ``s``, in the order of its ``GenerationMixin._get_logits_processor``
-    (repetition penalty, n-gram ban, minimum lengths; then, when sampling, the warpers temperature, top-k, top-p,
-    min-p), each called as transformers calls it: ``(ids so far [B, t] int64, scores [B, V] fp32) -> scores``. The
-    minimum lengths act only where there is an EOS id, as there. ``pads`` [B]: the left padding of each row, which
-    the repetition penalty skips (transformers ≥ 5.2x; earlier it penalises the pad id as transformers did).
+    (repetition penalty, n-gram ban, minimum lengths; the caller's ``custom`` processors, each replacing a built one
+    of its type and the rest appended, as ``_merge_criteria_processor_list`` does; then, when sampling, the warpers
+    temperature, top-k, top-p, min-p), each called as transformers calls it: ``(ids so far [B, t] int64, scores
+    [B, V] fp32) -> scores``. The minimum lengths act only where there is an EOS id, as there. ``pads`` [B]: the
+    left padding of each row, which the repetition penalty skips (transformers ≥ 5.2x; earlier it penalises the
+    pad id as transformers did).
 
     Raises:
         ValueError: a setting out of its range (transformers' own messages)."""
@@ -125,6 +127,7 @@ def _processors(s: dict, prompt: int, pads: Optional[torch.Tensor], eos_ids: Opt
     if eos_ids is not None and s["min_new_tokens"]:
         out.append(lp.MinNewTokensLengthLogitsProcessor(prompt, int(s["min_new_tokens"]), eos_ids,
                                                         device=str(eos_ids.device)))
+    out = _merged(out, custom or [])
     if not s["do_sample"]:
         return out
     if s["temperature"] is not None and s["temperature"] != 1.0:
@@ -135,6 +138,16 @@ def _processors(s: dict, prompt: int, pads: Optional[torch.Tensor], eos_ids: Opt
         out.append(lp.TopPLogitsWarper(float(s["top_p"])))
     if s["min_p"] is not None:
         out.append(lp.MinPLogitsWarper(float(s["min_p"])))
+    return out
+
+
+def _merged(built, custom):
+    """``built`` with each element replaced by the ``custom`` one of its type, then the other ``custom`` ones
+    appended (transformers' ``_merge_criteria_processor_list``, which also lets the caller's win)."""
+    out = type(built)()
+    for b in built:
+        out.append(next((c for c in custom if type(c) is type(b)), b))
+    out.extend(c for c in custom if c not in out)
     return out
 
 
@@ -150,8 +163,10 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
              max_new_tokens: Optional[int] = None, do_sample: Optional[bool] = None,
              temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
              eos_token_id=None, pad_token_id: Optional[int] = None, generation_config=None, streamer=None,
+             logits_processor=None, stopping_criteria=None, use_cache: Optional[bool] = None,
              **unsupported: Any) -> torch.Tensor:
     """See :meth:`fxquant.QuantizedModel.generate`."""
+    del use_cache  # accepted as transformers' callers pass it: the tokens are the same, and the cache is always used
     program = qmodel.program
     spec = program.generation
     if spec is None:
@@ -215,7 +230,12 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
     ids = input_ids.to(device)
     eos_ids = torch.tensor(eos, device=device) if eos else None
     pads = (attention_mask.to(device) != 0).int().argmax(1) if attention_mask is not None else None
-    processors = _processors(s, prompt, pads, eos_ids)
+    processors = _processors(s, prompt, pads, eos_ids, logits_processor)
+    criteria = None
+    if stopping_criteria is not None and len(stopping_criteria):
+        from transformers.generation.stopping_criteria import StoppingCriteriaList
+
+        criteria = StoppingCriteriaList(list(stopping_criteria))
     # the prompt block, left-padded to `padded` slots where prefill replays CUDA graphs (padding is masked out)
     padded = _padded_length(qmodel, prompt, new, spec, device)
     lead = padded - prompt
@@ -237,9 +257,9 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     # Where the device runs ahead of the host (CUDA), "has every row finished?" is read one step late, so that the
     # host never waits for the GPU between tokens; a step past the end is trimmed below (_trim_after_eos)
-    lagged = bool(eos) and streamer is None and _lag_eos_check(device)
-    if (not s["do_sample"] and not len(processors) and streamer is None and len(eos) <= GREEDY_MAX_EOS
-            and _fused_greedy(device)):
+    lagged = bool(eos) and streamer is None and criteria is None and _lag_eos_check(device)
+    if (not s["do_sample"] and not len(processors) and criteria is None and streamer is None
+            and len(eos) <= GREEDY_MAX_EOS and _fused_greedy(device)):
         result = _greedy_loop(qmodel, spec, device, logits, ids, new, padded, next_pos, mask_full, eos_ids, pad, lagged)
         if result is not None:
             return _trim_after_eos(result, prompt, eos_ids) if lagged else result
@@ -253,14 +273,17 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
             token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:
             token = scores.argmax(-1)
-        token = torch.where(finished, torch.full_like(token, pad), token)
+        if eos:  # as transformers: finished rows are padded only where an EOS id is set
+            token = torch.where(finished, torch.full_like(token, pad), token)
         out.append(token[:, None])
         if streamer is not None:
             streamer.put(token.cpu())
         if eos:
             finished |= torch.isin(token, eos_ids)
-            if not lagged and bool(finished.all()):
-                break
+        if criteria is not None:  # called as transformers calls them: (ids so far, scores=None) -> [B] bool
+            finished |= criteria(torch.cat(out, 1), None).to(device)
+        if (eos or criteria is not None) and not lagged and bool(finished.all()):
+            break
         if step == new - 1:
             break
         if lagged:  # the previous step's flag, queued before the decode step the GPU is running: no stall

@@ -228,6 +228,50 @@ def test_processors_and_seeded_samples_equal_transformers():
         qm.generate(ids, max_new_tokens=2, repetition_penalty=-1.0)
 
 
+def test_caller_processors_and_stopping_criteria_equal_transformers():
+    """A caller's logits processors (after the built ones; one of a built type replaces it) and stopping criteria (a
+    row stops where one fires, and is padded after only where an EOS id is set) give transformers' tokens, called as
+    code written for transformers' generate calls it (keyword input_ids, use_cache=True)."""
+    from transformers.generation import (LogitsProcessor, LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                                         StoppingCriteria, StoppingCriteriaList)
+
+    class BanOdd(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores = scores.clone()
+            scores[:, 1::2] = -float("inf")
+            return scores
+
+    class StopAtHighId(StoppingCriteria):  # a row stops once one of its new tokens is ≥ 200
+        def __call__(self, input_ids, scores, **kwargs):
+            return (input_ids[:, 7:] >= 200).any(-1)
+
+    model = _model("qwen2")
+    ids = _prompts(2, 7, seed=9)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    qm = fxquant.compile(model, {"input_ids": ids}, config=fxquant.QuantConfig(skip=["re:.*"]), max_batch_size=2,
+                         max_cache_len=64, progress=False)
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, use_cache=True, pad_token_id=254,
+              repetition_penalty=5.0, logits_processor=LogitsProcessorList([BanOdd(), RepetitionPenaltyLogitsProcessor(1.2)]),
+              stopping_criteria=StoppingCriteriaList([StopAtHighId()]))
+    theirs = model.generate(**kw)
+    new = theirs[:, 7:]
+    assert theirs.shape[1] < 7 + 24 and bool((new % 2 == 0).all())  # stopped early; only even ids
+    stops = [int((row >= 200).int().argmax()) for row in new]
+    assert stops[0] != stops[1]  # the rows stop at different steps; the earlier one generates on, unpadded
+    assert torch.equal(qm.generate(**kw), theirs)
+    # the merge, as transformers': the caller's penalty replaces the built one in its place, the rest come after
+    settings = dict.fromkeys(generation._SETTINGS) | {"repetition_penalty": 5.0, "no_repeat_ngram_size": 2}
+    merged = generation._processors(settings, 7, None, None, [BanOdd(), RepetitionPenaltyLogitsProcessor(1.2)])
+    assert [type(p).__name__ for p in merged] == ["RepetitionPenaltyLogitsProcessor", "NoRepeatNGramLogitsProcessor",
+                                                  "BanOdd"] and merged[0].penalty == 1.2
+    with mock.patch.object(generation, "_lag_eos_check", lambda device: True):  # CUDA's late flag: same tokens
+        eos = int(new[1, 1]) if stops[1] > 1 else int(new[0, 1])
+        theirs = model.generate(**{**kw, "eos_token_id": eos})
+        assert torch.equal(qm.generate(**{**kw, "eos_token_id": eos}), theirs)
+        assert bool((theirs == 254).any())  # rows finished early are padded where an EOS id is set
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
     """Seeded sampling repeats; top_k=1 sampling is greedy. Decode in W8A8 (fp32 logits): the weight-only decode of
     an fp32 model gives bf16-precision logits (ATen's kernel rounds its output), whose exact ties top_k=1 keeps
