@@ -162,10 +162,14 @@ class QuantizedModel(torch.nn.Module):
                 EOS id is set, as transformers does).
             use_cache: accepted for callers written for transformers; the KV cache is always used (the tokens
                 are the same).
+            **kwargs: also ``return_dict_in_generate``, ``output_scores``, ``output_logits`` (as transformers:
+                the result is then a ``GenerateDecoderOnlyOutput`` whose ``scores`` / ``logits`` hold one [batch,
+                vocab] fp32 tensor per new token, after / before the processors). Any other keyword is refused.
 
         Returns:
             int64 [batch × num_return_sequences, prompt + n] on the model's device: the prompt, then n ≤
-            max_new_tokens tokens (n is less when every row reached EOS).
+            max_new_tokens tokens (n is less when every row reached EOS or a stopping criterion); with
+            ``return_dict_in_generate``, transformers' ``GenerateDecoderOnlyOutput`` holding it as ``sequences``.
 
         Raises:
             InputError: no generation methods (compiled with ``generation=False`` or not a causal LM), bad

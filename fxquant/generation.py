@@ -61,7 +61,7 @@ GREEDY_MAX_EOS = 16  # EOS ids the greedy step's static buffer holds (more: the 
 # the settings generate implements (keyword arguments override generation_config's fields)
 _SETTINGS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "min_p",
              "repetition_penalty", "no_repeat_ngram_size", "min_length", "min_new_tokens", "num_return_sequences",
-             "eos_token_id", "pad_token_id")
+             "eos_token_id", "pad_token_id", "return_dict_in_generate", "output_scores", "output_logits")
 # transformers' generation features it does not, each with the value that leaves it off (None is off too); from
 # generation_config as from keyword arguments, any other value is refused rather than ignored
 _UNSUPPORTED = {"num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": None,
@@ -71,7 +71,8 @@ _UNSUPPORTED = {"num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, 
                 "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
                 "exponential_decay_length_penalty": None, "renormalize_logits": False, "remove_invalid_values": False,
                 "watermarking_config": None, "stop_strings": None, "max_time": None,
-                "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0}
+                "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "output_attentions": False,
+                "output_hidden_states": False}
 
 
 def _settings(generation_config, kwargs: dict, spec) -> dict:
@@ -250,25 +251,32 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
         streamer.put(input_ids.cpu())
 
     out = [ids]
+    as_dict = bool(s["return_dict_in_generate"])
+    kept = {k: [] for k in ("scores", "logits") if as_dict and s[f"output_{k}"]}  # per step, [B, V] fp32 each
     if new == 0:
-        return ids
+        return _as_output(ids, kept, prompt) if as_dict else ids
     logits = _prefill(qmodel, rows, positions, mask_full)
     next_pos = positions[:, -1:] + 1
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     # Where the device runs ahead of the host (CUDA), "has every row finished?" is read one step late, so that the
     # host never waits for the GPU between tokens; a step past the end is trimmed below (_trim_after_eos)
     lagged = bool(eos) and streamer is None and criteria is None and _lag_eos_check(device)
-    if (not s["do_sample"] and not len(processors) and criteria is None and streamer is None
+    if (not s["do_sample"] and not len(processors) and criteria is None and streamer is None and not kept
             and len(eos) <= GREEDY_MAX_EOS and _fused_greedy(device)):
         result = _greedy_loop(qmodel, spec, device, logits, ids, new, padded, next_pos, mask_full, eos_ids, pad, lagged)
         if result is not None:
-            return _trim_after_eos(result, prompt, eos_ids) if lagged else result
+            result = _trim_after_eos(result, prompt, eos_ids) if lagged else result
+            return _as_output(result, kept, prompt) if as_dict else result
     decode = _decoder(qmodel, spec, device)  # here, not before: the greedy step captures its own graph
     done_prev = None
     for step in range(new):
-        scores = logits[:batch, -1].float()
+        scores = logits[:batch, -1].to(torch.float32, copy=True)  # a copy: the decode graph rewrites its logits
+        if "logits" in kept:
+            kept["logits"].append(scores)
         if len(processors):  # they read the ids so far; greedy and plain sampling need none (no concatenation)
             scores = processors(torch.cat(out, 1), scores)
+        if "scores" in kept:
+            kept["scores"].append(scores)
         if s["do_sample"]:
             token = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
         else:
@@ -299,7 +307,19 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
     if streamer is not None:
         streamer.end()
     result = torch.cat(out, 1)
-    return _trim_after_eos(result, prompt, eos_ids) if lagged else result
+    result = _trim_after_eos(result, prompt, eos_ids) if lagged else result
+    return _as_output(result, kept, prompt) if as_dict else result
+
+
+def _as_output(sequences: torch.Tensor, kept: dict, prompt: int):
+    """transformers' ``GenerateDecoderOnlyOutput``: ``sequences`` [B, prompt + n], and where asked for, ``scores``
+    (after the processors and warpers) and ``logits`` (raw), tuples of n tensors [B, V] fp32 (steps past a late
+    EOS check's trim dropped), as ``generate(..., return_dict_in_generate=True, output_scores=True,
+    output_logits=True)`` returns them; ``compute_transition_scores`` reads them as it reads transformers'."""
+    from transformers.generation import GenerateDecoderOnlyOutput
+
+    steps = {k: tuple(v[:sequences.shape[1] - prompt]) for k, v in kept.items()}
+    return GenerateDecoderOnlyOutput(sequences=sequences, scores=steps.get("scores"), logits=steps.get("logits"))
 
 
 def _fused_greedy(device: torch.device) -> bool:

@@ -272,6 +272,39 @@ def test_caller_processors_and_stopping_criteria_equal_transformers():
         assert bool((theirs == 254).any())  # rows finished early are padded where an EOS id is set
 
 
+def test_scores_and_logits_returned_as_transformers_returns_them():
+    """return_dict_in_generate with output_scores / output_logits gives transformers' GenerateDecoderOnlyOutput: the
+    same sequences, one [B, V] fp32 tensor per new token (scores after the processors, logits raw), within fp32
+    rounding of transformers' (the program is the float model here), which compute_transition_scores reads; under
+    the late EOS check (CUDA's) the trimmed step's entries go too."""
+    model = _model("llama")
+    ids = _prompts(2, 6, seed=10)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    qm = fxquant.compile(model, {"input_ids": ids}, config=fxquant.QuantConfig(skip=["re:.*"]), max_batch_size=2,
+                         max_cache_len=64, progress=False)
+    kw = dict(attention_mask=mask, max_new_tokens=8, return_dict_in_generate=True, output_scores=True,
+              output_logits=True, repetition_penalty=1.3, pad_token_id=0)
+    ours, theirs = qm.generate(ids, **kw), model.generate(ids, do_sample=False, **kw)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for field in ("scores", "logits"):
+        assert len(getattr(ours, field)) == len(getattr(theirs, field)) == 8
+        for a, b in zip(getattr(ours, field), getattr(theirs, field)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(ours.scores[3], ours.logits[3])  # the penalty acted on the scores, not on the logits
+    torch.testing.assert_close(model.compute_transition_scores(ours.sequences, ours.scores, normalize_logits=True),
+                               model.compute_transition_scores(theirs.sequences, theirs.scores, normalize_logits=True),
+                               atol=1e-4, rtol=1e-4)
+    both = [int(theirs.sequences[0, 6 + 2]), int(theirs.sequences[1, 6 + 4])]  # every row stops early
+    with mock.patch.object(generation, "_lag_eos_check", lambda device: True):
+        ours = qm.generate(ids, eos_token_id=both, **kw)
+    theirs = model.generate(ids, do_sample=False, eos_token_id=both, **kw)
+    assert torch.equal(ours.sequences, theirs.sequences) and theirs.sequences.shape[1] < 6 + 8
+    assert len(ours.scores) == len(ours.logits) == len(theirs.scores) == theirs.sequences.shape[1] - 6
+    assert torch.equal(qm.generate(ids, max_new_tokens=3, return_dict_in_generate=True).sequences,
+                       qm.generate(ids, max_new_tokens=3))
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
     """Seeded sampling repeats; top_k=1 sampling is greedy. Decode in W8A8 (fp32 logits): the weight-only decode of
     an fp32 model gives bf16-precision logits (ATen's kernel rounds its output), whose exact ties top_k=1 keeps
