@@ -149,10 +149,8 @@ def test_generate_streams_text_and_speed_from_a_float_dir(llama_dir, capsys):
 
 
 def test_generate_from_the_checkpoint_streams_what_generate_makes(quantized, tokenizer, capsys):
-    capsys.readouterr()
-    assert cli.main(["generate", str(quantized), "--prompt", "The weather today", "--max-new-tokens", "5"]) == 0
-    captured = capsys.readouterr()
-    assert SPEED.match(captured.err.strip().splitlines()[-1])
+    """The command streams what ``generate`` makes from the same checkpoint: greedy, greedy with a repetition
+    penalty, and seeded sampling with top-k / top-p (the same seed, the same draws)."""
     enc = tokenizer(["The weather today"], return_tensors="pt")
     config = transformers.AutoConfig.from_pretrained(quantized)
     config.quantization_config = None
@@ -160,9 +158,23 @@ def test_generate_from_the_checkpoint_streams_what_generate_makes(quantized, tok
     n = enc["input_ids"].shape[1]
     qm = fxquant.compile(skeleton, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
                          weights=quantized, max_cache_len=n + 5)
-    ids = qm.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=5, do_sample=False)
-    expected = tokenizer.decode(ids[0, n:], skip_special_tokens=True)
-    assert captured.out.strip() == expected.strip()
+    runs = [([], {"do_sample": False}),
+            (["--repetition-penalty", "1.5"], {"do_sample": False, "repetition_penalty": 1.5}),
+            (["--temperature", "0.9", "--top-k", "50", "--top-p", "0.95", "--seed", "3"],
+             {"do_sample": True, "temperature": 0.9, "top_k": 50, "top_p": 0.95})]
+    texts = []
+    for flags, kwargs in runs:
+        capsys.readouterr()
+        assert cli.main(["generate", str(quantized), "--prompt", "The weather today", "--max-new-tokens", "5",
+                         *flags]) == 0
+        captured = capsys.readouterr()
+        assert SPEED.match(captured.err.strip().splitlines()[-1])
+        torch.manual_seed(3)
+        ids = qm.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=5, **kwargs)
+        expected = tokenizer.decode(ids[0, n:], skip_special_tokens=True)
+        assert captured.out.strip() == expected.strip(), flags
+        texts.append(expected)
+    assert len(set(texts)) > 1  # the flags changed what was generated
 
 
 # ---------------------------------------------------------------------------------------------- errors
@@ -211,6 +223,7 @@ def test_user_errors_exit_2_with_one_line_and_write_nothing(llama_dir, quantized
         (["generate", default_model_dir(), "--prompt", "hi"], ["BertModel", "not a causal LM"]),
         (["generate", str(no_config), "--prompt", "hi"], ["no config.json"]),
         (["generate", llama, "--prompt", "hi", "--max-new-tokens", "500"], ["max_position_embeddings=128"]),
+        (["generate", llama, "--prompt", "hi", "--top-p", "0.9"], ["--temperature 0", "--temperature above 0"]),
     ]
     for argv, says in cases:
         _fails(argv, says, capsys)

@@ -32,6 +32,20 @@ def _non_negative(v: str) -> float:
     return f
 
 
+def _probability(v: str) -> float:
+    f = float(v)
+    if not 0 < f <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
+    return f
+
+
+def _above_zero(v: str) -> float:
+    f = float(v)
+    if not f > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return f
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxquant", description="W8A8 graph-rewrite quantization for PyTorch inference.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -88,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate at most (default 64)")
     g.add_argument("--temperature", type=_non_negative, default=0.0,
                    help="0 (default): greedy; above 0: sample with this temperature")
+    g.add_argument("--top-k", type=_positive, default=None, help="with --temperature: keep the k most likely tokens")
+    g.add_argument("--top-p", type=_probability, default=None,
+                   help="with --temperature: keep the most likely tokens up to this probability mass")
+    g.add_argument("--repetition-penalty", type=_above_zero, default=None,
+                   help="divide the logits of tokens already present by this (CTRL's penalty; 1 = off)")
+    g.add_argument("--seed", type=int, default=None, help="seed torch's generator first (a sampled run repeats)")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (default cpu)")
     b = sub.add_parser("bench", help="time the float model and fxquant side by side on one batch (medians, ratio)")
     b.add_argument("model_dir", help="a float Hugging Face model directory (encoder or causal LM)")
@@ -289,6 +309,9 @@ def run_generate(args: argparse.Namespace) -> None:
         raise _UsageError("--device cuda: no CUDA device is visible here; use --device cpu")
     if not args.prompt.strip():
         raise _UsageError("--prompt is empty: give the text to continue")
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        raise _UsageError("--top-k and --top-p shape sampling, which --temperature 0 (greedy) does not do: give "
+                          "--temperature above 0, or drop them")
     loaded = load_model(args.model_dir, need_tokenizer=True, causal_only=True, device=args.device)
     from transformers import TextStreamer
 
@@ -301,12 +324,15 @@ def run_generate(args: argparse.Namespace) -> None:
     qmodel = _compile(loaded, example, config=QuantConfig(target=args.device), generation=True,
                       max_cache_len=prompt_len + args.max_new_tokens, progress=False)
     gen = getattr(loaded.model, "generation_config", None)
-    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    sampling = ({"do_sample": True, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+                if args.temperature > 0 else {"do_sample": False})
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
     streamer = TextStreamer(loaded.tokenizer, skip_prompt=True, skip_special_tokens=True)
     t0 = time.perf_counter()
     out = qmodel.generate(example["input_ids"], example.get("attention_mask"), max_new_tokens=args.max_new_tokens,
                           eos_token_id=getattr(gen, "eos_token_id", None), pad_token_id=getattr(gen, "pad_token_id", None),
-                          streamer=streamer, **sampling)
+                          repetition_penalty=args.repetition_penalty, streamer=streamer, **sampling)
     seconds = time.perf_counter() - t0
     n = int(out.shape[1]) - prompt_len
     print(f"{n} tokens in {seconds:.2f} s ({n / seconds:.1f} tokens/s)", file=sys.stderr)
