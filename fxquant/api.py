@@ -128,7 +128,8 @@ class QuantizedModel(torch.nn.Module):
                  min_length: Optional[int] = None, min_new_tokens: Optional[int] = None,
                  eos_token_id: Optional[int | list[int]] = None, pad_token_id: Optional[int] = None,
                  generation_config=None, streamer=None, logits_processor=None, stopping_criteria=None,
-                 use_cache: Optional[bool] = None, **kwargs: Any) -> torch.Tensor:
+                 use_cache: Optional[bool] = None, stop_strings: Optional[str | list[str]] = None, tokenizer=None,
+                 max_time: Optional[float] = None, **kwargs: Any) -> torch.Tensor:
         """Generate tokens with the program's KV cache, as transformers' ``generate`` does for a decoder-only LM
         (:mod:`fxquant.generation`).
 
@@ -162,6 +163,10 @@ class QuantizedModel(torch.nn.Module):
                 EOS id is set, as transformers does).
             use_cache: accepted for callers written for transformers; the KV cache is always used (the tokens
                 are the same).
+            stop_strings, tokenizer: a row stops once its text ends with one of the strings
+                (``StopStringCriteria``, which needs the model's tokenizer).
+            max_time: seconds; generation stops after the token during which they ran out (``MaxTimeCriteria``;
+                the clock starts when generate starts, the first call's compilation included).
             **kwargs: also ``return_dict_in_generate``, ``output_scores``, ``output_logits`` (as transformers:
                 the result is then a ``GenerateDecoderOnlyOutput`` whose ``scores`` / ``logits`` hold one [batch,
                 vocab] fp32 tensor per new token, after / before the processors). Any other keyword is refused.
@@ -186,7 +191,8 @@ class QuantizedModel(torch.nn.Module):
                          no_repeat_ngram_size=no_repeat_ngram_size, min_length=min_length, min_new_tokens=min_new_tokens,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, generation_config=generation_config,
                          streamer=streamer, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
-                         use_cache=use_cache, **kwargs)
+                         use_cache=use_cache, stop_strings=stop_strings, tokenizer=tokenizer, max_time=max_time,
+                         **kwargs)
 
     def _call_graph(self, method: str, *args: torch.Tensor) -> Any:
         """Run a method's graph on inputs fxquant built itself (no binding or shape checks; outputs in the

@@ -61,7 +61,8 @@ GREEDY_MAX_EOS = 16  # EOS ids the greedy step's static buffer holds (more: the 
 # the settings generate implements (keyword arguments override generation_config's fields)
 _SETTINGS = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "min_p",
              "repetition_penalty", "no_repeat_ngram_size", "min_length", "min_new_tokens", "num_return_sequences",
-             "eos_token_id", "pad_token_id", "return_dict_in_generate", "output_scores", "output_logits")
+             "eos_token_id", "pad_token_id", "return_dict_in_generate", "output_scores", "output_logits", "stop_strings",
+             "max_time")
 # transformers' generation features it does not, each with the value that leaves it off (None is off too); from
 # generation_config as from keyword arguments, any other value is refused rather than ignored
 _UNSUPPORTED = {"num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": None,
@@ -70,7 +71,7 @@ _UNSUPPORTED = {"num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, 
                 "bad_words_ids": None, "force_words_ids": None, "constraints": None, "forced_bos_token_id": None,
                 "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
                 "exponential_decay_length_penalty": None, "renormalize_logits": False, "remove_invalid_values": False,
-                "watermarking_config": None, "stop_strings": None, "max_time": None,
+                "watermarking_config": None,
                 "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "output_attentions": False,
                 "output_hidden_states": False}
 
@@ -142,6 +143,27 @@ def _processors(s: dict, prompt: int, pads: Optional[torch.Tensor], eos_ids: Opt
     return out
 
 
+def _criteria(s: dict, tokenizer, custom):
+    """transformers' stopping criteria for ``s`` beside EOS and the length limit, which ``generate`` checks itself:
+    ``MaxTimeCriteria`` (its clock starts here, before prefill, as in transformers), ``StopStringCriteria`` (needs
+    the tokenizer), merged with the caller's as :func:`_merged` does; None where there are none.
+
+    Raises:
+        ValueError: stop_strings without a tokenizer."""
+    from transformers.generation.stopping_criteria import MaxTimeCriteria, StoppingCriteriaList, StopStringCriteria
+
+    built = StoppingCriteriaList()
+    if s["max_time"] is not None:
+        built.append(MaxTimeCriteria(float(s["max_time"])))
+    if s["stop_strings"] is not None:
+        if tokenizer is None:
+            raise ValueError(f"stop_strings={s['stop_strings']!r} needs the model's tokenizer to find them in the "
+                             "tokens: pass tokenizer= to generate")
+        built.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=s["stop_strings"]))
+    out = _merged(built, list(custom or []))
+    return out if len(out) else None
+
+
 def _merged(built, custom):
     """``built`` with each element replaced by the ``custom`` one of its type, then the other ``custom`` ones
     appended (transformers' ``_merge_criteria_processor_list``, which also lets the caller's win)."""
@@ -164,7 +186,7 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
              max_new_tokens: Optional[int] = None, do_sample: Optional[bool] = None,
              temperature: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
              eos_token_id=None, pad_token_id: Optional[int] = None, generation_config=None, streamer=None,
-             logits_processor=None, stopping_criteria=None, use_cache: Optional[bool] = None,
+             logits_processor=None, stopping_criteria=None, use_cache: Optional[bool] = None, tokenizer=None,
              **unsupported: Any) -> torch.Tensor:
     """See :meth:`fxquant.QuantizedModel.generate`."""
     del use_cache  # accepted as transformers' callers pass it: the tokens are the same, and the cache is always used
@@ -232,11 +254,7 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
     eos_ids = torch.tensor(eos, device=device) if eos else None
     pads = (attention_mask.to(device) != 0).int().argmax(1) if attention_mask is not None else None
     processors = _processors(s, prompt, pads, eos_ids, logits_processor)
-    criteria = None
-    if stopping_criteria is not None and len(stopping_criteria):
-        from transformers.generation.stopping_criteria import StoppingCriteriaList
-
-        criteria = StoppingCriteriaList(list(stopping_criteria))
+    criteria = _criteria(s, tokenizer, stopping_criteria)
     # the prompt block, left-padded to `padded` slots where prefill replays CUDA graphs (padding is masked out)
     padded = _padded_length(qmodel, prompt, new, spec, device)
     lead = padded - prompt

@@ -272,6 +272,28 @@ def test_caller_processors_and_stopping_criteria_equal_transformers():
         assert bool((theirs == 254).any())  # rows finished early are padded where an EOS id is set
 
 
+def test_stop_strings_and_max_time_as_transformers():
+    """stop_strings (transformers' StopStringCriteria, with the model's tokenizer) stop each row where transformers'
+    generate stops it; without a tokenizer the error says to pass one; max_time stops a run early."""
+    from fxquant.app.evaluation import default_model_dir
+
+    tok = transformers.AutoTokenizer.from_pretrained(default_model_dir())
+    model = _model("llama", vocab_size=len(tok))
+    g = torch.Generator().manual_seed(12)
+    ids = torch.randint(1000, len(tok), (2, 6), generator=g)
+    qm = fxquant.compile(model, {"input_ids": ids}, config=fxquant.QuantConfig(skip=["re:.*"]), max_batch_size=2,
+                         max_cache_len=48, progress=False)
+    free = qm.generate(ids, max_new_tokens=24)
+    stop = [tok.decode(free[0, 6 + 3:6 + 5]), tok.decode(free[1, 6 + 6:6 + 7])]  # text each row makes early
+    kw = dict(max_new_tokens=24, stop_strings=stop, pad_token_id=0)
+    theirs = model.generate(ids, do_sample=False, tokenizer=tok, **kw)
+    assert theirs.shape[1] < 6 + 24
+    assert torch.equal(qm.generate(ids, tokenizer=tok, **kw), theirs)
+    with pytest.raises(ValueError, match=r"stop_strings=.* needs the model's tokenizer .* pass tokenizer="):
+        qm.generate(ids, **kw)
+    assert qm.generate(ids, max_new_tokens=24, max_time=0.0).shape[1] == 6 + 1  # ran out during the first token
+
+
 def test_scores_and_logits_returned_as_transformers_returns_them():
     """return_dict_in_generate with output_scores / output_logits gives transformers' GenerateDecoderOnlyOutput: the
     same sequences, one [B, V] fp32 tensor per new token (scores after the processors, logits raw), within fp32
