@@ -46,6 +46,20 @@ def _prompts(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (batch, length), generator=g)
 
 
+def _float_program(kind: str, length: int, seed: int, lead: tuple[int, int], max_batch_size: int = 2):
+    """``(model, ids [2, length], mask, program)``: ``_model(kind)`` compiled with nothing quantized (the program
+    computes the float model, so its tokens are transformers' own) and two prompts, row r left-padded by
+    ``lead[r]`` tokens."""
+    model = _model(kind)
+    ids = _prompts(2, length, seed=seed)
+    mask = torch.ones_like(ids)
+    for row, n in enumerate(lead):
+        mask[row, :n] = 0
+    qm = fxquant.compile(model, {"input_ids": ids}, config=fxquant.QuantConfig(skip=["re:.*"]),
+                         max_batch_size=max_batch_size, max_cache_len=64, progress=False)
+    return model, ids, mask, qm
+
+
 def _check_against(out: torch.Tensor, prompt_len: int, logits_of) -> int:
     """Teacher-forced check: at every step the generated token is the argmax of ``logits_of(prefix)`` [B, V],
     or within TIE of it (counted and returned). Fails on any other difference."""
@@ -140,12 +154,7 @@ def test_prefill_block_padded_to_a_bucket_generates_the_same(monkeypatch):
 def test_same_as_transformers_generate_unquantized_with_eos():
     """With nothing quantized the program is the float model: generate gives transformers' tokens, EOS handling
     and padding of finished rows included (fp32, greedy, left-padded batch)."""
-    model = _model("qwen2")
-    ids = _prompts(2, 7, seed=4)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    qm = fxquant.compile(model, {"input_ids": ids}, config=fxquant.QuantConfig(skip=["re:.*"]), max_batch_size=2,
-                         max_cache_len=64, progress=False)
+    model, ids, mask, qm = _float_program("qwen2", 7, seed=4, lead=(0, 3))
     free = qm.generate(ids, attention_mask=mask, max_new_tokens=20)
     eos = int(free[0, 7 + 5])  # a token row 0 emits at step 5: it must stop there and be padded after
     ours = qm.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos, pad_token_id=255)
@@ -189,12 +198,7 @@ def test_processors_and_seeded_samples_equal_transformers():
     seeded sampling with temperature, top_k, top_p, min_p and num_return_sequences draws transformers' tokens (the
     same scores, the same multinomial draws on the default generator); what is not implemented is refused by name
     (fp32, nothing quantized: the program is the float model)."""
-    model = _model("qwen2")
-    ids = _prompts(2, 7, seed=8)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    qm = fxquant.compile(model, {"input_ids": ids}, config=fxquant.QuantConfig(skip=["re:.*"]), max_batch_size=6,
-                         max_cache_len=64, progress=False)
+    model, ids, mask, qm = _float_program("qwen2", 7, seed=8, lead=(0, 3), max_batch_size=6)
     free = qm.generate(ids, attention_mask=mask, max_new_tokens=16)
     eos = int(free[0, 7 + 2])  # row 0 emits it at step 2 without min_new_tokens
     kw = dict(attention_mask=mask, max_new_tokens=16, repetition_penalty=1.5, no_repeat_ngram_size=2, min_new_tokens=6,
@@ -245,12 +249,7 @@ def test_caller_processors_and_stopping_criteria_equal_transformers():
         def __call__(self, input_ids, scores, **kwargs):
             return (input_ids[:, 7:] >= 200).any(-1)
 
-    model = _model("qwen2")
-    ids = _prompts(2, 7, seed=9)
-    mask = torch.ones_like(ids)
-    mask[0, :2] = 0
-    qm = fxquant.compile(model, {"input_ids": ids}, config=fxquant.QuantConfig(skip=["re:.*"]), max_batch_size=2,
-                         max_cache_len=64, progress=False)
+    model, ids, mask, qm = _float_program("qwen2", 7, seed=9, lead=(2, 0))
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, use_cache=True, pad_token_id=254,
               repetition_penalty=5.0, logits_processor=LogitsProcessorList([BanOdd(), RepetitionPenaltyLogitsProcessor(1.2)]),
               stopping_criteria=StoppingCriteriaList([StopAtHighId()]))
@@ -299,12 +298,7 @@ def test_scores_and_logits_returned_as_transformers_returns_them():
     same sequences, one [B, V] fp32 tensor per new token (scores after the processors, logits raw), within fp32
     rounding of transformers' (the program is the float model here), which compute_transition_scores reads; under
     the late EOS check (CUDA's) the trimmed step's entries go too."""
-    model = _model("llama")
-    ids = _prompts(2, 6, seed=10)
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    qm = fxquant.compile(model, {"input_ids": ids}, config=fxquant.QuantConfig(skip=["re:.*"]), max_batch_size=2,
-                         max_cache_len=64, progress=False)
+    model, ids, mask, qm = _float_program("llama", 6, seed=10, lead=(0, 2))
     kw = dict(attention_mask=mask, max_new_tokens=8, return_dict_in_generate=True, output_scores=True,
               output_logits=True, repetition_penalty=1.3, pad_token_id=0)
     ours, theirs = qm.generate(ids, **kw), model.generate(ids, do_sample=False, **kw)
