@@ -71,9 +71,8 @@ _UNSUPPORTED = {"num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, 
                 "bad_words_ids": None, "force_words_ids": None, "constraints": None, "forced_bos_token_id": None,
                 "forced_eos_token_id": None, "suppress_tokens": None, "begin_suppress_tokens": None,
                 "exponential_decay_length_penalty": None, "renormalize_logits": False, "remove_invalid_values": False,
-                "watermarking_config": None,
-                "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "output_attentions": False,
-                "output_hidden_states": False}
+                "watermarking_config": None, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
+                "output_attentions": False, "output_hidden_states": False}
 
 
 def _settings(generation_config, kwargs: dict, spec) -> dict:
