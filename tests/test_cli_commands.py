@@ -177,6 +177,34 @@ def test_generate_from_the_checkpoint_streams_what_generate_makes(quantized, tok
     assert len(set(texts)) > 1  # the flags changed what was generated
 
 
+def test_generate_chat_sends_the_prompt_through_the_chat_template(llama_dir, tokenizer, tmp_path, capsys):
+    """--chat: the prompt goes in as a user message through the tokenizer's chat template, tokenized by the template
+    (so its BOS, here BERT's [CLS], is not doubled), and the command streams what generate makes from those ids; a
+    tokenizer without a template is a usage error naming the directory."""
+    import shutil
+
+    chat_dir = tmp_path / "chat_llama"
+    shutil.copytree(llama_dir, chat_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(chat_dir)
+    tok.chat_template = ("{{ cls_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}[assistant]{% endif %}")
+    tok.save_pretrained(chat_dir)
+    capsys.readouterr()
+    assert cli.main(["generate", str(chat_dir), "--prompt", "Say hi", "--max-new-tokens", "5", "--chat"]) == 0
+    got = capsys.readouterr().out.strip()
+    enc = tok.apply_chat_template([{"role": "user", "content": "Say hi"}], add_generation_prompt=True, tokenize=True,
+                                  return_dict=True, return_tensors="pt")
+    assert tok.decode(enc["input_ids"][0]).count(tok.cls_token) == 1  # the template's own, not doubled
+    model = transformers.AutoModelForCausalLM.from_pretrained(chat_dir).eval()
+    n = enc["input_ids"].shape[1]
+    qm = fxquant.compile(model, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
+                         config=fxquant.QuantConfig(target="cpu"), max_cache_len=n + 5, progress=False)
+    ids = qm.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=5, do_sample=False)
+    assert got == tok.decode(ids[0, n:], skip_special_tokens=True).strip()
+    _fails(["generate", str(llama_dir), "--prompt", "hi", "--chat"], [str(llama_dir), "no chat template", "drop --chat"],
+           capsys)
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def _fails(argv, says, capsys) -> str:
     capsys.readouterr()

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=_above_zero, default=None,
                    help="divide the logits of tokens already present by this (CTRL's penalty; 1 = off)")
     g.add_argument("--seed", type=int, default=None, help="seed torch's generator first (a sampled run repeats)")
+    g.add_argument("--chat", action="store_true",
+                   help="send the prompt as a user message through the tokenizer's chat template (instruct models)")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the model runs (default cpu)")
     b = sub.add_parser("bench", help="time the float model and fxquant side by side on one batch (medians, ratio)")
     b.add_argument("model_dir", help="a float Hugging Face model directory (encoder or causal LM)")
@@ -315,7 +317,16 @@ def run_generate(args: argparse.Namespace) -> None:
     loaded = load_model(args.model_dir, need_tokenizer=True, causal_only=True, device=args.device)
     from transformers import TextStreamer
 
-    example = example_inputs(loaded, args.prompt, device=args.device)
+    if args.chat:
+        if not getattr(loaded.tokenizer, "chat_template", None):
+            raise _UsageError(f"--chat: the tokenizer in {args.model_dir} has no chat template (none in "
+                              "tokenizer_config.json or chat_template.jinja): drop --chat to continue the raw text")
+        # tokenized by the template itself: the template writes the BOS token, which a second tokenization would repeat
+        enc = loaded.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=True, return_tensors="pt")
+        example = {k: enc[k].to(args.device) for k in ("input_ids", "attention_mask")}
+    else:
+        example = example_inputs(loaded, args.prompt, device=args.device)
     prompt_len = int(example["input_ids"].shape[1])
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
     if limit is not None and prompt_len + args.max_new_tokens > limit:
