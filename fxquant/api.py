@@ -169,7 +169,8 @@ class QuantizedModel(torch.nn.Module):
                 the clock starts when generate starts, the first call's compilation included).
             **kwargs: also ``return_dict_in_generate``, ``output_scores``, ``output_logits`` (as transformers:
                 the result is then a ``GenerateDecoderOnlyOutput`` whose ``scores`` / ``logits`` hold one [batch,
-                vocab] fp32 tensor per new token, after / before the processors). Any other keyword is refused.
+                vocab] fp32 tensor per new token, after / before the processors). transformers' other generation
+                settings are accepted only at their off value (``num_beams=1``, ...).
 
         Returns:
             int64 [batch × num_return_sequences, prompt + n] on the model's device: the prompt, then n ≤
@@ -182,7 +183,8 @@ class QuantizedModel(torch.nn.Module):
                 ``max_new_tokens`` above ``max_cache_len`` (the message names both and what to compile with).
             ValueError: a generation feature fxquant does not implement (beam search, assisted decoding, ...),
                 from the keyword arguments or ``generation_config``; a setting out of range;
-                ``num_return_sequences`` > 1 without ``do_sample``.
+                ``num_return_sequences`` > 1 without ``do_sample``; ``stop_strings`` without ``tokenizer``.
+            TypeError: a keyword transformers' ``generate`` does not know either.
             CalibrationError: a static-scheme model that is not calibrated.
         """
         return _generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
