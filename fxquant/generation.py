@@ -100,14 +100,14 @@ def _settings(generation_config, kwargs: dict, spec) -> dict:
     return out
 
 
-def _processors(s: dict, prompt: int, pads: Optional[torch.Tensor], eos_ids: Optional[torch.Tensor], custom=None):
+def _processors(s: dict, prompt: int, mask: torch.Tensor, eos_ids: Optional[torch.Tensor], custom=None):
     """transformers' logits processors for ``s``, in the order of its ``GenerationMixin._get_logits_processor``
     (repetition penalty, n-gram ban, minimum lengths; the caller's ``custom`` processors, each replacing a built one
     of its type and the rest appended, as ``_merge_criteria_processor_list`` does; then, when sampling, the warpers
     temperature, top-k, top-p, min-p), each called as transformers calls it: ``(ids so far [B, t] int64, scores
-    [B, V] fp32) -> scores``. The minimum lengths act only where there is an EOS id, as there. ``pads`` [B]: the
-    left padding of each row, which the repetition penalty skips (transformers ≥ 5.2x; earlier it penalises the
-    pad id as transformers did).
+    [B, V] fp32) -> scores``. The minimum lengths act only where there is an EOS id, as there. ``mask``: the
+    attention mask [B, prompt] int64; the repetition penalty skips each row's left padding, as transformers ≥ 5.2x
+    computes it from the mask (earlier it penalises the pad id, as transformers did).
 
     Raises:
         ValueError: a setting out of its range (transformers' own messages)."""
@@ -119,8 +119,9 @@ def _processors(s: dict, prompt: int, pads: Optional[torch.Tensor], eos_ids: Opt
     penalty = s["repetition_penalty"]
     if penalty is not None and penalty != 1.0:
         takes_pads = "prompt_ignore_length" in inspect.signature(lp.RepetitionPenaltyLogitsProcessor).parameters
+        pads = (mask != 0).int().argmax(1) if takes_pads else None  # the left padding of each row
         out.append(lp.RepetitionPenaltyLogitsProcessor(float(penalty), **(
-            {"prompt_ignore_length": pads} if takes_pads and pads is not None else {})))
+            {"prompt_ignore_length": pads} if pads is not None else {})))
     if s["no_repeat_ngram_size"]:
         out.append(lp.NoRepeatNGramLogitsProcessor(int(s["no_repeat_ngram_size"])))
     if eos_ids is not None and s["min_length"]:
@@ -251,14 +252,13 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
     device = _device_of(program)
     ids = input_ids.to(device)
     eos_ids = torch.tensor(eos, device=device) if eos else None
-    pads = (attention_mask.to(device) != 0).int().argmax(1) if attention_mask is not None else None
-    processors = _processors(s, prompt, pads, eos_ids, logits_processor)
+    mask = attention_mask.to(device=device, dtype=torch.long) if attention_mask is not None else torch.ones_like(ids)
+    processors = _processors(s, prompt, mask, eos_ids, logits_processor)
     criteria = _criteria(s, tokenizer, stopping_criteria)
     # the prompt block, left-padded to `padded` slots where prefill replays CUDA graphs (padding is masked out)
     padded = _padded_length(qmodel, prompt, new, spec, device)
     lead = padded - prompt
     mask_full = torch.zeros(spec.max_batch_size, spec.max_cache_len, dtype=torch.long, device=device)
-    mask = attention_mask.to(device=device, dtype=torch.long) if attention_mask is not None else torch.ones_like(ids)
     mask_full[:batch, lead:padded] = mask != 0
     mask_full[batch:, :padded] = 1  # rows beyond the batch: discarded filler
     positions = (mask_full[:, :padded].cumsum(-1) - 1).clamp_min(0)
@@ -287,7 +287,8 @@ def generate(qmodel, input_ids: torch.Tensor, attention_mask: Optional[torch.Ten
     decode = _decoder(qmodel, spec, device)  # here, not before: the greedy step captures its own graph
     done_prev = None
     for step in range(new):
-        scores = logits[:batch, -1].to(torch.float32, copy=True)  # a copy: the decode graph rewrites its logits
+        # kept steps need a copy: the decode graph rewrites its logits buffer at the next replay
+        scores = logits[:batch, -1].to(torch.float32, copy=bool(kept))
         if "logits" in kept:
             kept["logits"].append(scores)
         if len(processors):  # they read the ids so far; greedy and plain sampling need none (no concatenation)

@@ -116,8 +116,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .common import ACTIVATIONS, GATED_ACTIVATIONS, HAS_TRITON, activation_torch, cdiv, interpreting, pdl_launch
-from .common import _cuda_index
+from .common import ACTIVATIONS, GATED_ACTIVATIONS, HAS_TRITON, _cuda_index, activation_torch, cdiv, interpreting, pdl_launch
 from .common import num_sms as _num_sms
 from .launch import LaunchCache
 
@@ -729,8 +728,8 @@ def w8a16_gemm(
     even_k = k % bk == 0
     ints = (m, n, k, k_split, x.stride(0), x.stride(1), w_q.stride(0), w_q.stride(1), c.stride(0), c.stride(1))
     tensors = (x, w_q, c, w_scale, bias_arg, ws, cnt)
+    pdl, launch = pdl_launch(x.device)
     if gemv:  # constexprs in the kernel's signature order (the cached relaunch passes them positionally)
-        pdl, launch = pdl_launch(x.device)
         consts = (has_bias, activation, gated, m % bm == 0, even_k, split_mode, cfg.cvt, gemv == 2, bool(cfg.prefetch),
                   cfg.num_stages, bm, bn, bk, pdl)
         key, hit = _GEMV_LAUNCHES.lookup(x.device, (consts, cfg.num_warps, cfg.num_stages), tensors, ints)
@@ -748,7 +747,6 @@ def w8a16_gemm(
         # Triton's interpreter (3.9) multiplies bf16 tiles as their uint16 bit patterns in tl.dot and casts int8 to
         # bf16 the same way; there the bf16 product runs in fp32, which gives the same exact products
         dot_dtype = tl.float32 if x.dtype == torch.bfloat16 and interpreting() else _TL_DTYPES[x.dtype]
-        pdl, launch = pdl_launch(x.device)
         consts = (has_bias, activation, gated, m % bm == 0, even_k, split_mode, bool(cfg.swap), cfg.cvt, precision,
                   dot_dtype, bm, bn, bk, pdl)
         key, hit = _LAUNCHES.lookup(x.device, (consts, cfg.num_warps, cfg.num_stages), tensors, ints)

@@ -261,7 +261,7 @@ def test_caller_processors_and_stopping_criteria_equal_transformers():
     assert torch.equal(qm.generate(**kw), theirs)
     # the merge, as transformers': the caller's penalty replaces the built one in its place, the rest come after
     settings = dict.fromkeys(generation._SETTINGS) | {"repetition_penalty": 5.0, "no_repeat_ngram_size": 2}
-    merged = generation._processors(settings, 7, None, None, [BanOdd(), RepetitionPenaltyLogitsProcessor(1.2)])
+    merged = generation._processors(settings, 7, torch.ones(1, 7, dtype=torch.long), None, [BanOdd(), RepetitionPenaltyLogitsProcessor(1.2)])
     assert [type(p).__name__ for p in merged] == ["RepetitionPenaltyLogitsProcessor", "NoRepeatNGramLogitsProcessor",
                                                   "BanOdd"] and merged[0].penalty == 1.2
     with mock.patch.object(generation, "_lag_eos_check", lambda device: True):  # CUDA's late flag: same tokens
