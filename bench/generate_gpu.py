@@ -17,7 +17,10 @@ same tokens and the same (its own) cache is printed too.
 ``min(max_position_embeddings, 4096)``); ``fxq-allslots`` is fxquant with its decode attention reading every slot
 of that cache, as before it took ``cache_position`` (the A/B of reading only the filled slots). A ``+pdlN`` suffix
 (``fxq+pdl0``, ``fxq-bf16+pdl0``) builds and runs that contender with ``FXQUANT_PDL=N`` (programmatic dependent
-launch, ``kernels.common.use_pdl``; on by default on sm_90+): the A/B of PDL in one run; ``+eos`` gives fxquant's generate an EOS id (the
+launch, ``kernels.common.use_pdl``; on by default on sm_90+): the A/B of PDL in one run; ``+trig0`` with
+``FXQUANT_PDL_TRIGGER=0`` (the kernels signal their dependents at exit: ``kernels.common.pdl_early_signal``);
+``+combo0`` compiles the decode graph without Inductor's ``combo_kernels`` (fxquant's default on CUDA up to
+``fxquant.compiled.COMBO_MAX_ROWS`` rows); ``+eos`` gives fxquant's generate an EOS id (the
 vocabulary's last, all but never generated), so its per-step EOS check runs as with a real model (``+eossync``:
 the same, the check read at once, the host waiting for every token: the form before); ``+stepwise`` runs greedy
 decoding through the per-token loop (argmax and the next step's inputs as eager ops between CUDA graph replays:
@@ -186,6 +189,13 @@ def main():
             env = contextlib.ExitStack()
             if pdl:
                 env.enter_context(mock.patch.dict(os.environ, {"FXQUANT_PDL": pdl}))
+            if "trig0" in options:  # fxquant's decode kernels signal their dependents at exit, not early (the A/B)
+                env.enter_context(mock.patch.dict(os.environ, {"FXQUANT_PDL_TRIGGER": "0"}))
+            if "combo0" in options:  # the decode graph without Inductor's combo kernels (the A/B)
+                from fxquant import compiled as fxc
+                base = fxc._inductor_options
+                env.enter_context(mock.patch.object(fxc, "_inductor_options", lambda on_cpu, device=None, rows=None: {
+                    k: v for k, v in base(on_cpu, device, rows).items() if k != "combo_kernels"}))
             if "eossync" in options:  # the EOS check read at once, the host waiting for every token (the A/B)
                 from fxquant import generation
                 env.enter_context(mock.patch.object(generation, "_lag_eos_check", lambda device: False))

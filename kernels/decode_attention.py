@@ -50,7 +50,7 @@ from typing import Optional
 
 import torch
 
-from .common import HAS_TRITON, cdiv, interpreting, next_pow2, num_sms, pdl_launch
+from .common import HAS_TRITON, cdiv, interpreting, next_pow2, num_sms, pdl_early_signal, pdl_launch
 
 if HAS_TRITON:
     import triton
@@ -165,13 +165,15 @@ if HAS_TRITON:
         stride_vb, stride_vh, stride_vl, stride_vd,
         stride_mb, stride_ms, stride_ml,
         REP: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-        SPLIT: tl.constexpr, DOT_F32: tl.constexpr, HAS_POS: tl.constexpr, PDL: tl.constexpr,
+        SPLIT: tl.constexpr, DOT_F32: tl.constexpr, HAS_POS: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr,
     ):
         """Program (b · KV + j, c): the rep·S query rows of kv head j of batch row b over cache range c. SPLIT 0:
         normalize and store O [B, H, S, D] (contiguous); 1: store acc, m and ℓ into the workspaces. The ranges,
         one a program of axis 1, are :func:`_ranges`'; a range past the filled slots reads and stores nothing."""
         if PDL:  # launched before the previous kernel ended (common.use_pdl): nothing is read before it has
             tl.extra.cuda.gdc_wait()
+        if TRIGGER:  # after the wait (every earlier grid is done): the next kernel may launch, it waits for this one
+            tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0)
         c = tl.program_id(1)
         b = pid // KV
@@ -235,12 +237,15 @@ if HAS_TRITON:
     @triton.jit
     def _decode_attention_combine(ws_ptr, ml_ptr, o_ptr, pos_ptr, KV, S, L, L_SPLIT, SPLITS,
                                   REP: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
-                                  BLOCK_L: tl.constexpr, HAS_POS: tl.constexpr, PDL: tl.constexpr):
+                                  BLOCK_L: tl.constexpr, HAS_POS: tl.constexpr, PDL: tl.constexpr,
+                                  TRIGGER: tl.constexpr):
         """Program b · KV + j: O of its rows from the partials (acc, m, ℓ) of the SPLITS ranges, summed in split
         order. HAS_POS: only the ranges that hold filled slots (the first kernel's :func:`_ranges`) are read; the
         others stored nothing (a 4096-slot cache with 600 filled: 5 of 17)."""
         if PDL:
             tl.extra.cuda.gdc_wait()
+        if TRIGGER:
+            tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0)
         b = pid // KV
         j = pid % KV
@@ -316,15 +321,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     smb = mask.stride(0) if mask.shape[0] > 1 else 0
     pos = out if cache_position is None else cache_position.contiguous()
     pdl, launch = pdl_launch(q.device)
+    trigger = pdl and pdl_early_signal()
     _decode_attention_kernel[(b * kv, splits)](
         q, k_cache, v_cache, mask, out, ws, ml, pos,
         kv, s, length, l_split, float(scale),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), smb, mask.stride(2), mask.stride(3),
         REP=rep, D=d, ROWS=rows, BLOCK_D=block_d, BLOCK_L=BLOCK_L, SPLIT=int(splits > 1), DOT_F32=dot_f32,
-        HAS_POS=cache_position is not None, PDL=pdl,
+        HAS_POS=cache_position is not None, PDL=pdl, TRIGGER=trigger,
         num_warps=4, num_stages=2, **launch)
     if splits > 1:
         _decode_attention_combine[(b * kv,)](ws, ml, out, pos, kv, s, length, l_split, splits, REP=rep, D=d, ROWS=rows,
                                              BLOCK_D=block_d, BLOCK_L=BLOCK_L, HAS_POS=cache_position is not None,
-                                             PDL=pdl, num_warps=4, **launch)
+                                             PDL=pdl, TRIGGER=trigger, num_warps=4, **launch)
     return out

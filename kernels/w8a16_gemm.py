@@ -66,10 +66,14 @@ only the K tail (odd K, in the last split) takes a masked step. Its speed is UNM
 
 Programmatic dependent launch (``common.use_pdl``: sm_90+, on by default, ``FXQUANT_PDL=0`` turns it off): the
 kernels are launched with the PDL attribute and wait (``griddepcontrol.wait``) before their first read of x, W, the
-workspace or the counters, so a launch overlaps the previous kernel's tail. They signal no dependent early (the
-implicit trigger at exit), so a kernel after them starts only once they read nothing more. Two other forms were
-measured slower and dropped (docs/benchmarks.md): the first W block loaded before the wait (it forces the
-prefetching loop on configs tuned without it), and the dependents signalled once x is read.
+workspace or the counters, so a launch overlaps the previous kernel's tail. Once a program's K loop has read W
+it signals ``griddepcontrol.launch_dependents`` (``common.pdl_early_signal``; ``FXQUANT_PDL_TRIGGER=0``: at exit),
+so the next kernel's programs launch during the epilogue and the split-K reduction (8-layer decode step, H100:
+1.5-2.3 % faster). Three other forms were measured slower and dropped (docs/benchmarks.md): the first W block
+loaded into registers before the wait (it forces the prefetching loop on configs tuned without it), the same with
+the dependents signalled once x is read, and the program's first W blocks hinted into L2
+(``prefetch.global.L2``) before the wait (1-4 % slower with 1-2 blocks, 25 % with 8: the hints compete with the
+previous kernel's reads and add requests, and gain nothing the K loop's pipelining does not).
 
 CUDA graphs: the launch does no host synchronization and no data-dependent allocation (the workspace's
 size follows the shape). The config comes from a fixed table (:func:`pick_config`, measured on an H100 /
@@ -116,7 +120,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .common import ACTIVATIONS, GATED_ACTIVATIONS, HAS_TRITON, _cuda_index, activation_torch, cdiv, interpreting, pdl_launch
+from .common import ACTIVATIONS, GATED_ACTIVATIONS, HAS_TRITON, _cuda_index, activation_torch, cdiv, interpreting, pdl_early_signal, pdl_launch
 from .common import num_sms as _num_sms
 from .launch import LaunchCache
 
@@ -368,6 +372,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, EVEN_M: tl.constexpr,
         EVEN_K: tl.constexpr, SPLIT: tl.constexpr, SWAP: tl.constexpr, CVT: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+        TRIGGER: tl.constexpr,
     ):
         """One [BLOCK_M, BLOCK_N] output tile (and, GATED, its up_proj twin at W rows N + n) over the K range
         [pid_k · K_SPLIT, (pid_k + 1) · K_SPLIT) of program (tile, pid_k). SPLIT: 0 no split-K, 1 serial
@@ -427,6 +432,8 @@ if HAS_TRITON:
             w_ptrs += BLOCK_K * stride_wk
             if GATED:
                 u_ptrs += BLOCK_K * stride_wk
+        if TRIGGER:  # W is read: the next kernel may launch now (it still waits for this grid to end)
+            tl.extra.cuda.gdc_launch_dependents()
         if SWAP:
             acc = tl.trans(acc)
             if GATED:
@@ -533,7 +540,7 @@ if HAS_TRITON:
         HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, GATED: tl.constexpr, EVEN_M: tl.constexpr,
         EVEN_K: tl.constexpr, SPLIT: tl.constexpr, CVT: tl.constexpr, DEFER: tl.constexpr, PREFETCH: tl.constexpr,
         LOOP_STAGES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PDL: tl.constexpr,
+        PDL: tl.constexpr, TRIGGER: tl.constexpr,
     ):
         """The GEMV variant (M ≤ BLOCK_M ≤ 4, no tl.dot): program (pid_n, pid_k) computes the [BLOCK_M, BLOCK_N]
         output tile of W rows pid_n · BLOCK_N + [0, BLOCK_N) (GATED: and their up_proj twins N + n) over the K
@@ -604,6 +611,8 @@ if HAS_TRITON:
                     ut = tl.load(u_ptrs, mask=k_mask[None, :], other=0)
                 a0, a1, a2, a3, g0, g1, g2, g3 = _gemv_step(a0, a1, a2, a3, g0, g1, g2, g3, wt, ut, x_ptrs, stride_xm,
                                                             M, k_mask, True, EVEN_M, GATED, CVT, DEFER, BLOCK_M)
+        if TRIGGER:  # W is read: the next kernel may launch now (it still waits for this grid to end)
+            tl.extra.cuda.gdc_launch_dependents()
         acc = _gemv_stack(a0, a1, a2, a3, DEFER, BLOCK_M)
         acc_up = acc
         if GATED:
@@ -729,9 +738,10 @@ def w8a16_gemm(
     ints = (m, n, k, k_split, x.stride(0), x.stride(1), w_q.stride(0), w_q.stride(1), c.stride(0), c.stride(1))
     tensors = (x, w_q, c, w_scale, bias_arg, ws, cnt)
     pdl, launch = pdl_launch(x.device)
+    trigger = pdl and pdl_early_signal()
     if gemv:  # constexprs in the kernel's signature order (the cached relaunch passes them positionally)
         consts = (has_bias, activation, gated, m % bm == 0, even_k, split_mode, cfg.cvt, gemv == 2, bool(cfg.prefetch),
-                  cfg.num_stages, bm, bn, bk, pdl)
+                  cfg.num_stages, bm, bn, bk, pdl, trigger)
         key, hit = _GEMV_LAUNCHES.lookup(x.device, (consts, cfg.num_warps, cfg.num_stages), tensors, ints)
         if hit is not None:
             hit((tiles, split_k), x.device, tensors + ints + consts)
@@ -739,8 +749,8 @@ def w8a16_gemm(
             compiled = _w8a16_gemv_kernel[(tiles, split_k)](
                 *tensors, *ints, HAS_BIAS=has_bias, ACTIVATION=activation, GATED=gated, EVEN_M=m % bm == 0, EVEN_K=even_k,
                 SPLIT=split_mode, CVT=cfg.cvt, DEFER=gemv == 2, PREFETCH=bool(cfg.prefetch), LOOP_STAGES=cfg.num_stages,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                **launch)
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=pdl, TRIGGER=trigger,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch)
             _GEMV_LAUNCHES.put(key, compiled)
     else:
         precision = "tf32x3" if x.dtype == torch.float32 else "tf32"  # "tf32" is unused for 16-bit x
@@ -748,7 +758,7 @@ def w8a16_gemm(
         # bf16 the same way; there the bf16 product runs in fp32, which gives the same exact products
         dot_dtype = tl.float32 if x.dtype == torch.bfloat16 and interpreting() else _TL_DTYPES[x.dtype]
         consts = (has_bias, activation, gated, m % bm == 0, even_k, split_mode, bool(cfg.swap), cfg.cvt, precision,
-                  dot_dtype, bm, bn, bk, pdl)
+                  dot_dtype, bm, bn, bk, pdl, trigger)
         key, hit = _LAUNCHES.lookup(x.device, (consts, cfg.num_warps, cfg.num_stages), tensors, ints)
         if hit is not None:
             hit((tiles, split_k), x.device, tensors + ints + consts)
@@ -756,8 +766,8 @@ def w8a16_gemm(
             compiled = _w8a16_gemm_kernel[(tiles, split_k)](
                 *tensors, *ints, HAS_BIAS=has_bias, ACTIVATION=activation, GATED=gated, EVEN_M=m % bm == 0, EVEN_K=even_k,
                 SPLIT=split_mode, SWAP=bool(cfg.swap), CVT=cfg.cvt, PRECISION=precision, DOT_DTYPE=dot_dtype, BLOCK_M=bm,
-                BLOCK_N=bn, BLOCK_K=bk, PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-                **launch)
+                BLOCK_N=bn, BLOCK_K=bk, PDL=pdl, TRIGGER=trigger, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, **launch)
             _LAUNCHES.put(key, compiled)
     if split_mode == 2:
         rbm, rbn = min(bm, 16), 128

@@ -140,7 +140,8 @@ def test_kernel_reads_only_the_filled_cache(dtype, b, kv, rep, s, length, filled
                     reason="programmatic dependent launch needs an sm_90+ GPU")
 def test_pdl_computes_the_same(monkeypatch):
     """PDL changes when the kernel and its combine may launch, not what they compute: one split and several, with
-    and without cache_position, eager and in a CUDA graph, bit for bit the output without PDL (common.use_pdl)."""
+    and without cache_position, with the early dependents signal and without it, eager and in a CUDA graph, bit for
+    bit the output without PDL (common.use_pdl, pdl_early_signal)."""
     q, k, v, mask = _operands(2, 2, 4, 1, 700, 64, torch.bfloat16, seed=7)
     pos = torch.tensor([650], device=DEVICE)
     for splits, cache_position in ((1, None), (5, None), (5, pos), (None, pos)):
@@ -148,6 +149,11 @@ def test_pdl_computes_the_same(monkeypatch):
         want = kd.decode_attention(q, k, v, mask, 0.125, cache_position=cache_position, splits=splits)
         monkeypatch.setenv("FXQUANT_PDL", "1")
         assert common.use_pdl(q.device)
+        monkeypatch.setenv("FXQUANT_PDL_TRIGGER", "0")
+        assert torch.equal(kd.decode_attention(q, k, v, mask, 0.125, cache_position=cache_position, splits=splits),
+                           want)
+        monkeypatch.delenv("FXQUANT_PDL_TRIGGER")
+        assert common.pdl_early_signal()
         assert torch.equal(kd.decode_attention(q, k, v, mask, 0.125, cache_position=cache_position, splits=splits),
                            want)
         graph = torch.cuda.CUDAGraph()

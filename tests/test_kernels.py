@@ -625,6 +625,23 @@ def test_pdl_setting_names_a_bad_value(raw, monkeypatch):
         common.use_pdl(torch.device("cpu"))
 
 
+@pytest.mark.parametrize("raw, early", [(None, True), ("", True), ("1", True), (" 0 ", False), ("0", False)])
+def test_pdl_early_signal_setting(raw, early, monkeypatch):
+    """The PDL kernels signal their dependents early by default; ``FXQUANT_PDL_TRIGGER=0`` moves it to their exit."""
+    if raw is None:
+        monkeypatch.delenv("FXQUANT_PDL_TRIGGER", raising=False)
+    else:
+        monkeypatch.setenv("FXQUANT_PDL_TRIGGER", raw)
+    assert common.pdl_early_signal() is early
+
+
+@pytest.mark.parametrize("raw", ["2", "yes", "-1"])
+def test_pdl_early_signal_names_a_bad_value(raw, monkeypatch):
+    monkeypatch.setenv("FXQUANT_PDL_TRIGGER", raw)
+    with pytest.raises(ValueError, match=f"FXQUANT_PDL_TRIGGER='{raw}': expected 1 \\(signal early, the default\\) or 0"):
+        common.pdl_early_signal()
+
+
 def test_launch_cache_lookup_serves_only_cuda():
     key, hit = launch.LaunchCache().lookup(torch.device("cpu"), ("k",), (torch.zeros(2),), (4,))
     assert key is None and hit is None

@@ -294,7 +294,8 @@ def test_cuda_graph_replay():
                     reason="programmatic dependent launch needs an sm_90+ GPU")
 def test_pdl_computes_the_same(monkeypatch):
     """PDL changes when a launch may start, not what it computes: each GEMV config, and the tl.dot kernel at M = 8
-    and 32, give the output without PDL bit for bit, in a CUDA graph too (kernels.common.use_pdl)."""
+    and 32, give the output without PDL bit for bit, with the early dependents signal and without it, in a CUDA
+    graph too (kernels.common.use_pdl, pdl_early_signal)."""
     cases = [(cfg, 4) for cfg in GEMV_CONFIGS] + [(None, 8), (None, 32)]
     for cfg, m in cases:
         x, w, s, b = _operands(m, 300, 96, torch.bfloat16, seed=m, bias=True)
@@ -303,6 +304,10 @@ def test_pdl_computes_the_same(monkeypatch):
         want = kw.w8a16_gemm(x, w, s, b, "swiglu", config=cfg)
         monkeypatch.setenv("FXQUANT_PDL", "1")
         assert common.use_pdl(x.device)
+        monkeypatch.setenv("FXQUANT_PDL_TRIGGER", "0")
+        assert torch.equal(kw.w8a16_gemm(x, w, s, b, "swiglu", config=cfg), want)
+        monkeypatch.delenv("FXQUANT_PDL_TRIGGER")
+        assert common.pdl_early_signal()
         assert torch.equal(kw.w8a16_gemm(x, w, s, b, "swiglu", config=cfg), want)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
