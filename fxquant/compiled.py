@@ -27,12 +27,21 @@ __all__ = ["CPU_INDUCTOR_OPTIONS", "compiled_graph"]
 CPU_INDUCTOR_OPTIONS: dict = {}
 
 
-def _inductor_options(on_cpu: bool, device: torch.device | None = None) -> dict:
+# Inductor's combo kernels (independent kernels of the decode graph, such as RoPE on q and the k / v cache writes,
+# launched as one) in decode graphs of at most this many rows, on CUDA: measured with Llama-3-8B shapes cut to 8 layers
+# on an H100 (docs/benchmarks.md, thirteenth session), batch 1 1.068 -> 1.047-1.049 ms a token, batch 32 1.505 ->
+# 1.522-1.533 (slower); batches 2-31 not measured, so the line is drawn where the W8A16 GEMV kernel stops serving
+# (kernels.w8a16_gemm.GEMV_MAX_M), the regime of the batch-1 measurement.
+COMBO_MAX_ROWS = 4
+
+
+def _inductor_options(on_cpu: bool, device: torch.device | None = None, rows: int | None = None) -> dict:
     """Options of the graphs fxquant compiles: :data:`CPU_INDUCTOR_OPTIONS` on a CPU; given the ``device`` of a
     decode graph whose fxquant kernels use programmatic dependent launch (``kernels.common.use_pdl``), Inductor's
     kernels too (``triton.enable_pdl``, where this torch has it; an 8-layer decode step on an H100 2.1 % faster,
     fxquant's kernels included; prefill is left without it, which lengthened its time to first token by 0.3 ms in
-    that run); and everywhere a no-op post-grad pass whose ``uuid`` is a hash of fxquant's decomposition sources,
+    that run) and, for a decode graph of at most :data:`COMBO_MAX_ROWS` ``rows``, Inductor's combo kernels; and
+    everywhere a no-op post-grad pass whose ``uuid`` is a hash of fxquant's decomposition sources,
     so that Inductor's on-disk caches (FX graph, AOT autograd), which do not see decompositions, never serve a graph
     compiled by another fxquant."""
     options = dict(CPU_INDUCTOR_OPTIONS) if on_cpu else {}
@@ -41,6 +50,8 @@ def _inductor_options(on_cpu: bool, device: torch.device | None = None) -> dict:
         import torch._inductor.config as inductor_config
         if use_pdl(device) and hasattr(inductor_config.triton, "enable_pdl"):
             options["triton.enable_pdl"] = True
+        if rows is not None and rows <= COMBO_MAX_ROWS and hasattr(inductor_config, "combo_kernels"):
+            options["combo_kernels"] = True
     key = _cache_key_pass()
     if key is not None:
         options["post_grad_custom_pre_pass"] = key
@@ -97,7 +108,10 @@ def compiled_graph(qmodel, method: str, gm):
     device = qmodel._device()  # a program lives on one device
     on_cpu = device.type == "cpu"
     dynamic = {"prefill": True, "decode": False}.get(method)
-    options = _inductor_options(on_cpu, device if method == "decode" else None)
+    spec = qmodel.program.generation
+    decode = method == "decode"
+    options = _inductor_options(on_cpu, device if decode else None,
+                                spec.max_batch_size if decode and spec is not None else None)
     compiled = torch.compile(gm, dynamic=dynamic, options=options)
 
     def first_call(*args, **kwargs):

@@ -504,6 +504,28 @@ def test_compiled_decode_generates_what_eager_decode_generates():
     assert ties <= 2 and (a == b).float().mean() > 0.9
 
 
+def test_inductor_options_of_the_generation_graphs(monkeypatch):
+    """What Inductor is given: on CUDA, combo kernels for a decode graph of at most COMBO_MAX_ROWS rows (measured
+    faster at batch 1, slower at 32) and Inductor's PDL where fxquant's kernels use it; neither for prefill or on a
+    CPU; the cache-key pass everywhere."""
+    from fxquant import compiled
+    from fxquant.kernels import common
+
+    cuda = torch.device("cuda", 0)
+    for pdl in (False, True):
+        monkeypatch.setattr(common, "use_pdl", lambda device, pdl=pdl: pdl)
+        small = compiled._inductor_options(False, cuda, compiled.COMBO_MAX_ROWS)
+        assert small.get("combo_kernels") is True
+        import torch._inductor.config as inductor_config
+        assert small.get("triton.enable_pdl", False) is (pdl and hasattr(inductor_config.triton, "enable_pdl"))
+        assert "combo_kernels" not in compiled._inductor_options(False, cuda, compiled.COMBO_MAX_ROWS + 1)
+        assert "combo_kernels" not in compiled._inductor_options(False, None, None)  # prefill
+        on_cpu = compiled._inductor_options(True, torch.device("cpu"), 1)
+        assert "combo_kernels" not in on_cpu and "triton.enable_pdl" not in on_cpu
+        if compiled._cache_key_pass() is not None:
+            assert on_cpu["post_grad_custom_pre_pass"] is compiled._cache_key_pass()
+
+
 def test_compile_generation_default_follows_the_machine(monkeypatch):
     """``compile_generation=None``: as ``compile_forward``'s default: ``$FXQUANT_TORCH_COMPILE`` (0 / 1) when set (the
     suite sets 0), else on a CUDA device or an x86 CPU with a C++ compiler; a program without generation methods
