@@ -154,9 +154,9 @@ def pdl_early_signal() -> bool:
     last program exits; nothing changes in what is computed, since the dependent's ``griddepcontrol.wait`` still
     waits for this whole grid to complete and its writes to be visible. Every kernel signals only after its own
     wait, as Inductor's do, so a dependent that reads an older grid's output without waiting (Inductor waits only
-    before loads of its predecessor's buffers) still finds that grid complete. On by default (Llama-3-8B shapes cut to 8 layers,
-    batch 1, H100: 1.5-2.3 % faster a token in four pairs, docs/benchmarks.md); ``FXQUANT_PDL_TRIGGER=0`` signals at
-    exit instead (the A/B).
+    before loads of its predecessor's buffers) still finds that grid complete. On by default (Llama-3-8B shapes
+    cut to 8 layers, batch 1, H100: 1.5-2.3 % faster a token in four pairs, docs/benchmarks.md);
+    ``FXQUANT_PDL_TRIGGER=0`` signals at exit instead (the A/B).
 
     Raises:
         ValueError: ``FXQUANT_PDL_TRIGGER`` is set to something other than 0 or 1."""

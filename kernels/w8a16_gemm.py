@@ -72,8 +72,8 @@ so the next kernel's programs launch during the epilogue and the split-K reducti
 1.5-2.3 % faster). Three other forms were measured slower and dropped (docs/benchmarks.md): the first W block
 loaded into registers before the wait (it forces the prefetching loop on configs tuned without it), the same with
 the dependents signalled once x is read, and the program's first W blocks hinted into L2
-(``prefetch.global.L2``) before the wait (1-4 % slower with 1-2 blocks, 25 % with 8: the hints compete with the
-previous kernel's reads and add requests, and gain nothing the K loop's pipelining does not).
+(``prefetch.global.L2``) before the wait (1-4 % slower with 1-2 blocks, 25 % with 8, where the ``evict_last``
+lines crowded L2; why the smaller hints lose was not profiled).
 
 CUDA graphs: the launch does no host synchronization and no data-dependent allocation (the workspace's
 size follows the shape). The config comes from a fixed table (:func:`pick_config`, measured on an H100 /
