@@ -642,6 +642,23 @@ def test_pdl_early_signal_names_a_bad_value(raw, monkeypatch):
         common.pdl_early_signal()
 
 
+@pytest.mark.skipif(not common.HAS_TRITON, reason="the kernels' sources need Triton")
+def test_pdl_kernels_signal_only_after_their_wait():
+    """The early dependents signal comes after the kernel's ``griddepcontrol.wait`` in every PDL kernel: Inductor's
+    kernels wait only before loading their predecessor's buffers, so a kernel that signalled before its own wait
+    could let a successor read an older grid's output while that grid still runs (common.pdl_early_signal)."""
+    import inspect
+
+    from fxquant.kernels import decode_attention as kd, w8a16_gemm as kw
+
+    kernels = [kw._w8a16_gemm_kernel, kw._w8a16_gemv_kernel, kd._decode_attention_kernel, kd._decode_attention_combine]
+    for kernel in kernels:
+        src = inspect.getsource(kernel.fn)
+        wait, signal = src.find("gdc_wait()"), src.find("gdc_launch_dependents()")
+        assert 0 <= wait < signal, kernel.fn.__name__
+        assert src.count("gdc_launch_dependents()") == 1, kernel.fn.__name__
+
+
 def test_launch_cache_lookup_serves_only_cuda():
     key, hit = launch.LaunchCache().lookup(torch.device("cpu"), ("k",), (torch.zeros(2),), (4,))
     assert key is None and hit is None
