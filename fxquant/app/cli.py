@@ -18,32 +18,22 @@ from typing import Optional, Sequence
 from .loading import UsageError as _UsageError
 
 
-def _positive(v: str) -> int:
-    i = int(v)
-    if i < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return i
+def _number(name: str, cast, ok, rule: str):
+    """An argparse ``type``: ``cast`` of the text, refused with "must be <rule>" where ``ok`` is false (argparse names
+    ``name`` when the text is not a number at all)."""
+    def check(v: str):
+        x = cast(v)
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {v}")
+        return x
+    check.__name__ = name
+    return check
 
 
-def _non_negative(v: str) -> float:
-    f = float(v)
-    if not f >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return f
-
-
-def _probability(v: str) -> float:
-    f = float(v)
-    if not 0 < f <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {v}")
-    return f
-
-
-def _above_zero(v: str) -> float:
-    f = float(v)
-    if not f > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
-    return f
+_positive = _number("positive int", int, lambda x: x >= 1, ">= 1")
+_non_negative = _number("number", float, lambda x: x >= 0, ">= 0")
+_probability = _number("probability", float, lambda x: 0 < x <= 1, "in (0, 1]")
+_above_zero = _number("number", float, lambda x: x > 0, "> 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
