@@ -20,7 +20,8 @@ of that cache, as before it took ``cache_position`` (the A/B of reading only the
 launch, ``kernels.common.use_pdl``; on by default on sm_90+): the A/B of PDL in one run; ``+trig0`` with
 ``FXQUANT_PDL_TRIGGER=0`` (the kernels signal their dependents at exit: ``kernels.common.pdl_early_signal``);
 ``+combo0`` compiles the decode graph without Inductor's ``combo_kernels`` (fxquant's default on CUDA up to
-``fxquant.compiled.COMBO_MAX_ROWS`` rows); ``+eos`` gives fxquant's generate an EOS id (the
+``fxquant.compiled.COMBO_MAX_ROWS`` rows) and ``+combo`` with them at any batch (the A/B above that threshold); ``+gemv1`` takes the GEMV kernel at
+M = 1 only and the tl.dot kernel at 2-4 rows; ``+eos`` gives fxquant's generate an EOS id (the
 vocabulary's last, all but never generated), so its per-step EOS check runs as with a real model (``+eossync``:
 the same, the check read at once, the host waiting for every token: the form before); ``+stepwise`` runs greedy
 decoding through the per-token loop (argmax and the next step's inputs as eager ops between CUDA graph replays:
@@ -196,6 +197,13 @@ def main():
                 base = fxc._inductor_options
                 env.enter_context(mock.patch.object(fxc, "_inductor_options", lambda on_cpu, device=None, rows=None: {
                     k: v for k, v in base(on_cpu, device, rows).items() if k != "combo_kernels"}))
+            if "combo" in options:  # combo kernels at any batch, past COMBO_MAX_ROWS (the A/B above the threshold)
+                from fxquant import compiled as fxc
+                env.enter_context(mock.patch.object(fxc, "COMBO_MAX_ROWS", 1 << 30))
+            if "gemv1" in options:  # the GEMV kernel at M = 1 only, tl.dot at 2..4 rows (the A/B of the M = 2, 4 entries)
+                from fxquant.kernels import w8a16_gemm as kw
+                base_gemv = kw._gemv_config
+                env.enter_context(mock.patch.object(kw, "_gemv_config", lambda m, *a: base_gemv(m, *a) if m == 1 else None))
             if "eossync" in options:  # the EOS check read at once, the host waiting for every token (the A/B)
                 from fxquant import generation
                 env.enter_context(mock.patch.object(generation, "_lag_eos_check", lambda device: False))

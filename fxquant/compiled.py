@@ -29,10 +29,10 @@ CPU_INDUCTOR_OPTIONS: dict = {}
 
 # Inductor's combo kernels (independent kernels of the decode graph, such as RoPE on q and the k / v cache writes,
 # launched as one) in decode graphs of at most this many rows, on CUDA: measured with Llama-3-8B shapes cut to 8 layers
-# on an H100 (docs/benchmarks.md, thirteenth session), batch 1 1.068 -> 1.047-1.049 ms a token, batch 32 1.505 ->
-# 1.522-1.533 (slower); batches 2-31 not measured, so the line is drawn where the W8A16 GEMV kernel stops serving
-# (kernels.w8a16_gemm.GEMV_MAX_M), the regime of the batch-1 measurement.
-COMBO_MAX_ROWS = 4
+# on an H100 (docs/benchmarks.md, thirteenth and fourteenth sessions), ms a token without -> with: batch 1 1.068 ->
+# 1.047-1.049, batch 2 1.148 -> 1.124-1.126, batch 8 1.229-1.233 -> 1.209, batch 32 1.505 -> 1.522-1.533 (slower).
+# Batches 9-31 are not measured; the line is drawn at the largest measured batch where they paid.
+COMBO_MAX_ROWS = 8
 
 
 def _inductor_options(on_cpu: bool, device: torch.device | None = None, rows: int | None = None) -> dict:

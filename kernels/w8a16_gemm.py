@@ -196,10 +196,15 @@ def gemv_block_m(m: int) -> int:
 
 # GEMV configs measured to beat the tl.dot kernel's choice (bench/w8a16_gpu.py --gemv-only / --sweep, which print
 # ready-made entries). Key: (N (I for the gated), K, gated, M) with M ≤ GEMV_MAX_M; value: a W8A16Config with
-# gemv ≥ 1. Shapes and M not listed take the tl.dot kernel (M = 2..4: not measured yet).
+# gemv ≥ 1. Shapes and M not listed take the tl.dot kernel.
 # Measured: NVIDIA H100 80GB HBM3, torch 2.11, Triton 3.6, bf16 x, M = 1, weights from HBM (bench/w8a16_gpu.py
 # --gemv-only, 2026-12-06); every entry beat pick_config's tl.dot config, by 2.9 % (the LM head) to 19 %. Not chosen (GEMV lost): Qwen2-1.5B's
 # 2048x1536 and 1536x1536 (5.5 / 5.2 µs against 5.1 / 4.9: a fixed cost per kernel, not bandwidth).
+# M = 2 and 4 (the same card and versions, --gemv-only --gemv-ms 2,4, 2026-12-07): at M = 2 the GEMV kernel beat
+# the tl.dot config by 3.6-16 % on the five shapes listed, was level on the LM heads and Qwen2's down_proj (0.99-1.01x)
+# and lost on Qwen2's small q/k/v and o_proj (0.80 / 0.86x); at M = 4 it lost on every shape (0.72-0.89x: four fp32
+# FMAs per weight element on the CUDA cores cost more than tl.dot's 16-row MMA, which wastes 12 of its rows), so M = 3
+# and 4 take the tl.dot kernel.
 _GEMV_TUNED: dict = {
     (6144, 4096, False, 1): W8A16Config(8, 512, 1, 4, 4, swap=False, cvt=1, gemv=1, prefetch=False),     # 11.3 µs 66 %; tl.dot 13.0
     (4096, 4096, False, 1): W8A16Config(16, 512, 3, 4, 1, swap=False, cvt=1, gemv=1, prefetch=False),    # 10.1 µs 50 %; tl.dot 10.5
@@ -209,6 +214,11 @@ _GEMV_TUNED: dict = {
     (8960, 1536, True, 1): W8A16Config(8, 512, 1, 4, 1, swap=False, cvt=1, gemv=1, prefetch=False),      # 11.7 µs 70 %; tl.dot 14.0
     (1536, 8960, False, 1): W8A16Config(16, 512, 6, 4, 1, swap=False, cvt=1, gemv=1, prefetch=False),    # 9.4 µs 44 %; tl.dot 10.7
     (151936, 1536, False, 1): W8A16Config(16, 512, 1, 4, 1, swap=False, cvt=1, gemv=1, prefetch=False),  # 76.4 µs 91 %; tl.dot 80.4
+    (6144, 4096, False, 2): W8A16Config(8, 512, 1, 4, 4, swap=False, cvt=1, gemv=1, prefetch=False),     # 12.4 µs 61 %; tl.dot 14.3
+    (4096, 4096, False, 2): W8A16Config(32, 256, 5, 4, 3, swap=False, cvt=1, gemv=1, prefetch=False),    # 10.8 µs 46 %; tl.dot 11.2
+    (14336, 4096, True, 2): W8A16Config(16, 256, 1, 4, 3, swap=False, cvt=1, gemv=1, prefetch=False),    # 44.0 µs 80 %; tl.dot 45.7
+    (4096, 14336, False, 2): W8A16Config(32, 256, 5, 4, 3, swap=False, cvt=1, gemv=1, prefetch=False),   # 25.9 µs 68 %; tl.dot 26.9
+    (8960, 1536, True, 2): W8A16Config(16, 256, 1, 4, 3, swap=False, cvt=1, gemv=1, prefetch=False),     # 13.5 µs 61 %; tl.dot 14.7
 }
 
 

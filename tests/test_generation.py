@@ -506,7 +506,7 @@ def test_compiled_decode_generates_what_eager_decode_generates():
 
 def test_inductor_options_of_the_generation_graphs(monkeypatch):
     """What Inductor is given: on CUDA, combo kernels for a decode graph of at most COMBO_MAX_ROWS rows (measured
-    faster at batch 1, slower at 32) and Inductor's PDL where fxquant's kernels use it; neither for prefill or on a
+    faster at batch 1, 2 and 8, slower at 32) and Inductor's PDL where fxquant's kernels use it; neither for prefill or on a
     CPU; the cache-key pass everywhere."""
     from fxquant import compiled
     from fxquant.kernels import common
@@ -519,6 +519,7 @@ def test_inductor_options_of_the_generation_graphs(monkeypatch):
         import torch._inductor.config as inductor_config
         assert small.get("triton.enable_pdl", False) is (pdl and hasattr(inductor_config.triton, "enable_pdl"))
         assert "combo_kernels" not in compiled._inductor_options(False, cuda, compiled.COMBO_MAX_ROWS + 1)
+        assert compiled.COMBO_MAX_ROWS >= 8 and "combo_kernels" not in compiled._inductor_options(False, cuda, 32)
         assert "combo_kernels" not in compiled._inductor_options(False, None, None)  # prefill
         on_cpu = compiled._inductor_options(True, torch.device("cpu"), 1)
         assert "combo_kernels" not in on_cpu and "triton.enable_pdl" not in on_cpu

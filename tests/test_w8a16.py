@@ -181,15 +181,17 @@ def test_gemv_fp32_error_bound(x_dtype):
 
 
 def test_gemv_selection(monkeypatch):
-    """pick_config returns a GEMV config exactly for the _GEMV_TUNED (N, K, gated, M) entries (the H100 sweep's M = 1
-    winners: every Llama-3-8B decode shape and four of Qwen2-1.5B's; not its 2048x1536 / 1536x1536, where GEMV lost),
-    and never one past GEMV_MAX_M; the launcher refuses a GEMV config there."""
+    """pick_config returns a GEMV config exactly for the _GEMV_TUNED (N, K, gated, M) entries (the H100 sweeps'
+    winners: at M = 1 every Llama-3-8B decode shape and four of Qwen2-1.5B's, not its 2048x1536 / 1536x1536; at M = 2
+    Llama-3-8B's four per-layer shapes and Qwen2's gate/up; at M = 3..4 none, where GEMV lost on every shape), and
+    never one past GEMV_MAX_M; the launcher refuses a GEMV config there."""
     monkeypatch.setattr(kw, "interpreting", lambda: False)  # the table and rule path (the interpreter's is fixed)
     shapes = [(6144, 4096, False), (4096, 4096, False), (14336, 4096, True), (4096, 14336, False), (128256, 4096, False),
               (2048, 1536, False), (1536, 1536, False), (8960, 1536, True), (1536, 8960, False), (151936, 1536, False)]
     for n, k, gated in shapes:
         for m in range(1, 9):
-            want = m == 1 and (n, k) not in ((2048, 1536), (1536, 1536))
+            want = ((m == 1 and (n, k) not in ((2048, 1536), (1536, 1536)))
+                    or (m == 2 and (n, k) in ((6144, 4096), (4096, 4096), (14336, 4096), (4096, 14336), (8960, 1536))))
             assert bool(kw.pick_config(m, n, k, gated, 132).gemv) is want, (n, k, gated, m)
     monkeypatch.setattr(kw, "_GEMV_TUNED", {})
     tuned = kw.W8A16Config(16, 512, 2, 4, 3, swap=False, cvt=1, gemv=1)
