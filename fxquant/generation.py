@@ -111,17 +111,16 @@ def _processors(s: dict, prompt: int, mask: torch.Tensor, eos_ids: Optional[torc
 
     Raises:
         ValueError: a setting out of its range (transformers' own messages)."""
-    import inspect
-
     from transformers.generation import logits_process as lp
 
     out = lp.LogitsProcessorList()
     penalty = s["repetition_penalty"]
     if penalty is not None and penalty != 1.0:
-        takes_pads = "prompt_ignore_length" in inspect.signature(lp.RepetitionPenaltyLogitsProcessor).parameters
-        pads = (mask != 0).int().argmax(1) if takes_pads else None  # the left padding of each row
-        out.append(lp.RepetitionPenaltyLogitsProcessor(float(penalty), **(
-            {"prompt_ignore_length": pads} if pads is not None else {})))
+        try:  # each row's left padding, skipped as transformers >= 5.2x skips it (a [B] tensor of pad counts)
+            proc = lp.RepetitionPenaltyLogitsProcessor(float(penalty), prompt_ignore_length=(mask != 0).int().argmax(1))
+        except (TypeError, ValueError):  # earlier: no such argument, or an int only (5.17); their generate passes none
+            proc = lp.RepetitionPenaltyLogitsProcessor(float(penalty))
+        out.append(proc)
     if s["no_repeat_ngram_size"]:
         out.append(lp.NoRepeatNGramLogitsProcessor(int(s["no_repeat_ngram_size"])))
     if eos_ids is not None and s["min_length"]:

@@ -271,6 +271,41 @@ def test_caller_processors_and_stopping_criteria_equal_transformers():
         assert bool((theirs == 254).any())  # rows finished early are padded where an EOS id is set
 
 
+def test_repetition_penalty_skips_left_padding_where_transformers_can(monkeypatch):
+    """The repetition penalty skips each row's left padding where transformers' processor takes per-row pad counts
+    (>= 5.2x, as its generate does); where it takes an int only (5.17) or nothing, fxquant builds it as that
+    version's generate does, penalising the pad id too, instead of failing."""
+    from transformers import GenerationConfig
+    from transformers.generation import logits_process as lp
+
+    s = {**{k: getattr(GenerationConfig(), k, None) for k in generation._SETTINGS}, "repetition_penalty": 2.0}
+    pad, word = 0, 5
+    ids = torch.tensor([[pad, pad, word], [7, 8, word]])
+    mask = (ids != pad).long()
+
+    def penalised(processors):
+        scores = processors(ids, torch.ones(2, 10))
+        return scores[0, pad].item() != 1.0, scores[0, word].item() != 1.0, scores[1, pad].item() != 1.0
+
+    try:  # the installed transformers: per-row pad counts (CI's 5.24) or not (5.17)
+        lp.RepetitionPenaltyLogitsProcessor(2.0, prompt_ignore_length=torch.zeros(2, dtype=torch.long))
+        per_row = True
+    except (TypeError, ValueError):
+        per_row = False
+    assert penalised(generation._processors(s, 3, mask, None)) == (not per_row, True, False)
+
+    class IntOnly(lp.RepetitionPenaltyLogitsProcessor):  # transformers 5.17's check of the argument
+        def __init__(self, penalty, prompt_ignore_length=None):
+            if prompt_ignore_length is not None and not isinstance(prompt_ignore_length, int):
+                raise ValueError(f"`prompt_ignore_length` has to be a positive integer, but is {prompt_ignore_length}")
+            super().__init__(penalty)
+
+    monkeypatch.setattr(lp, "RepetitionPenaltyLogitsProcessor", IntOnly)
+    assert penalised(generation._processors(s, 3, mask, None)) == (True, True, False)
+    with pytest.raises(ValueError, match="penalty"):  # a bad setting still fails, with transformers' message
+        generation._processors({**s, "repetition_penalty": -1.0}, 3, mask, None)
+
+
 def test_stop_strings_and_max_time_as_transformers():
     """stop_strings (transformers' StopStringCriteria, with the model's tokenizer) stop each row where transformers'
     generate stops it; without a tokenizer the error says to pass one; max_time stops a run early."""
