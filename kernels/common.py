@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
     tl = None
 
 __all__ = [
-    "HAS_TRITON", "interpreting", "triton_device_ok", "cpu_backend_available", "launch_options", "ACTIVATIONS",
+    "HAS_TRITON", "interpreting", "INTERPRETER_MIN_TRITON", "why_kernels_cannot_run", "triton_device_ok", "cpu_backend_available", "launch_options", "ACTIVATIONS",
     "GATED_ACTIVATIONS", "SCALE_EPS", "ROUND_MAGIC",
     "activation_torch", "row_block_params", "cdiv", "next_pow2", "num_sms", "use_pdl", "pdl_launch", "pdl_early_signal",
 ]
@@ -74,6 +76,30 @@ def interpreting() -> bool:
     """True when Triton runs kernels in its NumPy interpreter (``TRITON_INTERPRET=1``): tests only. Read
     once, like Triton itself, which decides it when a kernel is decorated (at import)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Triton's interpreter runs fxquant's kernels from Triton 3.8 on. On 3.6 the autotuner benchmarks even the one config
+# left after pruning, which asks for a GPU driver ("0 active drivers"), and the interpreter rejects a loop bound
+# computed from tensors (the W8A16 K loop: "only 0-dimensional arrays can be converted to Python scalars"); 3.7
+# fixed the second only. Measured with torch 2.13 on a CPU: the kernel tests fail on Triton 3.6.0 and 3.7.1 and
+# pass on 3.8.0 and 3.9.0. Compiled for a GPU, the kernels run on 3.6 too (its version on the lent H100 / H200).
+INTERPRETER_MIN_TRITON = (3, 8)
+
+
+@functools.lru_cache(maxsize=None)
+def why_kernels_cannot_run() -> Optional[str]:
+    """None where fxquant's Triton kernels can run in this process (a CUDA GPU, or Triton's interpreter from
+    :data:`INTERPRETER_MIN_TRITON` on), else why not, in words (the tests' skip reason)."""
+    if not HAS_TRITON:
+        return "Triton is not installed (pip install 'fxquant[triton]')"
+    if not interpreting():
+        return None if torch.cuda.is_available() else "needs a GPU or TRITON_INTERPRET=1"
+    version = tuple(int(p) for p in re.findall(r"\d+", str(getattr(triton, "__version__", "0")))[:2])
+    if version < INTERPRETER_MIN_TRITON:
+        want = ".".join(map(str, INTERPRETER_MIN_TRITON))
+        return (f"Triton {triton.__version__}'s interpreter cannot run these kernels (needs >= {want}: "
+                f"pip install 'triton>={want}', as constraints/test.txt pins)")
+    return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,11 +221,12 @@ def launch_options() -> dict:
 
 def triton_device_ok(device: torch.device) -> bool:
     """Can the Triton kernels run on tensors of ``device``? CUDA with Triton installed; CPU under a Triton
-    CPU backend; any CPU tensor under the interpreter (how CI runs them)."""
+    CPU backend; any CPU tensor under the interpreter (how CI runs them) of a Triton that runs them there
+    (:data:`INTERPRETER_MIN_TRITON`)."""
     if not HAS_TRITON:
         return False
     if interpreting():
-        return device.type == "cpu"
+        return device.type == "cpu" and why_kernels_cannot_run() is None
     if device.type == "cuda":
         return True
     return device.type == "cpu" and cpu_backend_available()

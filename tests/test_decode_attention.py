@@ -20,8 +20,7 @@ import torch
 from fxquant.kernels import common
 from fxquant.kernels import decode_attention as kd
 
-needs_triton = pytest.mark.skipif(not (common.HAS_TRITON and (torch.cuda.is_available() or common.interpreting())),
-                                  reason="needs Triton on a GPU, or TRITON_INTERPRET=1")
+needs_triton = pytest.mark.skipif(common.why_kernels_cannot_run() is not None, reason=str(common.why_kernels_cannot_run()))
 DEVICE = "cuda" if torch.cuda.is_available() and not common.interpreting() else "cpu"
 
 

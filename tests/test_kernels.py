@@ -22,13 +22,7 @@ import torch
 
 from fxquant.kernels import common, launch, layer_norm_quant as kln, quantize as kq, w8a8_gemm as kg
 
-pytestmark = [
-    pytest.mark.skipif(not common.HAS_TRITON, reason="Triton is not installed (pip install 'fxquant[triton]')"),
-    pytest.mark.skipif(
-        not (torch.cuda.is_available() or common.interpreting()),
-        reason="needs a GPU or TRITON_INTERPRET=1",
-    ),
-]
+pytestmark = pytest.mark.skipif(common.why_kernels_cannot_run() is not None, reason=str(common.why_kernels_cannot_run()))
 
 DEVICE = "cuda" if torch.cuda.is_available() and not common.interpreting() else "cpu"
 SHAPES = [(1, 32, 16), (7, 40, 33), (33, 96, 48), (33, 100, 20), (7, 64, 64)]  # (M, K, N)

@@ -10,10 +10,29 @@ import fxquant
 from fxquant.targets import backends
 from fxquant.kernels import common
 
-needs_triton = pytest.mark.skipif(
-    not common.HAS_TRITON or not (common.interpreting() or torch.cuda.is_available()),
-    reason="needs Triton (interpreter or GPU)",
-)
+needs_triton = pytest.mark.skipif(common.why_kernels_cannot_run() is not None, reason=str(common.why_kernels_cannot_run()))
+
+
+@pytest.mark.skipif(not common.HAS_TRITON, reason="Triton is not installed")
+def test_the_interpreter_runs_the_kernels_from_triton_3_8(monkeypatch):
+    """Under TRITON_INTERPRET=1 the kernels (and the ``triton`` backend on a CPU) are usable from Triton 3.8 on: 3.6's
+    interpreter fails in the autotuner and the W8A16 K loop, 3.7's in the autotuner (kernels.common); the reason
+    names the version found and the one needed."""
+    import triton
+
+    monkeypatch.setattr(common, "interpreting", lambda: True)
+    try:
+        for version, runs in (("3.6.0", False), ("3.7.1", False), ("3.8.0", True), ("3.9.0+git1a2b3c", True),
+                              ("4.0.0", True)):
+            monkeypatch.setattr(triton, "__version__", version)
+            common.why_kernels_cannot_run.cache_clear()
+            why = common.why_kernels_cannot_run()
+            assert (why is None) is runs, (version, why)
+            assert runs or (f"Triton {version}'s interpreter" in why and ">= 3.8" in why)
+            assert common.triton_device_ok(torch.device("cpu")) is runs
+            assert (backends.pick_backend("triton", torch.device("cpu"), 4, 64, 64, 127) == "triton") is runs
+    finally:
+        common.why_kernels_cannot_run.cache_clear()
 
 
 class SwiGLUBlock(torch.nn.Module):

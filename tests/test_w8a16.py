@@ -21,13 +21,7 @@ import torch
 
 from fxquant.kernels import common, w8a16_gemm as kw
 
-pytestmark = [
-    pytest.mark.skipif(not common.HAS_TRITON, reason="Triton is not installed (pip install 'fxquant[triton]')"),
-    pytest.mark.skipif(
-        not (torch.cuda.is_available() or common.interpreting()),
-        reason="needs a GPU or TRITON_INTERPRET=1",
-    ),
-]
+pytestmark = pytest.mark.skipif(common.why_kernels_cannot_run() is not None, reason=str(common.why_kernels_cannot_run()))
 
 DEVICE = "cuda" if torch.cuda.is_available() and not common.interpreting() else "cpu"
 X_DTYPES = [torch.bfloat16, torch.float16, torch.float32]

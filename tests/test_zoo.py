@@ -112,7 +112,8 @@ def test_zoo(case, untouched, sqnr):
 
 # Interpreter only: on a GPU every random shape autotunes ~15 Triton configs (an H200 ran fewer than 5 examples in
 # 250 s); the compiled kernels are checked at fixed shapes by bench/check_kernels_gpu.py.
-@pytest.mark.skipif(not common.interpreting(), reason="Triton's interpreter (TRITON_INTERPRET=1, set without a GPU)")
+@pytest.mark.skipif(not common.interpreting() or common.why_kernels_cannot_run() is not None,
+                    reason=str(common.why_kernels_cannot_run() or "Triton's interpreter (TRITON_INTERPRET=1, set without a GPU)"))
 @settings(max_examples=8, **_SETTINGS)
 @given(case=_blocks([torch.float32, torch.bfloat16, torch.float16]))
 def test_zoo_triton(case, untouched, sqnr):
