@@ -25,8 +25,8 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
     tl = None
 
 __all__ = [
-    "HAS_TRITON", "interpreting", "INTERPRETER_MIN_TRITON", "why_kernels_cannot_run", "triton_device_ok", "cpu_backend_available", "launch_options", "ACTIVATIONS",
-    "GATED_ACTIVATIONS", "SCALE_EPS", "ROUND_MAGIC",
+    "HAS_TRITON", "interpreting", "INTERPRETER_MIN_TRITON", "why_kernels_cannot_run", "triton_device_ok",
+    "cpu_backend_available", "launch_options", "ACTIVATIONS", "GATED_ACTIVATIONS", "SCALE_EPS", "ROUND_MAGIC",
     "activation_torch", "row_block_params", "cdiv", "next_pow2", "num_sms", "use_pdl", "pdl_launch", "pdl_early_signal",
 ]
 

@@ -201,7 +201,7 @@ def gemv_block_m(m: int) -> int:
 # --gemv-only, 2026-12-06); every entry beat pick_config's tl.dot config, by 2.9 % (the LM head) to 19 %. Not chosen (GEMV lost): Qwen2-1.5B's
 # 2048x1536 and 1536x1536 (5.5 / 5.2 µs against 5.1 / 4.9: a fixed cost per kernel, not bandwidth).
 # M = 2 and 4 (the same card and versions, --gemv-only --gemv-ms 2,4, 2026-12-07): at M = 2 the GEMV kernel beat
-# the tl.dot config by 3.6-16 % on the five shapes listed, was level on the LM heads and Qwen2's down_proj (0.99-1.01x)
+# the tl.dot config by 3.9-16 % on the five shapes listed, was level on the LM heads and Qwen2's down_proj (0.99-1.01x)
 # and lost on Qwen2's small q/k/v and o_proj (0.80 / 0.86x); at M = 4 it lost on every shape (0.72-0.89x: four fp32
 # FMAs per weight element on the CUDA cores cost more than tl.dot's 16-row MMA, which wastes 12 of its rows), so M = 3
 # and 4 take the tl.dot kernel.
